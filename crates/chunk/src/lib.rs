@@ -1,0 +1,1 @@
+//! Hashing, chunking and delta planning; written by a helper, see its module docs.

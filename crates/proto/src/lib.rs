@@ -1,0 +1,13 @@
+//! Wire protocol of cutover: the messages two peers exchange, the versioned handshake, and
+//! the length-delimited framing (with per-frame zstd and a hard size limit).
+//!
+//! Nothing here touches files or decides what to transfer; it only says what can be said.
+
+pub mod frame;
+pub mod msg;
+
+pub use frame::{FrameError, FrameReader, FrameWriter, WireCounter, MAX_FRAME};
+pub use msg::*;
+
+/// Bumped on every incompatible change of `msg`; checked in the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
