@@ -126,7 +126,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Send one message; with `compress`, zstd is used when it makes the frame smaller.
     pub async fn send<T: Serialize>(&mut self, msg: &T, compress: bool) -> Result<(), FrameError> {
-        encode_frame(msg, compress, &mut self.compressor, &mut self.plain, &mut self.out)?;
+        encode_frame(
+            msg,
+            compress,
+            &mut self.compressor,
+            &mut self.plain,
+            &mut self.out,
+        )?;
         self.inner.write_all(&self.out).await?;
         self.inner.flush().await?;
         self.counter
@@ -153,8 +159,7 @@ pub fn encode_frame<T: Serialize>(
     plain.clear();
     plain.extend_from_slice(&[0u8; 5]);
     let taken = std::mem::take(plain);
-    *plain =
-        postcard::to_extend(msg, taken).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    *plain = postcard::to_extend(msg, taken).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let body_len = plain.len() - 5;
     if compress && body_len >= COMPRESS_MIN {
         if compressor.is_none() {
@@ -231,7 +236,10 @@ mod tests {
         };
         let (got, wire) = roundtrip(&msg, true).await;
         assert_eq!(got, msg);
-        assert!(wire > 10_000, "random data must not be inflated by much: {wire}");
+        assert!(
+            wire > 10_000,
+            "random data must not be inflated by much: {wire}"
+        );
     }
 
     #[tokio::test]

@@ -61,6 +61,8 @@ pub struct SyncOptions {
     /// Set owner and group (numeric ids); on by default when the receiver runs as root.
     pub owners: bool,
     pub compress: bool,
+    /// Bytes per second for everything the sending side sends (`--bwlimit`).
+    pub bwlimit: Option<u64>,
     /// Include/exclude rules in order; the first that matches decides.
     pub filters: Vec<FilterRule>,
     /// rsync semantics: `SRC` (no slash) copies the directory itself, `SRC/` its contents.
@@ -179,9 +181,15 @@ pub struct SmallFile {
 /// Outcome of one file on the receiver.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum FileResult {
-    Written { literal: u64, copied: u64 },
+    Written {
+        literal: u64,
+        copied: u64,
+    },
     /// The receiver failed; `retry` says the sender may send it again in full.
-    Failed { reason: String, retry: bool },
+    Failed {
+        reason: String,
+        retry: bool,
+    },
 }
 
 /// Counts the receiver reports at the end of a session.
@@ -206,9 +214,15 @@ pub enum Msg {
         batch: u64,
         first_id: u64,
         entries: Vec<Entry>,
+        /// Entries listed again (changed while read, failed): not part of the directory walk.
+        rescan: bool,
     },
-    /// No more `FileList` batches.
-    EndOfList { batches: u64, entries: u64 },
+    /// No more `FileList` batches, and every file has been answered with a `FileDone`: the
+    /// receiver creates hard links, deletes, sets directory metadata and sends its `Report`.
+    EndOfList {
+        batches: u64,
+        entries: u64,
+    },
     /// Ask for positional hashes of `block`-sized pieces covering `ranges` (offset, length).
     HashRequest {
         id: u64,
@@ -216,7 +230,10 @@ pub enum Msg {
         ranges: Vec<(u64, u64)>,
     },
     /// Counted towards `FileEnd::frames`.
-    Copy { id: u64, ops: Vec<CopyOp> },
+    Copy {
+        id: u64,
+        ops: Vec<CopyOp>,
+    },
     /// Counted towards `FileEnd::frames`.
     Data {
         id: u64,
@@ -225,8 +242,14 @@ pub enum Msg {
         data: Vec<u8>,
     },
     /// A run of zero bytes; the receiver leaves a hole. Counted towards `FileEnd::frames`.
-    Zero { id: u64, offset: u64, len: u64 },
-    SmallFiles { files: Vec<SmallFile> },
+    Zero {
+        id: u64,
+        offset: u64,
+        len: u64,
+    },
+    SmallFiles {
+        files: Vec<SmallFile>,
+    },
     /// Everything for file `id` has been sent in `frames` counted frames.
     FileEnd {
         id: u64,
@@ -234,27 +257,45 @@ pub enum Msg {
         frames: u64,
         digest: [u8; 32],
     },
+    /// The receiver's basis already holds exactly this content: apply metadata only.
+    Same {
+        id: u64,
+    },
     /// The sender gave up on file `id` (vanished, unreadable); discard its partial state.
-    FileAbort { id: u64, reason: String },
-    /// All files have ended; the receiver finishes up and sends its `Report`.
-    Finish,
+    FileAbort {
+        id: u64,
+        reason: String,
+    },
 
     // ---- receiver to sender
-    Needs { batch: u64, needs: Vec<Need> },
-    Signature { id: u64, signature: Signature },
+    Needs {
+        batch: u64,
+        needs: Vec<Need>,
+    },
+    Signature {
+        id: u64,
+        signature: Signature,
+    },
     Hashes {
         id: u64,
         block: u32,
         hashes: Vec<BlockHash>,
     },
-    FileDone { id: u64, result: FileResult },
+    FileDone {
+        id: u64,
+        result: FileResult,
+    },
     /// Entries deleted (or, with `--dry-run`, that would be).
-    Deleted { paths: Vec<serde_bytes::ByteBuf> },
+    Deleted {
+        paths: Vec<serde_bytes::ByteBuf>,
+    },
     Report(ReceiverReport),
 
     // ---- either way
     /// Fatal error; the peer stops the session.
-    Fatal { message: String },
+    Fatal {
+        message: String,
+    },
 }
 
 impl Msg {

@@ -1,0 +1,342 @@
+//! The workloads of the benchmark table (W1–W5 over the emulated WAN, L1 and M1 local): their
+//! data, edits, where they run, and the target each must meet.
+
+use crate::tools::ToolRun;
+
+/// Where the tools run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Through wanem: cutover serve + wanem, rsync via peers.sh.
+    Wan,
+    /// On this machine, no emulator.
+    Local,
+}
+
+/// What a workload must achieve.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// cutover's throughput (source bytes / seconds) at least `frac` of the link.
+    LinkShare { frac: f64 },
+    /// As `LinkShare`, and at least `speedup` times faster than rsync.
+    LinkShareAndSpeedup { frac: f64, speedup: f64 },
+    /// cutover's time at most `max` times rsync's.
+    TimeRatio { max: f64 },
+    /// Wire bytes and time both at most rsync's.
+    WireAndTime,
+    /// Wire bytes at most `max` times rsync's.
+    WireRatio { max: f64 },
+    /// Time at most `cp_max` times `cp -a`'s and at most `rsync_max` times rsync's.
+    LocalCopy { cp_max: f64, rsync_max: f64 },
+    /// Time at most rsync's, and every cutover process's peak RSS at most `rss_mb` MB.
+    ResyncRss { rss_mb: f64 },
+}
+
+/// Inputs to judging a target.
+pub struct Outcome<'a> {
+    pub source_bytes: u64,
+    pub link_mbps: f64,
+    pub cutover: &'a ToolRun,
+    pub rsync: Option<&'a ToolRun>,
+    pub cp: Option<&'a ToolRun>,
+}
+
+fn secs(r: Option<&ToolRun>) -> Option<f64> {
+    r.filter(|r| r.ok()).and_then(|r| r.seconds)
+}
+
+fn wire(r: Option<&ToolRun>) -> Option<u64> {
+    r.filter(|r| r.ok()).and_then(|r| r.wire_bytes)
+}
+
+/// Peak RSS of cutover in KiB: the larger of wait4's figure and any sampled process.
+pub fn cutover_peak_kb(r: &ToolRun) -> Option<u64> {
+    let sampled = r.process_peaks.iter().map(|p| p.vm_hwm_kb).max();
+    match (r.max_rss_kb, sampled) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Target {
+    pub fn describe(&self, link_mbps: f64) -> String {
+        match *self {
+            Target::LinkShare { frac } => {
+                format!("≥ {:.0}% of the {link_mbps} MB/s link", frac * 100.0)
+            }
+            Target::LinkShareAndSpeedup { frac, speedup } => format!(
+                "≥ {:.0}% of the link, ≥ {speedup}× rsync's speed",
+                frac * 100.0
+            ),
+            Target::TimeRatio { max } => format!("time ≤ {max:.2}× rsync's"),
+            Target::WireAndTime => "wire ≤ rsync's, time ≤ rsync's".into(),
+            Target::WireRatio { max } => format!("wire ≤ {max}× rsync's"),
+            Target::LocalCopy { cp_max, rsync_max } => {
+                format!("time ≤ {cp_max}× `cp -a`'s, ≤ {rsync_max}× rsync's")
+            }
+            Target::ResyncRss { rss_mb } => {
+                format!("time ≤ rsync's; peak RSS ≤ {rss_mb} MB")
+            }
+        }
+    }
+
+    /// Whether the target was met (None: cannot tell), and the figures behind the verdict.
+    pub fn judge(&self, o: &Outcome) -> (Option<bool>, String) {
+        let c_s = secs(Some(o.cutover));
+        let r_s = secs(o.rsync);
+        let link = o.link_mbps * 1e6;
+        let share = c_s.map(|s| o.source_bytes as f64 / s.max(1e-9) / link);
+        let all = |parts: Vec<(Option<bool>, String)>| {
+            let verdict = if parts.iter().any(|(v, _)| *v == Some(false)) {
+                Some(false)
+            } else if parts.iter().all(|(v, _)| *v == Some(true)) {
+                Some(true)
+            } else {
+                None
+            };
+            let text = parts
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect::<Vec<_>>()
+                .join("; ");
+            (verdict, text)
+        };
+        let share_part = |frac: f64| match share {
+            Some(sh) => (
+                Some(sh >= frac),
+                format!("{:.1} MB/s = {:.0}% of link", sh * o.link_mbps, sh * 100.0),
+            ),
+            None => (None, "no cutover time".into()),
+        };
+        let ratio_part = |name: &str, c: Option<f64>, p: Option<f64>, max: f64| match (c, p) {
+            (Some(c), Some(p)) if p > 0.0 => {
+                let r = c / p;
+                (Some(r <= max), format!("{name} ratio {r:.2} (≤ {max:.2})"))
+            }
+            _ => (None, format!("no {name} ratio")),
+        };
+        match *self {
+            Target::LinkShare { frac } => all(vec![share_part(frac)]),
+            Target::LinkShareAndSpeedup { frac, speedup } => all(vec![
+                share_part(frac),
+                ratio_part("time", c_s, r_s, 1.0 / speedup),
+            ]),
+            Target::TimeRatio { max } => all(vec![ratio_part("time", c_s, r_s, max)]),
+            Target::WireAndTime => all(vec![
+                ratio_part(
+                    "wire",
+                    wire(Some(o.cutover)).map(|x| x as f64),
+                    wire(o.rsync).map(|x| x as f64),
+                    1.0,
+                ),
+                ratio_part("time", c_s, r_s, 1.0),
+            ]),
+            Target::WireRatio { max } => all(vec![ratio_part(
+                "wire",
+                wire(Some(o.cutover)).map(|x| x as f64),
+                wire(o.rsync).map(|x| x as f64),
+                max,
+            )]),
+            Target::LocalCopy { cp_max, rsync_max } => all(vec![
+                ratio_part("cp time", c_s, secs(o.cp), cp_max),
+                ratio_part("rsync time", c_s, r_s, rsync_max),
+            ]),
+            Target::ResyncRss { rss_mb } => {
+                let rss = match cutover_peak_kb(o.cutover).filter(|_| o.cutover.ok()) {
+                    Some(kb) => {
+                        let mb = kb as f64 * 1024.0 / 1e6;
+                        (Some(mb <= rss_mb), format!("cutover peak RSS {mb:.1} MB"))
+                    }
+                    None => (None, "no cutover RSS".into()),
+                };
+                all(vec![ratio_part("time", c_s, r_s, 1.0), rss])
+            }
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub id: &'static str,
+    /// The table id it belongs to (L1a and L1b are both L1), for `--only`.
+    pub family: &'static str,
+    pub work: String,
+    /// `mkdata.py` arguments making the base set (the directory left out).
+    pub generate: Vec<String>,
+    /// `mkdata.py edit` arguments applied to a fresh copy of the base (the directory left out).
+    pub edit: Option<Vec<String>>,
+    /// Whether destinations start as `cp -a` copies of the base (a re-sync), or empty.
+    pub resync: bool,
+    pub place: Place,
+    /// Also time `cp -a SRC DST` (local first copies).
+    pub with_cp: bool,
+    /// Sample every process's peak RSS (M1).
+    pub sample_rss: bool,
+    pub target: Target,
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// `n * scale`, rounded, at least 1.
+pub fn scaled(n: u64, scale: f64) -> u64 {
+    ((n as f64 * scale).round() as u64).max(1)
+}
+
+fn tree(files: u64, min_kb: u64, max_kb: u64) -> Vec<String> {
+    let mut v = s(&["tree", "--files"]);
+    v.extend([
+        files.to_string(),
+        "--min-kb".into(),
+        min_kb.to_string(),
+        "--max-kb".into(),
+        max_kb.to_string(),
+        "--seed".into(),
+        "1".into(),
+    ]);
+    v
+}
+
+fn big(count: u64, mb: u64, text: bool) -> Vec<String> {
+    let mut v = s(&["big", "--count"]);
+    v.extend([count.to_string(), "--mb".into(), mb.to_string()]);
+    if text {
+        v.push("--text".into());
+    }
+    v.extend(["--seed".into(), "1".into()]);
+    v
+}
+
+fn mib(mb: u64) -> String {
+    if mb >= 1024 {
+        format!("{} GiB", crate::tools::fmt_num(mb as f64 / 1024.0))
+    } else {
+        format!("{mb} MiB")
+    }
+}
+
+/// mkdata's edits touch only files of 8 MiB or more.
+const EDIT_MIN_MB: u64 = 8;
+
+/// Every workload at `scale` (1.0 = the sizes of the table).
+pub fn all(scale: f64) -> Vec<Spec> {
+    let w1_mb = scaled(256, scale);
+    let w2_n = scaled(20_000, scale);
+    let w3_n = scaled(200_000, scale);
+    let w4_mb = scaled(1024, scale).max(EDIT_MIN_MB);
+    let w5_mb = scaled(1024, scale).max(EDIT_MIN_MB);
+    let l1_mb = scaled(1024, scale);
+    let l1_n = scaled(200_000, scale);
+    let m1_n = scaled(1_000_000, scale);
+    vec![
+        Spec {
+            id: "W1",
+            family: "W1",
+            work: format!("{} in 4 random files, first copy", mib(4 * w1_mb)),
+            generate: big(4, w1_mb, false),
+            edit: None,
+            resync: false,
+            place: Place::Wan,
+            with_cp: false,
+            sample_rss: false,
+            target: Target::LinkShare { frac: 0.85 },
+        },
+        Spec {
+            id: "W2",
+            family: "W2",
+            work: format!("{w2_n} files of 1–64 KiB, first copy"),
+            generate: tree(w2_n, 1, 64),
+            edit: None,
+            resync: false,
+            place: Place::Wan,
+            with_cp: false,
+            sample_rss: false,
+            target: Target::LinkShareAndSpeedup {
+                frac: 0.70,
+                speedup: 10.0,
+            },
+        },
+        Spec {
+            id: "W3",
+            family: "W3",
+            work: format!("{w3_n} files of 1–64 KiB, nothing changed, re-sync"),
+            generate: tree(w3_n, 1, 64),
+            edit: None,
+            resync: true,
+            place: Place::Wan,
+            with_cp: false,
+            sample_rss: false,
+            target: Target::TimeRatio { max: 1.0 / 3.0 },
+        },
+        Spec {
+            id: "W4",
+            family: "W4",
+            work: format!(
+                "{} random file, 1% of its 4 KiB blocks rewritten",
+                mib(w4_mb)
+            ),
+            generate: big(1, w4_mb, false),
+            edit: Some(s(&["--mode", "blocks", "--pct", "1", "--seed", "1"])),
+            resync: true,
+            place: Place::Wan,
+            with_cp: false,
+            sample_rss: false,
+            target: Target::WireAndTime,
+        },
+        Spec {
+            id: "W5",
+            family: "W5",
+            work: format!("{} text-like file, 100 short inserts", mib(w5_mb)),
+            generate: big(1, w5_mb, true),
+            edit: Some(s(&["--mode", "insert", "--count", "100", "--seed", "1"])),
+            resync: true,
+            place: Place::Wan,
+            with_cp: false,
+            sample_rss: false,
+            target: Target::WireRatio { max: 1.5 },
+        },
+        Spec {
+            id: "L1a",
+            family: "L1",
+            work: format!("local first copy, {} in 4 random files", mib(4 * l1_mb)),
+            generate: big(4, l1_mb, false),
+            edit: None,
+            resync: false,
+            place: Place::Local,
+            with_cp: true,
+            sample_rss: false,
+            target: Target::LocalCopy {
+                cp_max: 1.2,
+                rsync_max: 1.0,
+            },
+        },
+        Spec {
+            id: "L1b",
+            family: "L1",
+            work: format!("local first copy, {l1_n} files of 1–64 KiB"),
+            generate: tree(l1_n, 1, 64),
+            edit: None,
+            resync: false,
+            place: Place::Local,
+            with_cp: true,
+            sample_rss: false,
+            target: Target::LocalCopy {
+                cp_max: 1.2,
+                rsync_max: 1.0,
+            },
+        },
+        Spec {
+            id: "M1",
+            family: "M1",
+            work: format!("{m1_n} files of 1 KiB, nothing changed, local re-sync"),
+            generate: tree(m1_n, 1, 1),
+            edit: None,
+            resync: true,
+            place: Place::Local,
+            with_cp: false,
+            sample_rss: true,
+            target: Target::ResyncRss { rss_mb: 64.0 },
+        },
+    ]
+}

@@ -1,0 +1,140 @@
+//! The `cutover` command: parses arguments, runs `sync` or `serve`, maps outcomes to exit codes.
+
+mod endpoint;
+mod output;
+mod sync;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit codes (also documented in the README).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FATAL: u8 = 1;
+    /// clap's own code for bad usage.
+    pub const USAGE: u8 = 2;
+    pub const PARTIAL: u8 = 3;
+    pub const INCONSISTENT: u8 = 4;
+    pub const DELETE_LIMIT: u8 = 5;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "cutover",
+    version,
+    about = "Move live data between data centers: parallel, delta, resumable"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Synchronise SRC to DST (local paths or cutover://host[:port]/module/path).
+    Sync(sync::SyncArgs),
+    /// Run the daemon that serves modules to `cutover sync`.
+    Serve {
+        /// Configuration file (TOML) with `listen` and `[[module]]` entries.
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen address, overriding the file's `listen` (port 0 picks a free one).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Write the port actually listened on to this file.
+        #[arg(long)]
+        port_file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let (Command::Sync(args), Some(("sync", m))) = (&mut cli.command, matches.subcommand()) {
+        match sync::ordered_filters(m) {
+            Ok(f) => args.filters = f,
+            Err(e) => {
+                eprintln!("cutover: {e}");
+                return ExitCode::from(exit::USAGE);
+            }
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cutover: cannot start: {e}");
+            return ExitCode::from(exit::FATAL);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Sync(args) => sync::run(args).await,
+            Command::Serve {
+                config,
+                listen,
+                port_file,
+            } => serve(config, listen, port_file).await,
+        }
+    });
+    // Do not wait for blocking tasks of an interrupted session.
+    runtime.shutdown_background();
+    ExitCode::from(code)
+}
+
+async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBuf>) -> u8 {
+    let cfg = match daemon::Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cutover serve: {e}");
+            return exit::FATAL;
+        }
+    };
+    let addr = listen.unwrap_or_else(|| cfg.listen.clone());
+    let listener = match daemon::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cutover serve: {e}");
+            return exit::FATAL;
+        }
+    };
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+    if let Some(pf) = port_file {
+        let port = local.rsplit(':').next().unwrap_or("").to_string();
+        let tmp = pf.with_extension("tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, format!("{port}\n")).and_then(|_| std::fs::rename(&tmp, &pf))
+        {
+            eprintln!("cutover serve: {}: {e}", pf.display());
+            return exit::FATAL;
+        }
+    }
+    eprintln!("cutover serve: listening on {local}");
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    daemon::serve(listener, cfg, shutdown).await;
+    exit::OK
+}

@@ -1,0 +1,358 @@
+//! `cutover sync`: builds the session for the endpoints given (in-memory for local-to-local,
+//! TCP to a daemon otherwise), runs the engine's sender or receiver, and reports.
+
+use crate::endpoint::Endpoint;
+use crate::exit;
+use crate::output::Reporter;
+use engine::{Destination, NoEvents, Session, Source, Stats, Summary};
+use net::client::{open_session, Connections};
+use net::{memory_pair, RateLimiter};
+use proto::{FilterRule, NewSession, Role, SyncOptions, PROTOCOL_VERSION};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Data connections of a local (in-process) sync in auto mode: enough to overlap reads and
+/// writes on two cores, more only adds task switches.
+const LOCAL_AUTO: usize = 4;
+
+#[derive(clap::Args, Debug)]
+pub struct SyncArgs {
+    /// Source: a local path or cutover://host[:port]/module/path. A trailing slash copies the
+    /// directory's contents; without it, the directory itself.
+    pub src: String,
+    /// Destination: a local path or cutover://host[:port]/module/path.
+    pub dst: String,
+    /// Data connections: a number, or auto (start with 8, double while the rate keeps rising, up to 64).
+    #[arg(short = 'j', long = "connections", default_value = "auto", value_parser = parse_connections)]
+    pub connections: Connections,
+    /// Delete destination entries that the source does not have (after the transfer).
+    #[arg(long)]
+    pub delete: bool,
+    /// With --delete: abort before deleting anything if more than N entries would go.
+    #[arg(long, value_name = "N")]
+    pub max_delete: Option<u64>,
+    /// Print what would change (itemised) without changing anything.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Send whole files, no delta.
+    #[arg(short = 'W', long)]
+    pub whole_file: bool,
+    /// Compare content (hashes) even when size and mtime match.
+    #[arg(short = 'c', long)]
+    pub checksum: bool,
+    /// Write into the destination file directly instead of a partial file and rename.
+    #[arg(long)]
+    pub inplace: bool,
+    /// fsync every file before it is renamed into place (default: one filesystem sync at the end).
+    #[arg(long)]
+    pub fsync: bool,
+    /// Preserve hard links.
+    #[arg(short = 'H', long)]
+    pub hard_links: bool,
+    /// Preserve extended attributes.
+    #[arg(short = 'X', long)]
+    pub xattrs: bool,
+    /// Owners are always mapped by number (set when the receiver runs as root); accepted for rsync users.
+    #[arg(long)]
+    pub numeric_ids: bool,
+    /// Compress data frames with zstd (incompressible frames go raw).
+    #[arg(short = 'z', long)]
+    pub compress: bool,
+    /// Exclude paths matching PATTERN (rsync rules: no '/' = any depth, leading '/' = anchored, trailing '/' = dirs).
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Include paths matching PATTERN (the first matching rule wins).
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// Read exclude patterns from FILE (one a line; '#' comments; '+ PAT' includes, '- PAT' excludes).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Limit the total rate of all connections: bytes/s with K, M or G suffix (powers of 1024); a bare number is KiB/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Print one JSON event per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Itemise every change.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Print only errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Filters in command-line order (filled by main from the raw matches).
+    #[arg(skip)]
+    pub filters: Vec<FilterRule>,
+}
+
+fn parse_connections(s: &str) -> Result<Connections, String> {
+    if s == "auto" {
+        return Ok(Connections::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(Connections::Fixed(n)),
+        _ => Err(format!("{s:?}: expected auto or a number from 1 to 256")),
+    }
+}
+
+/// `--bwlimit`: "500" (KiB/s), "10M", "1G", "64K".
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1 << 10),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a rate like 500 (KiB/s), 64K, 10M or 1G"))?;
+    let bytes = (n * mult as f64) as u64;
+    if bytes < 1024 {
+        return Err(format!("{s:?}: the smallest rate is 1K"));
+    }
+    Ok(bytes)
+}
+
+/// Build the ordered filter list: --include/--exclude/--exclude-from in command-line order.
+pub fn ordered_filters(matches: &clap::ArgMatches) -> Result<Vec<FilterRule>, String> {
+    let mut at: Vec<(usize, Vec<FilterRule>)> = Vec::new();
+    for (id, make) in [
+        ("include", FilterRule::Include as fn(String) -> FilterRule),
+        ("exclude", FilterRule::Exclude as fn(String) -> FilterRule),
+    ] {
+        if let (Some(vals), Some(idx)) = (matches.get_many::<String>(id), matches.indices_of(id)) {
+            for (v, i) in vals.zip(idx) {
+                at.push((i, vec![make(v.clone())]));
+            }
+        }
+    }
+    if let (Some(vals), Some(idx)) = (
+        matches.get_many::<PathBuf>("exclude_from"),
+        matches.indices_of("exclude_from"),
+    ) {
+        for (path, i) in vals.zip(idx) {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--exclude-from {}: {e}", path.display()))?;
+            let mut rules = Vec::new();
+            for line in text.lines() {
+                let l = line.trim_end();
+                if l.is_empty() || l.starts_with('#') || l.starts_with(';') {
+                    continue;
+                }
+                if let Some(p) = l.strip_prefix("+ ") {
+                    rules.push(FilterRule::Include(p.to_string()));
+                } else if let Some(p) = l.strip_prefix("- ") {
+                    rules.push(FilterRule::Exclude(p.to_string()));
+                } else {
+                    rules.push(FilterRule::Exclude(l.to_string()));
+                }
+            }
+            at.push((i, rules));
+        }
+    }
+    at.sort_by_key(|(i, _)| *i);
+    Ok(at.into_iter().flat_map(|(_, r)| r).collect())
+}
+
+pub async fn run(args: SyncArgs) -> u8 {
+    let reporter = Arc::new(Reporter::new(
+        args.json,
+        args.verbose || args.dry_run,
+        args.quiet,
+    ));
+    let src = match Endpoint::parse(&args.src) {
+        Ok(e) => e,
+        Err(e) => return reporter.fatal(&format!("source {e}")),
+    };
+    let dst = match Endpoint::parse(&args.dst) {
+        Ok(e) => e,
+        Err(e) => return reporter.fatal(&format!("destination {e}")),
+    };
+    if args.max_delete.is_some() && !args.delete {
+        return reporter.fatal("--max-delete only makes sense with --delete");
+    }
+    let opts = SyncOptions {
+        delete: args.delete,
+        max_delete: args.max_delete,
+        dry_run: args.dry_run,
+        whole_file: args.whole_file,
+        checksum: args.checksum,
+        inplace: args.inplace,
+        fsync: args.fsync,
+        hard_links: args.hard_links,
+        xattrs: args.xattrs,
+        owners: rustix::process::geteuid().is_root(),
+        compress: args.compress,
+        bwlimit: args.bwlimit,
+        filters: args.filters.clone(),
+        copy_dir_itself: !src.trailing_slash(),
+    };
+    let limiter = match args.bwlimit {
+        Some(rate) => match RateLimiter::new(rate) {
+            Some(l) => Some(Arc::new(l)),
+            None => return reporter.fatal("--bwlimit: rate out of range"),
+        },
+        None => None,
+    };
+    let stats = Arc::new(Stats::default());
+    let started = Instant::now();
+    let progress = reporter.start_progress(stats.clone());
+    let work = sync(
+        src,
+        dst,
+        opts,
+        args.connections,
+        limiter,
+        reporter.clone(),
+        stats.clone(),
+    );
+    let outcome = tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => {
+            progress.finish();
+            eprintln!("cutover: interrupted; partial files are kept, run the same command again to resume");
+            return exit::INTERRUPTED;
+        }
+    };
+    progress.finish();
+    match outcome {
+        Ok((summary, wire)) => reporter.summary(&summary, wire, started.elapsed()),
+        Err(message) => reporter.fatal(&message),
+    }
+}
+
+async fn sync(
+    src: Endpoint,
+    dst: Endpoint,
+    opts: SyncOptions,
+    connections: Connections,
+    limiter: Option<Arc<RateLimiter>>,
+    reporter: Arc<Reporter>,
+    stats: Arc<Stats>,
+) -> Result<(Summary, u64), String> {
+    match (src, dst) {
+        (
+            Endpoint::Local { path: s, .. },
+            Endpoint::Local {
+                path: d,
+                trailing_slash,
+            },
+        ) => {
+            if !s.exists() && std::fs::symlink_metadata(&s).is_err() {
+                return Err(format!("{}: source does not exist", s.display()));
+            }
+            let n = match connections {
+                Connections::Fixed(n) => n,
+                Connections::Auto => LOCAL_AUTO,
+            };
+            let (client_ctrl, server_ctrl) = memory_pair();
+            let (ctx, crx) = mpsc::channel(n);
+            let (stx, srx) = mpsc::channel(n);
+            for _ in 0..n {
+                let (a, b) = memory_pair();
+                let _ = ctx.send(a).await;
+                let _ = stx.send(b).await;
+            }
+            drop((ctx, stx));
+            let receiver = engine::run_receiver(
+                Session {
+                    control: server_ctrl,
+                    data: srx,
+                    limiter: None,
+                },
+                Destination {
+                    root: d,
+                    is_dir_hint: trailing_slash,
+                },
+                opts.clone(),
+                Arc::new(NoEvents),
+                Arc::new(Stats::default()),
+            );
+            let sender = engine::run_sender(
+                Session {
+                    control: client_ctrl,
+                    data: crx,
+                    limiter,
+                },
+                Source { root: s },
+                opts,
+                reporter,
+                stats,
+            );
+            let (r, s) = tokio::join!(receiver, sender);
+            // The receiver's own error says more than the sender's "peer failed".
+            match (s, r) {
+                (Ok(sum), Ok(_)) => Ok((sum, 0)),
+                (_, Err(e)) => Err(e.to_string()),
+                (Err(e), _) => Err(e.to_string()),
+            }
+        }
+        (Endpoint::Local { path: s, .. }, Endpoint::Daemon { addr, module, path }) => {
+            if std::fs::symlink_metadata(&s).is_err() {
+                return Err(format!("{}: source does not exist", s.display()));
+            }
+            let new = NewSession {
+                version: PROTOCOL_VERSION,
+                module,
+                path,
+                server_role: Role::Receiver,
+                options: opts.clone(),
+            };
+            let dialed = open_session(&addr, new, connections)
+                .await
+                .map_err(|e| e.to_string())?;
+            let wire = dialed.wire.clone();
+            let session = Session {
+                control: dialed.control,
+                data: dialed.data,
+                limiter,
+            };
+            let summary = engine::run_sender(session, Source { root: s }, opts, reporter, stats)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((summary, wire.total()))
+        }
+        (
+            Endpoint::Daemon { addr, module, path },
+            Endpoint::Local {
+                path: d,
+                trailing_slash,
+            },
+        ) => {
+            let new = NewSession {
+                version: PROTOCOL_VERSION,
+                module,
+                path,
+                server_role: Role::Sender,
+                options: opts.clone(),
+            };
+            let dialed = open_session(&addr, new, connections)
+                .await
+                .map_err(|e| e.to_string())?;
+            let wire = dialed.wire.clone();
+            let session = Session {
+                control: dialed.control,
+                data: dialed.data,
+                limiter,
+            };
+            let summary = engine::run_receiver(
+                session,
+                Destination {
+                    root: d,
+                    is_dir_hint: trailing_slash,
+                },
+                opts,
+                reporter,
+                stats,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok((summary, wire.total()))
+        }
+        (Endpoint::Daemon { .. }, Endpoint::Daemon { .. }) => {
+            Err("both SRC and DST are daemons; one side must be local".into())
+        }
+    }
+}

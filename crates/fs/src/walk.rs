@@ -1,0 +1,228 @@
+//! The streaming walker: yields one `ScanItem` per object below a root, directory by directory
+//! in name order, never holding more than the directory stack and the current directory.
+
+use crate::{meta, partial, Filter, FsError};
+use proto::{Entry, EntryKind};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Facts about a scanned object that stay on the scanning side.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalInfo {
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u64,
+    pub ctime_sec: i64,
+    pub ctime_nsec: i64,
+}
+
+impl LocalInfo {
+    pub fn of(md: &std::fs::Metadata) -> Self {
+        LocalInfo {
+            dev: md.dev(),
+            ino: md.ino(),
+            nlink: md.nlink(),
+            ctime_sec: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ScanItem {
+    pub entry: Entry,
+    pub abs: PathBuf,
+    pub local: LocalInfo,
+}
+
+pub struct Walker {
+    inner: Box<dyn Iterator<Item = walkdir::Result<walkdir::DirEntry>> + Send>,
+    root: PathBuf,
+    prefix: Vec<u8>,
+    xattrs: bool,
+}
+
+impl Walker {
+    /// Walk `root`. With `copy_dir_itself` (rsync's `SRC` without a trailing slash) every path
+    /// starts with the root's own name; otherwise the root is "" and paths are its contents.
+    /// A root that is a file or a block device yields exactly one entry, named after it.
+    pub fn new(
+        root: &Path,
+        copy_dir_itself: bool,
+        filter: Arc<Filter>,
+        xattrs: bool,
+    ) -> Result<Self, FsError> {
+        let md = std::fs::metadata(root).map_err(|e| FsError::io(root, e))?;
+        let name = root
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default();
+        let prefix = if md.is_dir() && !copy_dir_itself {
+            Vec::new()
+        } else {
+            name
+        };
+        let root_buf = root.to_path_buf();
+        let f_root = root_buf.clone();
+        let f_prefix = prefix.clone();
+        let inner = walkdir::WalkDir::new(root)
+            .follow_links(false)
+            .follow_root_links(true)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_entry(move |d| {
+                if d.depth() == 0 {
+                    return true;
+                }
+                if partial::is_internal(d.file_name()) {
+                    return false;
+                }
+                let rel = rel_path(&f_prefix, &f_root, d.path());
+                !filter.excluded(&rel, d.file_type().is_dir())
+            });
+        Ok(Walker {
+            inner: Box::new(inner),
+            root: root_buf,
+            prefix,
+            xattrs,
+        })
+    }
+}
+
+fn rel_path(prefix: &[u8], root: &Path, abs: &Path) -> Vec<u8> {
+    let tail = abs.strip_prefix(root).unwrap_or(Path::new(""));
+    let tail = tail.as_os_str().as_bytes();
+    match (prefix.is_empty(), tail.is_empty()) {
+        (true, _) => tail.to_vec(),
+        (false, true) => prefix.to_vec(),
+        (false, false) => {
+            let mut v = Vec::with_capacity(prefix.len() + 1 + tail.len());
+            v.extend_from_slice(prefix);
+            v.push(b'/');
+            v.extend_from_slice(tail);
+            v
+        }
+    }
+}
+
+impl Iterator for Walker {
+    type Item = Result<ScanItem, FsError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let d = match self.inner.next()? {
+            Ok(d) => d,
+            Err(e) => {
+                let path = e.path().map(Path::to_path_buf).unwrap_or_default();
+                let vanished = e
+                    .io_error()
+                    .map(|io| io.kind() == std::io::ErrorKind::NotFound)
+                    .unwrap_or(false);
+                return Some(Err(if vanished {
+                    FsError::Vanished { path }
+                } else {
+                    let msg = e.to_string();
+                    FsError::io(
+                        &path,
+                        e.into_io_error()
+                            .unwrap_or_else(|| std::io::Error::other(msg)),
+                    )
+                }));
+            }
+        };
+        let abs = d.path().to_path_buf();
+        let md = match d.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                let vanished = e
+                    .io_error()
+                    .map(|io| io.kind() == std::io::ErrorKind::NotFound)
+                    .unwrap_or(false);
+                return Some(Err(if vanished {
+                    FsError::Vanished { path: abs }
+                } else {
+                    let msg = e.to_string();
+                    FsError::io(
+                        &abs,
+                        e.into_io_error()
+                            .unwrap_or_else(|| std::io::Error::other(msg)),
+                    )
+                }));
+            }
+        };
+        let rel = rel_path(&self.prefix, &self.root, &abs);
+        let mut entry = match meta::capture(rel, &abs, &md, self.xattrs) {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
+        if d.depth() == 0 && md.file_type().is_block_device() {
+            // A block device named as the source is a volume: its content is synchronised.
+            let size = std::fs::File::open(&abs)
+                .map_err(|e| FsError::io(&abs, e))
+                .and_then(|f| crate::volume::size_of(&f, &abs));
+            match size {
+                Ok(s) => {
+                    entry.kind = EntryKind::Volume;
+                    entry.size = s;
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(ScanItem {
+            entry,
+            abs,
+            local: LocalInfo::of(&md),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(root: &Path, itself: bool, filter: Filter) -> Vec<String> {
+        Walker::new(root, itself, Arc::new(filter), false)
+            .unwrap()
+            .map(|r| String::from_utf8(r.unwrap().entry.path).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn walks_in_order_with_prefix_and_filters() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("src");
+        std::fs::create_dir_all(r.join("b/c")).unwrap();
+        std::fs::write(r.join("a.txt"), b"1").unwrap();
+        std::fs::write(r.join("b/c/d.log"), b"2").unwrap();
+        std::fs::write(r.join(".cutover.0011223344556677.part"), b"x").unwrap();
+        std::os::unix::fs::symlink("a.txt", r.join("z")).unwrap();
+        assert_eq!(
+            names(&r, false, Filter::default()),
+            vec!["", "a.txt", "b", "b/c", "b/c/d.log", "z"]
+        );
+        assert_eq!(
+            names(&r, true, Filter::default()),
+            vec![
+                "src",
+                "src/a.txt",
+                "src/b",
+                "src/b/c",
+                "src/b/c/d.log",
+                "src/z"
+            ]
+        );
+        let f = Filter::new(&[proto::FilterRule::Exclude("*.log".into())]).unwrap();
+        assert_eq!(names(&r, false, f), vec!["", "a.txt", "b", "b/c", "z"]);
+        let single = names(&r.join("a.txt"), false, Filter::default());
+        assert_eq!(single, vec!["a.txt"]);
+    }
+
+    #[test]
+    fn missing_root_names_the_path() {
+        let e = Walker::new(Path::new("/nonexistent/x"), false, Arc::default(), false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent/x"), "{e}");
+    }
+}

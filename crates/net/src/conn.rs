@@ -1,0 +1,123 @@
+//! One bidirectional message connection, split into independently owned halves.
+
+use proto::{FrameError, FrameReader, FrameWriter, Msg, WireCounter};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+/// Messages in flight per direction on an in-memory connection (back-pressure).
+const MEMORY_DEPTH: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("handshake values need a serialising transport")]
+    NotFramed,
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+pub enum MsgReader {
+    Framed(FrameReader<BoxRead>),
+    Memory(mpsc::Receiver<Msg>),
+}
+
+pub enum MsgWriter {
+    Framed(FrameWriter<BoxWrite>),
+    Memory(mpsc::Sender<Msg>),
+}
+
+pub struct Conn {
+    pub reader: MsgReader,
+    pub writer: MsgWriter,
+}
+
+impl Conn {
+    /// Wrap a byte stream's halves; every byte is counted in `wire`.
+    pub fn framed<R, W>(read: R, write: W, wire: Arc<WireCounter>) -> Conn
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        Conn {
+            reader: MsgReader::Framed(FrameReader::new(Box::new(read), wire.clone())),
+            writer: MsgWriter::Framed(FrameWriter::new(Box::new(write), wire)),
+        }
+    }
+
+    pub fn tcp(stream: tokio::net::TcpStream, wire: Arc<WireCounter>) -> Conn {
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        Conn::framed(tokio::io::BufReader::with_capacity(256 << 10, r), w, wire)
+    }
+}
+
+/// Two connected ends of an in-process connection.
+pub fn memory_pair() -> (Conn, Conn) {
+    let (a_tx, a_rx) = mpsc::channel(MEMORY_DEPTH);
+    let (b_tx, b_rx) = mpsc::channel(MEMORY_DEPTH);
+    (
+        Conn {
+            reader: MsgReader::Memory(b_rx),
+            writer: MsgWriter::Memory(a_tx),
+        },
+        Conn {
+            reader: MsgReader::Memory(a_rx),
+            writer: MsgWriter::Memory(b_tx),
+        },
+    )
+}
+
+impl MsgReader {
+    /// Receive a handshake value (`Hello`, `Welcome`) before messages start.
+    pub async fn recv_value<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Result<Option<T>, ConnError> {
+        match self {
+            MsgReader::Framed(r) => Ok(r.recv().await?),
+            MsgReader::Memory(_) => Err(ConnError::NotFramed),
+        }
+    }
+
+    /// Next message, or `None` when the peer closed cleanly.
+    pub async fn recv(&mut self) -> Result<Option<Msg>, ConnError> {
+        match self {
+            MsgReader::Framed(r) => Ok(r.recv().await?),
+            MsgReader::Memory(rx) => Ok(rx.recv().await),
+        }
+    }
+}
+
+impl MsgWriter {
+    /// Send a handshake value (`Hello`, `Welcome`) before messages start.
+    pub async fn send_value<T: serde::Serialize>(&mut self, value: &T) -> Result<(), ConnError> {
+        match self {
+            MsgWriter::Framed(w) => Ok(w.send(value, false).await?),
+            MsgWriter::Memory(_) => Err(ConnError::NotFramed),
+        }
+    }
+
+    /// Send one message; `compress` asks for zstd where the transport serialises.
+    pub async fn send(&mut self, msg: Msg, compress: bool) -> Result<(), ConnError> {
+        match self {
+            MsgWriter::Framed(w) => Ok(w.send(&msg, compress).await?),
+            MsgWriter::Memory(tx) => tx.send(msg).await.map_err(|_| ConnError::Closed),
+        }
+    }
+
+    /// Signal the end of this direction.
+    pub async fn close(&mut self) {
+        if let MsgWriter::Framed(w) = self {
+            let _ = w.shutdown().await;
+        }
+    }
+
+    /// Whether this writer serialises (and so compression can help).
+    pub fn is_framed(&self) -> bool {
+        matches!(self, MsgWriter::Framed(_))
+    }
+}
