@@ -441,6 +441,11 @@ fn real_main() -> Result<ExitCode> {
     let work = args.work.clone().unwrap_or_else(|| repo.join("bench-work"));
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     let work = work.canonicalize()?;
+    eprintln!(
+        "work dir {} ({:.0} GB free; a full-scale run needs about 30 GB at its peak)",
+        work.display(),
+        report::free_bytes(&work).unwrap_or(0) as f64 / 1e9
+    );
     let out = args.out.clone().unwrap_or_else(|| work.join("BENCH.md"));
     let out = if out.is_absolute() {
         out

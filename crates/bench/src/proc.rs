@@ -71,7 +71,7 @@ pub fn quote(s: &str) -> String {
 }
 
 /// Run `cmd` to completion with stdout and stderr sent to files, timing it by wall clock from
-/// just before spawn to just after `wait4` returns. After `timeout` the child and all its
+/// just before spawn to just after `wait4` returns, after a `sync(2)` that is not timed. After `timeout` the child and all its
 /// descendants get SIGTERM, and SIGKILL 10 s later.
 pub fn run_timed(
     cmd: &mut Command,
@@ -83,6 +83,9 @@ pub fn run_timed(
     let out = fs::File::create(stdout).with_context(|| format!("create {}", stdout.display()))?;
     let err = fs::File::create(stderr).with_context(|| format!("create {}", stderr.display()))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // Write back what earlier steps left dirty, so no run pays for another's writes.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     let start = Instant::now();
     let child = cmd
         .spawn()
@@ -126,7 +129,7 @@ pub fn run_timed(
                         }
                     }
                 }
-                thread::sleep(Duration::from_millis(50));
+                thread::sleep(Duration::from_millis(100));
             }
         })
     });

@@ -19,6 +19,8 @@ pub struct Machine {
     pub cpu: String,
     pub kernel: String,
     pub work_fs: String,
+    /// Free space in the work directory's filesystem at the start, GB.
+    pub work_free_gb: f64,
     pub rsync: String,
     pub python: String,
     pub ssh: String,
@@ -38,8 +40,9 @@ fn first_line(cmd: &mut Command) -> String {
                 .lines()
                 .next()
                 .unwrap_or("")
-                .trim()
-                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
         }
         Err(_) => "not found".into(),
     }
@@ -62,6 +65,19 @@ fn fs_type(path: &Path) -> String {
         }
     }
     best.map(|(_, t)| t).unwrap_or_else(|| "unknown".into())
+}
+
+/// Bytes available to this user in the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and st a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 impl Machine {
@@ -102,6 +118,7 @@ impl Machine {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into()),
             work_fs: fs_type(work),
+            work_free_gb: free_bytes(work).unwrap_or(0) as f64 / 1e9,
             rsync: first_line(Command::new("rsync").arg("--version")),
             python: first_line(Command::new("python3").arg("--version")),
             ssh: first_line(Command::new("ssh").arg("-V")),
@@ -302,6 +319,9 @@ fn tool_detail(out: &mut String, r: &ToolRun) {
     }
     if let Some(kb) = r.max_rss_kb {
         let _ = write!(out, ", peak RSS (wait4) {:.1} MB", kb as f64 * 1024.0 / 1e6);
+        if r.server_rss_kb.is_some() {
+            out.push_str(" (client)");
+        }
     }
     if let Some(kb) = r.server_rss_kb {
         let _ = write!(
@@ -342,14 +362,15 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
     let _ = writeln!(o, "# cutover benchmarks\n");
     let _ = writeln!(
         o,
-        "Run {} at scale {} on {} CPUs ({}), {:.1} GiB RAM, Linux {}, work dir on {}.  ",
+        "Run {} at scale {} on {} CPUs ({}), {:.1} GiB RAM, Linux {}, work dir on {} ({:.0} GB free).  ",
         r.date,
         r.scale,
         m.nproc,
         m.cpu,
         m.mem_total_mib as f64 / 1024.0,
         m.kernel,
-        m.work_fs
+        m.work_fs,
+        m.work_free_gb
     );
     let _ = writeln!(
         o,
@@ -398,16 +419,16 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
     let _ = writeln!(o, "## How it was measured\n");
     let notes = [
         "Ratios are cutover ÷ peer (below 1 is better for cutover). Times are wall-clock seconds of the transfer command alone: for cutover over the WAN, `cutover sync` with `cutover serve` and wanem already listening; for rsync, the seconds `peers.sh` reports around its `rsync` command (its sshd and wanem start before the clock).",
-        "Wire bytes are wanem's `bytes_total` (both directions, as relayed; ssh's or cutover's own framing and encryption included). rsync runs as `peers.sh` runs it: `rsync -aHX --delete` over ssh to a private loopback sshd through wanem; cutover gets `--delete` to match.",
+        "Wire bytes are wanem's `bytes_total` (both directions, as relayed; ssh's or cutover's own framing and encryption included). rsync runs as `peers.sh` runs it: `rsync -aHX --delete` over ssh to a private loopback sshd through wanem; cutover gets `--delete -H -X` to match. Local runs use plain `rsync -a` and `cutover sync` with no options.",
         "Link throughput = bytes of the source's regular files ÷ cutover's seconds.",
-        "Each tool runs once, without warm-up, in a fixed order (WAN and M1: cutover first, then rsync; L1: `cp -a`, then rsync, then cutover). The page cache is not dropped between runs (it cannot be on every machine); the source was written or copied just before, so it is usually cached for every tool alike.",
+        "Each tool runs once, without warm-up, in a fixed order (WAN and M1: cutover first, then rsync; L1: `cp -a`, then rsync, then cutover). The page cache is not dropped between runs (it cannot be on every machine); the source was written or copied just before, so it is usually cached for every tool alike. Before each timed run (untimed) `sync(2)` writes back whatever earlier steps left dirty, so no tool pays for another's writes; a tool's own writeback is its own business (`cp -a` and rsync do not sync; cutover by default ends with one filesystem sync, see `cutover sync --help`, `--fsync`).",
         "First copies (W1, W2, L1) start from empty destinations. Re-syncs (W3, W4, W5, M1) start from destinations made with `cp -a` of the cached base set (same mtimes); the edit is applied to a fresh `cp -a` copy of the base, which is the source (W3 and M1 have no edit and use the base itself).",
         "Base sets are made by `mkdata.py` (fixed seed) and cached under the work dir by their exact arguments, so W3 and L1b share one; destinations and edited sources are made anew every run and removed afterwards.",
         "Verification: `rsync -anHAX --delete --checksum --itemize-changes SRC/ DST/` on cutover's destination; every line it prints is one difference (content, size, time, mode, owner, ACL, xattr, missing or extra entry), so \"verified\" means none.",
         "mkdata's edits only touch files of 8 MiB or more, so W4 and W5 never go below 8 MiB at small scales; the edits themselves (1% of blocks, 100 inserts of 1–512 bytes) are not scaled.",
         "L1's two targets (≤ 1.2× `cp -a`, ≤ rsync's time) are applied to both halves, large files (L1a) and small files (L1b).",
         "M1's data is `mkdata.py tree --min-kb 1 --max-kb 1`: every file is exactly 1 KiB, the smallest non-empty size mkdata makes (about 1 GB of data but 4 GB on disk per copy with 4 KiB blocks; three copies exist during the run). Entries counted = files + directories.",
-        "Peak RSS is `ru_maxrss` from `wait4` on the tool's top process. The kernel reports the largest of that process and every descendant it waited for, so rsync's figure is the largest of its sender, receiver and generator (not their sum). Each process's VmHWM is also sampled every 50 ms from /proc and listed in the details. A local cutover sync is one process holding both sides, so its figure bounds each side.",
+        "Peak RSS is `ru_maxrss` from `wait4` on the tool's top process. The kernel reports the largest of that process and every descendant it waited for, so rsync's figure is the largest of its sender, receiver and generator (not their sum). Each process's VmHWM is also sampled every 100 ms from /proc and listed in the details. A local cutover sync is one process holding both sides, so its figure bounds each side.",
     ];
     for n in notes {
         let _ = writeln!(o, "- {n}");

@@ -164,7 +164,8 @@ fn toml_str(s: &str) -> String {
     o
 }
 
-/// `cutover sync --json --delete SRC/ cutover://127.0.0.1:WANEM/bench/`, with `cutover serve`
+/// `cutover sync --json --delete -H -X SRC/ cutover://127.0.0.1:WANEM/bench/` (the options
+/// matching peers.sh's `rsync -aHX --delete`), with `cutover serve`
 /// (module `bench` = `dst`) behind a wanem relay, timed like peers.sh times rsync: the sync
 /// command alone, by wall clock; wire bytes as wanem counted them.
 pub fn cutover_remote(env: &Env, src: &Path, dst: &Path, run_dir: &Path, logs: &Path) -> ToolRun {
@@ -187,7 +188,7 @@ fn cutover_remote_inner(
     run: &mut ToolRun,
 ) -> Result<()> {
     run.command = format!(
-        "{} sync --json --delete {} cutover://127.0.0.1:WANEM_PORT/bench/",
+        "{} sync --json --delete -H -X {} cutover://127.0.0.1:WANEM_PORT/bench/",
         quote(&cutover_program(env).to_string_lossy()),
         quote(&slash(src))
     );
@@ -235,7 +236,7 @@ fn cutover_remote_inner(
     let wanem_port = wanem.wait_port_file(&wanem_port_file, Duration::from_secs(30))?;
 
     let mut cmd = Command::new(&bin);
-    cmd.args(["sync", "--json", "--delete"])
+    cmd.args(["sync", "--json", "--delete", "-H", "-X"])
         .arg(slash(src))
         .arg(format!("cutover://127.0.0.1:{wanem_port}/bench/"));
     run.command = describe(&cmd);

@@ -67,11 +67,19 @@ impl Target {
                 "≥ {:.0}% of the link, ≥ {speedup}× rsync's speed",
                 frac * 100.0
             ),
+            Target::TimeRatio { max } if (max - 1.0 / 3.0).abs() < 1e-9 => {
+                "time ≤ 1/3 of rsync's".into()
+            }
             Target::TimeRatio { max } => format!("time ≤ {max:.2}× rsync's"),
             Target::WireAndTime => "wire ≤ rsync's, time ≤ rsync's".into(),
             Target::WireRatio { max } => format!("wire ≤ {max}× rsync's"),
             Target::LocalCopy { cp_max, rsync_max } => {
-                format!("time ≤ {cp_max}× `cp -a`'s, ≤ {rsync_max}× rsync's")
+                let rsync = if rsync_max == 1.0 {
+                    "rsync's".to_string()
+                } else {
+                    format!("{rsync_max}× rsync's")
+                };
+                format!("time ≤ {cp_max}× `cp -a`'s, ≤ {rsync}")
             }
             Target::ResyncRss { rss_mb } => {
                 format!("time ≤ rsync's; peak RSS ≤ {rss_mb} MB")
@@ -110,7 +118,7 @@ impl Target {
         let ratio_part = |name: &str, c: Option<f64>, p: Option<f64>, max: f64| match (c, p) {
             (Some(c), Some(p)) if p > 0.0 => {
                 let r = c / p;
-                (Some(r <= max), format!("{name} ratio {r:.2} (≤ {max:.2})"))
+                (Some(r <= max), format!("{name} ratio {r:.3} (≤ {max:.2})"))
             }
             _ => (None, format!("no {name} ratio")),
         };
@@ -144,7 +152,10 @@ impl Target {
                 let rss = match cutover_peak_kb(o.cutover).filter(|_| o.cutover.ok()) {
                     Some(kb) => {
                         let mb = kb as f64 * 1024.0 / 1e6;
-                        (Some(mb <= rss_mb), format!("cutover peak RSS {mb:.1} MB"))
+                        (
+                            Some(mb <= rss_mb),
+                            format!("cutover peak RSS {mb:.1} MB (≤ {rss_mb} MB)"),
+                        )
                     }
                     None => (None, "no cutover RSS".into()),
                 };

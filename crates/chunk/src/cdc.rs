@@ -12,19 +12,27 @@ pub struct CdcParams {
     pub max: u32,
 }
 
-/// Smallest average picked by [`CdcParams::for_size`]: small enough that an edit costs little,
-/// large enough that per-chunk overhead (a 12-byte wire entry, a hash) stays small.
-const DEFAULT_AVG: u32 = 16 << 10;
-
 /// Cap on the expected chunk count of one file, so the receiver's chunk list stays bounded
 /// (about 1.5 MiB on the wire at 12 bytes per chunk).
 const MAX_EXPECTED_CHUNKS: u64 = 131_072;
+/// Smallest average `for_size` picks: below it the signature outweighs the literal savings.
+const MIN_AUTO_AVG: u32 = 2048;
 
 impl CdcParams {
-    /// Average 16 KiB, doubled until `file_size / avg <= 131072` (or the crate's maximum
-    /// average is reached); min = avg / 4, max = avg * 4.
+    /// Average about sqrt(size)/4 as a power of two, at least 2 KiB (8 KiB for 1 GiB, 2 KiB
+    /// for 8 MiB), then doubled until `file_size / avg <= 131072` so a signature stays small;
+    /// min = avg / 4, max = avg * 4.
+    ///
+    /// Why: the wire cost of a chunk delta is about (size / avg) * 10 bytes of signature plus
+    /// about 1.5 * avg of literal per edit. For a few hundred scattered edits the sum is lowest
+    /// near sqrt(size)/4 (rsync picks its block size by the same square-root argument); see
+    /// BENCH.md W5.
     pub fn for_size(file_size: u64) -> Self {
-        let mut avg = DEFAULT_AVG;
+        let root = (file_size as f64).sqrt() / 4.0;
+        let mut avg = MIN_AUTO_AVG;
+        while f64::from(avg) * 1.5 < root && avg < v2020::AVERAGE_MAX {
+            avg *= 2;
+        }
         while file_size / u64::from(avg) > MAX_EXPECTED_CHUNKS && avg < v2020::AVERAGE_MAX {
             avg *= 2;
         }
@@ -247,16 +255,15 @@ mod tests {
         assert_eq!(
             CdcParams::for_size(0),
             CdcParams {
-                min: 4 << 10,
-                avg: 16 << 10,
-                max: 64 << 10
+                min: 512,
+                avg: 2 << 10,
+                max: 8 << 10
             }
         );
+        assert_eq!(CdcParams::for_size(8 << 20).avg, 2 << 10);
+        assert_eq!(CdcParams::for_size(1 << 30).avg, 8 << 10);
+        // 2 GiB at 8 KiB would be 256 Ki chunks: doubled to stay within 128 Ki.
         assert_eq!(CdcParams::for_size(2 << 30).avg, 16 << 10);
-        assert_eq!(
-            CdcParams::for_size((2 << 30) + 1 + (16 << 10)).avg,
-            32 << 10
-        );
         assert_eq!(CdcParams::for_size(1 << 40).avg, 4 << 20);
         assert_eq!(CdcParams::for_size(u64::MAX).avg, v2020::AVERAGE_MAX);
         for size in [0u64, 1 << 30, 100 << 30, 1 << 50] {

@@ -69,6 +69,8 @@ pub struct Stats {
     pub bytes_done: AtomicU64,
     pub literal_bytes: AtomicU64,
     pub copied_bytes: AtomicU64,
+    /// Payload bytes the receiver reported as taken in (push), for auto connections.
+    pub peer_received: AtomicU64,
     pub scan_done: std::sync::atomic::AtomicBool,
 }
 

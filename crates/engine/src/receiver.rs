@@ -99,6 +99,7 @@ pub async fn run_receiver(
         }
     }
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(4);
+    let ticker = tokio::spawn(report_progress(stats.clone(), control.tx.clone()));
     let readers = tokio::spawn(accept_data(data, shared.clone(), fatal_tx));
 
     let problems = Problems::default();
@@ -281,6 +282,7 @@ pub async fn run_receiver(
     let shared_control = shared.control.clone();
     drop(shared_control);
     readers.abort();
+    ticker.abort();
     // Dropping the last sender closes the control writer.
     drop(shared);
     let _ = control.writer.await;
@@ -293,6 +295,21 @@ pub async fn run_receiver(
     summary.bytes_literal = Stats::get(&stats.literal_bytes);
     summary.bytes_copied = Stats::get(&stats.copied_bytes);
     Ok(summary)
+}
+
+/// Tell the sender how much has arrived, so it can judge whether more connections help.
+async fn report_progress(stats: Arc<Stats>, control: mpsc::Sender<Msg>) {
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let received = Stats::get(&stats.literal_bytes);
+        if received != last {
+            last = received;
+            if control.send(Msg::Progress { received }).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -341,6 +341,7 @@ pub async fn run_sender(
                             }
                         }
                     }
+                    Msg::Progress { received } => stats.peer_received.store(received, Ordering::Relaxed),
                     Msg::Deleted { paths } => {
                         for p in paths {
                             events.event(Event::Item { path: display(&p), action: Action::Delete, size: 0 });
@@ -513,6 +514,10 @@ fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         }
     }
     buf.truncate(got);
+    if got < len / 2 {
+        // Do not carry a mostly empty allocation through the queues.
+        buf.shrink_to_fit();
+    }
     Ok(buf)
 }
 
@@ -813,7 +818,12 @@ fn read_small(list: Vec<SmallJob>) -> (Vec<SmallFile>, Vec<SmallNote>) {
                 }
             };
             let before = file.metadata();
-            let data = read_at(&file, 0, SMALL_FILE as usize * 4);
+            // Read one byte more than fstat says, to notice a file that grew meanwhile.
+            let want = before
+                .as_ref()
+                .map(|m| m.size().min(SMALL_FILE * 4) as usize + 1)
+                .unwrap_or(0);
+            let data = read_at(&file, 0, want);
             let after = file.metadata();
             let (data, before, after) = match (data, before, after) {
                 (Ok(d), Ok(b), Ok(a)) => (d, b, a),

@@ -10,12 +10,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Data connections an auto session starts with.
-pub const AUTO_START: usize = 8;
+pub const AUTO_START: usize = 16;
 /// Most data connections an auto session opens.
 pub const AUTO_MAX: usize = 64;
 /// The aggregate rate must grow by this factor after a step for auto to take another.
 const AUTO_GAIN: f64 = 1.2;
-const AUTO_STEP: Duration = Duration::from_secs(1);
+const AUTO_STEP: Duration = Duration::from_millis(500);
+/// Below this delivered rate (bytes/s) there is no data flow to judge.
+const AUTO_IDLE_RATE: f64 = 256.0 * 1024.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Connections {
@@ -78,11 +80,50 @@ async fn hello(addr: &str, conn: &mut Conn, hello: Hello) -> Result<(u64, [u8; 1
     }
 }
 
-/// Open a session with `count` data connections and, in auto mode, grow it in the background.
+/// Bytes that have reached the receiving side so far (not merely been handed to a socket,
+/// whose buffers would make a new connection look faster than it is).
+pub type Delivered = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Open `n` data connections of a session at once (each costs a round trip).
+async fn join_many(
+    addr: &str,
+    session: u64,
+    secret: [u8; 16],
+    wire: &Arc<WireCounter>,
+    n: usize,
+) -> Result<Vec<Conn>, ClientError> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let addr = addr.to_string();
+        let wire = wire.clone();
+        set.spawn(async move {
+            let mut c = dial(&addr, &wire).await?;
+            hello(&addr, &mut c, Hello::Join { session, secret }).await?;
+            Ok::<_, ClientError>(c)
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(c)) => out.push(c),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => {
+                return Err(ClientError::Connect {
+                    addr: addr.to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Open a session with its data connections and, in auto mode, grow it in the background.
 pub async fn open_session(
     addr: &str,
     new: NewSession,
     connections: Connections,
+    delivered: Delivered,
 ) -> Result<Dialed, ClientError> {
     let wire = Arc::new(WireCounter::default());
     let mut control = dial(addr, &wire).await?;
@@ -92,15 +133,13 @@ pub async fn open_session(
         Connections::Fixed(n) => n.max(1),
         Connections::Auto => AUTO_START,
     };
-    for _ in 0..start {
-        let mut c = dial(addr, &wire).await?;
-        hello(addr, &mut c, Hello::Join { session, secret }).await?;
+    for c in join_many(addr, session, secret, &wire, start).await? {
         let _ = tx.send(c).await;
     }
     if connections == Connections::Auto {
         let addr = addr.to_string();
         let wire = wire.clone();
-        tokio::spawn(async move { grow(addr, session, secret, tx, wire, start).await });
+        tokio::spawn(async move { grow(addr, session, secret, tx, wire, start, delivered).await });
     }
     Ok(Dialed {
         control,
@@ -109,7 +148,7 @@ pub async fn open_session(
     })
 }
 
-/// Double the data connections while each doubling still raises the aggregate rate.
+/// Double the data connections while each doubling still raises the delivered rate.
 async fn grow(
     addr: String,
     session: u64,
@@ -117,45 +156,52 @@ async fn grow(
     tx: mpsc::Sender<Conn>,
     wire: Arc<WireCounter>,
     mut count: usize,
+    delivered: Delivered,
 ) {
-    let mut last_total = wire.total();
-    let mut last_rate = 0.0f64;
+    let mut last = delivered();
+    let mut base_rate = 0.0f64;
+    let mut settling = false;
     loop {
         tokio::time::sleep(AUTO_STEP).await;
         if tx.is_closed() {
             return;
         }
-        let total = wire.total();
-        let rate = (total - last_total) as f64 / AUTO_STEP.as_secs_f64();
-        last_total = total;
-        // Nothing flowing yet (scanning, hashing): wait for data before judging.
-        if rate < 64.0 * 1024.0 {
+        let now = delivered();
+        let rate = now.saturating_sub(last) as f64 / AUTO_STEP.as_secs_f64();
+        last = now;
+        // Nothing flowing (scanning, hashing, or a delta with little to send): no verdict.
+        if rate < AUTO_IDLE_RATE {
             continue;
         }
-        if last_rate > 0.0 && rate < last_rate * AUTO_GAIN {
+        // The step right after opening connections mixes old and new rates: skip it.
+        if settling {
+            settling = false;
+            continue;
+        }
+        if base_rate > 0.0 && rate < base_rate * AUTO_GAIN {
             tracing::debug!(count, rate, "auto connections: rate stopped rising");
             return;
         }
-        last_rate = rate;
+        base_rate = rate;
         let more = count.min(AUTO_MAX - count);
         if more == 0 {
             return;
         }
-        for _ in 0..more {
-            let Ok(mut c) = dial(&addr, &wire).await else {
-                return;
-            };
-            if hello(&addr, &mut c, Hello::Join { session, secret })
-                .await
-                .is_err()
-            {
-                return;
+        match join_many(&addr, session, secret, &wire, more).await {
+            Ok(conns) => {
+                for c in conns {
+                    if tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
             }
-            if tx.send(c).await.is_err() {
+            Err(e) => {
+                tracing::debug!("auto connections: cannot open more: {e}");
                 return;
             }
         }
         count += more;
+        settling = true;
         tracing::debug!(count, rate, "auto connections: opened more");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod frame;
 pub mod msg;
+mod packed;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, WireCounter, MAX_FRAME};
 pub use msg::*;

@@ -149,12 +149,14 @@ pub enum Signature {
     Positional {
         basis_size: u64,
         block: u32,
+        #[serde(with = "crate::packed::block_hashes")]
         hashes: Vec<BlockHash>,
     },
     /// FastCDC chunks of the basis in order: (length, hash).
     Chunks {
         basis_size: u64,
         avg: u32,
+        #[serde(with = "crate::packed::chunk_list")]
         chunks: Vec<(u32, u64)>,
     },
     /// The basis could not be read; the sender sends everything.
@@ -279,6 +281,7 @@ pub enum Msg {
     Hashes {
         id: u64,
         block: u32,
+        #[serde(with = "crate::packed::block_hashes")]
         hashes: Vec<BlockHash>,
     },
     FileDone {
@@ -290,6 +293,10 @@ pub enum Msg {
         paths: Vec<serde_bytes::ByteBuf>,
     },
     Report(ReceiverReport),
+    /// Payload bytes the receiver has taken in so far (the sender's signal for auto connections).
+    Progress {
+        received: u64,
+    },
 
     // ---- either way
     /// Fatal error; the peer stops the session.
