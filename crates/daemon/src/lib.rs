@@ -237,5 +237,12 @@ fn resolve(config: &Config, new: &NewSession) -> Result<PathBuf, String> {
     let rel = new.path.trim_end_matches('/').trim_start_matches("./");
     cofs::validate_rel(rel.as_bytes())
         .map_err(|why| format!("path {:?} refused: {why}", new.path))?;
-    Ok(cofs::join(&module.path, rel.as_bytes()))
+    let path = cofs::join(&module.path, rel.as_bytes());
+    if new.server_role == Role::Sender && std::fs::symlink_metadata(&path).is_err() {
+        return Err(format!(
+            "path {:?} does not exist in module {:?}",
+            new.path, module.name
+        ));
+    }
+    Ok(path)
 }

@@ -94,6 +94,8 @@ pub async fn run_receiver(
                 })
                 .await;
             drop(control.tx);
+            // `shared` holds a sender of the control writer too; the writer ends with the last.
+            drop(shared);
             let _ = control.writer.await;
             return Err(e);
         }
@@ -127,6 +129,7 @@ pub async fn run_receiver(
                 Stats::add(&stats.entries_scanned, entries.len() as u64);
                 let mut needs = Vec::with_capacity(entries.len());
                 let mut sig_jobs = Vec::new();
+                let mut refused = Vec::new();
                 for (i, entry) in entries.into_iter().enumerate() {
                     let id = first_id + i as u64;
                     let decided = walk.decide(&shared, id, entry, rescan);
@@ -147,16 +150,7 @@ pub async fn run_receiver(
                             problems.error(&*events, message.clone());
                             needs.push(need);
                             if need == Need::Refused {
-                                let _ = shared
-                                    .control
-                                    .send(Msg::FileDone {
-                                        id,
-                                        result: FileResult::Failed {
-                                            reason: message,
-                                            retry: false,
-                                        },
-                                    })
-                                    .await;
+                                refused.push((id, message));
                             }
                         }
                     }
@@ -168,6 +162,14 @@ pub async fn run_receiver(
                     .is_err()
                 {
                     break Err(EngineError::Peer("control connection closed".into()));
+                }
+                // Completions of refused entries only after the needs that list them.
+                for (id, reason) in refused {
+                    let result = FileResult::Failed {
+                        reason,
+                        retry: false,
+                    };
+                    let _ = shared.control.send(Msg::FileDone { id, result }).await;
                 }
                 for job in sig_jobs {
                     tokio::spawn(send_signature(shared.clone(), job));
@@ -324,13 +326,19 @@ fn prepare_root(dest: &Destination) -> Result<(), EngineError> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if !parent.exists() {
-        return Err(EngineError::Local(format!(
-            "{}: destination's parent directory does not exist",
-            dest.root.display()
-        )));
+    match std::fs::metadata(parent) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(EngineError::Local(format!(
+            "{}: {} is not a directory",
+            dest.root.display(),
+            parent.display()
+        ))),
+        Err(e) => Err(EngineError::Local(format!(
+            "{}: destination's parent directory {}: {e}",
+            dest.root.display(),
+            parent.display()
+        ))),
     }
-    Ok(())
 }
 
 /// Accept data connections and apply every frame that arrives on them.
@@ -522,7 +530,11 @@ fn write_frame(
 ) -> std::io::Result<(u64, u64)> {
     match msg {
         Msg::Data { offset, data, .. } => {
-            out.write_all_at(&data, offset)?;
+            if fresh {
+                write_sparse(out, &data, offset)?;
+            } else {
+                out.write_all_at(&data, offset)?;
+            }
             Ok((data.len() as u64, 0))
         }
         Msg::Zero { offset, len, .. } => {
@@ -548,6 +560,33 @@ fn write_frame(
         }
         _ => Ok((0, 0)),
     }
+}
+
+/// Granularity at which runs of zeros stay holes in a new file.
+const HOLE_BLOCK: usize = 4096;
+
+/// Write `data` at `offset` into a file that was created empty (all holes), skipping 4 KiB
+/// blocks of zeros so that they stay holes.
+fn write_sparse(out: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut run_start: Option<usize> = None;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + HOLE_BLOCK).min(data.len());
+        let zero = chunk::is_zero(&data[at..end]);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(at),
+            (true, Some(s)) => {
+                out.write_all_at(&data[s..at], offset + s as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(s) = run_start {
+        out.write_all_at(&data[s..], offset + s as u64)?;
+    }
+    Ok(())
 }
 
 fn same_inode(a: &File, b: &File) -> bool {
@@ -963,6 +1002,18 @@ impl WalkState {
         }
         if self.single_file.is_none() {
             self.single_file = Some(!matches!(entry.kind, EntryKind::Dir));
+            // `sync src dst/` with `dst` missing: create it, as rsync does.
+            if entry.kind == EntryKind::Dir && !entry.path.is_empty() && !dry {
+                std::fs::create_dir_all(&self.dest.root).map_err(|e| {
+                    (
+                        Need::Refused,
+                        format!(
+                            "{}: cannot create destination directory: {e}",
+                            self.dest.root.display()
+                        ),
+                    )
+                })?;
+            }
         }
         if !rescan {
             self.track(&entry.path, entry.kind == EntryKind::Dir);
@@ -1015,13 +1066,7 @@ impl WalkState {
                             return Ok((Need::Skip, None, None));
                         }
                     } else if md.is_dir() {
-                        return Err((
-                            Need::Refused,
-                            format!(
-                                "{}: is a directory, the source has a symlink here",
-                                target.display()
-                            ),
-                        ));
+                        replace_dir(&target, "a symlink", shared.opts.delete, dry)?;
                     }
                 }
                 if !dry {
@@ -1068,13 +1113,7 @@ impl WalkState {
         let in_place = volume || shared.opts.inplace;
         if let Some(md) = &existing {
             if md.is_dir() {
-                return Err((
-                    Need::Refused,
-                    format!(
-                        "{}: is a directory, the source has a file here",
-                        target.display()
-                    ),
-                ));
+                replace_dir(&target, "a file", shared.opts.delete, dry)?;
             }
             if !volume && md.is_file() && !shared.opts.checksum && meta::quick_match(md, &entry) {
                 if meta::differs(md, &target, &entry, apply) {
@@ -1267,6 +1306,32 @@ impl WalkState {
         }
         Ok(())
     }
+}
+
+/// A directory stands where the source has a non-directory: with `--delete` it goes (the
+/// source no longer has anything below it), otherwise the entry is refused.
+fn replace_dir(target: &Path, what: &str, delete: bool, dry: bool) -> Result<(), (Need, String)> {
+    if !delete {
+        return Err((
+            Need::Refused,
+            format!(
+                "{}: is a directory, the source has {what} here (use --delete to replace it)",
+                target.display()
+            ),
+        ));
+    }
+    if !dry {
+        std::fs::remove_dir_all(target).map_err(|e| {
+            (
+                Need::Refused,
+                format!(
+                    "{}: cannot remove directory to replace it: {e}",
+                    target.display()
+                ),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn count_entries(p: &Path) -> u64 {

@@ -128,6 +128,19 @@ pub async fn run_sender(
         hash_waiters: Mutex::new(HashMap::new()),
         stats: stats.clone(),
     });
+    // The main loop must never wait on the job queue: it is the only reader of the control
+    // connection, and a receiver blocked on sending completions stops draining data too.
+    // Small-file batches go through an unbounded hand-off, bounded in practice by
+    // IN_FLIGHT_ENTRIES (every job is an entry in flight).
+    let (small_tx, mut small_rx) = mpsc::unbounded_channel::<Vec<SmallJob>>();
+    let feeder_jobs = ctx.jobs.clone();
+    tokio::spawn(async move {
+        while let Some(list) = small_rx.recv().await {
+            if feeder_jobs.send(Job::Small(list)).await.is_err() {
+                return;
+            }
+        }
+    });
     let writers = tokio::spawn(accept_data(
         data,
         jobs_rx,
@@ -278,7 +291,7 @@ pub async fn run_sender(
                                         transfers.insert(id, t);
                                         if small_bytes >= SMALL_BATCH_BYTES {
                                             small_bytes = 0;
-                                            if ctx.jobs.send(Job::Small(std::mem::take(&mut small))).await.is_err() { break; }
+                                            if small_tx.send(std::mem::take(&mut small)).is_err() { break; }
                                         }
                                     } else {
                                         let item = t.item.clone();
@@ -290,7 +303,7 @@ pub async fn run_sender(
                         }
                         if !small.is_empty() {
                             small_bytes = 0;
-                            if ctx.jobs.send(Job::Small(std::mem::take(&mut small))).await.is_err() {
+                            if small_tx.send(std::mem::take(&mut small)).is_err() {
                                 break Err(EngineError::Local("data connections are gone".into()));
                             }
                         }

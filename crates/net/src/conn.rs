@@ -51,8 +51,38 @@ impl Conn {
 
     pub fn tcp(stream: tokio::net::TcpStream, wire: Arc<WireCounter>) -> Conn {
         let _ = stream.set_nodelay(true);
+        limit_unsent(&stream);
         let (r, w) = stream.into_split();
         Conn::framed(tokio::io::BufReader::with_capacity(256 << 10, r), w, wire)
+    }
+}
+
+/// Unsent bytes a socket may hold before it stops taking more.
+const NOTSENT_LOWAT: libc::c_int = 128 << 10;
+
+/// Keep the kernel from queueing megabytes of unsent data per connection. Without this a
+/// writer hands a whole frame to a socket whose buffer autotuned to several MiB and takes the
+/// next job at once, so a few connections hoard seconds of queued work while others run dry;
+/// with it a connection takes its next job only when it can nearly send it. Data in flight
+/// (sent, not yet acknowledged) is not limited, so a long fat flow still fills its window.
+fn limit_unsent(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = NOTSENT_LOWAT;
+    // SAFETY: a valid socket fd and a pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "TCP_NOTSENT_LOWAT not set: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -1,0 +1,228 @@
+//! Bad input and hostile conditions: each fails (or finishes) cleanly with a one-line message
+//! that names the path or the cause, never panics, and never damages complete files that the
+//! destination already had.
+
+use crate::util::*;
+use std::path::Path;
+use std::time::Duration;
+
+/// A destination that already holds complete files.
+fn populated(dst: &Path) {
+    write(&dst.join("old.txt"), "old and complete\n");
+    write(&dst.join("sub/data.bin"), random_bytes(21, 300_000));
+}
+
+#[test]
+fn missing_source_fails_naming_it_and_leaves_destination_alone() {
+    let t = tmp();
+    let dst = t.path().join("dst");
+    populated(&dst);
+    let before = snapshot(&dst);
+    let missing = t.path().join("no_such_dir");
+    for src in [slash(&missing), s(&missing).to_string()] {
+        let out = sync(&[&src, &slash(&dst)]);
+        assert_one_line_error(&out, &[s(&missing), "does not exist"]);
+        assert_eq!(before, snapshot(&dst));
+    }
+    // Through a daemon too.
+    let module = t.path().join("module");
+    populated(&module);
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let before_module = snapshot(&module);
+    let out = sync(&[&slash(&missing), &d.url("m/")]);
+    assert_one_line_error(&out, &[s(&missing), "does not exist"]);
+    assert_eq!(before_module, snapshot(&module));
+}
+
+#[test]
+
+fn pull_of_missing_daemon_path_fails_naming_it() {
+    let t = tmp();
+    let dst = t.path().join("dst");
+    populated(&dst);
+    let before = snapshot(&dst);
+    let module = t.path().join("module");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let out = sync(&[&d.url("m/no_such_dir/"), &slash(&dst)]);
+    assert_one_line_error(&out, &["no_such_dir"]);
+    assert_eq!(before, snapshot(&dst));
+}
+
+#[test]
+
+fn destination_under_a_regular_file_fails_naming_the_cause() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("a.txt"), "a\n");
+    let file = t.path().join("plainfile");
+    write(&file, "I am a file\n");
+    let out = sync(&[&slash(&src), &slash(&file.join("sub"))]);
+    assert_one_line_error(&out, &[s(&file)]);
+    assert!(
+        out.stderr.to_lowercase().contains("not a directory"),
+        "cause not named\n{out}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"I am a file\n");
+}
+
+#[test]
+fn no_daemon_listening_names_the_address() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("a.txt"), "a\n");
+    let dst = t.path().join("dst");
+    populated(&dst);
+    let before = snapshot(&dst);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let out = sync(&[&slash(&src), &format!("cutover://{addr}/m/")]);
+    assert_one_line_error(&out, &[&addr]);
+    assert!(out.stderr.to_lowercase().contains("refused"), "{out}");
+    let out = sync(&[&format!("cutover://{addr}/m/"), &slash(&dst)]);
+    assert_one_line_error(&out, &[&addr]);
+    assert_eq!(before, snapshot(&dst));
+}
+
+#[test]
+fn unknown_module_lists_the_modules_served() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("a.txt"), "a\n");
+    let (a, b) = (t.path().join("alpha"), t.path().join("beta"));
+    populated(&a);
+    let before = snapshot(&a);
+    let d = Daemon::start(
+        &t.path().join("d"),
+        &[Module::rw("alpha", &a), Module::rw("beta", &b)],
+    );
+    let out = sync(&[&slash(&src), &d.url("gamma/x/")]);
+    assert_one_line_error(&out, &["gamma", "alpha", "beta"]);
+    let out = sync(&[&d.url("gamma/"), &slash(&t.path().join("dst"))]);
+    assert_one_line_error(&out, &["gamma", "alpha", "beta"]);
+    assert!(!t.path().join("dst").exists());
+    assert_eq!(before, snapshot(&a));
+}
+
+#[test]
+fn push_to_read_only_module_is_refused_and_pull_works() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("a.txt"), "new content\n");
+    let ro = t.path().join("ro");
+    populated(&ro);
+    write(&ro.join("a.txt"), "old content\n");
+    let before = snapshot(&ro);
+    let d = Daemon::start(
+        &t.path().join("d"),
+        &[Module {
+            name: "frozen",
+            path: &ro,
+            read_only: true,
+        }],
+    );
+    let out = sync(&["--delete", &slash(&src), &d.url("frozen/")]);
+    assert_one_line_error(&out, &["frozen", "read-only"]);
+    assert_eq!(before, snapshot(&ro));
+    let pulled = t.path().join("pulled");
+    sync(&[&d.url("frozen/"), &slash(&pulled)]).ok();
+    assert_same(&ro, &pulled);
+}
+
+#[test]
+fn full_disk_fails_cleanly_and_keeps_complete_files() {
+    let t = tmp();
+    let mnt = t.path().join("small_fs");
+    let fs = Tmpfs::mount(&mnt, "2m");
+    let keep = random_bytes(31, 100 << 10);
+    write(&fs.path.join("keep.bin"), &keep);
+    let src = t.path().join("src");
+    write(&src.join("keep.bin"), random_bytes(32, 3 << 20));
+    write(&src.join("sibling.bin"), random_bytes(33, 4 << 20));
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("small", &fs.path)]);
+    let out = sync(&["-j", "2", &slash(&src), &d.url("small/")]);
+    drop(d);
+    assert_ne!(out.code(), 0, "a 7 MiB push into 2 MiB succeeded?\n{out}");
+    let lines = out.err_lines();
+    assert!(!lines.is_empty(), "{out}");
+    for l in &lines {
+        assert!(l.starts_with("cutover"), "stray stderr line {l:?}\n{out}");
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("No space left")
+            && (l.contains("keep.bin") || l.contains("sibling.bin"))),
+        "no line names the file and 'No space left'\n{out}"
+    );
+    assert_eq!(
+        std::fs::read(fs.path.join("keep.bin")).unwrap(),
+        keep,
+        "keep.bin lost its complete old content"
+    );
+    assert!(
+        !fs.path.join("sibling.bin").exists(),
+        "an incomplete sibling.bin appeared"
+    );
+}
+
+#[test]
+fn files_vanishing_during_the_transfer_are_reported_not_fatal() {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&[
+        "tree",
+        s(&src),
+        "--files",
+        "3000",
+        "--min-kb",
+        "1",
+        "--max-kb",
+        "1",
+    ]);
+    let mut files: Vec<_> = snapshot(&src)
+        .into_iter()
+        .filter(|(_, v)| matches!(v, Snap::File { .. }))
+        .map(|(k, _)| k)
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3000);
+    let doomed: Vec<_> = files[1500..].to_vec();
+    let dst = t.path().join("dst");
+    let run = spawn_sync(&[
+        "--json",
+        "-j",
+        "1",
+        "--bwlimit",
+        "256K",
+        &slash(&src),
+        &slash(&dst),
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    for f in &doomed {
+        std::fs::remove_file(src.join(f)).unwrap();
+    }
+    let out = run.wait();
+    let code = out.code();
+    assert!(code == 4 || code == 3, "exit code {code}\n{out}");
+    let summary = out.summary();
+    assert_eq!(summary["exit_code"], code);
+    let reported: Vec<String> = out
+        .events("changed")
+        .iter()
+        .map(|e| e["path"].as_str().unwrap_or("").to_string())
+        .chain(out.events("error").iter().map(|e| e["message"].to_string()))
+        .collect();
+    let named = doomed
+        .iter()
+        .any(|f| reported.iter().any(|r| r.contains(&*f.to_string_lossy())));
+    assert!(named, "no vanished path was reported\n{out}");
+    println!(
+        "exit code {code}; reported: {:?}",
+        &reported[..reported.len().min(3)]
+    );
+    // Every file that stayed arrived.
+    for f in &files[..1500] {
+        assert!(dst.join(f).is_file(), "{} missing", f.display());
+    }
+    // A quiet re-run with --delete makes the copy exact.
+    sync(&["--delete", &slash(&src), &slash(&dst)]).ok();
+    assert_same_with(&src, &dst, &["--delete"]);
+}

@@ -1,0 +1,94 @@
+//! Re-syncs after each mkdata edit mode: the result matches the source (with --delete), and
+//! for in-place block edits and inserts only a fraction of the large files is sent literally.
+
+use crate::util::*;
+use std::path::Path;
+
+/// The 9 MiB random file plus the 9 MiB text file.
+const BIG_BYTES: u64 = 18 << 20;
+
+/// A tree with one 9 MiB random file, one 9 MiB text file and small files, synced once.
+fn synced_tree(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let src = root.join("src");
+    let dst = root.join("dst");
+    mkdata(&["big", s(&src.join("random")), "--count", "1", "--mb", "9"]);
+    mkdata(&[
+        "big",
+        s(&src.join("text")),
+        "--count",
+        "1",
+        "--mb",
+        "9",
+        "--text",
+        "--seed",
+        "2",
+    ]);
+    mkdata(&[
+        "tree",
+        s(&src.join("small")),
+        "--files",
+        "60",
+        "--seed",
+        "3",
+    ]);
+    sync_json(&[&slash(&src), &slash(&dst)]).ok();
+    assert_same(&src, &dst);
+    (src, dst)
+}
+
+/// Edit the source with mkdata, re-sync with --delete, check with the oracle; returns the run.
+fn edit_and_resync(mode: &str, extra: &[&str]) -> Out {
+    let t = tmp();
+    let (src, dst) = synced_tree(t.path());
+    let before = snapshot(&src);
+    let mut args = vec!["edit", s(&src), "--mode", mode, "--seed", "11"];
+    args.extend_from_slice(extra);
+    mkdata(&args);
+    assert_ne!(before, snapshot(&src), "mkdata edit {mode} changed nothing");
+    let out = sync_json(&["--delete", &slash(&src), &slash(&dst)]);
+    out.ok();
+    assert_same_with(&src, &dst, &["--delete"]);
+    assert!(
+        out.stat("files_sent") + out.stat("files_meta_only") > 0,
+        "{out}"
+    );
+    out
+}
+
+fn assert_delta_small(out: &Out) {
+    let literal = out.stat("bytes_literal");
+    assert!(
+        literal < BIG_BYTES / 4,
+        "{literal} literal bytes for edits in {BIG_BYTES} bytes of large files: delta did not work\n{out}"
+    );
+    assert!(out.stat("bytes_copied_from_basis") > BIG_BYTES / 2, "{out}");
+}
+
+#[test]
+fn resync_after_block_edits_is_exact_and_sends_little() {
+    let out = edit_and_resync("blocks", &[]);
+    assert_delta_small(&out);
+}
+
+#[test]
+fn resync_after_inserts_is_exact_and_sends_little() {
+    let out = edit_and_resync("insert", &[]);
+    assert_delta_small(&out);
+}
+
+#[test]
+fn resync_after_append_is_exact() {
+    let out = edit_and_resync("append", &[]);
+    assert!(out.stat("bytes_literal") < BIG_BYTES / 4, "{out}");
+}
+
+#[test]
+fn resync_after_small_file_rewrites_deletes_and_renames_is_exact() {
+    let out = edit_and_resync("files", &["--pct", "20"]);
+    assert!(out.stat("deleted") > 0, "{out}");
+}
+
+#[test]
+fn resync_after_touch_is_exact() {
+    edit_and_resync("touch", &["--pct", "20"]);
+}

@@ -1,0 +1,13 @@
+//! Integration tests of the `cutover` binary: one test binary (as in ripgrep), each module a
+//! theme. Every test runs the real binary (and a real daemon where it says so) on small data
+//! sets and checks the result against rsync as the oracle. The tests expect to run as root.
+
+mod bad_input;
+mod basic;
+mod daemon;
+mod delta;
+mod metadata;
+mod prop;
+mod resume;
+mod select;
+mod util;
