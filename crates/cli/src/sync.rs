@@ -5,8 +5,9 @@ use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::output::Reporter;
 use engine::{Destination, NoEvents, Session, Source, Stats, Summary};
-use net::client::{open_session, Connections};
+use net::client::{open_session, Connections, Delivered};
 use net::{memory_pair, RateLimiter};
+use proto::WireCounter;
 use proto::{FilterRule, NewSession, Role, SyncOptions, PROTOCOL_VERSION};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -293,24 +294,11 @@ async fn sync(
             if std::fs::symlink_metadata(&s).is_err() {
                 return Err(format!("{}: source does not exist", s.display()));
             }
-            let new = NewSession {
-                version: PROTOCOL_VERSION,
-                module,
-                path,
-                server_role: Role::Receiver,
-                options: opts.clone(),
-            };
             let st = stats.clone();
-            let delivered = Arc::new(move || Stats::get(&st.peer_received));
-            let dialed = open_session(&addr, new, connections, delivered)
-                .await
-                .map_err(|e| e.to_string())?;
-            let wire = dialed.wire.clone();
-            let session = Session {
-                control: dialed.control,
-                data: dialed.data,
-                limiter,
-            };
+            let delivered: Delivered = Arc::new(move || Stats::get(&st.peer_received));
+            let new = new_session(module, path, Role::Receiver, &opts);
+            let (session, wire) =
+                daemon_session(&addr, new, connections, delivered, limiter).await?;
             let summary = engine::run_sender(session, Source { root: s }, opts, reporter, stats)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -323,24 +311,12 @@ async fn sync(
                 trailing_slash,
             },
         ) => {
-            let new = NewSession {
-                version: PROTOCOL_VERSION,
-                module,
-                path,
-                server_role: Role::Sender,
-                options: opts.clone(),
-            };
+            // In a pull this side receives, so its own count is what was delivered.
             let st = stats.clone();
-            let delivered = Arc::new(move || Stats::get(&st.literal_bytes));
-            let dialed = open_session(&addr, new, connections, delivered)
-                .await
-                .map_err(|e| e.to_string())?;
-            let wire = dialed.wire.clone();
-            let session = Session {
-                control: dialed.control,
-                data: dialed.data,
-                limiter,
-            };
+            let delivered: Delivered = Arc::new(move || Stats::get(&st.literal_bytes));
+            let new = new_session(module, path, Role::Sender, &opts);
+            let (session, wire) =
+                daemon_session(&addr, new, connections, delivered, limiter).await?;
             let summary = engine::run_receiver(
                 session,
                 Destination {
@@ -359,4 +335,33 @@ async fn sync(
             Err("both SRC and DST are daemons; one side must be local".into())
         }
     }
+}
+
+fn new_session(module: String, path: String, server_role: Role, opts: &SyncOptions) -> NewSession {
+    NewSession {
+        version: PROTOCOL_VERSION,
+        module,
+        path,
+        server_role,
+        options: opts.clone(),
+    }
+}
+
+/// Open a session on a daemon: control plus data connections (growing in auto mode).
+async fn daemon_session(
+    addr: &str,
+    new: NewSession,
+    connections: Connections,
+    delivered: Delivered,
+    limiter: Option<Arc<RateLimiter>>,
+) -> Result<(Session, Arc<WireCounter>), String> {
+    let dialed = open_session(addr, new, connections, delivered)
+        .await
+        .map_err(|e| e.to_string())?;
+    let session = Session {
+        control: dialed.control,
+        data: dialed.data,
+        limiter,
+    };
+    Ok((session, dialed.wire))
 }

@@ -165,11 +165,7 @@ pub async fn run_receiver(
                 }
                 // Completions of refused entries only after the needs that list them.
                 for (id, reason) in refused {
-                    let result = FileResult::Failed {
-                        reason,
-                        retry: false,
-                    };
-                    let _ = shared.control.send(Msg::FileDone { id, result }).await;
+                    let _ = fail_file(&shared, id, reason).await;
                 }
                 for job in sig_jobs {
                     tokio::spawn(send_signature(shared.clone(), job));
@@ -228,16 +224,7 @@ pub async fn run_receiver(
                         let _ = std::fs::remove_file(&f.work);
                     }
                 }
-                let _ = shared
-                    .control
-                    .send(Msg::FileDone {
-                        id,
-                        result: FileResult::Failed {
-                            reason,
-                            retry: false,
-                        },
-                    })
-                    .await;
+                let _ = fail_file(&shared, id, reason).await;
             }
             Msg::EndOfList { .. } => {
                 let errors = !problems.errors.lock().map(|e| e.is_empty()).unwrap_or(true);
