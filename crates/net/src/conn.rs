@@ -53,7 +53,7 @@ impl Conn {
         let _ = stream.set_nodelay(true);
         limit_unsent(&stream);
         let (r, w) = stream.into_split();
-        Conn::framed(tokio::io::BufReader::with_capacity(256 << 10, r), w, wire)
+        Conn::framed(tokio::io::BufReader::with_capacity(64 << 10, r), w, wire)
     }
 }
 

@@ -11,3 +11,4 @@ mod prop;
 mod resume;
 mod select;
 mod util;
+mod volume;
