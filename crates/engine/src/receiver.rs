@@ -367,23 +367,34 @@ async fn accept_data(
 async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
     match msg {
         Msg::SmallFiles { files } => {
-            for f in files {
-                let s = shared.clone();
-                let id = f.id;
-                let rf = lock(&shared.files).remove(&id);
-                let Some(rf) = rf else { continue };
-                let r = tokio::task::spawn_blocking(move || write_small(&s, rf, f)).await;
-                let result = match r {
-                    Ok(Ok(n)) => FileResult::Written {
-                        literal: n,
-                        copied: 0,
-                    },
-                    Ok(Err((reason, retry))) => FileResult::Failed { reason, retry },
-                    Err(e) => FileResult::Failed {
-                        reason: e.to_string(),
-                        retry: false,
-                    },
-                };
+            // One blocking call for the whole frame: a thread hand-off per small file cost
+            // more than writing it.
+            let work: Vec<(RFile, SmallFile)> = {
+                let mut map = lock(&shared.files);
+                files
+                    .into_iter()
+                    .filter_map(|f| map.remove(&f.id).map(|rf| (rf, f)))
+                    .collect()
+            };
+            let s = shared.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                work.into_iter()
+                    .map(|(rf, f)| {
+                        let id = f.id;
+                        let result = match write_small(&s, rf, f) {
+                            Ok(n) => FileResult::Written {
+                                literal: n,
+                                copied: 0,
+                            },
+                            Err((reason, retry)) => FileResult::Failed { reason, retry },
+                        };
+                        (id, result)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| EngineError::Local(e.to_string()))?;
+            for (id, result) in done {
                 let _ = shared.control.send(Msg::FileDone { id, result }).await;
             }
             Ok(())
