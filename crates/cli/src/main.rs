@@ -8,6 +8,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Threads for blocking file I/O (reads, writes, hashing) in one process.
+const BLOCKING_THREADS: usize = 16;
+
 /// Exit codes (also documented in the README).
 pub mod exit {
     pub const OK: u8 = 0;
@@ -72,6 +75,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        // Blocking file I/O needs few threads on few cores; tokio's default of 512 lets a
+        // burst of small-file work spawn hundreds, each with its own malloc arena and buffers.
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
     {

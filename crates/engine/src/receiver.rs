@@ -1298,7 +1298,16 @@ impl WalkState {
                 if let Ok(d) = File::open(&self.dest.root)
                     .or_else(|_| File::open(self.dest.root.parent().unwrap_or(Path::new("."))))
                 {
-                    let _ = rustix::fs::syncfs(&d);
+                    let started = std::time::Instant::now();
+                    if let Err(e) = rustix::fs::syncfs(&d) {
+                        report
+                            .errors
+                            .push(format!("{}: syncfs failed: {e}", self.dest.root.display()));
+                    }
+                    tracing::debug!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "end-of-pass syncfs"
+                    );
                 }
             }
         }
