@@ -218,3 +218,125 @@ fn ctrl_c_exits_130_and_a_rerun_completes() {
     assert_same(&src, &dst);
     assert!(partials_in(&dst).is_empty());
 }
+
+/// `../shared/wanem.py` relaying to `target_port`, resetting every connection after about
+/// `reset_mb` MB (uniformly 0.5x to 1.5x); stopped (and its byte counts written) on drop.
+struct Resetter {
+    child: std::process::Child,
+    port: u16,
+    stats: std::path::PathBuf,
+}
+
+impl Drop for Resetter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Resetter {
+    // The child lives in the returned value and is reaped by `finish` or `Drop`.
+    #[allow(clippy::zombie_processes)]
+    fn start(dir: &std::path::Path, target_port: u16, reset_mb: &str) -> Resetter {
+        let wanem = mkdata_path().with_file_name("wanem.py");
+        let port_file = dir.join("wanem-port");
+        let stats = dir.join("wanem-stats.json");
+        let child = std::process::Command::new("python3")
+            .arg(&wanem)
+            .args(["--listen", "127.0.0.1:0", "--target"])
+            .arg(format!("127.0.0.1:{target_port}"))
+            .args([
+                "--rtt-ms",
+                "2",
+                "--flow-mbps",
+                "0",
+                "--total-mbps",
+                "0",
+                "--reset-mb",
+                reset_mb,
+            ])
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--stats")
+            .arg(&stats)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start wanem.py");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                return Resetter {
+                    child,
+                    port: p,
+                    stats,
+                };
+            }
+            if std::time::Instant::now() >= deadline {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("wanem.py wrote no port file");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Stop it and return (bytes client to daemon, connections reset).
+    fn finish(mut self) -> (u64, u64) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        );
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.stats).expect("wanem stats");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("wanem stats JSON");
+        (
+            v["bytes_up"].as_u64().unwrap_or(0),
+            v["resets"].as_u64().unwrap_or(0),
+        )
+    }
+}
+
+#[test]
+fn dropped_connections_resume_until_done_without_resending_everything() {
+    let t = tmp();
+    let src = t.path().join("src");
+    let size = 32usize << 20;
+    write(&src.join("big.bin"), random_bytes(11, size));
+    let dst = t.path().join("dst");
+    std::fs::create_dir_all(&dst).unwrap();
+    let daemon = Daemon::start(t.path(), &[Module::rw("m", &dst)]);
+    // Each connection is reset after 2-6 MB, so no single run can carry 32 MiB on 2
+    // connections: only resuming from the partial file gets the copy done.
+    let relay = Resetter::start(t.path(), daemon.port, "4");
+    let url = format!("cutover://127.0.0.1:{}/m/", relay.port);
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        assert!(runs <= 30, "no complete copy after 30 runs");
+        let out = sync(&["-j", "2", &slash(&src), &url]);
+        if out.code() == 0 {
+            break;
+        }
+        assert_eq!(
+            out.code(),
+            1,
+            "a dropped connection is a fatal error of that run:\n{out}"
+        );
+    }
+    let (sent, resets) = relay.finish();
+    assert!(resets > 0, "the relay never reset a connection");
+    assert!(runs > 1, "a single run finished despite the resets");
+    assert_same(&src, &dst);
+    // Without resume every run would start over; with it the bytes sent stay near the file
+    // size: what was in flight when a connection died is lost (measured: ~0.8 MB per reset; bound: 2 MiB).
+    let bound = size as u64 + resets * (2 << 20);
+    eprintln!("dropped connections: {runs} runs, {resets} resets, {sent} bytes sent for {size}");
+    assert!(
+        sent <= bound,
+        "sent {sent} bytes for a {size}-byte file over {runs} runs and {resets} resets"
+    );
+}
