@@ -342,3 +342,25 @@ fn all_metadata_survives_a_daemon_push_and_pull() {
     let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
     assert_eq!(ino(&back.join("h1")), ino(&back.join("h2")));
 }
+
+#[test]
+fn fifos_are_created_not_read() {
+    let t = tmp();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        src.join("pipe"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .expect("mkfifo");
+    write(&src.join("plain"), b"x");
+    let dst = t.path().join("dst");
+    // Reading a FIFO with no writer would block forever: the sync must finish.
+    sync(&[&slash(&src), &slash(&dst)]).ok();
+    let md = std::fs::symlink_metadata(dst.join("pipe")).expect("fifo copied");
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&md.file_type()));
+    assert_same(&src, &dst);
+}
