@@ -711,15 +711,29 @@ fn commit(shared: &Shared, mut f: RFile) -> Result<(u64, u64), (String, bool)> {
             true,
         ));
     }
+    install(shared, &out, &f, size, !block_dev, !f.in_place)?;
+    Ok((f.literal, f.copied))
+}
+
+/// The last steps for a verified work file: optional fsync, metadata, rename over the target.
+fn install(
+    shared: &Shared,
+    out: &File,
+    f: &RFile,
+    size: u64,
+    set_meta: bool,
+    rename: bool,
+) -> Result<(), (String, bool)> {
+    let io = |e: std::io::Error| (format!("{}: {e}", f.work.display()), false);
     if shared.opts.fsync {
         out.sync_all().map_err(io)?;
     }
-    if !block_dev {
+    if set_meta {
         let mut e = f.entry.clone();
         e.size = size;
-        meta::apply_file(&out, &f.work, &e, shared.apply).map_err(|e| (e.to_string(), false))?;
+        meta::apply_file(out, &f.work, &e, shared.apply).map_err(|e| (e.to_string(), false))?;
     }
-    if !f.in_place {
+    if rename {
         std::fs::rename(&f.work, &f.target).map_err(|e| {
             (
                 format!("{}: cannot rename into place: {e}", f.target.display()),
@@ -730,7 +744,7 @@ fn commit(shared: &Shared, mut f: RFile) -> Result<(u64, u64), (String, bool)> {
     lock(&shared.report).files_written += 1;
     Stats::add(&shared.stats.files_done, 1);
     Stats::add(&shared.stats.bytes_done, size);
-    Ok((f.literal, f.copied))
+    Ok(())
 }
 
 /// The sender found the basis identical: only metadata (and a partial's rename) is left.
@@ -773,23 +787,10 @@ fn write_small(shared: &Shared, f: RFile, data: SmallFile) -> Result<u64, (Strin
         .open(&f.work)
         .map_err(io)?;
     out.write_all_at(&data.data, 0).map_err(io)?;
-    if shared.opts.fsync {
-        out.sync_all().map_err(io)?;
-    }
-    let mut e = f.entry.clone();
-    e.size = data.data.len() as u64;
-    meta::apply_file(&out, &f.work, &e, shared.apply).map_err(|e| (e.to_string(), false))?;
-    std::fs::rename(&f.work, &f.target).map_err(|e| {
-        (
-            format!("{}: cannot rename into place: {e}", f.target.display()),
-            false,
-        )
-    })?;
-    lock(&shared.report).files_written += 1;
-    Stats::add(&shared.stats.files_done, 1);
-    Stats::add(&shared.stats.bytes_done, e.size);
-    Stats::add(&shared.stats.literal_bytes, e.size);
-    Ok(e.size)
+    let size = data.data.len() as u64;
+    install(shared, &out, &f, size, true, true)?;
+    Stats::add(&shared.stats.literal_bytes, size);
+    Ok(size)
 }
 
 struct SigJob {
