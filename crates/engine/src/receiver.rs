@@ -268,8 +268,6 @@ pub async fn run_receiver(
             .await;
     }
     drop(control.tx);
-    let shared_control = shared.control.clone();
-    drop(shared_control);
     readers.abort();
     ticker.abort();
     // Dropping the last sender closes the control writer.
@@ -741,7 +739,6 @@ fn install(
             )
         })?;
     }
-    lock(&shared.report).files_written += 1;
     Stats::add(&shared.stats.files_done, 1);
     Stats::add(&shared.stats.bytes_done, size);
     Ok(())
@@ -1055,14 +1052,12 @@ impl WalkState {
                             .map(|t| t.as_os_str().as_bytes() == link.as_slice())
                             .unwrap_or(false);
                         if same {
-                            if meta::differs(md, &target, &entry, apply) {
-                                if !dry {
-                                    meta::apply_path(&target, &entry, apply)
-                                        .map_err(|e| (Need::Refused, e.to_string()))?;
-                                }
-                                return Ok((Need::Meta, None, item(Action::Meta)));
-                            }
-                            return Ok((Need::Skip, None, None));
+                            let need = meta_only(md, &target, &entry, apply, dry)?;
+                            return Ok((
+                                need,
+                                None,
+                                (need == Need::Meta).then(|| item(Action::Meta)).flatten(),
+                            ));
                         }
                     } else if md.is_dir() {
                         replace_dir(&target, "a symlink", shared.opts.delete, dry)?;
@@ -1115,14 +1110,12 @@ impl WalkState {
                 replace_dir(&target, "a file", shared.opts.delete, dry)?;
             }
             if !volume && md.is_file() && !shared.opts.checksum && meta::quick_match(md, &entry) {
-                if meta::differs(md, &target, &entry, apply) {
-                    if !dry {
-                        meta::apply_path(&target, &entry, apply)
-                            .map_err(|e| (Need::Refused, e.to_string()))?;
-                    }
-                    return Ok((Need::Meta, None, item(Action::Meta)));
-                }
-                return Ok((Need::Skip, None, None));
+                let need = meta_only(md, &target, &entry, apply, dry)?;
+                return Ok((
+                    need,
+                    None,
+                    (need == Need::Meta).then(|| item(Action::Meta)).flatten(),
+                ));
             }
         }
         let partial = partial_path(&target);
@@ -1314,6 +1307,23 @@ impl WalkState {
         }
         Ok(())
     }
+}
+
+/// The content is already there: set metadata where it differs (`Meta`), else `Skip`.
+fn meta_only(
+    md: &std::fs::Metadata,
+    target: &Path,
+    entry: &Entry,
+    apply: ApplyOpts,
+    dry: bool,
+) -> Result<Need, (Need, String)> {
+    if !meta::differs(md, target, entry, apply) {
+        return Ok(Need::Skip);
+    }
+    if !dry {
+        meta::apply_path(target, entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
+    }
+    Ok(Need::Meta)
 }
 
 /// A directory stands where the source has a non-directory: with `--delete` it goes (the

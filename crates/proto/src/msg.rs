@@ -197,11 +197,7 @@ pub enum FileResult {
 /// Counts the receiver reports at the end of a session.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ReceiverReport {
-    pub files_written: u64,
-    pub bytes_written: u64,
-    pub bytes_copied_locally: u64,
     pub entries_deleted: u64,
-    pub metadata_updates: u64,
     pub errors: Vec<String>,
     /// `--max-delete` was exceeded: nothing was deleted.
     pub delete_limit_hit: Option<u64>,
