@@ -193,14 +193,7 @@ fn cutover_remote_inner(
         quote(&slash(src))
     );
     let bin = cutover_bin(env)?;
-    let config = run_dir.join("serve.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\n\n[[module]]\nname = \"bench\"\npath = {}\nread_only = false\n",
-            toml_str(&dst.to_string_lossy())
-        ),
-    )?;
+    let config = write_serve_config(run_dir, dst, false)?;
     let serve_port_file = run_dir.join("serve.port");
     let serve_log = logs.join("cutover-serve.log");
     run.logs.push(serve_log.clone());
@@ -236,8 +229,9 @@ fn cutover_remote_inner(
     let wanem_port = wanem.wait_port_file(&wanem_port_file, Duration::from_secs(30))?;
 
     let mut cmd = Command::new(&bin);
-    cmd.args(["sync", "--json", "--delete", "-H", "-X"])
-        .arg(slash(src))
+    cmd.args(["sync", "--json", "--delete", "-H", "-X"]);
+    client_trust(&mut cmd, run_dir);
+    cmd.arg(slash(src))
         .arg(format!("cutover://127.0.0.1:{wanem_port}/bench/"));
     run.command = describe(&cmd);
     let (out, err) = logs_of(logs, "cutover");
@@ -267,6 +261,35 @@ fn cutover_remote_inner(
         bail!("cutover serve exited with {st}: {}", tail(&serve_log, 1500));
     }
     Ok(())
+}
+
+/// Token every bench daemon grants read-write access with.
+const BENCH_TOKEN: &str = "cutover-bench-token-0123456789abcdef";
+
+/// `serve.toml` in `run_dir`: module `bench` = `dst`, the bench token (file mode 0600), the
+/// key in `run_dir/state`; with `plaintext`, plaintext clients are accepted too.
+fn write_serve_config(run_dir: &Path, dst: &Path, plaintext: bool) -> Result<PathBuf> {
+    let token = run_dir.join("token");
+    fs::write(&token, format!("{BENCH_TOKEN}\n"))?;
+    fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let config = run_dir.join("serve.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {}\ninsecure_plaintext = {plaintext}\n\n[[module]]\nname = \"bench\"\npath = {}\n[[module.allow]]\ntoken_file = {}\naccess = \"read-write\"\n",
+            toml_str(&run_dir.join("state").to_string_lossy()),
+            toml_str(&dst.to_string_lossy()),
+            toml_str(&token.to_string_lossy()),
+        ),
+    )?;
+    Ok(config)
+}
+
+/// The client's token and a known-hosts file of its own (trust on first use).
+fn client_trust(cmd: &mut Command, run_dir: &Path) {
+    cmd.env("CUTOVER_TOKEN", BENCH_TOKEN)
+        .arg("--known-hosts")
+        .arg(run_dir.join("known_hosts"));
 }
 
 /// `cutover sync --json SRC/ DST/` on one machine.

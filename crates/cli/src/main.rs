@@ -2,6 +2,7 @@
 
 mod endpoint;
 mod output;
+mod security;
 mod sync;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -37,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Synchronise SRC to DST (local paths or cutover://host[:port]/module/path).
-    Sync(sync::SyncArgs),
+    Sync(Box<sync::SyncArgs>),
     /// Run the daemon that serves modules to `cutover sync`.
     Serve {
         /// Configuration file (TOML) with `listen` and `[[module]]` entries.
@@ -49,6 +50,12 @@ enum Command {
         /// Write the port actually listened on to this file.
         #[arg(long)]
         port_file: Option<PathBuf>,
+    },
+    /// Show this client's certificate fingerprint (making the certificate on first use), for a daemon's client_fingerprint grant.
+    Identity {
+        /// Identity file (default: identity.pem in $XDG_CONFIG_HOME/cutover or ~/.config/cutover).
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -67,11 +74,17 @@ fn main() -> ExitCode {
             }
         }
     }
+    // A daemon's log is its record of sessions and refused clients; a client only warns.
+    let default_level = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -89,12 +102,13 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Sync(args) => sync::run(args).await,
+            Command::Sync(args) => sync::run(*args).await,
             Command::Serve {
                 config,
                 listen,
                 port_file,
             } => serve(config, listen, port_file).await,
+            Command::Identity { file } => identity(file),
         }
     });
     // Do not wait for blocking tasks of an interrupted session.
@@ -110,8 +124,36 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
             return exit::FATAL;
         }
     };
+    let Some(state_dir) = cfg.state_dir() else {
+        eprintln!(
+            "cutover serve: {}: set state_dir (no HOME to keep the key in)",
+            config.display()
+        );
+        return exit::FATAL;
+    };
+    let (identity, made) =
+        match net::tls::Identity::load_or_create(&state_dir.join(net::tls::IDENTITY_FILE)) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("cutover serve: {e}");
+                return exit::FATAL;
+            }
+        };
+    let tls = match net::tls::server_config(&identity) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cutover serve: {e}");
+            return exit::FATAL;
+        }
+    };
+    eprintln!(
+        "cutover serve: certificate {} ({} {})",
+        identity.fingerprint,
+        if made { "made now in" } else { "from" },
+        state_dir.join(net::tls::IDENTITY_FILE).display()
+    );
     let addr = listen.unwrap_or_else(|| cfg.listen.clone());
-    let listener = match daemon::bind(&addr).await {
+    let listener = match daemon::bind(&addr, cfg.insecure_plaintext).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cutover serve: {e}");
@@ -141,6 +183,29 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    daemon::serve(listener, cfg, shutdown).await;
+    daemon::serve(listener, cfg, tls, shutdown).await;
     exit::OK
+}
+
+/// `cutover identity`: make (once) and print the client certificate's fingerprint.
+fn identity(file: Option<PathBuf>) -> u8 {
+    let Some(path) =
+        file.or_else(|| security::config_dir().map(|d| d.join(net::tls::IDENTITY_FILE)))
+    else {
+        eprintln!("cutover identity: no HOME to keep the identity in; pass --file");
+        return exit::FATAL;
+    };
+    match net::tls::Identity::load_or_create(&path) {
+        Ok((id, made)) => {
+            println!("{}", id.fingerprint);
+            if made {
+                eprintln!("cutover identity: made {}", path.display());
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("cutover identity: {e}");
+            exit::FATAL
+        }
+    }
 }

@@ -4,6 +4,7 @@
 use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::output::Reporter;
+use crate::security::{client_trust, SecurityArgs};
 use engine::{Destination, NoEvents, Session, Source, Stats, Summary};
 use net::client::{open_session, Connections, Delivered};
 use net::{memory_pair, RateLimiter};
@@ -82,6 +83,8 @@ pub struct SyncArgs {
     /// Print only errors.
     #[arg(short, long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub security: SecurityArgs,
     /// Filters in command-line order (filled by main from the raw matches).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,
@@ -204,7 +207,7 @@ pub async fn run(args: SyncArgs) -> u8 {
         src,
         dst,
         opts,
-        args.connections,
+        &args,
         limiter,
         reporter.clone(),
         stats.clone(),
@@ -228,11 +231,12 @@ async fn sync(
     src: Endpoint,
     dst: Endpoint,
     opts: SyncOptions,
-    connections: Connections,
+    args: &SyncArgs,
     limiter: Option<Arc<RateLimiter>>,
     reporter: Arc<Reporter>,
     stats: Arc<Stats>,
 ) -> Result<(Summary, u64), String> {
+    let (connections, security) = (args.connections, &args.security);
     match (src, dst) {
         (
             Endpoint::Local { path: s, .. },
@@ -298,7 +302,7 @@ async fn sync(
             let delivered: Delivered = Arc::new(move || Stats::get(&st.peer_received));
             let new = new_session(module, path, Role::Receiver, &opts);
             let (session, wire) =
-                daemon_session(&addr, new, connections, delivered, limiter).await?;
+                daemon_session(&addr, new, connections, delivered, limiter, security).await?;
             let summary = engine::run_sender(session, Source { root: s }, opts, reporter, stats)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -316,7 +320,7 @@ async fn sync(
             let delivered: Delivered = Arc::new(move || Stats::get(&st.literal_bytes));
             let new = new_session(module, path, Role::Sender, &opts);
             let (session, wire) =
-                daemon_session(&addr, new, connections, delivered, limiter).await?;
+                daemon_session(&addr, new, connections, delivered, limiter, security).await?;
             let summary = engine::run_receiver(
                 session,
                 Destination {
@@ -344,6 +348,7 @@ fn new_session(module: String, path: String, server_role: Role, opts: &SyncOptio
         path,
         server_role,
         options: opts.clone(),
+        token_proof: None,
     }
 }
 
@@ -354,10 +359,13 @@ async fn daemon_session(
     connections: Connections,
     delivered: Delivered,
     limiter: Option<Arc<RateLimiter>>,
+    security: &SecurityArgs,
 ) -> Result<(Session, Arc<WireCounter>), String> {
-    let dialed = open_session(addr, new, connections, delivered)
+    let trust = client_trust(security, addr)?;
+    let dialed = open_session(addr, new, connections, delivered, &trust.security)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| trust.explain(e))?;
+    trust.remember(addr, dialed.server_fingerprint)?;
     let session = Session {
         control: dialed.control,
         data: dialed.data,

@@ -1,30 +1,36 @@
-//! `cutover serve`: accepts connections, opens sessions on named modules, routes joining data
-//! connections to their session, and runs the engine's sender or receiver for each session.
+//! `cutover serve`: accepts TLS connections, authenticates the client for the module it asks
+//! for (a token proven over the connection's keying material, or a client certificate's
+//! fingerprint), opens sessions, routes joining data connections to their session, and runs
+//! the engine's sender or receiver for each session.
 //!
-//! Until TLS lands the daemon refuses to listen anywhere but loopback. Paths from clients are
-//! validated lexically (relative, no `..`, no NUL) before they are joined to a module root.
+//! Paths from clients are validated lexically (relative, no `..`, no NUL) before they are
+//! joined to a module root.
 
 pub mod config;
 
-pub use config::{Config, ConfigError, Module};
+pub use config::{Access, Config, ConfigError, Credential, Grant, Module};
 
 use engine::{Destination, NoEvents, Session, Source, Stats};
+use net::secure::Accepted;
+use net::tls::{verify_token_proof, Fingerprint};
 use net::{Conn, RateLimiter};
 use proto::{Hello, NewSession, Role, Welcome, WireCounter, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-/// How long a new connection may take to say hello.
-const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A failed authentication is answered this late, so guessing tokens is slow.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(
-        "refusing to listen on {0}: only loopback addresses are allowed until TLS is configured"
+        "refusing to listen on {0} with insecure_plaintext = true: plaintext is only allowed on loopback"
     )]
     NotLoopback(std::net::SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
@@ -41,13 +47,15 @@ struct Joinable {
 }
 
 /// Shared state of a running daemon.
-pub struct Server {
+struct Server {
     config: Config,
+    tls: tokio_rustls::TlsAcceptor,
     sessions: Mutex<HashMap<u64, Joinable>>,
+    failed_auth: AtomicU64,
 }
 
-/// Bind the configured (or given) address, refusing anything but loopback.
-pub async fn bind(addr: &str) -> Result<TcpListener, DaemonError> {
+/// Bind the given address; with `plaintext_allowed`, refuse anything but loopback.
+pub async fn bind(addr: &str, plaintext_allowed: bool) -> Result<TcpListener, DaemonError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| DaemonError::Bind {
@@ -58,17 +66,24 @@ pub async fn bind(addr: &str) -> Result<TcpListener, DaemonError> {
         addr: addr.to_string(),
         source,
     })?;
-    if !local.ip().is_loopback() {
+    if plaintext_allowed && !local.ip().is_loopback() {
         return Err(DaemonError::NotLoopback(local));
     }
     Ok(listener)
 }
 
 /// Serve until `shutdown` completes.
-pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
     let server = Arc::new(Server {
         config,
+        tls: tokio_rustls::TlsAcceptor::from(tls),
         sessions: Mutex::new(HashMap::new()),
+        failed_auth: AtomicU64::new(0),
     });
     tokio::pin!(shutdown);
     loop {
@@ -76,9 +91,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let wire = Arc::new(WireCounter::default());
-                    let conn = Conn::tcp(stream, wire);
-                    tokio::spawn(handle(server.clone(), conn, peer.to_string()));
+                    tokio::spawn(handle(server.clone(), stream, peer.to_string()));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -94,20 +107,46 @@ async fn refuse(conn: &mut Conn, reason: String) {
     conn.writer.close().await;
 }
 
+/// The TLS handshake and the hello of one connection, within the handshake timeout.
+async fn greet(
+    server: &Server,
+    stream: tokio::net::TcpStream,
+) -> Result<(Accepted, Hello), String> {
+    let wire = Arc::new(WireCounter::default());
+    let mut accepted = net::secure::accept(stream, Some(&server.tls), wire)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    match accepted.conn.reader.recv_value::<Hello>().await {
+        Ok(Some(h)) => Ok((accepted, h)),
+        Ok(None) => Err("closed before saying hello".into()),
+        Err(e) => Err(format!("bad hello: {e}")),
+    }
+}
+
 /// Read the hello of one connection and open or join a session.
-async fn handle(server: Arc<Server>, mut conn: Conn, peer: String) {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, conn.reader.recv_value::<Hello>()).await {
-        Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            tracing::info!(%peer, "bad hello: {e}");
+async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String) {
+    let timeout = Duration::from_secs(server.config.handshake_timeout_secs);
+    let (accepted, hello) = match tokio::time::timeout(timeout, greet(&server, stream)).await {
+        Ok(Ok(greeted)) => greeted,
+        Ok(Err(why)) => {
+            tracing::info!(%peer, "connection dropped: {why}");
             return;
         }
         Err(_) => {
-            tracing::info!(%peer, "no hello within {HELLO_TIMEOUT:?}");
+            tracing::info!(%peer, "connection dropped: no handshake within {timeout:?}");
             return;
         }
     };
+    let mut conn = accepted.conn;
+    if accepted.binding.is_none() && !server.config.insecure_plaintext {
+        tracing::info!(%peer, "plaintext connection refused");
+        refuse(
+            &mut conn,
+            "this daemon only accepts TLS connections; drop --insecure-plaintext".into(),
+        )
+        .await;
+        return;
+    }
     match hello {
         Hello::Join { session, secret } => {
             let tx = {
@@ -132,19 +171,47 @@ async fn handle(server: Arc<Server>, mut conn: Conn, peer: String) {
             }
         }
         Hello::New(new) => {
-            if let Err(reason) = open(&server, conn, new, &peer).await {
+            let who = Peer {
+                addr: &peer,
+                binding: accepted.binding.unwrap_or([0; 32]),
+                client_cert: accepted.client_cert,
+            };
+            if let Err(reason) = open(&server, conn, new, &who).await {
                 tracing::info!(%peer, "session refused: {reason}");
             }
         }
     }
 }
 
+/// Who is asking: the address for logs, and what the client can prove.
+struct Peer<'a> {
+    addr: &'a str,
+    binding: [u8; 32],
+    client_cert: Option<Fingerprint>,
+}
+
+/// The most any of `module`'s grants gives this peer.
+fn authorize(module: &Module, new: &NewSession, who: &Peer) -> Option<Access> {
+    module
+        .grants
+        .iter()
+        .filter(|g| match &g.credential {
+            Credential::Token(token) => new
+                .token_proof
+                .is_some_and(|p| verify_token_proof(token, &who.binding, &p)),
+            Credential::ClientCert(fp) => who.client_cert == Some(*fp),
+        })
+        .map(|g| g.access)
+        .max()
+}
+
 async fn open(
     server: &Arc<Server>,
     mut conn: Conn,
     new: NewSession,
-    peer: &str,
+    who: &Peer<'_>,
 ) -> Result<(), String> {
+    let peer = who.addr;
     if new.version != PROTOCOL_VERSION {
         let reason = format!(
             "protocol version {} is not supported (this daemon speaks {PROTOCOL_VERSION}); use the same cutover version on both sides",
@@ -153,7 +220,33 @@ async fn open(
         refuse(&mut conn, reason.clone()).await;
         return Err(reason);
     }
-    let resolved = resolve(&server.config, &new);
+    let resolved = find_module(&server.config, &new.module).and_then(|module| {
+        let Some(access) = authorize(module, &new, who) else {
+            return Err(None);
+        };
+        if new.server_role == Role::Receiver && access < Access::ReadWrite {
+            return Err(Some(format!(
+                "module {:?}: your credentials grant read-only access",
+                module.name
+            )));
+        }
+        resolve(module, &new).map_err(Some)
+    });
+    let resolved = match resolved {
+        Err(None) => {
+            let n = server.failed_auth.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(%peer, module = %new.module, failures = n, "authentication failed");
+            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+            let reason = format!(
+                "authentication failed for module {:?}: give its token with --token-file or CUTOVER_TOKEN, or a client certificate it allows",
+                new.module
+            );
+            refuse(&mut conn, reason.clone()).await;
+            return Err(reason);
+        }
+        Err(Some(reason)) => Err(reason),
+        Ok(path) => Ok(path),
+    };
     let root = match resolved {
         Ok(r) => r,
         Err(reason) => {
@@ -217,20 +310,22 @@ async fn open(
     }
 }
 
-/// Map a session request to a path beneath its module root, or say why not.
-fn resolve(config: &Config, new: &NewSession) -> Result<PathBuf, String> {
-    let module = config
+fn find_module<'c>(config: &'c Config, name: &str) -> Result<&'c Module, Option<String>> {
+    config
         .modules
         .iter()
-        .find(|m| m.name == new.module)
+        .find(|m| m.name == name)
         .ok_or_else(|| {
             let names: Vec<&str> = config.modules.iter().map(|m| m.name.as_str()).collect();
-            format!(
-                "unknown module {:?} (this daemon serves: {})",
-                new.module,
+            Some(format!(
+                "unknown module {name:?} (this daemon serves: {})",
                 names.join(", ")
-            )
-        })?;
+            ))
+        })
+}
+
+/// Map a session request to a path beneath its module root, or say why not.
+fn resolve(module: &Module, new: &NewSession) -> Result<PathBuf, String> {
     if new.server_role == Role::Receiver && module.read_only {
         return Err(format!("module {:?} is read-only", module.name));
     }

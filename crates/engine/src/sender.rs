@@ -12,7 +12,7 @@ use net::{Conn, RateLimiter};
 use proto::{CopyOp, Entry, EntryKind, FileResult, Msg, Need, Signature, SmallFile, SyncOptions};
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -514,20 +514,21 @@ fn open_source(item: &ScanItem) -> Result<File, (String, bool)> {
     })
 }
 
-/// Read up to `len` bytes at `offset`; short only at end of file.
+/// Read up to `len` bytes at `offset`; short only at end of file. Reads into uninitialised
+/// capacity: zero-filling every 1 MiB segment first cost a memset plus the kernel clearing
+/// fresh pages, ~12% of the sending side's CPU in a loopback profile.
 fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
             Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    buf.truncate(got);
-    if got < len / 2 {
+    if buf.len() < len / 2 {
         // Do not carry a mostly empty allocation through the queues.
         buf.shrink_to_fit();
     }

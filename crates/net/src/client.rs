@@ -3,9 +3,11 @@
 //! aggregate rate keeps rising, so a link whose single flows are capped gets filled without
 //! the user knowing its round-trip time or window.
 
+use crate::secure::{connect, ConnectError};
+use crate::tls::{client_config, token_proof, Fingerprint, Identity, TlsError};
 use crate::{Conn, ConnError};
 use proto::{Hello, NewSession, Welcome, WireCounter};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -43,22 +45,64 @@ pub enum ClientError {
     Refused { addr: String, reason: String },
     #[error("{addr}: the daemon closed the connection during the handshake")]
     Handshake { addr: String },
+    #[error("{addr}: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} presented certificate {seen}, but {expected} is pinned")]
+    FingerprintMismatch {
+        addr: String,
+        seen: Fingerprint,
+        expected: Fingerprint,
+    },
+    #[error(transparent)]
+    Config(#[from] TlsError),
+}
+
+/// How a client secures its connections and proves itself to a daemon.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// TLS settings; None dials plaintext (only loopback daemons that allow it accept that).
+    pub tls: Option<TlsClient>,
+    /// The module's secret token, proven per connection, never sent.
+    pub token: Option<Arc<Vec<u8>>>,
+}
+
+#[derive(Clone, Default)]
+pub struct TlsClient {
+    /// The pinned server fingerprint; None trusts the first one seen (and reports it).
+    pub expected: Option<Fingerprint>,
+    /// A client certificate to show (daemons may grant access by its fingerprint).
+    pub identity: Option<Arc<Identity>>,
 }
 
 pub struct Dialed {
     pub control: Conn,
     pub data: mpsc::Receiver<Conn>,
     pub wire: Arc<WireCounter>,
+    /// The fingerprint the daemon showed (None over plaintext).
+    pub server_fingerprint: Option<Fingerprint>,
 }
 
-async fn dial(addr: &str, wire: &Arc<WireCounter>) -> Result<Conn, ClientError> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
-    Ok(Conn::tcp(stream, wire.clone()))
+/// What every connection of a session dials with.
+#[derive(Clone)]
+struct Dialer {
+    addr: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    wire: Arc<WireCounter>,
+}
+
+impl Dialer {
+    async fn dial(&self) -> Result<(Conn, Option<[u8; 32]>), ClientError> {
+        let addr = self.addr.clone();
+        match connect(&self.addr, self.tls.clone(), self.wire.clone()).await {
+            Ok(d) => Ok((d.conn, d.binding)),
+            Err(ConnectError::Tcp(source)) => Err(ClientError::Connect { addr, source }),
+            Err(ConnectError::Tls(source)) => Err(ClientError::Tls { addr, source }),
+        }
+    }
 }
 
 async fn hello(addr: &str, conn: &mut Conn, hello: Hello) -> Result<(u64, [u8; 16]), ClientError> {
@@ -86,22 +130,21 @@ pub type Delivered = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Open `n` data connections of a session at once (each costs a round trip).
 async fn join_many(
-    addr: &str,
+    dialer: &Dialer,
     session: u64,
     secret: [u8; 16],
-    wire: &Arc<WireCounter>,
     n: usize,
 ) -> Result<Vec<Conn>, ClientError> {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
-        let addr = addr.to_string();
-        let wire = wire.clone();
+        let dialer = dialer.clone();
         set.spawn(async move {
-            let mut c = dial(&addr, &wire).await?;
-            hello(&addr, &mut c, Hello::Join { session, secret }).await?;
+            let (mut c, _) = dialer.dial().await?;
+            hello(&dialer.addr, &mut c, Hello::Join { session, secret }).await?;
             Ok::<_, ClientError>(c)
         });
     }
+    let addr = &dialer.addr;
     let mut out = Vec::with_capacity(n);
     while let Some(joined) = set.join_next().await {
         match joined {
@@ -119,42 +162,83 @@ async fn join_many(
 }
 
 /// Open a session with its data connections and, in auto mode, grow it in the background.
+/// The control connection proves the token; data connections join with the session's
+/// secret and are pinned to the certificate the control connection saw.
 pub async fn open_session(
     addr: &str,
-    new: NewSession,
+    mut new: NewSession,
     connections: Connections,
     delivered: Delivered,
+    security: &Security,
 ) -> Result<Dialed, ClientError> {
     let wire = Arc::new(WireCounter::default());
-    let mut control = dial(addr, &wire).await?;
+    let seen = Arc::new(Mutex::new(None));
+    let identity = security.tls.as_ref().and_then(|t| t.identity.as_deref());
+    let mut dialer = Dialer {
+        addr: addr.to_string(),
+        tls: match &security.tls {
+            Some(t) => Some(client_config(t.expected, identity, seen.clone())?),
+            None => None,
+        },
+        wire: wire.clone(),
+    };
+    let (mut control, binding) = match dialer.dial().await {
+        Ok(c) => c,
+        Err(e) => {
+            let shown = *seen.lock().unwrap_or_else(|p| p.into_inner());
+            let expected = security.tls.as_ref().and_then(|t| t.expected);
+            return Err(match (shown, expected) {
+                (Some(seen), Some(expected)) if seen != expected => {
+                    ClientError::FingerprintMismatch {
+                        addr: addr.to_string(),
+                        seen,
+                        expected,
+                    }
+                }
+                _ => e,
+            });
+        }
+    };
+    let server_fingerprint = *seen.lock().unwrap_or_else(|p| p.into_inner());
+    // Over plaintext there is no keying material; the proof then binds to nothing (such a
+    // daemon only listens on loopback).
+    new.token_proof = security
+        .token
+        .as_ref()
+        .map(|t| token_proof(t, &binding.unwrap_or([0; 32])));
     let (session, secret) = hello(addr, &mut control, Hello::New(new)).await?;
+    if security.tls.is_some() {
+        dialer.tls = Some(client_config(
+            server_fingerprint,
+            identity,
+            Arc::new(Mutex::new(None)),
+        )?);
+    }
     let (tx, rx) = mpsc::channel(AUTO_MAX + 1);
     let start = match connections {
         Connections::Fixed(n) => n.max(1),
         Connections::Auto => AUTO_START,
     };
-    for c in join_many(addr, session, secret, &wire, start).await? {
+    for c in join_many(&dialer, session, secret, start).await? {
         let _ = tx.send(c).await;
     }
     if connections == Connections::Auto {
-        let addr = addr.to_string();
-        let wire = wire.clone();
-        tokio::spawn(async move { grow(addr, session, secret, tx, wire, start, delivered).await });
+        tokio::spawn(async move { grow(dialer, session, secret, tx, start, delivered).await });
     }
     Ok(Dialed {
         control,
         data: rx,
         wire,
+        server_fingerprint,
     })
 }
 
 /// Double the data connections while each doubling still raises the delivered rate.
 async fn grow(
-    addr: String,
+    dialer: Dialer,
     session: u64,
     secret: [u8; 16],
     tx: mpsc::Sender<Conn>,
-    wire: Arc<WireCounter>,
     mut count: usize,
     delivered: Delivered,
 ) {
@@ -187,7 +271,7 @@ async fn grow(
         if more == 0 {
             return;
         }
-        match join_many(&addr, session, secret, &wire, more).await {
+        match join_many(&dialer, session, secret, more).await {
             Ok(conns) => {
                 for c in conns {
                     if tx.send(c).await.is_err() {

@@ -11,11 +11,24 @@ const MEMORY_DEPTH: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
     #[error(transparent)]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     #[error("peer closed the connection")]
     Closed,
     #[error("handshake values need a serialising transport")]
     NotFramed,
+}
+
+impl From<FrameError> for ConnError {
+    /// TLS reports a peer that vanished without a close_notify as an unexpected EOF with a
+    /// long explanation; to the user it is simply a closed connection.
+    fn from(e: FrameError) -> ConnError {
+        match e {
+            FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                ConnError::Closed
+            }
+            other => ConnError::Frame(other),
+        }
+    }
 }
 
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
@@ -65,7 +78,7 @@ const NOTSENT_LOWAT: libc::c_int = 128 << 10;
 /// next job at once, so a few connections hoard seconds of queued work while others run dry;
 /// with it a connection takes its next job only when it can nearly send it. Data in flight
 /// (sent, not yet acknowledged) is not limited, so a long fat flow still fills its window.
-fn limit_unsent(stream: &tokio::net::TcpStream) {
+pub(crate) fn limit_unsent(stream: &tokio::net::TcpStream) {
     use std::os::fd::AsRawFd;
     let v: libc::c_int = NOTSENT_LOWAT;
     // SAFETY: a valid socket fd and a pointer to an int of the size passed.

@@ -1,10 +1,14 @@
-//! Transports: a `Conn` carries `Msg`s both ways, either framed over a byte stream (TCP now,
-//! TLS and ssh stdio later) or as values over in-process channels (local-to-local sync, so the
-//! very same engine runs with no serialisation cost). Also the session-wide rate limiter.
+//! Transports: a `Conn` carries `Msg`s both ways, either framed over a byte stream (TLS over
+//! TCP, plaintext TCP on loopback, ssh stdio later) or as values over in-process channels
+//! (local-to-local sync, so the very same engine runs with no serialisation cost). Also TLS
+//! identities and pinning, known-hosts files, and the session-wide rate limiter.
 
 pub mod client;
 pub mod conn;
+pub mod known_hosts;
 pub mod limit;
+pub mod secure;
+pub mod tls;
 
 pub use conn::{memory_pair, Conn, ConnError, MsgReader, MsgWriter};
 pub use limit::RateLimiter;

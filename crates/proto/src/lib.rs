@@ -11,4 +11,4 @@ pub use frame::{FrameError, FrameReader, FrameWriter, WireCounter, MAX_FRAME};
 pub use msg::*;
 
 /// Bumped on every incompatible change of `msg`; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -31,6 +31,10 @@ pub struct NewSession {
     /// The role the server plays: `Sender` for a pull, `Receiver` for a push.
     pub server_role: Role,
     pub options: SyncOptions,
+    /// Proof of a module token: HMAC-SHA256 keyed with the token over this connection's TLS
+    /// exported keying material, so the token never crosses the wire and the proof is
+    /// worthless on any other connection.
+    pub token_proof: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -9,6 +9,7 @@ mod delta;
 mod metadata;
 mod prop;
 mod resume;
+mod security;
 mod select;
 mod util;
 mod volume;

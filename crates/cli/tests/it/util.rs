@@ -107,11 +107,11 @@ impl Out {
         self
     }
 
-    /// Non-empty lines of stderr.
+    /// Non-empty lines of stderr, without the informational trust-on-first-use notice.
     pub fn err_lines(&self) -> Vec<&str> {
         self.stderr
             .lines()
-            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !l.trim().is_empty() && !l.contains("(first use; recorded in"))
             .collect()
     }
 }
@@ -236,11 +236,34 @@ impl Drop for Running {
     }
 }
 
+/// The token every test daemon grants read-write access with, and every test client proves.
+pub const TOKEN: &str = "cutover-integration-test-token-0123456789";
+
+/// State shared by the whole suite: the test daemons' key and the clients' known-hosts file
+/// live side by side, so they are always deleted together and a reused port never looks like
+/// a replaced key.
+pub fn suite_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("suite")
+}
+
+/// The client configuration directory of the suite (XDG_CONFIG_HOME).
+pub fn client_config_home() -> PathBuf {
+    suite_dir().join("client")
+}
+
+/// `cutover ARGS...` with the suite's client configuration and token.
+pub fn cutover_cmd() -> Command {
+    let mut c = Command::new(bin());
+    c.env_remove("CUTOVER_LOG")
+        .env("XDG_CONFIG_HOME", client_config_home())
+        .env("CUTOVER_TOKEN", TOKEN);
+    c
+}
+
 /// `cutover sync ARGS...` as a command.
 pub fn sync_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(bin());
+    let mut c = cutover_cmd();
     c.arg("sync").args(args);
-    c.env_remove("CUTOVER_LOG");
     c
 }
 
@@ -452,22 +475,50 @@ impl<'a> Module<'a> {
 }
 
 impl Daemon {
-    /// Start a daemon serving `modules`; its config, port file and log go in `dir`.
+    /// Start a daemon serving `modules` to the suite's token; its config, token file, port
+    /// file and log go in `dir`.
     pub fn start(dir: &Path, modules: &[Module]) -> Daemon {
+        Daemon::start_with_extra(dir, modules, "", "")
+    }
+
+    /// Like `start`, with extra top-level TOML (`top`) and extra lines for every module
+    /// (`per_module`, e.g. more `[[module.allow]]` entries).
+    pub fn start_with_extra(dir: &Path, modules: &[Module], top: &str, per_module: &str) -> Daemon {
+        let config = Daemon::write_config(dir, modules, top, per_module);
+        Daemon::start_with(dir, &config)
+    }
+
+    /// Write a daemon config (and its token file) into `dir`; returns the config's path.
+    pub fn write_config(dir: &Path, modules: &[Module], top: &str, per_module: &str) -> PathBuf {
         std::fs::create_dir_all(dir).unwrap();
-        let mut toml = String::from("listen = \"127.0.0.1:0\"\n");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut toml = String::new();
+        if !top.contains("listen") {
+            toml.push_str("listen = \"127.0.0.1:0\"\n");
+        }
+        if !top.contains("state_dir") {
+            toml.push_str(&format!(
+                "state_dir = \"{}\"\n",
+                s(&suite_dir().join("daemon"))
+            ));
+        }
+        toml.push_str(top);
+        toml.push('\n');
         for m in modules {
             std::fs::create_dir_all(m.path).unwrap();
             toml.push_str(&format!(
-                "[[module]]\nname = \"{}\"\npath = \"{}\"\nread_only = {}\n",
+                "[[module]]\nname = \"{}\"\npath = \"{}\"\nread_only = {}\n[[module.allow]]\ntoken_file = \"{}\"\naccess = \"read-write\"\n{per_module}",
                 m.name,
                 s(m.path),
-                m.read_only
+                m.read_only,
+                s(&token_file),
             ));
         }
         let config = dir.join("daemon.toml");
         std::fs::write(&config, toml).unwrap();
-        Daemon::start_with(dir, &config)
+        config
     }
 
     /// Start a daemon from an existing config (a restart after a crash).
@@ -479,7 +530,7 @@ impl Daemon {
         let port_file = dir.join(format!("port-{n}"));
         let stderr_path = dir.join(format!("daemon-{n}.log"));
         let log = std::fs::File::create(&stderr_path).unwrap();
-        let child = Command::new(bin())
+        let child = cutover_cmd()
             .arg("serve")
             .arg("--config")
             .arg(config)

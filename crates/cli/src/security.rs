@@ -1,0 +1,170 @@
+//! The client's side of trust: which daemon certificate to accept (a fingerprint given with
+//! `--server-fingerprint`, the known-hosts file, or trust on first use), the token to prove
+//! (`--token-file` or `CUTOVER_TOKEN`), the client certificate to show, and the messages
+//! that tell the user what to fix when any of it does not match.
+
+use net::client::{ClientError, Security, TlsClient};
+use net::known_hosts::{KnownHosts, Lookup};
+use net::tls::{Fingerprint, Identity, IDENTITY_FILE};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Environment variable a token may come from (never a command-line argument: those show
+/// up in `ps`).
+pub const TOKEN_ENV: &str = "CUTOVER_TOKEN";
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SecurityArgs {
+    /// Accept only the daemon whose certificate has this fingerprint (sha256:HEX, as `cutover serve` prints it); the known-hosts file is then neither read nor written.
+    #[arg(long, value_name = "FP", value_parser = Fingerprint::parse)]
+    pub server_fingerprint: Option<Fingerprint>,
+    /// Known-hosts file (default: $XDG_CONFIG_HOME/cutover/known_hosts, else ~/.config/cutover/known_hosts).
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Read the module's token from FILE (or set CUTOVER_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate to show (default: identity.pem in the config directory, if `cutover identity` made one).
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Talk to the daemon without TLS (loopback daemons with insecure_plaintext only; for measuring TLS's cost).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+/// The client's configuration directory.
+pub fn config_dir() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(x).join("cutover"));
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|h| PathBuf::from(h).join(".config/cutover"))
+}
+
+/// Where the certificate a client trusts came from, so a mismatch can say what to fix.
+pub enum Pin {
+    Given,
+    Known {
+        file: KnownHosts,
+        line: usize,
+    },
+    /// Not known yet: record what the daemon shows.
+    FirstUse(KnownHosts),
+    None,
+}
+
+/// Everything `open_session` needs, and what to do after it.
+pub struct ClientTrust {
+    pub security: Security,
+    pub pin: Pin,
+}
+
+fn read_token(args: &SecurityArgs) -> Result<Option<Arc<Vec<u8>>>, String> {
+    if let Some(path) = &args.token_file {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+        let token = bytes.trim_ascii().to_vec();
+        if token.is_empty() {
+            return Err(format!(
+                "--token-file {}: the file is empty",
+                path.display()
+            ));
+        }
+        return Ok(Some(Arc::new(token)));
+    }
+    match std::env::var(TOKEN_ENV) {
+        Ok(v) if !v.trim().is_empty() => Ok(Some(Arc::new(v.trim().as_bytes().to_vec()))),
+        _ => Ok(None),
+    }
+}
+
+fn read_identity(args: &SecurityArgs) -> Result<Option<Arc<Identity>>, String> {
+    if let Some(path) = &args.identity {
+        return Identity::load(path)
+            .map(|i| Some(Arc::new(i)))
+            .map_err(|e| format!("--identity: {e}"));
+    }
+    let Some(path) = config_dir().map(|d| d.join(IDENTITY_FILE)) else {
+        return Ok(None);
+    };
+    if !path.exists() {
+        return Ok(None);
+    }
+    Identity::load(&path)
+        .map(|i| Some(Arc::new(i)))
+        .map_err(|e| e.to_string())
+}
+
+/// Decide how to trust the daemon at `addr` (HOST:PORT).
+pub fn client_trust(args: &SecurityArgs, addr: &str) -> Result<ClientTrust, String> {
+    let token = read_token(args)?;
+    if args.insecure_plaintext {
+        return Ok(ClientTrust {
+            security: Security { tls: None, token },
+            pin: Pin::None,
+        });
+    }
+    let identity = read_identity(args)?;
+    let (expected, pin) = match args.server_fingerprint {
+        Some(fp) => (Some(fp), Pin::Given),
+        None => {
+            let path = match &args.known_hosts {
+                Some(p) => p.clone(),
+                None => config_dir()
+                    .map(|d| d.join("known_hosts"))
+                    .ok_or("cannot find a home for known_hosts: set HOME, or pass --known-hosts FILE or --server-fingerprint")?,
+            };
+            let file = KnownHosts::new(path);
+            match file.lookup(addr).map_err(|e| e.to_string())? {
+                Lookup::Pinned { line, fingerprint } => {
+                    (Some(fingerprint), Pin::Known { file, line })
+                }
+                Lookup::Unknown => (None, Pin::FirstUse(file)),
+            }
+        }
+    };
+    Ok(ClientTrust {
+        security: Security {
+            tls: Some(TlsClient { expected, identity }),
+            token,
+        },
+        pin,
+    })
+}
+
+impl ClientTrust {
+    /// After the session opened: pin a first-seen certificate and tell the user.
+    pub fn remember(&self, addr: &str, seen: Option<Fingerprint>) -> Result<(), String> {
+        if let (Pin::FirstUse(file), Some(fp)) = (&self.pin, seen) {
+            file.record(addr, fp).map_err(|e| e.to_string())?;
+            eprintln!(
+                "cutover: trusting the daemon at {addr} with certificate {fp} (first use; recorded in {})",
+                file.path().display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The user-facing message for a failed `open_session`.
+    pub fn explain(&self, err: ClientError) -> String {
+        let ClientError::FingerprintMismatch {
+            addr,
+            seen,
+            expected,
+        } = &err
+        else {
+            return err.to_string();
+        };
+        match &self.pin {
+            Pin::Known { file, line } => format!(
+                "the daemon at {addr} presented certificate {seen}, but {}:{line} pins {expected}; if its key was replaced on purpose, delete line {line} of {} (someone may also be intercepting the connection)",
+                file.path().display(),
+                file.path().display()
+            ),
+            _ => format!(
+                "the daemon at {addr} presented certificate {seen}, but --server-fingerprint says {expected}"
+            ),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! TLS, pinning and authentication against a real daemon: trust on first use and a changed
+//! key, `--server-fingerprint`, wrong and missing tokens, read-only grants, client
+//! certificates, plaintext clients, a slow handshake, garbage on the socket, and a daemon
+//! that refuses to start without authentication.
+
+use crate::util::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A small source tree and a daemon with one read-write module `m` (own key in `t/state`).
+struct Setup {
+    t: tempfile::TempDir,
+    src: std::path::PathBuf,
+    module: std::path::PathBuf,
+    d: Daemon,
+}
+
+fn setup(per_module: &str) -> Setup {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&["mixed", s(&src), "--scale", "0.0005"]);
+    let module = t.path().join("module");
+    let top = format!("state_dir = \"{}\"\n", s(&t.path().join("state")));
+    let d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        &top,
+        per_module,
+    );
+    Setup { t, src, module, d }
+}
+
+/// The fingerprint the daemon printed when it started.
+fn daemon_fingerprint(d: &Daemon) -> String {
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate sha256:"))
+        .unwrap_or_else(|| panic!("the daemon did not print its fingerprint: {log}"));
+    line.split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap()
+        .to_string()
+}
+
+fn write_secret(path: &std::path::Path, text: &str) {
+    write(path, text);
+    chmod(path, 0o600);
+}
+
+#[test]
+fn first_use_pins_the_certificate_and_a_changed_one_is_refused() {
+    let x = setup("");
+    let kh = x.t.path().join("kh");
+    let url = x.d.url("m/dst/");
+    let out = sync(&["--known-hosts", s(&kh), &slash(&x.src), &url]);
+    out.ok();
+    assert!(out.stderr.contains("first use"), "{out}");
+    assert_same(&x.src, &x.module.join("dst"));
+    let fp = daemon_fingerprint(&x.d);
+    let pinned = std::fs::read_to_string(&kh).unwrap();
+    assert_eq!(pinned, format!("127.0.0.1:{} {fp}\n", x.d.port));
+
+    // Pinned now: no notice the second time.
+    let out = sync(&["--known-hosts", s(&kh), &slash(&x.src), &url]);
+    out.ok();
+    assert!(!out.stderr.contains("first use"), "{out}");
+
+    // The file now pins another key for this address: a hard error naming file and line.
+    let other = format!("sha256:{}", "ab".repeat(32));
+    write(
+        &kh,
+        format!("# pinned by hand\n127.0.0.1:{} {other}\n", x.d.port),
+    );
+    write(&x.src.join("new-file"), "must not arrive");
+    let out = sync(&["--known-hosts", s(&kh), &slash(&x.src), &url]);
+    assert_one_line_error(&out, &[&fp, &format!("{}:2", s(&kh)), "delete line 2"]);
+    assert!(!x.module.join("dst/new-file").exists());
+}
+
+#[test]
+fn server_fingerprint_flag_pins_without_known_hosts() {
+    let x = setup("");
+    let kh = x.t.path().join("kh");
+    let fp = daemon_fingerprint(&x.d);
+    let url = x.d.url("m/dst/");
+    let wrong = format!("sha256:{}", "01".repeat(32));
+    let out = sync(&[
+        "--known-hosts",
+        s(&kh),
+        "--server-fingerprint",
+        &wrong,
+        &slash(&x.src),
+        &url,
+    ]);
+    assert_one_line_error(&out, &["--server-fingerprint", &fp]);
+    assert!(!x.module.join("dst").exists());
+    let out = sync(&[
+        "--known-hosts",
+        s(&kh),
+        "--server-fingerprint",
+        &fp,
+        &slash(&x.src),
+        &url,
+    ]);
+    out.ok();
+    assert_same(&x.src, &x.module.join("dst"));
+    assert!(
+        !kh.exists(),
+        "a given fingerprint must not write known_hosts"
+    );
+    let out = sync(&["--server-fingerprint", "nonsense", &slash(&x.src), &url]);
+    assert_eq!(out.code(), 2, "{out}");
+}
+
+#[test]
+fn wrong_or_missing_token_is_refused_delayed_and_logged() {
+    let x = setup("");
+    let url = x.d.url("m/dst/");
+    let started = Instant::now();
+    let out = Running::start({
+        let mut c = sync_cmd(&[&slash(&x.src), &url]);
+        c.env("CUTOVER_TOKEN", "a-wrong-token-of-enough-length");
+        c
+    })
+    .wait();
+    assert_one_line_error(&out, &["authentication failed", "\"m\"", "--token-file"]);
+    assert!(started.elapsed() >= Duration::from_millis(900), "no delay");
+    let out = Running::start({
+        let mut c = sync_cmd(&[&slash(&x.src), &url]);
+        c.env_remove("CUTOVER_TOKEN");
+        c
+    })
+    .wait();
+    assert_one_line_error(&out, &["authentication failed"]);
+    assert!(!x.module.join("dst").exists());
+    let log = x.d.log();
+    assert!(
+        log.contains("authentication failed") && log.contains("127.0.0.1:"),
+        "{log}"
+    );
+    assert!(log.contains("failures=2"), "{log}");
+
+    // The right token from a file works.
+    let token = x.t.path().join("client-token");
+    write_secret(&token, TOKEN);
+    let out = Running::start({
+        let mut c = sync_cmd(&["--token-file", s(&token), &slash(&x.src), &url]);
+        c.env_remove("CUTOVER_TOKEN");
+        c
+    })
+    .wait();
+    out.ok();
+    assert_same(&x.src, &x.module.join("dst"));
+}
+
+#[test]
+fn read_only_grant_allows_pull_and_refuses_push() {
+    let t = tmp();
+    let ro_token = t.path().join("ro-token");
+    write_secret(&ro_token, "read-only-token-0123456789");
+    let x = setup(&format!(
+        "[[module.allow]]\ntoken_file = \"{}\"\naccess = \"read-only\"\n",
+        s(&ro_token)
+    ));
+    sync(&[&slash(&x.src), &x.d.url("m/data/")]).ok();
+    write(&x.src.join("extra"), "not allowed in");
+    let ro = |args: &[&str]| {
+        let mut c = sync_cmd(args);
+        c.env_remove("CUTOVER_TOKEN")
+            .arg("--token-file")
+            .arg(&ro_token);
+        Running::start(c).wait()
+    };
+    let out = ro(&[&slash(&x.src), &x.d.url("m/data/")]);
+    assert_one_line_error(&out, &["read-only"]);
+    assert!(!x.module.join("data/extra").exists());
+    let pulled = x.t.path().join("pulled");
+    ro(&[&x.d.url("m/data/"), &slash(&pulled)]).ok();
+    assert_same(&x.module.join("data"), &pulled);
+}
+
+#[test]
+fn client_certificate_fingerprint_grants_access() {
+    let t = tmp();
+    let id = t.path().join("me/identity.pem");
+    let made = Command::new(bin())
+        .args(["identity", "--file", s(&id)])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let fp = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    assert!(fp.starts_with("sha256:"), "{fp}");
+    // Asking again prints the same fingerprint: the identity is made once.
+    let again = Command::new(bin())
+        .args(["identity", "--file", s(&id)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(again.stdout).unwrap().trim(), fp);
+
+    let x = setup(&format!(
+        "[[module.allow]]\nclient_fingerprint = \"{fp}\"\naccess = \"read-write\"\n"
+    ));
+    let with_id = |id: &std::path::Path| {
+        let mut c = sync_cmd(&["--identity", s(id), &slash(&x.src), &x.d.url("m/dst/")]);
+        c.env_remove("CUTOVER_TOKEN");
+        Running::start(c).wait()
+    };
+    let stranger = t.path().join("stranger/identity.pem");
+    Command::new(bin())
+        .args(["identity", "--file", s(&stranger)])
+        .output()
+        .unwrap();
+    assert_one_line_error(&with_id(&stranger), &["authentication failed"]);
+    with_id(&id).ok();
+    assert_same(&x.src, &x.module.join("dst"));
+}
+
+#[test]
+fn plaintext_is_refused_unless_the_loopback_daemon_allows_it() {
+    let x = setup("");
+    let out = sync(&["--insecure-plaintext", &slash(&x.src), &x.d.url("m/dst/")]);
+    assert_one_line_error(&out, &["only accepts TLS", "--insecure-plaintext"]);
+    assert!(!x.module.join("dst").exists());
+
+    let t = tmp();
+    let module = t.path().join("module");
+    let d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        "insecure_plaintext = true",
+        "",
+    );
+    sync(&["--insecure-plaintext", &slash(&x.src), &d.url("m/dst/")]).ok();
+    assert_same(&x.src, &module.join("dst"));
+    // The same daemon still speaks TLS.
+    sync(&[&slash(&x.src), &d.url("m/tls/")]).ok();
+    assert_same(&x.src, &module.join("tls"));
+}
+
+#[test]
+fn slow_handshakes_and_garbage_are_dropped_and_the_daemon_keeps_serving() {
+    let x = setup("");
+    let t = tmp();
+    let module = t.path().join("module");
+    let d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        "handshake_timeout_secs = 1",
+        "",
+    );
+    // Slowloris: connect, say nothing. The daemon hangs up after its handshake timeout.
+    let mut idle = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the daemon answered a silent client");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "hung up after {waited:?}"
+    );
+    // Garbage that looks like neither TLS nor a frame, and a TLS-looking prefix cut short.
+    for junk in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2][..],
+    ] {
+        let mut c = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(junk);
+        let _ = c.read(&mut buf);
+    }
+    sync(&[&slash(&x.src), &d.url("m/dst/")]).ok();
+    assert_same(&x.src, &module.join("dst"));
+    let log = d.log();
+    assert!(log.contains("no handshake within"), "{log}");
+}
+
+#[test]
+fn daemon_refuses_to_start_without_authentication_or_with_plaintext_off_loopback() {
+    let t = tmp();
+    let state = t.path().join("state");
+    let cases = [
+        (
+            format!(
+                "state_dir = \"{}\"\n[[module]]\nname = \"m\"\npath = \"/tmp\"\n",
+                s(&state)
+            ),
+            "no [[module.allow]]",
+        ),
+        (
+            format!(
+                "listen = \"0.0.0.0:0\"\ninsecure_plaintext = true\nstate_dir = \"{}\"\n[[module]]\nname = \"m\"\npath = \"/tmp\"\n[[module.allow]]\nclient_fingerprint = \"sha256:{}\"\naccess = \"read-only\"\n",
+                s(&state),
+                "00".repeat(32)
+            ),
+            "only allowed on loopback",
+        ),
+    ];
+    for (i, (toml, needle)) in cases.iter().enumerate() {
+        let config = t.path().join(format!("c{i}.toml"));
+        write(&config, toml);
+        let out = Command::new(bin())
+            .args(["serve", "--config", s(&config)])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // With TLS and authentication, any address is fine.
+    let module = t.path().join("module");
+    let d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        "listen = \"0.0.0.0:0\"",
+        "",
+    );
+    let src = t.path().join("src");
+    write(&src.join("f"), "x");
+    sync(&[&slash(&src), &d.url("m/dst/")]).ok();
+    assert_same(&src, &module.join("dst"));
+}

@@ -1,0 +1,178 @@
+//! The client's known-hosts file: which certificate fingerprint each daemon address showed the
+//! first time (trust on first use, like ssh's `known_hosts`).
+//!
+//! One line per daemon: `HOST:PORT sha256:HEX`; blank lines and `#` comments are kept. The
+//! file is rewritten whole (temp file, fsync, rename) under a lock, so concurrent clients never
+//! lose each other's lines and a crash never leaves half a file.
+
+use crate::tls::Fingerprint;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KnownHostsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {why}; fix or delete that line")]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
+}
+
+/// What the file says about one daemon address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Pinned {
+        line: usize,
+        fingerprint: Fingerprint,
+    },
+    Unknown,
+}
+
+pub struct KnownHosts {
+    path: PathBuf,
+}
+
+impl KnownHosts {
+    pub fn new(path: impl Into<PathBuf>) -> KnownHosts {
+        KnownHosts { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, source: std::io::Error) -> KnownHostsError {
+        KnownHostsError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn read(&self) -> Result<String, KnownHostsError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// The fingerprint pinned for `host` (as `HOST:PORT`).
+    pub fn lookup(&self, host: &str) -> Result<Lookup, KnownHostsError> {
+        let text = self.read()?;
+        for (i, line) in text.lines().enumerate() {
+            let l = line.trim();
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let mut words = l.split_whitespace();
+            let (Some(name), Some(fp), None) = (words.next(), words.next(), words.next()) else {
+                return Err(KnownHostsError::Malformed {
+                    path: self.path.clone(),
+                    line: i + 1,
+                    why: "expected HOST:PORT sha256:FINGERPRINT".into(),
+                });
+            };
+            if name != host {
+                continue;
+            }
+            let fingerprint = Fingerprint::parse(fp).map_err(|why| KnownHostsError::Malformed {
+                path: self.path.clone(),
+                line: i + 1,
+                why,
+            })?;
+            return Ok(Lookup::Pinned {
+                line: i + 1,
+                fingerprint,
+            });
+        }
+        Ok(Lookup::Unknown)
+    }
+
+    /// Pin `fingerprint` for `host` unless the file already names the host.
+    pub fn record(&self, host: &str, fingerprint: Fingerprint) -> Result<(), KnownHostsError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| self.io(e))?;
+        let lock_path = self.path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| KnownHostsError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+            KnownHostsError::Io {
+                path: lock_path.clone(),
+                source: e.into(),
+            }
+        })?;
+        if self.lookup(host)? != Lookup::Unknown {
+            return Ok(());
+        }
+        let mut text = self.read()?;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("{host} {fingerprint}\n"));
+        let tmp = self
+            .path
+            .with_extension(format!("{}.tmp", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.io(e)
+        })
+        // The lock is released when `lock` is dropped.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_looks_up_and_reports_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let kh = KnownHosts::new(dir.path().join("sub/known_hosts"));
+        assert_eq!(kh.lookup("h:1").unwrap(), Lookup::Unknown);
+        let a = Fingerprint::of(b"a");
+        let b = Fingerprint::of(b"b");
+        kh.record("h:1", a).unwrap();
+        kh.record("h:2", b).unwrap();
+        kh.record("h:1", b).unwrap(); // already pinned: unchanged
+        assert_eq!(
+            kh.lookup("h:1").unwrap(),
+            Lookup::Pinned {
+                line: 1,
+                fingerprint: a
+            }
+        );
+        assert_eq!(
+            kh.lookup("h:2").unwrap(),
+            Lookup::Pinned {
+                line: 2,
+                fingerprint: b
+            }
+        );
+        std::fs::write(kh.path(), "# comment\nh:3 sha256:zz\n").unwrap();
+        let e = kh.lookup("h:3").unwrap_err().to_string();
+        assert!(e.contains("known_hosts:2"), "{e}");
+    }
+}

@@ -1,0 +1,448 @@
+//! TLS 1.3 for daemon connections (rustls, `ring` provider): the self-signed identity a daemon
+//! (or a client) makes on first use, pinning of the peer's certificate by SHA-256 fingerprint
+//! instead of a CA, and the exported keying material that binds a token proof to one
+//! connection.
+//!
+//! Trust is by fingerprint, like ssh host keys: the verifiers below accept exactly the pinned
+//! certificate (or, for trust on first use, record whichever one the peer shows), and always
+//! check the handshake signature, so only the holder of the pinned key can complete it.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// ALPN protocol id: a TLS peer that is not cutover fails the handshake instead of
+/// misreading frames.
+pub const ALPN: &[u8] = b"cutover/2";
+/// Label of the keying material a token proof is computed over (RFC 5705 / RFC 8446 §7.5).
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-cutover-token-proof";
+/// File name of an identity (certificate and private key, PEM) in its directory.
+pub const IDENTITY_FILE: &str = "identity.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a cutover identity ({why}); move it away to make a new one")]
+    BadIdentity { path: PathBuf, why: String },
+    #[error("cannot make a key pair: {0}")]
+    KeyGen(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// SHA-256 of a certificate's DER bytes, written `sha256:<64 hex digits>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    pub fn of(cert_der: &[u8]) -> Fingerprint {
+        let d = ring::digest::digest(&ring::digest::SHA256, cert_der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Fingerprint(out)
+    }
+
+    /// Accepts `sha256:HEX`, bare `HEX`, and hex with `:` separators (as openssl prints).
+    pub fn parse(s: &str) -> Result<Fingerprint, String> {
+        let t = s.trim();
+        let hex = t
+            .strip_prefix("sha256:")
+            .or_else(|| t.strip_prefix("SHA256:"))
+            .unwrap_or(t);
+        let digits: Vec<u8> = hex.bytes().filter(|b| *b != b':').collect();
+        if digits.len() != 64 {
+            return Err(format!(
+                "{s:?} is not a fingerprint: expected sha256: and 64 hex digits"
+            ));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in digits.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).map_err(|_| format!("{s:?}: not hex"))?;
+            out[i] = u8::from_str_radix(text, 16).map_err(|_| format!("{s:?}: not hex"))?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A certificate and its private key.
+pub struct Identity {
+    pub cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    pub fingerprint: Fingerprint,
+}
+
+impl Identity {
+    /// Load the identity file at `path`, or make a new self-signed identity there. Returns
+    /// whether it was made now. Safe against a second process doing the same at the same
+    /// moment: the file appears complete or not at all, and the loser of the race loads the
+    /// winner's.
+    pub fn load_or_create(path: &Path) -> Result<(Identity, bool), TlsError> {
+        let path = path.to_path_buf();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        match std::fs::read(&path) {
+            Ok(pem) => return Ok((Identity::from_pem(&pem, &path)?, false)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(TlsError::Io { path, source }),
+        }
+        let io = |source| TlsError::Io {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let made = rcgen::generate_simple_self_signed(vec!["cutover".to_string()])
+            .map_err(|e| TlsError::KeyGen(e.to_string()))?;
+        let pem = format!("{}{}", made.cert.pem(), made.signing_key.serialize_pem());
+        let tmp = dir.join(format!(".identity.{:016x}.tmp", rand_u64()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(pem.as_bytes())?;
+            f.sync_all()
+        };
+        if let Err(source) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(TlsError::Io { path: tmp, source });
+        }
+        // A hard link never replaces an existing file: the first process to get here wins.
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                if let Ok(d) = std::fs::File::open(&dir) {
+                    let _ = d.sync_all();
+                }
+                Ok((Identity::from_pem(pem.as_bytes(), &path)?, true))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let pem = std::fs::read(&path).map_err(|source| TlsError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok((Identity::from_pem(&pem, &path)?, false))
+            }
+            Err(source) => Err(TlsError::Io { path, source }),
+        }
+    }
+
+    /// Load an existing identity file (no creation).
+    pub fn load(path: &Path) -> Result<Identity, TlsError> {
+        let pem = std::fs::read(path).map_err(|source| TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Identity::from_pem(&pem, path)
+    }
+
+    fn from_pem(pem: &[u8], path: &Path) -> Result<Identity, TlsError> {
+        let bad = |why: String| TlsError::BadIdentity {
+            path: path.to_path_buf(),
+            why,
+        };
+        let cert = CertificateDer::pem_slice_iter(pem)
+            .next()
+            .ok_or_else(|| bad("no CERTIFICATE block".into()))?
+            .map_err(|e| bad(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| bad(e.to_string()))?;
+        let fingerprint = Fingerprint::of(&cert);
+        Ok(Identity {
+            cert,
+            key,
+            fingerprint,
+        })
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // The name only has to differ from a concurrent writer's; fall back to the pid.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return std::process::id() as u64;
+    }
+    u64::from_le_bytes(b)
+}
+
+/// ring, TLS 1.3 suites only, AES-128-GCM first: on CPUs with AES instructions it is the
+/// cheapest of the three, and 128-bit keys are ample for data in transit.
+fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+fn check_tls13(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider.signature_verification_algorithms,
+    )
+}
+
+/// Both configs allow TLS 1.3 only, so a TLS 1.2 signature never needs checking.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls13RequiredForQuic,
+    ))
+}
+
+fn schemes(provider: &CryptoProvider) -> Vec<SignatureScheme> {
+    provider
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
+/// Server side: TLS 1.3 only, the daemon's identity, and an optional client certificate whose
+/// fingerprint the daemon later matches against its grants.
+pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client side: accept the server whose certificate has fingerprint `expected`, or (None,
+/// trust on first use) any server, recording what it showed in `seen`.
+pub fn client_config(
+    expected: Option<Fingerprint>,
+    identity: Option<&Identity>,
+    seen: Arc<Mutex<Option<Fingerprint>>>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedServer {
+            expected,
+            seen,
+            provider,
+        }));
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // The verifier ignores names; do not announce one.
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// Keying material exported from an established connection (client or server side): 32
+/// bytes that both ends of this one TLS connection, and nobody else, can compute.
+pub fn export_binding<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; 32], rustls::Error> {
+    conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None)
+}
+
+/// HMAC-SHA256 keyed with `token` over the connection's binding.
+pub fn token_proof(token: &[u8], binding: &[u8; 32]) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token);
+    let tag = ring::hmac::sign(&key, binding);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Constant-time check of a token proof.
+pub fn verify_token_proof(token: &[u8], binding: &[u8; 32], proof: &[u8; 32]) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token);
+    ring::hmac::verify(&key, binding, proof).is_ok()
+}
+
+#[derive(Debug)]
+struct PinnedServer {
+    expected: Option<Fingerprint>,
+    seen: Arc<Mutex<Option<Fingerprint>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fp = Fingerprint::of(end_entity);
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp);
+        match self.expected {
+            Some(want) if want != fp => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_refused()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        check_tls13(&self.provider, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        schemes(&self.provider)
+    }
+}
+
+/// Accepts any client certificate whose holder proves its key; the daemon decides what the
+/// certificate's fingerprint may do.
+#[derive(Debug)]
+struct AnyClientCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_refused()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        check_tls13(&self.provider, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        schemes(&self.provider)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_print_and_parse() {
+        let fp = Fingerprint::of(b"certificate");
+        let s = fp.to_string();
+        assert!(s.starts_with("sha256:") && s.len() == 7 + 64, "{s}");
+        assert_eq!(Fingerprint::parse(&s).unwrap(), fp);
+        let colons: Vec<String> = fp.0.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(Fingerprint::parse(&colons.join(":")).unwrap(), fp);
+        assert!(Fingerprint::parse("sha256:abc").is_err());
+        assert!(Fingerprint::parse(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn identity_is_made_once_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("new").join(IDENTITY_FILE);
+        let (a, made) = Identity::load_or_create(&file).unwrap();
+        assert!(made);
+        let (b, made) = Identity::load_or_create(&file).unwrap();
+        assert!(!made);
+        assert_eq!(a.fingerprint, b.fingerprint);
+        let mode = std::fs::metadata(&file).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        std::fs::write(&file, "junk").unwrap();
+        let e = Identity::load_or_create(&file).err().unwrap().to_string();
+        assert!(
+            e.contains("identity.pem") && e.contains("move it away"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn token_proofs_bind_to_the_connection() {
+        let b1 = [1u8; 32];
+        let b2 = [2u8; 32];
+        let p = token_proof(b"secret-token", &b1);
+        assert!(verify_token_proof(b"secret-token", &b1, &p));
+        assert!(!verify_token_proof(b"secret-token", &b2, &p));
+        assert!(!verify_token_proof(b"other-token!", &b1, &p));
+    }
+}
