@@ -42,8 +42,11 @@ enum Command {
     /// Run the daemon that serves modules to `cutover sync`.
     Serve {
         /// Configuration file (TOML) with `listen` and `[[module]]` entries.
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required_unless_present = "stdio")]
+        config: Option<PathBuf>,
+        /// Serve one connection on stdin/stdout (what `cutover sync` starts over ssh).
+        #[arg(long, conflicts_with_all = ["config", "listen", "port_file"])]
+        stdio: bool,
         /// Listen address, overriding the file's `listen` (port 0 picks a free one).
         #[arg(long)]
         listen: Option<String>,
@@ -76,6 +79,8 @@ fn main() -> ExitCode {
     }
     // A daemon's log is its record of sessions and refused clients; a client only warns.
     let default_level = match cli.command {
+        // Over ssh, stderr goes back to the client: only what it should see.
+        Command::Serve { stdio: true, .. } => "warn",
         Command::Serve { .. } => "info",
         _ => "warn",
     };
@@ -103,11 +108,23 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Sync(args) => sync::run(*args).await,
+            Command::Serve { stdio: true, .. } => match daemon::stdio::serve_stdio().await {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    eprintln!("cutover serve --stdio: {e}");
+                    exit::FATAL
+                }
+            },
             Command::Serve {
-                config,
+                config: Some(config),
                 listen,
                 port_file,
+                ..
             } => serve(config, listen, port_file).await,
+            Command::Serve { config: None, .. } => {
+                eprintln!("cutover serve: --config FILE is required (or --stdio)");
+                exit::USAGE
+            }
             Command::Identity { file } => identity(file),
         }
     });

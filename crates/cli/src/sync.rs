@@ -6,7 +6,8 @@ use crate::exit;
 use crate::output::Reporter;
 use crate::security::{client_trust, SecurityArgs};
 use engine::{Destination, NoEvents, Session, Source, Stats, Summary};
-use net::client::{open_session, Connections, Delivered};
+use net::client::{open_session, Connections, Delivered, Remote};
+use net::ssh::SshCommand;
 use net::{memory_pair, RateLimiter};
 use proto::WireCounter;
 use proto::{FilterRule, NewSession, Role, SyncOptions, PROTOCOL_VERSION};
@@ -85,6 +86,18 @@ pub struct SyncArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// The command that reaches an ssh endpoint (split like a shell would); `ssh` by default.
+    #[arg(
+        short = 'e',
+        long = "rsh",
+        value_name = "COMMAND",
+        env = "CUTOVER_RSH",
+        default_value = "ssh"
+    )]
+    pub rsh: String,
+    /// The cutover program on the remote side of an ssh endpoint.
+    #[arg(long, value_name = "PATH", default_value = "cutover")]
+    pub remote_cutover: String,
     /// Filters in command-line order (filled by main from the raw matches).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,
@@ -236,7 +249,6 @@ async fn sync(
     reporter: Arc<Reporter>,
     stats: Arc<Stats>,
 ) -> Result<(Summary, u64), String> {
-    let (connections, security) = (args.connections, &args.security);
     match (src, dst) {
         (
             Endpoint::Local { path: s, .. },
@@ -248,7 +260,7 @@ async fn sync(
             if !s.exists() && std::fs::symlink_metadata(&s).is_err() {
                 return Err(format!("{}: source does not exist", s.display()));
             }
-            let n = match connections {
+            let n = match args.connections {
                 Connections::Fixed(n) => n,
                 Connections::Auto => LOCAL_AUTO,
             };
@@ -294,22 +306,21 @@ async fn sync(
                 (Err(e), _) => Err(e.to_string()),
             }
         }
-        (Endpoint::Local { path: s, .. }, Endpoint::Daemon { addr, module, path }) => {
+        (Endpoint::Local { path: s, .. }, remote) => {
             if std::fs::symlink_metadata(&s).is_err() {
                 return Err(format!("{}: source does not exist", s.display()));
             }
             let st = stats.clone();
             let delivered: Delivered = Arc::new(move || Stats::get(&st.peer_received));
-            let new = new_session(module, path, Role::Receiver, &opts);
             let (session, wire) =
-                daemon_session(&addr, new, connections, delivered, limiter, security).await?;
+                remote_session(&remote, Role::Receiver, &opts, args, delivered, limiter).await?;
             let summary = engine::run_sender(session, Source { root: s }, opts, reporter, stats)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok((summary, wire.total()))
         }
         (
-            Endpoint::Daemon { addr, module, path },
+            remote,
             Endpoint::Local {
                 path: d,
                 trailing_slash,
@@ -318,9 +329,8 @@ async fn sync(
             // In a pull this side receives, so its own count is what was delivered.
             let st = stats.clone();
             let delivered: Delivered = Arc::new(move || Stats::get(&st.literal_bytes));
-            let new = new_session(module, path, Role::Sender, &opts);
             let (session, wire) =
-                daemon_session(&addr, new, connections, delivered, limiter, security).await?;
+                remote_session(&remote, Role::Sender, &opts, args, delivered, limiter).await?;
             let summary = engine::run_receiver(
                 session,
                 Destination {
@@ -335,9 +345,7 @@ async fn sync(
             .map_err(|e| e.to_string())?;
             Ok((summary, wire.total()))
         }
-        (Endpoint::Daemon { .. }, Endpoint::Daemon { .. }) => {
-            Err("both SRC and DST are daemons; one side must be local".into())
-        }
+        _ => Err("both SRC and DST are remote; one side must be a local path".into()),
     }
 }
 
@@ -352,20 +360,43 @@ fn new_session(module: String, path: String, server_role: Role, opts: &SyncOptio
     }
 }
 
-/// Open a session on a daemon: control plus data connections (growing in auto mode).
-async fn daemon_session(
-    addr: &str,
-    new: NewSession,
-    connections: Connections,
+/// Open a session on a daemon or over ssh: control plus data connections (growing in auto
+/// mode). The remote side plays `server_role`.
+async fn remote_session(
+    remote: &Endpoint,
+    server_role: Role,
+    opts: &SyncOptions,
+    args: &SyncArgs,
     delivered: Delivered,
     limiter: Option<Arc<RateLimiter>>,
-    security: &SecurityArgs,
 ) -> Result<(Session, Arc<WireCounter>), String> {
-    let trust = client_trust(security, addr)?;
-    let dialed = open_session(addr, new, connections, delivered, &trust.security)
-        .await
-        .map_err(|e| trust.explain(e))?;
-    trust.remember(addr, dialed.server_fingerprint)?;
+    let dialed = match remote {
+        Endpoint::Daemon { addr, module, path } => {
+            let new = new_session(module.clone(), path.clone(), server_role, opts);
+            let trust = client_trust(&args.security, addr)?;
+            let remote = Remote::Daemon {
+                addr,
+                security: &trust.security,
+            };
+            let dialed = open_session(remote, new, args.connections, delivered)
+                .await
+                .map_err(|e| trust.explain(e))?;
+            trust.remember(addr, dialed.server_fingerprint)?;
+            dialed
+        }
+        Endpoint::Ssh { dest, path } => {
+            let new = new_session(String::new(), path.clone(), server_role, opts);
+            let command = SshCommand::new(&args.rsh, &args.remote_cutover)?;
+            let remote = Remote::Ssh {
+                dest,
+                command: &command,
+            };
+            open_session(remote, new, args.connections, delivered)
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        Endpoint::Local { .. } => return Err("internal: a local endpoint is not remote".into()),
+    };
     let session = Session {
         control: dialed.control,
         data: dialed.data,

@@ -7,6 +7,7 @@
 //! joined to a module root.
 
 pub mod config;
+pub mod stdio;
 
 pub use config::{Access, Config, ConfigError, Credential, Grant, Module};
 
@@ -102,7 +103,30 @@ pub async fn serve(
     }
 }
 
-async fn refuse(conn: &mut Conn, reason: String) {
+/// Welcome a joining data connection into its session (`to`), or refuse it when the session
+/// is unknown or the secret wrong (`to` is None).
+pub(crate) async fn admit(
+    mut conn: Conn,
+    session: u64,
+    secret: [u8; 16],
+    to: Option<mpsc::Sender<Conn>>,
+) {
+    match to {
+        Some(tx) => {
+            if conn
+                .writer
+                .send_value(&Welcome::Accepted { session, secret })
+                .await
+                .is_ok()
+            {
+                let _ = tx.send(conn).await;
+            }
+        }
+        None => refuse(&mut conn, "unknown session".into()).await,
+    }
+}
+
+pub(crate) async fn refuse(conn: &mut Conn, reason: String) {
     let _ = conn.writer.send_value(&Welcome::Refused { reason }).await;
     conn.writer.close().await;
 }
@@ -156,19 +180,7 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
                     .filter(|j| j.secret == secret)
                     .map(|j| j.tx.clone())
             };
-            match tx {
-                Some(tx) => {
-                    if conn
-                        .writer
-                        .send_value(&Welcome::Accepted { session, secret })
-                        .await
-                        .is_ok()
-                    {
-                        let _ = tx.send(conn).await;
-                    }
-                }
-                None => refuse(&mut conn, "unknown session".into()).await,
-            }
+            admit(conn, session, secret, tx).await;
         }
         Hello::New(new) => {
             let who = Peer {
@@ -212,11 +224,7 @@ async fn open(
     who: &Peer<'_>,
 ) -> Result<(), String> {
     let peer = who.addr;
-    if new.version != PROTOCOL_VERSION {
-        let reason = format!(
-            "protocol version {} is not supported (this daemon speaks {PROTOCOL_VERSION}); use the same cutover version on both sides",
-            new.version
-        );
+    if let Some(reason) = version_mismatch(&new) {
         refuse(&mut conn, reason.clone()).await;
         return Err(reason);
     }
@@ -276,10 +284,28 @@ async fn open(
         return Err("client went away during the handshake".into());
     }
     tracing::info!(%peer, module = %new.module, path = %new.path, role = ?new.server_role, "session opened");
+    let result = run_engine(conn, rx, &new, root).await;
+    server
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&session);
+    result?;
+    tracing::info!(%peer, "session finished");
+    Ok(())
+}
+
+/// Run this side of a session: the receiver for a push, the sender for a pull.
+async fn run_engine(
+    control: Conn,
+    data: mpsc::Receiver<Conn>,
+    new: &NewSession,
+    root: PathBuf,
+) -> Result<(), String> {
     let mut opts = new.options.clone();
     let sess = Session {
-        control: conn,
-        data: rx,
+        control,
+        data,
         limiter: opts.bwlimit.and_then(RateLimiter::new).map(Arc::new),
     };
     let stats = Arc::new(Stats::default());
@@ -290,24 +316,25 @@ async fn open(
                 root,
                 is_dir_hint: new.path.ends_with('/') || new.path.is_empty(),
             };
-            engine::run_receiver(sess, dest, opts, Arc::new(NoEvents), stats).await
+            engine::run_receiver(sess, dest, opts, Arc::new(NoEvents), stats)
+                .await
+                .map(|_| ())
         }
-        Role::Sender => {
-            engine::run_sender(sess, Source { root }, opts, Arc::new(NoEvents), stats).await
-        }
+        Role::Sender => engine::run_sender(sess, Source { root }, opts, Arc::new(NoEvents), stats)
+            .await
+            .map(|_| ()),
     };
-    server
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&session);
-    match result {
-        Ok(_) => {
-            tracing::info!(%peer, "session finished");
-            Ok(())
-        }
-        Err(e) => Err(e.to_string()),
-    }
+    result.map_err(|e| e.to_string())
+}
+
+/// The refusal for a client of another protocol version, if it is one.
+fn version_mismatch(new: &NewSession) -> Option<String> {
+    (new.version != PROTOCOL_VERSION).then(|| {
+        format!(
+            "protocol version {} is not supported (this side speaks {PROTOCOL_VERSION}); use the same cutover version on both sides",
+            new.version
+        )
+    })
 }
 
 fn find_module<'c>(config: &'c Config, name: &str) -> Result<&'c Module, Option<String>> {

@@ -4,6 +4,7 @@
 //! the user knowing its round-trip time or window.
 
 use crate::secure::{connect, ConnectError};
+use crate::ssh::{self, SshCommand};
 use crate::tls::{client_config, token_proof, Fingerprint, Identity, TlsError};
 use crate::{Conn, ConnError};
 use proto::{Hello, NewSession, Welcome, WireCounter};
@@ -13,6 +14,10 @@ use tokio::sync::mpsc;
 
 /// Data connections an auto session starts with.
 pub const AUTO_START: usize = 16;
+/// Data connections an auto session over ssh starts with: each is a process and a login.
+pub const AUTO_START_SSH: usize = 4;
+/// ssh connections set up at the same time (sshd's MaxStartups begins dropping at 10).
+const SSH_HANDSHAKES_AT_ONCE: usize = 6;
 /// Most data connections an auto session opens.
 pub const AUTO_MAX: usize = 64;
 /// The aggregate rate must grow by this factor after a step for auto to take another.
@@ -59,6 +64,8 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Config(#[from] TlsError),
+    #[error("{0}")]
+    Ssh(String),
 }
 
 /// How a client secures its connections and proves itself to a daemon.
@@ -86,21 +93,78 @@ pub struct Dialed {
     pub server_fingerprint: Option<Fingerprint>,
 }
 
+/// Where a session's connections go.
+pub enum Remote<'a> {
+    /// `cutover serve` at HOST:PORT.
+    Daemon {
+        addr: &'a str,
+        security: &'a Security,
+    },
+    /// `ssh DEST cutover serve --stdio`, one process per connection.
+    Ssh {
+        dest: &'a str,
+        command: &'a SshCommand,
+    },
+}
+
+#[derive(Clone)]
+enum Route {
+    Tcp(Option<Arc<rustls::ClientConfig>>),
+    Ssh(Arc<SshCommand>),
+}
+
 /// What every connection of a session dials with.
 #[derive(Clone)]
 struct Dialer {
+    /// HOST:PORT of a daemon, or the ssh destination.
     addr: String,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    route: Route,
     wire: Arc<WireCounter>,
 }
 
 impl Dialer {
-    async fn dial(&self) -> Result<(Conn, Option<[u8; 32]>), ClientError> {
+    /// Open one connection and say `hello` on it; returns the connection, its TLS binding
+    /// (for a token proof) and the daemon's answer.
+    async fn greet(
+        &self,
+        make_hello: impl FnOnce(Option<[u8; 32]>) -> Hello,
+    ) -> Result<(Conn, u64, [u8; 16]), ClientError> {
         let addr = self.addr.clone();
-        match connect(&self.addr, self.tls.clone(), self.wire.clone()).await {
-            Ok(d) => Ok((d.conn, d.binding)),
-            Err(ConnectError::Tcp(source)) => Err(ClientError::Connect { addr, source }),
-            Err(ConnectError::Tls(source)) => Err(ClientError::Tls { addr, source }),
+        match &self.route {
+            Route::Tcp(tls) => {
+                let (mut conn, binding) =
+                    match connect(&self.addr, tls.clone(), self.wire.clone()).await {
+                        Ok(d) => (d.conn, d.binding),
+                        Err(ConnectError::Tcp(source)) => {
+                            return Err(ClientError::Connect { addr, source })
+                        }
+                        Err(ConnectError::Tls(source)) => {
+                            return Err(ClientError::Tls { addr, source })
+                        }
+                    };
+                let (session, secret) = hello(&addr, &mut conn, make_hello(binding)).await?;
+                Ok((conn, session, secret))
+            }
+            Route::Ssh(cmd) => {
+                let (mut conn, child) =
+                    ssh::spawn(cmd, &self.addr, self.wire.clone()).map_err(|source| {
+                        ClientError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        }
+                    })?;
+                match hello(&addr, &mut conn, make_hello(None)).await {
+                    Ok((session, secret)) => Ok((conn, session, secret)),
+                    Err(e @ ClientError::Refused { .. }) => Err(e),
+                    // The process died or never spoke our protocol: its exit code and stderr
+                    // say why (no remote binary, ssh refused, old version).
+                    Err(_) => Err(ClientError::Ssh(
+                        child
+                            .diagnose(&addr, cmd, std::time::Duration::from_secs(5))
+                            .await,
+                    )),
+                }
+            }
         }
     }
 }
@@ -135,12 +199,20 @@ async fn join_many(
     secret: [u8; 16],
     n: usize,
 ) -> Result<Vec<Conn>, ClientError> {
+    // sshd drops unauthenticated connections beyond its MaxStartups (10 by default), so ssh
+    // handshakes go a few at a time; TCP ones all at once.
+    let at_once = match dialer.route {
+        Route::Ssh(_) => SSH_HANDSHAKES_AT_ONCE,
+        Route::Tcp(_) => n.max(1),
+    };
+    let gate = Arc::new(tokio::sync::Semaphore::new(at_once));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
         let dialer = dialer.clone();
+        let gate = gate.clone();
         set.spawn(async move {
-            let (mut c, _) = dialer.dial().await?;
-            hello(&dialer.addr, &mut c, Hello::Join { session, secret }).await?;
+            let _turn = gate.acquire().await;
+            let (c, _, _) = dialer.greet(|_| Hello::Join { session, secret }).await?;
             Ok::<_, ClientError>(c)
         });
     }
@@ -165,28 +237,45 @@ async fn join_many(
 /// The control connection proves the token; data connections join with the session's
 /// secret and are pinned to the certificate the control connection saw.
 pub async fn open_session(
-    addr: &str,
+    remote: Remote<'_>,
     mut new: NewSession,
     connections: Connections,
     delivered: Delivered,
-    security: &Security,
 ) -> Result<Dialed, ClientError> {
     let wire = Arc::new(WireCounter::default());
     let seen = Arc::new(Mutex::new(None));
-    let identity = security.tls.as_ref().and_then(|t| t.identity.as_deref());
+    let (addr, route, security) = match remote {
+        Remote::Daemon { addr, security } => {
+            let identity = security.tls.as_ref().and_then(|t| t.identity.as_deref());
+            let tls = match &security.tls {
+                Some(t) => Some(client_config(t.expected, identity, seen.clone())?),
+                None => None,
+            };
+            (addr, Route::Tcp(tls), Some(security))
+        }
+        Remote::Ssh { dest, command } => (dest, Route::Ssh(Arc::new(command.clone())), None),
+    };
     let mut dialer = Dialer {
         addr: addr.to_string(),
-        tls: match &security.tls {
-            Some(t) => Some(client_config(t.expected, identity, seen.clone())?),
-            None => None,
-        },
+        route,
         wire: wire.clone(),
     };
-    let (mut control, binding) = match dialer.dial().await {
-        Ok(c) => c,
+    let token = security.and_then(|s| s.token.clone());
+    let greeted = dialer
+        .greet(|binding| {
+            // Over plaintext there is no keying material; the proof then binds to nothing
+            // (such a daemon only listens on loopback).
+            new.token_proof = token.map(|t| token_proof(&t, &binding.unwrap_or([0; 32])));
+            Hello::New(new)
+        })
+        .await;
+    let (control, session, secret) = match greeted {
+        Ok(g) => g,
         Err(e) => {
             let shown = *seen.lock().unwrap_or_else(|p| p.into_inner());
-            let expected = security.tls.as_ref().and_then(|t| t.expected);
+            let expected = security
+                .and_then(|s| s.tls.as_ref())
+                .and_then(|t| t.expected);
             return Err(match (shown, expected) {
                 (Some(seen), Some(expected)) if seen != expected => {
                     ClientError::FingerprintMismatch {
@@ -200,24 +289,18 @@ pub async fn open_session(
         }
     };
     let server_fingerprint = *seen.lock().unwrap_or_else(|p| p.into_inner());
-    // Over plaintext there is no keying material; the proof then binds to nothing (such a
-    // daemon only listens on loopback).
-    new.token_proof = security
-        .token
-        .as_ref()
-        .map(|t| token_proof(t, &binding.unwrap_or([0; 32])));
-    let (session, secret) = hello(addr, &mut control, Hello::New(new)).await?;
-    if security.tls.is_some() {
-        dialer.tls = Some(client_config(
+    if let Some(tls) = security.and_then(|s| s.tls.as_ref()) {
+        dialer.route = Route::Tcp(Some(client_config(
             server_fingerprint,
-            identity,
+            tls.identity.as_deref(),
             Arc::new(Mutex::new(None)),
-        )?);
+        )?));
     }
     let (tx, rx) = mpsc::channel(AUTO_MAX + 1);
-    let start = match connections {
-        Connections::Fixed(n) => n.max(1),
-        Connections::Auto => AUTO_START,
+    let start = match (connections, &dialer.route) {
+        (Connections::Fixed(n), _) => n.max(1),
+        (Connections::Auto, Route::Tcp(_)) => AUTO_START,
+        (Connections::Auto, Route::Ssh(_)) => AUTO_START_SSH,
     };
     for c in join_many(&dialer, session, secret, start).await? {
         let _ = tx.send(c).await;

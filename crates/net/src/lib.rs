@@ -8,6 +8,7 @@ pub mod conn;
 pub mod known_hosts;
 pub mod limit;
 pub mod secure;
+pub mod ssh;
 pub mod tls;
 
 pub use conn::{memory_pair, Conn, ConnError, MsgReader, MsgWriter};

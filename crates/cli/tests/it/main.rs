@@ -11,5 +11,6 @@ mod prop;
 mod resume;
 mod security;
 mod select;
+mod ssh;
 mod util;
 mod volume;
