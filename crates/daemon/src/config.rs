@@ -42,6 +42,9 @@ pub struct Config {
     /// Seconds a new connection has for its TLS handshake and hello.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_secs: u64,
+    /// Seconds sessions in flight get to finish after SIGTERM before the daemon exits.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
     #[serde(default, rename = "module")]
     pub modules: Vec<Module>,
 }
@@ -104,6 +107,10 @@ fn default_listen() -> String {
 }
 
 fn default_handshake_timeout() -> u64 {
+    30
+}
+
+fn default_shutdown_grace() -> u64 {
     30
 }
 

@@ -73,7 +73,9 @@ pub async fn bind(addr: &str, plaintext_allowed: bool) -> Result<TcpListener, Da
     Ok(listener)
 }
 
-/// Serve until `shutdown` completes.
+/// Serve until `shutdown` completes; then stop accepting and give sessions in flight up to
+/// `shutdown_grace_secs` to finish. Whatever is still running after that is dropped: its
+/// partial files stay beside their targets and the client's next run resumes from them.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -89,7 +91,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     tokio::spawn(handle(server.clone(), stream, peer.to_string()));
@@ -100,6 +102,40 @@ pub async fn serve(
                 }
             }
         }
+    }
+    drop(listener);
+    let grace = Duration::from_secs(server.config.shutdown_grace_secs);
+    let running = server
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len();
+    if running > 0 {
+        tracing::info!(
+            running,
+            "shutting down: waiting up to {grace:?} for sessions to finish"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline
+        && !server
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = server
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "shutting down with sessions still running; their partial files stay for resuming"
+        );
     }
 }
 

@@ -86,3 +86,31 @@ fn bwlimit_slows_a_daemon_push() {
         "3 MiB with --bwlimit 1M took only {took:?}"
     );
 }
+
+#[test]
+fn sigterm_lets_sessions_in_flight_finish_then_stops_accepting() {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&["big", s(&src), "--count", "1", "--mb", "12"]);
+    let module = t.path().join("module");
+    let mut d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        "shutdown_grace_secs = 60",
+        "",
+    );
+    let url = d.url("m/dst/");
+    // ~3 s at 4 MiB/s: SIGTERM lands in the middle.
+    let client = spawn_sync(&["--bwlimit", "4M", "-j", "2", &slash(&src), &url]);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let mut daemon = d.terminate();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // No new sessions once draining.
+    let refused = sync(&[&slash(&src), &d.url("m/other/")]);
+    assert_ne!(refused.code(), 0, "{refused}");
+    client.wait().ok();
+    assert_same(&src, &module.join("dst"));
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "daemon exit {status:?}: {}", d.log());
+    assert!(d.log().contains("waiting up to"), "{}", d.log());
+}

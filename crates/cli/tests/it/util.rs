@@ -580,6 +580,17 @@ impl Daemon {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Send SIGTERM and return a handle that waits for the exit.
+    pub fn terminate(&mut self) -> Child {
+        let c = self.child.take().expect("daemon already stopped");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&c),
+            rustix::process::Signal::TERM,
+        )
+        .expect("cannot signal the daemon");
+        c
+    }
+
     /// SIGKILL the daemon and reap it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
