@@ -51,7 +51,9 @@ pub async fn serve_stdio() -> Result<(), String> {
     let wire = Arc::new(WireCounter::default());
     let mut stdin = tokio::io::stdin();
     let mut stdout = tokio::io::stdout();
-    let hello: Option<Hello> = FrameReader::new(&mut stdin, wire.clone())
+    let mut reader = FrameReader::new(&mut stdin, wire.clone());
+    reader.set_limit(proto::MAX_HANDSHAKE_FRAME);
+    let hello: Option<Hello> = reader
         .recv()
         .await
         .map_err(|e| format!("bad hello on stdin: {e}"))?;

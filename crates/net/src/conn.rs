@@ -121,7 +121,12 @@ impl MsgReader {
         &mut self,
     ) -> Result<Option<T>, ConnError> {
         match self {
-            MsgReader::Framed(r) => Ok(r.recv().await?),
+            MsgReader::Framed(r) => {
+                r.set_limit(proto::MAX_HANDSHAKE_FRAME);
+                let value = r.recv().await;
+                r.set_limit(proto::MAX_FRAME);
+                Ok(value?)
+            }
             MsgReader::Memory(_) => Err(ConnError::NotFramed),
         }
     }

@@ -1,9 +1,10 @@
 //! Length-delimited frames over any byte stream.
 //!
 //! A frame is `u32 little-endian length`, one flag byte (0 = postcard, 1 = zstd-compressed
-//! postcard) and the payload. Frames above `MAX_FRAME` are refused before any allocation, so a
-//! hostile peer cannot make us allocate more than that; a compressed frame may not inflate
-//! beyond it either. Every byte read or written is added to a shared `WireCounter`.
+//! postcard) and the payload. Frames above `MAX_FRAME` are refused before any allocation, and
+//! the read buffer grows only as a frame's bytes actually arrive, so a hostile length prefix
+//! alone costs at most 64 KiB; a compressed frame may not inflate beyond `MAX_FRAME` either.
+//! Every byte read or written is added to a shared `WireCounter`.
 
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,19 +13,26 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest frame accepted or produced (payload plus flag byte).
 pub const MAX_FRAME: usize = 16 << 20;
+/// Largest handshake frame (`Hello`, `Welcome`) accepted. A daemon decodes `Hello` before it
+/// knows who is asking, and postcard values can be some 16 times larger in memory than on
+/// the wire (a list of empty strings), so this bounds what an anonymous peer can make us
+/// allocate: 1 MiB on the wire holds tens of thousands of filter rules.
+pub const MAX_HANDSHAKE_FRAME: usize = 1 << 20;
 
 const FLAG_PLAIN: u8 = 0;
 const FLAG_ZSTD: u8 = 1;
 /// Payloads smaller than this are never worth compressing.
 const COMPRESS_MIN: usize = 512;
 const ZSTD_LEVEL: i32 = 3;
+/// The read buffer grows in steps of at least this, and never beyond twice what has arrived.
+const READ_STEP: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("connection I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the limit of {1} bytes")]
+    TooLarge(usize, usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
     #[error("connection closed in the middle of a frame")]
@@ -48,6 +56,8 @@ pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     counter: Arc<WireCounter>,
+    /// Largest frame this reader accepts now (`MAX_FRAME` unless lowered).
+    limit: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -56,45 +66,109 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: Vec::new(),
             counter,
+            limit: MAX_FRAME,
         }
+    }
+
+    /// Accept frames of at most `limit` bytes (capped at `MAX_FRAME`) from now on, inflated
+    /// size included; a handshake reads with `MAX_HANDSHAKE_FRAME`.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_FRAME);
     }
 
     /// Next message, or `None` at a clean end of stream between frames.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         let mut len_bytes = [0u8; 4];
-        match self.inner.read_exact(&mut len_bytes).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let mut got = 0;
+        while got < len_bytes.len() {
+            // An end of stream is clean only before the first byte of a length prefix. (A
+            // reader may report the end as an `UnexpectedEof` error, as TLS does without a
+            // close_notify; that is treated as an end of stream, as it always was.)
+            let end = match self.inner.read(&mut len_bytes[got..]).await {
+                Ok(0) => true,
+                Ok(n) => {
+                    got += n;
+                    false
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+                Err(e) => return Err(e.into()),
+            };
+            if end {
+                return if got == 0 {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
         }
         let len = u32::from_le_bytes(len_bytes) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge(len));
+        if len > self.limit {
+            return Err(FrameError::TooLarge(len, self.limit));
         }
         if len == 0 {
             return Err(FrameError::Malformed("empty frame".into()));
         }
-        self.buf.resize(len, 0);
-        self.inner.read_exact(&mut self.buf).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                FrameError::Truncated
-            } else {
-                FrameError::Io(e)
+        // Grow the buffer with the data rather than to the announced length at once, so a peer
+        // that sends a large length and then stalls or hangs up holds no more than it sent.
+        let mut filled = 0;
+        while filled < len {
+            let end = len.min(self.buf.len().max(filled.saturating_mul(2)).max(READ_STEP));
+            if self.buf.len() < end {
+                self.buf.resize(end, 0);
             }
-        })?;
+            let chunk = self
+                .buf
+                .get_mut(filled..end)
+                .ok_or_else(|| FrameError::Malformed("frame buffer out of range".into()))?;
+            self.inner.read_exact(chunk).await.map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    FrameError::Truncated
+                } else {
+                    FrameError::Io(e)
+                }
+            })?;
+            filled = end;
+        }
         self.counter
             .received
             .fetch_add(4 + len as u64, Ordering::Relaxed);
-        decode_payload(self.buf[0], &self.buf[1..])
+        match self.buf.get(..len).and_then(<[u8]>::split_first) {
+            Some((&flag, body)) => decode_within(flag, body, self.limit),
+            None => Err(FrameError::Malformed("empty frame".into())),
+        }
     }
 }
 
 /// Decode one frame body (flag byte already split off).
 pub fn decode_payload<T: DeserializeOwned>(flag: u8, body: &[u8]) -> Result<Option<T>, FrameError> {
+    decode_within(flag, body, MAX_FRAME)
+}
+
+/// Decode one frame body whose inflated size may not exceed `limit`.
+fn decode_within<T: DeserializeOwned>(
+    flag: u8,
+    body: &[u8],
+    limit: usize,
+) -> Result<Option<T>, FrameError> {
     let value = match flag {
         FLAG_PLAIN => postcard::from_bytes(body),
         FLAG_ZSTD => {
-            let plain = zstd::bulk::decompress(body, MAX_FRAME)
+            // The frame header announces the inflated size (our encoder always writes it): a
+            // bomb is refused before anything is inflated, and only the announced size is
+            // allocated. Without an announcement, inflating stops at the limit.
+            let announced = zstd::zstd_safe::get_frame_content_size(body)
+                .map_err(|_| FrameError::Malformed("zstd: bad frame header".into()))?;
+            let capacity = match announced {
+                Some(n) if n > limit as u64 => {
+                    return Err(FrameError::TooLarge(
+                        usize::try_from(n).unwrap_or(usize::MAX),
+                        limit,
+                    ))
+                }
+                Some(n) => n as usize,
+                None => limit,
+            };
+            let plain = zstd::bulk::decompress(body, capacity)
                 .map_err(|e| FrameError::Malformed(format!("zstd: {e}")))?;
             postcard::from_bytes(&plain)
         }
@@ -185,7 +259,7 @@ pub fn encode_frame<T: Serialize>(
 fn finish_header(out: &mut [u8], flag: u8) -> Result<(), FrameError> {
     let len = out.len() - 4;
     if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+        return Err(FrameError::TooLarge(len, MAX_FRAME));
     }
     out[..4].copy_from_slice(&(len as u32).to_le_bytes());
     out[4] = flag;
@@ -250,7 +324,7 @@ mod tests {
             .await
             .unwrap();
         match r.recv::<Msg>().await {
-            Err(FrameError::TooLarge(n)) => assert_eq!(n, u32::MAX as usize),
+            Err(FrameError::TooLarge(n, _)) => assert_eq!(n, u32::MAX as usize),
             other => panic!("expected TooLarge, got {other:?}"),
         }
     }
@@ -273,6 +347,121 @@ mod tests {
         assert!(matches!(
             r.recv::<Msg>().await,
             Err(FrameError::Malformed(_))
+        ));
+    }
+
+    /// Regression: an end of stream inside the 4-byte length prefix used to read as a clean
+    /// close (`Ok(None)`), hiding a peer that died mid-frame.
+    #[tokio::test]
+    async fn end_of_stream_inside_the_length_prefix_is_truncation() {
+        for cut in 1..4 {
+            let mut r = FrameReader::new(&[7u8, 0, 0, 0][..cut], Arc::new(WireCounter::default()));
+            assert!(
+                matches!(r.recv::<Msg>().await, Err(FrameError::Truncated)),
+                "cut after {cut} prefix bytes"
+            );
+        }
+        let mut r = FrameReader::new(&[][..], Arc::new(WireCounter::default()));
+        assert!(matches!(r.recv::<Msg>().await, Ok(None)));
+
+        // A reader that reports its end as an `UnexpectedEof` error (TLS without close_notify):
+        // clean between frames, truncation inside a prefix.
+        struct EofError<'a>(&'a [u8]);
+        impl tokio::io::AsyncRead for EofError<'_> {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                if self.0.is_empty() {
+                    let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                    return std::task::Poll::Ready(Err(eof));
+                }
+                let n = self.0.len().min(buf.remaining());
+                buf.put_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let mut r = FrameReader::new(EofError(&[]), Arc::new(WireCounter::default()));
+        assert!(matches!(r.recv::<Msg>().await, Ok(None)));
+        let mut r = FrameReader::new(EofError(&[7, 0]), Arc::new(WireCounter::default()));
+        assert!(matches!(r.recv::<Msg>().await, Err(FrameError::Truncated)));
+    }
+
+    /// Regression: a length prefix just under `MAX_FRAME` used to allocate (and zero) the whole
+    /// frame before a single payload byte arrived.
+    #[tokio::test]
+    async fn announced_length_alone_does_not_allocate_the_frame() {
+        let mut stream = (MAX_FRAME as u32).to_le_bytes().to_vec();
+        stream.extend_from_slice(&[0; 10]);
+        let mut r = FrameReader::new(&stream[..], Arc::new(WireCounter::default()));
+        assert!(matches!(r.recv::<Msg>().await, Err(FrameError::Truncated)));
+        assert!(
+            r.buf.capacity() <= 2 * READ_STEP,
+            "buffer grew to {} bytes for 10 received",
+            r.buf.capacity()
+        );
+        assert_eq!(r.counter.received.load(Ordering::Relaxed), 0);
+    }
+
+    /// Frames larger than the growth step, then smaller ones, through a narrow pipe.
+    #[tokio::test]
+    async fn frames_of_mixed_sizes_survive_the_growing_buffer() {
+        let msgs: Vec<Msg> = [3 << 20, 100, READ_STEP, 200 << 10, 1]
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| Msg::Data {
+                id: i as u64,
+                offset: n as u64,
+                data: (0..n).map(|b| (b * 31 + i) as u8).collect(),
+            })
+            .collect();
+        let (a, b) = tokio::io::duplex(4096);
+        let counter = Arc::new(WireCounter::default());
+        let mut w = FrameWriter::new(a, counter.clone());
+        let sent = msgs.clone();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                w.send(m, false).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut r = FrameReader::new(b, counter.clone());
+        for m in &msgs {
+            assert_eq!(&r.recv::<Msg>().await.unwrap().unwrap(), m);
+        }
+        assert!(r.recv::<Msg>().await.unwrap().is_none());
+        writer.await.unwrap();
+        assert_eq!(
+            counter.received.load(Ordering::Relaxed),
+            counter.sent.load(Ordering::Relaxed)
+        );
+    }
+
+    /// A handshake reader refuses frames above `MAX_HANDSHAKE_FRAME`, announced or inflated.
+    #[tokio::test]
+    async fn handshake_limit_bounds_frames_and_inflation() {
+        let counter = Arc::new(WireCounter::default());
+        let big = ((MAX_HANDSHAKE_FRAME + 1) as u32).to_le_bytes();
+        let mut r = FrameReader::new(&big[..], counter.clone());
+        r.set_limit(MAX_HANDSHAKE_FRAME);
+        assert!(matches!(
+            r.recv::<Msg>().await,
+            Err(FrameError::TooLarge(_, MAX_HANDSHAKE_FRAME))
+        ));
+        // A small compressed frame that inflates past the limit.
+        let filters: Vec<crate::FilterRule> =
+            vec![crate::FilterRule::Exclude(String::new()); MAX_HANDSHAKE_FRAME];
+        let mut compressor = None;
+        let (mut plain, mut out) = (Vec::new(), Vec::new());
+        encode_frame(&filters, true, &mut compressor, &mut plain, &mut out).unwrap();
+        assert!(out.len() < 64 << 10, "compressed to {}", out.len());
+        let mut r = FrameReader::new(&out[..], counter);
+        r.set_limit(MAX_HANDSHAKE_FRAME);
+        assert!(matches!(
+            r.recv::<Vec<crate::FilterRule>>().await,
+            Err(FrameError::TooLarge(..))
         ));
     }
 }

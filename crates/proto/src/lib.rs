@@ -7,7 +7,9 @@ pub mod frame;
 pub mod msg;
 mod packed;
 
-pub use frame::{FrameError, FrameReader, FrameWriter, WireCounter, MAX_FRAME};
+pub use frame::{
+    FrameError, FrameReader, FrameWriter, WireCounter, MAX_FRAME, MAX_HANDSHAKE_FRAME,
+};
 pub use msg::*;
 
 /// Bumped on every incompatible change of `msg`; checked in the handshake.

@@ -95,6 +95,60 @@ pub mod chunk_list {
 #[cfg(test)]
 mod tests {
     use crate::{Msg, Signature};
+    use proptest::prelude::*;
+
+    /// Postcard bytes of `value` with its last field, an empty byte string, replaced by `data`.
+    fn carrying<T: serde::Serialize>(value: &T, data: &[u8]) -> Vec<u8> {
+        let mut bytes = postcard::to_allocvec(value).unwrap();
+        assert_eq!(bytes.pop(), Some(0), "last field is an empty byte string");
+        let mut n = data.len();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                bytes.push(b);
+                break;
+            }
+            bytes.push(b | 0x80);
+        }
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..Default::default() })]
+
+        /// Arbitrary bytes as a packed list: a list of the size the bytes allow, or an error;
+        /// what decodes encodes back to an equal value.
+        #[test]
+        fn arbitrary_packed_lists_decode_or_fail(
+            data in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let empty = Msg::Hashes { id: 5, block: 4096, hashes: vec![] };
+            match postcard::from_bytes::<Msg>(&carrying(&empty, &data)) {
+                Ok(m) => {
+                    let Msg::Hashes { hashes, .. } = &m else {
+                        return Err(TestCaseError::fail(format!("decoded as {m:?}")));
+                    };
+                    prop_assert_eq!(hashes.len() * 16, data.len());
+                    let again = postcard::to_allocvec(&m).unwrap();
+                    prop_assert_eq!(postcard::from_bytes::<Msg>(&again).unwrap(), m);
+                }
+                Err(_) => prop_assert!(data.len() % 16 != 0),
+            }
+
+            let empty = Signature::Chunks { basis_size: 1, avg: 8192, chunks: vec![] };
+            if let Ok(s) = postcard::from_bytes::<Signature>(&carrying(&empty, &data)) {
+                let Signature::Chunks { chunks, .. } = &s else {
+                    return Err(TestCaseError::fail(format!("decoded as {s:?}")));
+                };
+                // 1-5 length bytes and 8 hash bytes per chunk.
+                prop_assert!(chunks.len() * 9 <= data.len() && data.len() <= chunks.len() * 13);
+                let again = postcard::to_allocvec(&s).unwrap();
+                prop_assert_eq!(postcard::from_bytes::<Signature>(&again).unwrap(), s);
+            }
+        }
+    }
 
     #[test]
     fn hash_lists_round_trip_compactly() {
