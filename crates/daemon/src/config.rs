@@ -42,6 +42,15 @@ pub struct Config {
     /// Seconds a new connection has for its TLS handshake and hello.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_secs: u64,
+    /// Sessions served at once, from all clients.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Sessions one client address may have open at once.
+    #[serde(default = "default_max_sessions_per_client")]
+    pub max_sessions_per_client: usize,
+    /// Data connections one session may join (auto mode opens up to 64).
+    #[serde(default = "default_max_connections_per_session")]
+    pub max_connections_per_session: usize,
     /// Seconds sessions in flight get to finish after SIGTERM before the daemon exits.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
@@ -112,6 +121,18 @@ fn default_handshake_timeout() -> u64 {
 
 fn default_shutdown_grace() -> u64 {
     30
+}
+
+fn default_max_sessions() -> usize {
+    64
+}
+
+fn default_max_sessions_per_client() -> usize {
+    16
+}
+
+fn default_max_connections_per_session() -> usize {
+    64
 }
 
 /// Load one `allow` entry's secret.

@@ -45,6 +45,10 @@ pub enum DaemonError {
 struct Joinable {
     secret: [u8; 16],
     tx: mpsc::Sender<Conn>,
+    /// The opener's IP address, for the per-client session limit.
+    client: String,
+    /// Data connections joined so far.
+    joined: usize,
 }
 
 /// Shared state of a running daemon.
@@ -139,16 +143,16 @@ pub async fn serve(
     }
 }
 
-/// Welcome a joining data connection into its session (`to`), or refuse it when the session
-/// is unknown or the secret wrong (`to` is None).
+/// Welcome a joining data connection into its session (`to`), or refuse it with the reason
+/// (unknown session, wrong secret, connection limit).
 pub(crate) async fn admit(
     mut conn: Conn,
     session: u64,
     secret: [u8; 16],
-    to: Option<mpsc::Sender<Conn>>,
+    to: Result<mpsc::Sender<Conn>, String>,
 ) {
     match to {
-        Some(tx) => {
+        Ok(tx) => {
             if conn
                 .writer
                 .send_value(&Welcome::Accepted { session, secret })
@@ -158,7 +162,7 @@ pub(crate) async fn admit(
                 let _ = tx.send(conn).await;
             }
         }
-        None => refuse(&mut conn, "unknown session".into()).await,
+        Err(reason) => refuse(&mut conn, reason).await,
     }
 }
 
@@ -209,12 +213,19 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
     }
     match hello {
         Hello::Join { session, secret } => {
+            let max = server.config.max_connections_per_session;
             let tx = {
-                let sessions = server.sessions.lock().unwrap_or_else(|p| p.into_inner());
-                sessions
-                    .get(&session)
-                    .filter(|j| j.secret == secret)
-                    .map(|j| j.tx.clone())
+                let mut sessions = server.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                match sessions.get_mut(&session).filter(|j| j.secret == secret) {
+                    None => Err("unknown session".to_string()),
+                    Some(j) if j.joined >= max => Err(format!(
+                        "the session already has {max} data connections (max_connections_per_session)"
+                    )),
+                    Some(j) => {
+                        j.joined += 1;
+                        Ok(j.tx.clone())
+                    }
+                }
             };
             admit(conn, session, secret, tx).await;
         }
@@ -301,11 +312,40 @@ async fn open(
     let session: u64 = rand::random();
     let secret: [u8; 16] = rand::random();
     let (tx, rx) = mpsc::channel(128);
-    server
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(session, Joinable { secret, tx });
+    let client = peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_string();
+    let full = {
+        let mut sessions = server.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, theirs) = (
+            sessions.len(),
+            sessions.values().filter(|j| j.client == client).count(),
+        );
+        let cfg = &server.config;
+        if total >= cfg.max_sessions {
+            Some(format!(
+                "the daemon is serving its maximum of {} sessions; try again later",
+                cfg.max_sessions
+            ))
+        } else if theirs >= cfg.max_sessions_per_client {
+            Some(format!(
+                "{client} already has {theirs} sessions open (max_sessions_per_client); try again when one ends"
+            ))
+        } else {
+            sessions.insert(
+                session,
+                Joinable {
+                    secret,
+                    tx,
+                    client: client.clone(),
+                    joined: 0,
+                },
+            );
+            None
+        }
+    };
+    if let Some(reason) = full {
+        refuse(&mut conn, reason.clone()).await;
+        return Err(reason);
+    }
     if conn
         .writer
         .send_value(&Welcome::Accepted { session, secret })

@@ -174,7 +174,10 @@ async fn accept_joins(
             let hello = tokio::time::timeout(JOIN_TIMEOUT, conn.reader.recv_value::<Hello>()).await;
             let known = matches!(hello, Ok(Ok(Some(Hello::Join { session: s, secret: k })))
                 if s == session && k == secret);
-            admit(conn, session, secret, known.then_some(tx)).await;
+            let to = known
+                .then_some(tx)
+                .ok_or_else(|| "unknown session".to_string());
+            admit(conn, session, secret, to).await;
         });
     }
 }

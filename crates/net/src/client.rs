@@ -218,9 +218,12 @@ async fn join_many(
     }
     let addr = &dialer.addr;
     let mut out = Vec::with_capacity(n);
+    let mut refused = None;
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok(Ok(c)) => out.push(c),
+            // The daemon's connection limit: work with the connections it allowed.
+            Ok(Err(e @ ClientError::Refused { .. })) => refused = Some(e),
             Ok(Err(e)) => return Err(e),
             Err(e) => {
                 return Err(ClientError::Connect {
@@ -230,7 +233,14 @@ async fn join_many(
             }
         }
     }
-    Ok(out)
+    match refused {
+        Some(e) if out.is_empty() => Err(e),
+        Some(e) => {
+            tracing::debug!("{} of {n} data connections joined: {e}", out.len());
+            Ok(out)
+        }
+        None => Ok(out),
+    }
 }
 
 /// Open a session with its data connections and, in auto mode, grow it in the background.

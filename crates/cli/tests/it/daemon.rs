@@ -114,3 +114,34 @@ fn sigterm_lets_sessions_in_flight_finish_then_stops_accepting() {
     assert!(status.success(), "daemon exit {status:?}: {}", d.log());
     assert!(d.log().contains("waiting up to"), "{}", d.log());
 }
+
+#[test]
+fn session_and_connection_limits_refuse_clearly_and_keep_the_rest_working() {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&["big", s(&src), "--count", "1", "--mb", "8"]);
+    let module = t.path().join("module");
+    let d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        "max_sessions_per_client = 1\nmax_connections_per_session = 2",
+        "",
+    );
+    // -j 4 against a limit of 2: the session runs on the 2 it was allowed.
+    let mut cmd = sync_cmd(&["--bwlimit", "4M", "-j", "4", &slash(&src), &d.url("m/a/")]);
+    cmd.env("CUTOVER_LOG", "net=debug");
+    let slow = Running::start(cmd);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let second = sync(&[&slash(&src), &d.url("m/b/")]);
+    assert_one_line_error(&second, &["127.0.0.1", "max_sessions_per_client"]);
+    let slow = slow.wait();
+    slow.ok();
+    assert!(
+        slow.stderr.contains("2 of 4 data connections joined"),
+        "{slow}"
+    );
+    assert_same(&src, &module.join("a"));
+    // The slot is free again.
+    sync(&[&slash(&src), &d.url("m/b/")]).ok();
+    assert_same(&src, &module.join("b"));
+}
