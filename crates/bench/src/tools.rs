@@ -193,7 +193,7 @@ fn cutover_remote_inner(
         quote(&slash(src))
     );
     let bin = cutover_bin(env)?;
-    let config = write_serve_config(run_dir, dst, false)?;
+    let config = write_serve_config(run_dir, dst)?;
     let serve_port_file = run_dir.join("serve.port");
     let serve_log = logs.join("cutover-serve.log");
     run.logs.push(serve_log.clone());
@@ -267,8 +267,8 @@ fn cutover_remote_inner(
 const BENCH_TOKEN: &str = "cutover-bench-token-0123456789abcdef";
 
 /// `serve.toml` in `run_dir`: module `bench` = `dst`, the bench token (file mode 0600), the
-/// key in `run_dir/state`; with `plaintext`, plaintext clients are accepted too.
-fn write_serve_config(run_dir: &Path, dst: &Path, plaintext: bool) -> Result<PathBuf> {
+/// key in `run_dir/state`.
+fn write_serve_config(run_dir: &Path, dst: &Path) -> Result<PathBuf> {
     let token = run_dir.join("token");
     fs::write(&token, format!("{BENCH_TOKEN}\n"))?;
     fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -276,7 +276,7 @@ fn write_serve_config(run_dir: &Path, dst: &Path, plaintext: bool) -> Result<Pat
     fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {}\ninsecure_plaintext = {plaintext}\n\n[[module]]\nname = \"bench\"\npath = {}\n[[module.allow]]\ntoken_file = {}\naccess = \"read-write\"\n",
+            "listen = \"127.0.0.1:0\"\nstate_dir = {}\n\n[[module]]\nname = \"bench\"\npath = {}\n[[module.allow]]\ntoken_file = {}\naccess = \"read-write\"\n",
             toml_str(&run_dir.join("state").to_string_lossy()),
             toml_str(&dst.to_string_lossy()),
             toml_str(&token.to_string_lossy()),

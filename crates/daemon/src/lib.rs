@@ -59,6 +59,13 @@ struct Server {
     failed_auth: AtomicU64,
 }
 
+impl Server {
+    /// The session registry; a panic elsewhere while holding it leaves it usable.
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Joinable>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Bind the given address; with `plaintext_allowed`, refuse anything but loopback.
 pub async fn bind(addr: &str, plaintext_allowed: bool) -> Result<TcpListener, DaemonError> {
     let listener = TcpListener::bind(addr)
@@ -109,11 +116,7 @@ pub async fn serve(
     }
     drop(listener);
     let grace = Duration::from_secs(server.config.shutdown_grace_secs);
-    let running = server
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .len();
+    let running = server.sessions().len();
     if running > 0 {
         tracing::info!(
             running,
@@ -121,20 +124,10 @@ pub async fn serve(
         );
     }
     let deadline = tokio::time::Instant::now() + grace;
-    while tokio::time::Instant::now() < deadline
-        && !server
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-    {
+    while tokio::time::Instant::now() < deadline && !server.sessions().is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let left = server
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .len();
+    let left = server.sessions().len();
     if left > 0 {
         tracing::warn!(
             left,
@@ -215,7 +208,7 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
         Hello::Join { session, secret } => {
             let max = server.config.max_connections_per_session;
             let tx = {
-                let mut sessions = server.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                let mut sessions = server.sessions();
                 match sessions.get_mut(&session).filter(|j| j.secret == secret) {
                     None => Err("unknown session".to_string()),
                     Some(j) if j.joined >= max => Err(format!(
@@ -271,40 +264,21 @@ async fn open(
     who: &Peer<'_>,
 ) -> Result<(), String> {
     let peer = who.addr;
-    if let Some(reason) = version_mismatch(&new) {
-        refuse(&mut conn, reason.clone()).await;
-        return Err(reason);
-    }
-    let resolved = find_module(&server.config, &new.module).and_then(|module| {
-        let Some(access) = authorize(module, &new, who) else {
-            return Err(None);
-        };
-        if new.server_role == Role::Receiver && access < Access::ReadWrite {
-            return Err(Some(format!(
-                "module {:?}: your credentials grant read-only access",
-                module.name
-            )));
-        }
-        resolve(module, &new).map_err(Some)
-    });
-    let resolved = match resolved {
-        Err(None) => {
-            let n = server.failed_auth.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(%peer, module = %new.module, failures = n, "authentication failed");
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-            let reason = format!(
-                "authentication failed for module {:?}: give its token with --token-file or CUTOVER_TOKEN, or a client certificate it allows",
-                new.module
-            );
-            refuse(&mut conn, reason.clone()).await;
-            return Err(reason);
-        }
-        Err(Some(reason)) => Err(reason),
-        Ok(path) => Ok(path),
-    };
-    let root = match resolved {
-        Ok(r) => r,
-        Err(reason) => {
+    let root = match check(&server.config, &new, who) {
+        Ok(root) => root,
+        Err(refusal) => {
+            let reason = match refusal {
+                Refusal::Unauthenticated => {
+                    let n = server.failed_auth.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::warn!(%peer, module = %new.module, failures = n, "authentication failed");
+                    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+                    format!(
+                        "authentication failed for module {:?}: give its token with --token-file or CUTOVER_TOKEN, or a client certificate it allows",
+                        new.module
+                    )
+                }
+                Refusal::Because(reason) => reason,
+            };
             refuse(&mut conn, reason.clone()).await;
             return Err(reason);
         }
@@ -314,7 +288,7 @@ async fn open(
     let (tx, rx) = mpsc::channel(128);
     let client = peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_string();
     let full = {
-        let mut sessions = server.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sessions = server.sessions();
         let (total, theirs) = (
             sessions.len(),
             sessions.values().filter(|j| j.client == client).count(),
@@ -352,20 +326,12 @@ async fn open(
         .await
         .is_err()
     {
-        server
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&session);
+        server.sessions().remove(&session);
         return Err("client went away during the handshake".into());
     }
     tracing::info!(%peer, module = %new.module, path = %new.path, role = ?new.server_role, "session opened");
     let result = run_engine(conn, rx, &new, root).await;
-    server
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&session);
+    server.sessions().remove(&session);
     result?;
     tracing::info!(%peer, "session finished");
     Ok(())
@@ -413,17 +379,41 @@ fn version_mismatch(new: &NewSession) -> Option<String> {
     })
 }
 
-fn find_module<'c>(config: &'c Config, name: &str) -> Result<&'c Module, Option<String>> {
+/// Why a session request is turned down.
+enum Refusal {
+    /// No grant of the module matches what the client proved (delayed, logged, counted).
+    Unauthenticated,
+    Because(String),
+}
+
+/// Everything a new session must pass before it opens: version, module, credentials,
+/// access for the role, and the path. Returns the session's root.
+fn check(config: &Config, new: &NewSession, who: &Peer) -> Result<PathBuf, Refusal> {
+    if let Some(reason) = version_mismatch(new) {
+        return Err(Refusal::Because(reason));
+    }
+    let module = find_module(config, &new.module).map_err(Refusal::Because)?;
+    let access = authorize(module, new, who).ok_or(Refusal::Unauthenticated)?;
+    if new.server_role == Role::Receiver && access < Access::ReadWrite {
+        return Err(Refusal::Because(format!(
+            "module {:?}: your credentials grant read-only access",
+            module.name
+        )));
+    }
+    resolve(module, new).map_err(Refusal::Because)
+}
+
+fn find_module<'c>(config: &'c Config, name: &str) -> Result<&'c Module, String> {
     config
         .modules
         .iter()
         .find(|m| m.name == name)
         .ok_or_else(|| {
             let names: Vec<&str> = config.modules.iter().map(|m| m.name.as_str()).collect();
-            Some(format!(
+            format!(
                 "unknown module {name:?} (this daemon serves: {})",
                 names.join(", ")
-            ))
+            )
         })
 }
 

@@ -63,11 +63,16 @@ impl Conn {
     }
 
     pub fn tcp(stream: tokio::net::TcpStream, wire: Arc<WireCounter>) -> Conn {
-        let _ = stream.set_nodelay(true);
-        limit_unsent(&stream);
+        tune_socket(&stream);
         let (r, w) = stream.into_split();
         Conn::framed(tokio::io::BufReader::with_capacity(64 << 10, r), w, wire)
     }
+}
+
+/// Socket options of every data-carrying TCP connection: no Nagle delay, little unsent data.
+pub(crate) fn tune_socket(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    limit_unsent(stream);
 }
 
 /// Unsent bytes a socket may hold before it stops taking more.
@@ -78,7 +83,7 @@ const NOTSENT_LOWAT: libc::c_int = 128 << 10;
 /// next job at once, so a few connections hoard seconds of queued work while others run dry;
 /// with it a connection takes its next job only when it can nearly send it. Data in flight
 /// (sent, not yet acknowledged) is not limited, so a long fat flow still fills its window.
-pub(crate) fn limit_unsent(stream: &tokio::net::TcpStream) {
+fn limit_unsent(stream: &tokio::net::TcpStream) {
     use std::os::fd::AsRawFd;
     let v: libc::c_int = NOTSENT_LOWAT;
     // SAFETY: a valid socket fd and a pointer to an int of the size passed.

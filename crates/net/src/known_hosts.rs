@@ -65,7 +65,11 @@ impl KnownHosts {
 
     /// The fingerprint pinned for `host` (as `HOST:PORT`).
     pub fn lookup(&self, host: &str) -> Result<Lookup, KnownHostsError> {
-        let text = self.read()?;
+        self.find(&self.read()?, host)
+    }
+
+    /// What `text` (this file's contents) pins for `host`.
+    fn find(&self, text: &str, host: &str) -> Result<Lookup, KnownHostsError> {
         for (i, line) in text.lines().enumerate() {
             let l = line.trim();
             if l.is_empty() || l.starts_with('#') {
@@ -118,10 +122,10 @@ impl KnownHosts {
                 source: e.into(),
             }
         })?;
-        if self.lookup(host)? != Lookup::Unknown {
+        let mut text = self.read()?;
+        if self.find(&text, host)? != Lookup::Unknown {
             return Ok(());
         }
-        let mut text = self.read()?;
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
         }

@@ -2,7 +2,7 @@
 //! allows it) without: the dialling side's `connect` and the listening side's `accept`, which
 //! tells a TLS client from a plaintext one by the first byte it sends.
 
-use crate::conn::limit_unsent;
+use crate::conn::tune_socket;
 use crate::tls::{export_binding, Fingerprint};
 use crate::Conn;
 use proto::WireCounter;
@@ -30,11 +30,6 @@ pub struct Dialled {
     pub binding: Option<[u8; 32]>,
 }
 
-fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
-    limit_unsent(stream);
-}
-
 /// Accept one connection: TLS when the client starts a TLS handshake and `tls` is set,
 /// plaintext otherwise (the daemon refuses plaintext unless it allows it). Errors are
 /// handshake failures, worth a log line and nothing more.
@@ -43,11 +38,11 @@ pub async fn accept(
     tls: Option<&tokio_rustls::TlsAcceptor>,
     wire: Arc<WireCounter>,
 ) -> std::io::Result<Accepted> {
-    tune(&stream);
     let mut first = [0u8; 1];
     let n = stream.peek(&mut first).await?;
     match tls {
         Some(acceptor) if n == 1 && first[0] == TLS_HANDSHAKE_RECORD => {
+            tune_socket(&stream);
             let buffered = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
             let tls = acceptor.accept(buffered).await?;
             let (_, session) = tls.get_ref();
@@ -85,7 +80,7 @@ pub async fn connect(
             binding: None,
         });
     };
-    tune(&stream);
+    tune_socket(&stream);
     let buffered = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
     let name = rustls::pki_types::ServerName::try_from("cutover")
         .map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;

@@ -125,7 +125,7 @@ pub fn spawn(
                 break;
             }
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            // Pass it on: ssh's own warnings and prompts belong to the user.
+            // Kept for the error message if the handshake fails; visible with CUTOVER_LOG=ssh=debug.
             tracing::debug!(target: "ssh", "{}", text.trim_end());
             let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
             k.push_str(&text);
