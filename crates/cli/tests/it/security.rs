@@ -326,3 +326,19 @@ fn daemon_refuses_to_start_without_authentication_or_with_plaintext_off_loopback
     sync(&[&slash(&src), &d.url("m/dst/")]).ok();
     assert_same(&src, &module.join("dst"));
 }
+
+#[test]
+fn traversal_paths_are_refused_and_nothing_lands_outside_the_module() {
+    let x = setup("");
+    let outside = x.t.path().join("escape");
+    for path in ["m/../escape/", "m/a/../../escape/", "m//tmp/abs/"] {
+        let url = format!("cutover://127.0.0.1:{}/{path}", x.d.port);
+        let out = sync(&[&slash(&x.src), &url]);
+        assert_one_line_error(&out, &["refused"]);
+        let out = sync(&[&url, &slash(&x.t.path().join("pulled"))]);
+        assert_ne!(out.code(), 0, "{out}");
+    }
+    assert!(!outside.exists());
+    assert!(!std::path::Path::new("/tmp/abs").exists());
+    assert!(!x.module.exists() || std::fs::read_dir(&x.module).unwrap().next().is_none());
+}
