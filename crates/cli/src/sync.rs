@@ -279,10 +279,7 @@ async fn sync(
                     data: srx,
                     limiter: None,
                 },
-                Destination {
-                    root: d,
-                    is_dir_hint: trailing_slash,
-                },
+                Destination::local(d, trailing_slash),
                 opts.clone(),
                 Arc::new(NoEvents),
                 Arc::new(Stats::default()),
@@ -293,7 +290,7 @@ async fn sync(
                     data: crx,
                     limiter,
                 },
-                Source { root: s },
+                Source::local(s),
                 opts,
                 reporter,
                 stats,
@@ -314,7 +311,7 @@ async fn sync(
             let delivered: Delivered = Arc::new(move || Stats::get(&st.peer_received));
             let (session, wire) =
                 remote_session(&remote, Role::Receiver, &opts, args, delivered, limiter).await?;
-            let summary = engine::run_sender(session, Source { root: s }, opts, reporter, stats)
+            let summary = engine::run_sender(session, Source::local(s), opts, reporter, stats)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok((summary, wire.total()))
@@ -333,10 +330,7 @@ async fn sync(
                 remote_session(&remote, Role::Sender, &opts, args, delivered, limiter).await?;
             let summary = engine::run_receiver(
                 session,
-                Destination {
-                    root: d,
-                    is_dir_hint: trailing_slash,
-                },
+                Destination::local(d, trailing_slash),
                 opts,
                 reporter,
                 stats,

@@ -342,7 +342,7 @@ async fn run_engine(
     control: Conn,
     data: mpsc::Receiver<Conn>,
     new: &NewSession,
-    root: PathBuf,
+    place: SessionPlace,
 ) -> Result<(), String> {
     let mut opts = new.options.clone();
     let sess = Session {
@@ -355,16 +355,23 @@ async fn run_engine(
         Role::Receiver => {
             opts.owners = rustix::process::geteuid().is_root();
             let dest = Destination {
-                root,
+                root: place.root,
                 is_dir_hint: new.path.ends_with('/') || new.path.is_empty(),
+                jail: place.jail,
             };
             engine::run_receiver(sess, dest, opts, Arc::new(NoEvents), stats)
                 .await
                 .map(|_| ())
         }
-        Role::Sender => engine::run_sender(sess, Source { root }, opts, Arc::new(NoEvents), stats)
-            .await
-            .map(|_| ()),
+        Role::Sender => {
+            let source = Source {
+                root: place.root,
+                jail: place.jail,
+            };
+            engine::run_sender(sess, source, opts, Arc::new(NoEvents), stats)
+                .await
+                .map(|_| ())
+        }
     };
     result.map_err(|e| e.to_string())
 }
@@ -386,9 +393,16 @@ enum Refusal {
     Because(String),
 }
 
+/// Where a session works: its root, and the module directory it must stay beneath (none
+/// for an ssh session, which has its login's own rights).
+pub(crate) struct SessionPlace {
+    pub(crate) root: PathBuf,
+    pub(crate) jail: Option<PathBuf>,
+}
+
 /// Everything a new session must pass before it opens: version, module, credentials,
-/// access for the role, and the path. Returns the session's root.
-fn check(config: &Config, new: &NewSession, who: &Peer) -> Result<PathBuf, Refusal> {
+/// access for the role, and the path. Returns where the session works.
+fn check(config: &Config, new: &NewSession, who: &Peer) -> Result<SessionPlace, Refusal> {
     if let Some(reason) = version_mismatch(new) {
         return Err(Refusal::Because(reason));
     }
@@ -417,20 +431,45 @@ fn find_module<'c>(config: &'c Config, name: &str) -> Result<&'c Module, String>
         })
 }
 
-/// Map a session request to a path beneath its module root, or say why not.
-fn resolve(module: &Module, new: &NewSession) -> Result<PathBuf, String> {
+/// Map a session request to a path beneath its module root, or say why not. The path must
+/// resolve beneath the module even through the symlinks a client may have planted there;
+/// the engine then opens it through the module's directory again, so a swap in between
+/// leads nowhere either.
+fn resolve(module: &Module, new: &NewSession) -> Result<SessionPlace, String> {
     if new.server_role == Role::Receiver && module.read_only {
         return Err(format!("module {:?} is read-only", module.name));
     }
     let rel = new.path.trim_end_matches('/').trim_start_matches("./");
-    cofs::validate_rel(rel.as_bytes())
-        .map_err(|why| format!("path {:?} refused: {why}", new.path))?;
-    let path = cofs::join(&module.path, rel.as_bytes());
-    if new.server_role == Role::Sender && std::fs::symlink_metadata(&path).is_err() {
-        return Err(format!(
+    let refused = |why: String| format!("path {:?} refused: {why}", new.path);
+    cofs::validate_rel(rel.as_bytes()).map_err(refused)?;
+    let jail = cofs::Root::open(&module.path)
+        .map_err(|e| format!("module {:?} is unavailable: {e}", module.name))?;
+    let missing = || {
+        format!(
             "path {:?} does not exist in module {:?}",
             new.path, module.name
-        ));
+        )
+    };
+    match jail.place(rel.as_bytes()) {
+        // The parent is beneath; the last component may be a link that stays inside.
+        Ok(place) => match place.metadata() {
+            Ok(Some(md)) if md.is_symlink() => {
+                jail.open_beneath(rel.as_bytes(), rustix::fs::OFlags::PATH)
+                    .map_err(|e| refused(e.to_string()))?;
+            }
+            Ok(Some(_)) => {}
+            _ if new.server_role == Role::Sender => return Err(missing()),
+            _ => {}
+        },
+        Err(cofs::FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            if new.server_role == Role::Sender {
+                return Err(missing());
+            }
+        }
+        Err(e) => return Err(refused(e.to_string())),
     }
-    Ok(path)
+    Ok(SessionPlace {
+        root: cofs::join(&module.path, rel.as_bytes()),
+        jail: Some(module.path.clone()),
+    })
 }

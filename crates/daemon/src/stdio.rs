@@ -6,7 +6,7 @@
 //! engine. ssh has authenticated the user already: paths are the user's own (absolute, or
 //! relative to the login directory), with the user's permissions, as with rsync over ssh.
 
-use crate::{admit, refuse, run_engine, version_mismatch};
+use crate::{admit, refuse, run_engine, version_mismatch, SessionPlace};
 use net::Conn;
 use proto::{FrameReader, FrameWriter, Hello, NewSession, Role, Welcome, WireCounter};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -151,7 +151,7 @@ async fn open(mut conn: Conn, new: NewSession) -> Result<(), String> {
             .send_value(&Welcome::Accepted { session, secret })
             .await
             .map_err(|e| format!("client went away during the handshake: {e}"))?;
-        run_engine(conn, rx, &new, root).await
+        run_engine(conn, rx, &new, SessionPlace { root, jail: None }).await
     }
     .await;
     accepting.abort();

@@ -12,19 +12,20 @@ use crate::session::{spawn_control, Session};
 use crate::{EngineError, SMALL_FILE};
 use chunk::{BlockHash, CdcParams, LEAF};
 use cofs::meta::{self, ApplyOpts};
-use cofs::partial::{is_internal, partial_path, temp_path};
-use cofs::{join, validate_rel, Filter};
+use cofs::partial::{is_internal, partial_name, temp_name};
+use cofs::root::ParentCache;
+use cofs::{join, validate_rel, Filter, Place, Root};
 use net::Conn;
 use proto::{
     CopyOp, Entry, EntryKind, FileResult, Msg, Need, ReceiverReport, Signature, SmallFile,
     SyncOptions,
 };
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Where the received tree goes.
@@ -32,15 +33,146 @@ pub struct Destination {
     pub root: PathBuf,
     /// The user wrote a trailing slash: the destination is a directory even for a single file.
     pub is_dir_hint: bool,
+    /// A directory the destination must stay beneath (a daemon module): the destination is
+    /// opened and created through it, never by path alone.
+    pub jail: Option<PathBuf>,
 }
 
-/// A file being received.
+impl Destination {
+    /// A destination named by the local user: no jail beyond their own rights.
+    pub fn local(root: PathBuf, is_dir_hint: bool) -> Self {
+        Destination {
+            root,
+            is_dir_hint,
+            jail: None,
+        }
+    }
+}
+
+/// The destination as the receiver resolves wire paths in it. Every object is reached
+/// through a `Place` (parent directory held open beneath the root, last component never
+/// followed), so no path from the peer and no symlink planted meanwhile leads outside.
+struct Dest {
+    root: PathBuf,
+    is_dir_hint: bool,
+    jail: Option<PathBuf>,
+    /// Fixed by the first entry.
+    layout: OnceLock<Layout>,
+}
+
+enum Layout {
+    /// A tree, or a single file into an existing directory: wire paths beneath the root.
+    Tree(Root),
+    /// A single file whose target is the destination path itself.
+    File(Place),
+    /// A dry run into a destination that does not exist: nothing is there.
+    Absent,
+}
+
+impl Dest {
+    /// Fix the layout at the first entry; returns whether the destination directory was
+    /// created just now.
+    fn settle(&self, first: &Entry, dry: bool) -> Result<bool, String> {
+        let open = |dir: &Path| match self.open_dir(dir, false) {
+            Ok(r) => Ok(Some(r)),
+            Err(_) if dry => Ok(None),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut created = false;
+        let layout = if first.kind == EntryKind::Dir {
+            // `sync src dst/` with `dst` missing: create it, as rsync does.
+            if !dry && !self.root.is_dir() {
+                self.open_dir(&self.root, true)
+                    .map_err(|e| format!("cannot create destination directory: {e}"))?;
+                created = true;
+            }
+            open(&self.root)?.map_or(Layout::Absent, Layout::Tree)
+        } else if self.is_dir_hint || self.root.is_dir() {
+            open(&self.root)?.map_or(Layout::Absent, Layout::Tree)
+        } else {
+            let parent = self
+                .root
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = self
+                .root
+                .file_name()
+                .ok_or_else(|| format!("{}: not a file name", self.root.display()))?;
+            match open(parent)? {
+                Some(r) => Layout::File(r.place(name.as_bytes()).map_err(|e| e.to_string())?),
+                None => Layout::Absent,
+            }
+        };
+        let _ = self.layout.set(layout);
+        Ok(created)
+    }
+
+    /// Open a directory of the destination as a root, creating it when asked; beneath the
+    /// jail when there is one.
+    fn open_dir(&self, dir: &Path, create: bool) -> Result<Root, cofs::FsError> {
+        let Some(jail) = &self.jail else {
+            if create {
+                std::fs::create_dir_all(dir).map_err(|e| cofs::FsError::io(dir, e))?;
+            }
+            return Root::open(dir);
+        };
+        let rel = dir
+            .strip_prefix(jail)
+            .map_err(|_| cofs::FsError::Unsupported {
+                path: dir.to_path_buf(),
+                reason: format!("refused: not beneath {}", jail.display()),
+            })?;
+        let rel = rel.as_os_str().as_bytes();
+        let jail = Root::open(jail)?;
+        if create {
+            jail.create_dirs(rel)?;
+        }
+        jail.beneath(rel)
+    }
+
+    /// The place of a wire path.
+    fn place(&self, rel: &[u8]) -> Result<Place, String> {
+        self.place_cached(rel, &mut ParentCache::default())
+    }
+
+    fn place_cached(&self, rel: &[u8], cache: &mut ParentCache) -> Result<Place, String> {
+        match self.layout.get() {
+            Some(Layout::Tree(root)) => root.place_cached(rel, cache).map_err(|e| e.to_string()),
+            Some(Layout::File(place)) => Ok(place.clone()),
+            Some(Layout::Absent) | None => Err(format!(
+                "{}: {}",
+                self.shown(rel).display(),
+                std::io::Error::from(std::io::ErrorKind::NotFound)
+            )),
+        }
+    }
+
+    /// The path of a wire path as people read it (never used for access).
+    fn shown(&self, rel: &[u8]) -> PathBuf {
+        match self.layout.get() {
+            Some(Layout::File(place)) => place.shown().to_path_buf(),
+            _ => join(&self.root, rel),
+        }
+    }
+}
+
+/// Which file a delta is computed against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Basis {
+    /// The destination's current file.
+    Target,
+    /// The partial file an interrupted run left beside it.
+    Partial,
+}
+
+/// A file being received. Its places are resolved again for each step rather than held, so
+/// thousands of files in flight do not hold thousands of directory descriptors.
 struct RFile {
     entry: Entry,
-    target: PathBuf,
-    /// Where bytes are written: the partial file, or the target itself when in place.
-    work: PathBuf,
-    basis: Option<PathBuf>,
+    shown: PathBuf,
+    basis: Option<Basis>,
+    /// Bytes go to the target itself (volumes, `--inplace`), not to a partial file beside it.
     in_place: bool,
     /// `work` was created empty by this run, so unwritten ranges already read as zeros.
     fresh: bool,
@@ -53,6 +185,7 @@ struct RFile {
 }
 
 struct Shared {
+    dest: Dest,
     opts: SyncOptions,
     apply: ApplyOpts,
     files: Mutex<HashMap<u64, RFile>>,
@@ -73,6 +206,12 @@ pub async fn run_receiver(
     let mut control = spawn_control(control);
     let owners = opts.owners;
     let shared = Arc::new(Shared {
+        dest: Dest {
+            root: dest.root.clone(),
+            is_dir_hint: dest.is_dir_hint,
+            jail: dest.jail.clone(),
+            layout: OnceLock::new(),
+        },
         apply: ApplyOpts {
             owners,
             xattrs: opts.xattrs,
@@ -105,7 +244,7 @@ pub async fn run_receiver(
     let readers = tokio::spawn(accept_data(data, shared.clone(), fatal_tx));
 
     let problems = Problems::default();
-    let mut walk = WalkState::new(dest, opts.delete, filter);
+    let mut walk = WalkState::new(opts.delete, filter);
     let mut summary = Summary::default();
 
     let result: Result<(), EngineError> = loop {
@@ -217,13 +356,8 @@ pub async fn run_receiver(
                 }
             }
             Msg::FileAbort { id, reason } => {
-                let f = lock(&shared.files).remove(&id);
-                if let Some(f) = f {
-                    // Keep a partial file: it is a fine basis for the next run.
-                    if f.fresh && f.out.is_none() {
-                        let _ = std::fs::remove_file(&f.work);
-                    }
-                }
+                // A partial file, if any was written, stays: it is the next run's basis.
+                lock(&shared.files).remove(&id);
                 let _ = fail_file(&shared, id, reason).await;
             }
             Msg::EndOfList { .. } => {
@@ -405,7 +539,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                 let mut files = lock(&shared.files);
                 match files.get_mut(&id) {
                     None => return Ok(()), // aborted or failed already
-                    Some(f) => match open_work(f) {
+                    Some(f) => match open_work(&shared.dest, f) {
                         Ok(()) => Ok((f.out.clone(), f.basis_file.clone(), f.fresh, f.in_place)),
                         Err(reason) => {
                             files.remove(&id);
@@ -437,7 +571,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                         Ok(matches!(f.end, Some((frames, _, _)) if frames == f.seen))
                     }
                     (Some(f), Err(e)) => {
-                        let reason = format!("{}: {e}", f.target.display());
+                        let reason = format!("{}: {e}", f.shown.display());
                         files.remove(&id);
                         Err(reason)
                     }
@@ -473,39 +607,48 @@ async fn fail_file(shared: &Shared, id: u64, reason: String) -> Result<(), Engin
     Ok(())
 }
 
+/// The target of a file and the file its bytes go to (the partial file, or the target itself).
+fn places(dest: &Dest, f: &RFile) -> Result<(Place, Place), String> {
+    let target = dest.place(&f.entry.path)?;
+    let work = if f.in_place {
+        target.clone()
+    } else {
+        target.sibling(&partial_name(target.name()))
+    };
+    Ok((target, work))
+}
+
 /// Open the file that receives writes (and the basis), once.
-fn open_work(f: &mut RFile) -> Result<(), String> {
+fn open_work(dest: &Dest, f: &mut RFile) -> Result<(), String> {
     if f.out.is_some() {
         return Ok(());
     }
-    let mut oo = OpenOptions::new();
-    oo.write(true).read(true);
-    oo.create(true).mode(0o600);
-    if f.fresh && !f.in_place {
-        oo.truncate(true);
-    }
-    let out = oo
-        .open(&f.work)
-        .map_err(|e| format!("{}: cannot open for writing: {e}", f.work.display()))?;
+    let (target, work) = places(dest, f)?;
+    let out = work
+        .open_write(f.fresh && !f.in_place)
+        .map_err(|e| format!("{}: cannot open for writing: {e}", work.shown().display()))?;
     if !f.in_place || !is_block_device(&out) {
         out.set_len(f.entry.size).map_err(|e| {
             format!(
                 "{}: cannot size to {} bytes: {e}",
-                f.work.display(),
+                work.shown().display(),
                 f.entry.size
             )
         })?;
     }
     let out = Arc::new(out);
-    if let Some(b) = &f.basis {
-        if *b == f.work {
-            f.basis_file = Some(out.clone());
-        } else {
-            let bf =
-                File::open(b).map_err(|e| format!("{}: cannot read basis: {e}", b.display()))?;
-            f.basis_file = Some(Arc::new(bf));
+    // The basis is the work file itself, except for a delta against the target into a
+    // partial file.
+    f.basis_file = match f.basis {
+        None => None,
+        Some(Basis::Target) if !f.in_place => {
+            let bf = target
+                .open_read()
+                .map_err(|e| format!("{}: cannot read basis: {e}", target.shown().display()))?;
+            Some(Arc::new(bf))
         }
-    }
+        Some(_) => Some(out.clone()),
+    };
     f.out = Some(out);
     Ok(())
 }
@@ -685,13 +828,13 @@ fn commit(shared: &Shared, mut f: RFile) -> Result<(u64, u64), (String, bool)> {
         .end
         .ok_or(("file ended without FileEnd".to_string(), true))?;
     if f.out.is_none() {
-        open_work(&mut f).map_err(|e| (e, false))?;
+        open_work(&shared.dest, &mut f).map_err(|e| (e, false))?;
     }
     let Some(out) = f.out.clone() else {
         return Err(("no output file".into(), false));
     };
-    let where_ = f.work.display().to_string();
-    let io = |e: std::io::Error| (format!("{where_}: {e}"), false);
+    let (target, work) = places(&shared.dest, &f).map_err(|e| (e, false))?;
+    let io = |e: std::io::Error| (format!("{}: {e}", work.shown().display()), false);
     let block_dev = is_block_device(&out);
     if !block_dev {
         out.set_len(size).map_err(io)?;
@@ -699,17 +842,18 @@ fn commit(shared: &Shared, mut f: RFile) -> Result<(u64, u64), (String, bool)> {
     let got = digest_of(&out, size).map_err(io)?;
     if got != digest {
         if !f.in_place {
-            let _ = std::fs::remove_file(&f.work);
+            let _ = work.remove_file();
         }
         return Err((
             format!(
                 "{}: content digest mismatch after transfer; will resend",
-                f.target.display()
+                f.shown.display()
             ),
             true,
         ));
     }
-    install(shared, &out, &f, size, !block_dev, !f.in_place)?;
+    let rename = (!f.in_place).then_some((&work, &target));
+    install(shared, &out, &f, size, !block_dev, rename)?;
     Ok((f.literal, f.copied))
 }
 
@@ -720,21 +864,21 @@ fn install(
     f: &RFile,
     size: u64,
     set_meta: bool,
-    rename: bool,
+    rename: Option<(&Place, &Place)>,
 ) -> Result<(), (String, bool)> {
-    let io = |e: std::io::Error| (format!("{}: {e}", f.work.display()), false);
+    let io = |e: std::io::Error| (format!("{}: {e}", f.shown.display()), false);
     if shared.opts.fsync {
         out.sync_all().map_err(io)?;
     }
     if set_meta {
         let mut e = f.entry.clone();
         e.size = size;
-        meta::apply_file(out, &f.work, &e, shared.apply).map_err(|e| (e.to_string(), false))?;
+        meta::apply_file(out, &f.shown, &e, shared.apply).map_err(|e| (e.to_string(), false))?;
     }
-    if rename {
-        std::fs::rename(&f.work, &f.target).map_err(|e| {
+    if let Some((work, target)) = rename {
+        work.rename_to(target).map_err(|e| {
             (
-                format!("{}: cannot rename into place: {e}", f.target.display()),
+                format!("{}: cannot rename into place: {e}", f.shown.display()),
                 false,
             )
         })?;
@@ -746,17 +890,22 @@ fn install(
 
 /// The sender found the basis identical: only metadata (and a partial's rename) is left.
 fn commit_same(shared: &Shared, f: RFile) -> Result<(), String> {
-    let path = f.basis.clone().unwrap_or_else(|| f.target.clone());
-    let file = OpenOptions::new()
-        .read(true)
-        .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (target, partial) = places(&shared.dest, &f)?;
+    let from = if f.basis == Some(Basis::Partial) {
+        &partial
+    } else {
+        &target
+    };
+    let file = from
+        .open_read()
+        .map_err(|e| format!("{}: {e}", from.shown().display()))?;
     if !is_block_device(&file) {
-        meta::apply_file(&file, &path, &f.entry, shared.apply).map_err(|e| e.to_string())?;
+        meta::apply_file(&file, from.shown(), &f.entry, shared.apply).map_err(|e| e.to_string())?;
     }
-    if path != f.target {
-        std::fs::rename(&path, &f.target)
-            .map_err(|e| format!("{}: cannot rename into place: {e}", f.target.display()))?;
+    if f.basis == Some(Basis::Partial) {
+        partial
+            .rename_to(&target)
+            .map_err(|e| format!("{}: cannot rename into place: {e}", f.shown.display()))?;
     }
     Stats::add(&shared.stats.files_done, 1);
     Stats::add(&shared.stats.bytes_done, f.entry.size);
@@ -770,29 +919,26 @@ fn write_small(shared: &Shared, f: RFile, data: SmallFile) -> Result<u64, (Strin
         return Err((
             format!(
                 "{}: content digest mismatch; will resend",
-                f.target.display()
+                f.shown.display()
             ),
             true,
         ));
     }
-    let io = |e: std::io::Error| (format!("{}: {e}", f.work.display()), false);
-    let out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&f.work)
-        .map_err(io)?;
+    let (target, work) = places(&shared.dest, &f).map_err(|e| (e, false))?;
+    let io = |e: std::io::Error| (format!("{}: {e}", work.shown().display()), false);
+    let out = work.open_write(true).map_err(io)?;
     out.write_all_at(&data.data, 0).map_err(io)?;
     let size = data.data.len() as u64;
-    install(shared, &out, &f, size, true, true)?;
+    let rename = (!f.in_place).then_some((&work, &target));
+    install(shared, &out, &f, size, true, rename)?;
     Stats::add(&shared.stats.literal_bytes, size);
     Ok(size)
 }
 
 struct SigJob {
     id: u64,
-    basis: PathBuf,
+    rel: Vec<u8>,
+    basis: Basis,
     positional: bool,
     source_size: u64,
 }
@@ -800,7 +946,8 @@ struct SigJob {
 async fn send_signature(shared: Arc<Shared>, job: SigJob) {
     let permit = shared.hashing.acquire().await;
     let id = job.id;
-    let sig = tokio::task::spawn_blocking(move || signature(&job)).await;
+    let s = shared.clone();
+    let sig = tokio::task::spawn_blocking(move || signature(&s.dest, &job)).await;
     drop(permit);
     let signature = match sig {
         Ok(Ok(s)) => s,
@@ -809,9 +956,19 @@ async fn send_signature(shared: Arc<Shared>, job: SigJob) {
     let _ = shared.control.send(Msg::Signature { id, signature }).await;
 }
 
-fn signature(job: &SigJob) -> std::io::Result<Signature> {
-    let file = File::open(&job.basis)?;
-    let basis_size = cofs::volume::size_of(&file, &job.basis).map_err(std::io::Error::other)?;
+/// Open the basis of a file to read: its target, or the partial file beside it.
+fn open_basis(dest: &Dest, rel: &[u8], basis: Basis) -> std::io::Result<(File, PathBuf)> {
+    let target = dest.place(rel).map_err(std::io::Error::other)?;
+    let place = match basis {
+        Basis::Target => target,
+        Basis::Partial => target.sibling(&partial_name(target.name())),
+    };
+    Ok((place.open_read()?, place.shown().to_path_buf()))
+}
+
+fn signature(dest: &Dest, job: &SigJob) -> std::io::Result<Signature> {
+    let (file, shown) = open_basis(dest, &job.rel, job.basis)?;
+    let basis_size = cofs::volume::size_of(&file, &shown).map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; LEAF];
     let mut off = 0u64;
     if job.positional {
@@ -849,14 +1006,17 @@ fn signature(job: &SigJob) -> std::io::Result<Signature> {
 }
 
 async fn answer_hashes(shared: Arc<Shared>, id: u64, block: u32, ranges: Vec<(u64, u64)>) {
-    let basis = lock(&shared.files).get(&id).and_then(|f| f.basis.clone());
+    let basis = lock(&shared.files)
+        .get(&id)
+        .and_then(|f| Some((f.entry.path.clone(), f.basis?)));
     let expected = blocks_of(&ranges, u64::from(block.max(1))).len();
     let hashes: Vec<BlockHash> = match basis {
         None => vec![0; expected],
-        Some(path) => {
+        Some((rel, basis)) => {
             let permit = shared.hashing.acquire().await;
+            let s = shared.clone();
             let r = tokio::task::spawn_blocking(move || {
-                let file = File::open(&path).map_err(|e| e.to_string())?;
+                let (file, _) = open_basis(&s.dest, &rel, basis).map_err(|e| e.to_string())?;
                 hash_ranges(&file, &ranges, (block as usize).max(1))
             })
             .await;
@@ -872,27 +1032,31 @@ async fn answer_hashes(shared: Arc<Shared>, id: u64, block: u32, ranges: Vec<(u6
 }
 
 /// Directory bookkeeping of a pass: the stack of open directories (for deletes), the
-/// directories whose metadata is set at the end, and deferred hard links.
+/// directories whose metadata is set at the end, and deferred hard links. All by wire path,
+/// resolved when used.
 struct WalkState {
-    dest: Destination,
     delete: bool,
     filter: Filter,
-    single_file: Option<bool>,
+    /// The first entry created the destination directory (so the root entry is new).
+    created_root: bool,
+    /// For the entries of one directory, listed together.
+    parents: ParentCache,
     open_dirs: Vec<(Vec<u8>, HashSet<Vec<u8>>)>,
-    dirs: Vec<(PathBuf, Entry)>,
-    hard_links: Vec<(PathBuf, PathBuf)>,
-    doomed: Vec<PathBuf>,
+    dirs: Vec<Entry>,
+    /// (first, link): wire paths of a hard link's first name and of the link.
+    hard_links: Vec<(Vec<u8>, Vec<u8>)>,
+    doomed: Vec<Vec<u8>>,
 }
 
 type Decided = (Need, Option<SigJob>, Option<(String, Action, u64)>);
 
 impl WalkState {
-    fn new(dest: Destination, delete: bool, filter: Filter) -> Self {
+    fn new(delete: bool, filter: Filter) -> Self {
         WalkState {
-            dest,
             delete,
             filter,
-            single_file: None,
+            created_root: false,
+            parents: ParentCache::default(),
             open_dirs: Vec::new(),
             dirs: Vec::new(),
             hard_links: Vec::new(),
@@ -901,29 +1065,11 @@ impl WalkState {
     }
 
     fn empty() -> Self {
-        WalkState::new(
-            Destination {
-                root: PathBuf::new(),
-                is_dir_hint: false,
-            },
-            false,
-            Filter::default(),
-        )
-    }
-
-    fn target(&self, rel: &[u8]) -> PathBuf {
-        if self.single_file == Some(true) {
-            let dir_like = self.dest.is_dir_hint || self.dest.root.is_dir();
-            if dir_like {
-                return join(&self.dest.root, rel);
-            }
-            return self.dest.root.clone();
-        }
-        join(&self.dest.root, rel)
+        WalkState::new(false, Filter::default())
     }
 
     /// Track the directory walk for deletes: close directories the walk has left.
-    fn track(&mut self, rel: &[u8], is_dir: bool) {
+    fn track(&mut self, dest: &Dest, rel: &[u8], is_dir: bool) {
         if !self.delete {
             return;
         }
@@ -941,7 +1087,7 @@ impl WalkState {
             }
             let closed = self.open_dirs.pop();
             if let Some((dir, seen)) = closed {
-                self.close_dir(&dir, &seen);
+                self.close_dir(dest, &dir, &seen);
             }
         }
         let name = rel[parent.len()..]
@@ -956,29 +1102,27 @@ impl WalkState {
     }
 
     /// Everything in `dir` on the destination that the source did not list is doomed.
-    fn close_dir(&mut self, dir: &[u8], seen: &HashSet<Vec<u8>>) {
-        let abs = join(&self.dest.root, dir);
-        let Ok(rd) = std::fs::read_dir(&abs) else {
+    fn close_dir(&mut self, dest: &Dest, dir: &[u8], seen: &HashSet<Vec<u8>>) {
+        let Ok(listed) = dest
+            .place(dir)
+            .and_then(|p| p.list().map_err(|e| e.to_string()))
+        else {
             return;
         };
-        let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
-        names.sort_by_key(|e| e.file_name());
-        for e in names {
-            let name = e.file_name();
-            if is_internal(&name) || seen.contains(name.as_bytes()) {
+        for e in listed {
+            if is_internal(&e.name) || seen.contains(e.name.as_bytes()) {
                 continue;
             }
             let mut rel = dir.to_vec();
             if !rel.is_empty() {
                 rel.push(b'/');
             }
-            rel.extend_from_slice(name.as_bytes());
-            let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            rel.extend_from_slice(e.name.as_bytes());
             // Excluded files are protected from deletion, as in rsync.
-            if self.filter.excluded(&rel, is_dir) {
+            if self.filter.excluded(&rel, e.is_dir) {
                 continue;
             }
-            self.doomed.push(e.path());
+            self.doomed.push(rel);
         }
     }
 
@@ -996,32 +1140,36 @@ impl WalkState {
                 format!("{:?}: refused: {why}", display(&entry.path)),
             ));
         }
-        if self.single_file.is_none() {
-            self.single_file = Some(!matches!(entry.kind, EntryKind::Dir));
-            // `sync src dst/` with `dst` missing: create it, as rsync does.
-            if entry.kind == EntryKind::Dir && !entry.path.is_empty() && !dry {
-                std::fs::create_dir_all(&self.dest.root).map_err(|e| {
-                    (
-                        Need::Refused,
-                        format!(
-                            "{}: cannot create destination directory: {e}",
-                            self.dest.root.display()
-                        ),
-                    )
-                })?;
-            }
+        let dest = &shared.dest;
+        if dest.layout.get().is_none() {
+            self.created_root = dest.settle(&entry, dry).map_err(|e| (Need::Refused, e))?;
         }
         if !rescan {
-            self.track(&entry.path, entry.kind == EntryKind::Dir);
+            self.track(dest, &entry.path, entry.kind == EntryKind::Dir);
         }
-        let target = self.target(&entry.path);
+        let shown = dest.shown(&entry.path);
         let path = display(&entry.path);
         let size = entry.size;
         let item = |a: Action| Some((path.clone(), a, size));
         let err = |e: std::io::Error, what: &str| {
-            (Need::Refused, format!("{}: {what}: {e}", target.display()))
+            (Need::Refused, format!("{}: {what}: {e}", shown.display()))
         };
-        let existing = std::fs::symlink_metadata(&target).ok();
+        // Directories are made, removed and replaced below: never reuse a parent across one.
+        if matches!(entry.kind, EntryKind::Dir) {
+            self.parents.forget();
+        }
+        // In a dry run a missing parent only means nothing is there yet.
+        let place = match dest.place_cached(&entry.path, &mut self.parents) {
+            Ok(p) => Ok(p),
+            Err(e) if !dry => return Err((Need::Refused, e)),
+            Err(e) => Err(e),
+        };
+        let here = || place.as_ref().map_err(|e| (Need::Refused, e.clone()));
+        let existing = match &place {
+            Ok(_) if entry.path.is_empty() && self.created_root => None,
+            Ok(p) => p.metadata().map_err(|e| err(e, "cannot inspect"))?,
+            Err(_) => None,
+        };
         let apply = shared.apply;
         match &entry.kind {
             EntryKind::Dir => {
@@ -1029,17 +1177,21 @@ impl WalkState {
                     Some(md) if md.is_dir() => false,
                     Some(_) => {
                         if !dry {
-                            std::fs::remove_file(&target)
+                            here()?
+                                .remove_file()
                                 .map_err(|e| err(e, "cannot replace with a directory"))?;
                         }
                         true
                     }
                     None => true,
                 };
-                if fresh && !dry {
-                    std::fs::create_dir(&target).map_err(|e| err(e, "cannot create directory"))?;
+                // The root itself was made by `settle`.
+                if fresh && !dry && !entry.path.is_empty() {
+                    here()?
+                        .create_dir()
+                        .map_err(|e| err(e, "cannot create directory"))?;
                 }
-                self.dirs.push((target.clone(), entry));
+                self.dirs.push(entry);
                 if fresh {
                     return Ok((Need::Created, None, item(Action::Create)));
                 }
@@ -1047,12 +1199,10 @@ impl WalkState {
             }
             EntryKind::Symlink { target: link } => {
                 if let Some(md) = &existing {
-                    if md.file_type().is_symlink() {
-                        let same = std::fs::read_link(&target)
-                            .map(|t| t.as_os_str().as_bytes() == link.as_slice())
-                            .unwrap_or(false);
+                    if md.is_symlink() {
+                        let same = here()?.read_link().is_ok_and(|t| t == *link);
                         if same {
-                            let need = meta_only(md, &target, &entry, apply, dry)?;
+                            let need = meta_only(md, here()?, &entry, apply, dry)?;
                             return Ok((
                                 need,
                                 None,
@@ -1060,17 +1210,18 @@ impl WalkState {
                             ));
                         }
                     } else if md.is_dir() {
-                        replace_dir(&target, "a symlink", shared.opts.delete, dry)?;
+                        replace_dir(here()?, "a symlink", shared.opts.delete, dry)?;
                     }
                 }
                 if !dry {
-                    let tmp = temp_path(&target);
-                    let _ = std::fs::remove_file(&tmp);
-                    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(link), &tmp)
+                    let target = here()?;
+                    let tmp = target.sibling(&temp_name(target.name()));
+                    let _ = tmp.remove_file();
+                    tmp.symlink(link)
                         .map_err(|e| err(e, "cannot create symlink"))?;
-                    meta::apply_path(&tmp, &entry, apply)
+                    meta::apply_place(&tmp, &entry, apply)
                         .map_err(|e| (Need::Refused, e.to_string()))?;
-                    std::fs::rename(&tmp, &target)
+                    tmp.rename_to(target)
                         .map_err(|e| err(e, "cannot rename symlink into place"))?;
                 }
                 return Ok((Need::Created, None, item(Action::Create)));
@@ -1082,7 +1233,7 @@ impl WalkState {
                         format!("{path}: refused: bad hard link target"),
                     ));
                 }
-                self.hard_links.push((self.target(first), target));
+                self.hard_links.push((first.clone(), entry.path.clone()));
                 return Ok((Need::Created, None, item(Action::Create)));
             }
             EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
@@ -1090,9 +1241,9 @@ impl WalkState {
                     return Ok((Need::Skip, None, None));
                 }
                 if !dry {
-                    make_node(&target, &entry)
-                        .map_err(|e| (Need::Refused, format!("{}: {e}", target.display())))?;
-                    meta::apply_path(&target, &entry, apply)
+                    make_node(here()?, &entry)
+                        .map_err(|e| (Need::Refused, format!("{}: {e}", shown.display())))?;
+                    meta::apply_place(here()?, &entry, apply)
                         .map_err(|e| (Need::Refused, e.to_string()))?;
                 }
                 return Ok((Need::Created, None, item(Action::Create)));
@@ -1102,15 +1253,15 @@ impl WalkState {
         let volume = entry.kind == EntryKind::Volume
             || existing
                 .as_ref()
-                .map(|m| m.file_type().is_block_device())
+                .map(|m| m.is_block_device())
                 .unwrap_or(false);
         let in_place = volume || shared.opts.inplace;
         if let Some(md) = &existing {
             if md.is_dir() {
-                replace_dir(&target, "a file", shared.opts.delete, dry)?;
+                replace_dir(here()?, "a file", shared.opts.delete, dry)?;
             }
             if !volume && md.is_file() && !shared.opts.checksum && meta::quick_match(md, &entry) {
-                let need = meta_only(md, &target, &entry, apply, dry)?;
+                let need = meta_only(md, here()?, &entry, apply, dry)?;
                 return Ok((
                     need,
                     None,
@@ -1118,42 +1269,34 @@ impl WalkState {
                 ));
             }
         }
-        let partial = partial_path(&target);
-        let has_partial = !in_place
-            && std::fs::symlink_metadata(&partial)
-                .map(|m| m.is_file())
-                .unwrap_or(false);
+        let partial = match &place {
+            Ok(p) if !in_place => p
+                .sibling(&partial_name(p.name()))
+                .metadata()
+                .ok()
+                .flatten()
+                .filter(|m| m.is_file()),
+            _ => None,
+        };
+        let has_partial = partial.is_some();
         let target_usable = existing
             .as_ref()
-            .map(|m| m.is_file() || m.file_type().is_block_device())
+            .map(|m| m.is_file() || m.is_block_device())
             .unwrap_or(false);
         // `fresh`: the work file starts empty in this run, so unwritten ranges read as zeros.
         let (basis, fresh) = if in_place {
-            (
-                if target_usable {
-                    Some(target.clone())
-                } else {
-                    None
-                },
-                !target_usable,
-            )
+            (target_usable.then_some(Basis::Target), !target_usable)
         } else if has_partial {
-            (Some(partial.clone()), false)
+            (Some(Basis::Partial), false)
         } else {
-            (
-                if target_usable {
-                    Some(target.clone())
-                } else {
-                    None
-                },
-                true,
-            )
+            (target_usable.then_some(Basis::Target), true)
         };
-        let basis_size = basis
-            .as_ref()
-            .and_then(|b| std::fs::metadata(b).ok())
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let basis_size = match basis {
+            Some(Basis::Partial) => partial.as_ref().map(|m| m.size()),
+            Some(Basis::Target) => existing.as_ref().map(|m| m.size()),
+            None => None,
+        }
+        .unwrap_or(0);
         let need = match &basis {
             _ if shared.opts.whole_file && !has_partial && !in_place => Need::Full,
             None => Need::Full,
@@ -1172,15 +1315,23 @@ impl WalkState {
             };
             return Ok((need, None, item(action)));
         }
-        let work = if in_place { target.clone() } else { partial };
+        let sig = match (need, basis) {
+            (Need::Positional | Need::Chunks, Some(b)) => Some(SigJob {
+                id,
+                rel: entry.path.clone(),
+                basis: b,
+                positional: need == Need::Positional,
+                source_size: size,
+            }),
+            _ => None,
+        };
         let rf = RFile {
             entry,
-            target,
-            work,
+            shown,
             basis: if need == Need::Full && !in_place {
                 None
             } else {
-                basis.clone()
+                basis
             },
             in_place,
             fresh,
@@ -1192,15 +1343,6 @@ impl WalkState {
             copied: 0,
         };
         lock(&shared.files).insert(id, rf);
-        let sig = match (need, basis) {
-            (Need::Positional | Need::Chunks, Some(b)) => Some(SigJob {
-                id,
-                basis: b,
-                positional: need == Need::Positional,
-                source_size: size,
-            }),
-            _ => None,
-        };
         Ok((need, sig, None))
     }
 
@@ -1212,26 +1354,41 @@ impl WalkState {
         had_errors: bool,
     ) -> Result<(), String> {
         let dry = shared.opts.dry_run;
+        let dest = &shared.dest;
         while let Some((dir, seen)) = self.open_dirs.pop() {
-            self.close_dir(&dir, &seen);
+            self.close_dir(dest, &dir, &seen);
         }
         let mut report = lock(&shared.report);
         if !dry {
             for (first, link) in &self.hard_links {
-                let tmp = temp_path(link);
-                let _ = std::fs::remove_file(&tmp);
-                let r = std::fs::hard_link(first, &tmp).and_then(|_| std::fs::rename(&tmp, link));
+                let r = dest.place(first).and_then(|first| {
+                    let link = dest.place(link)?;
+                    let tmp = link.sibling(&temp_name(link.name()));
+                    let _ = tmp.remove_file();
+                    first
+                        .hard_link_as(&tmp)
+                        .and_then(|_| tmp.rename_to(&link))
+                        .map_err(|e| e.to_string())
+                });
                 if let Err(e) = r {
                     report.errors.push(format!(
                         "{}: cannot hard-link to {}: {e}",
-                        link.display(),
-                        first.display()
+                        dest.shown(link).display(),
+                        dest.shown(first).display()
                     ));
                 }
             }
         }
         if !self.doomed.is_empty() {
-            let count: u64 = self.doomed.iter().map(|p| count_entries(p)).sum();
+            let doomed: Vec<(Vec<u8>, Result<Place, String>)> = std::mem::take(&mut self.doomed)
+                .into_iter()
+                .map(|rel| {
+                    let place = dest.place(&rel);
+                    (rel, place)
+                })
+                .collect();
+            let count_of = |p: &Result<Place, String>| p.as_ref().map_or(0, |p| p.count_tree());
+            let count: u64 = doomed.iter().map(|(_, p)| count_of(p)).sum();
             if had_errors && !dry {
                 report.errors.push(format!(
                     "{count} deletions skipped because of errors in this pass"
@@ -1244,25 +1401,15 @@ impl WalkState {
                 ));
             } else {
                 let mut notices = Vec::new();
-                for p in &self.doomed {
-                    let n = count_entries(p);
-                    let rel = p
-                        .strip_prefix(&self.dest.root)
-                        .unwrap_or(p)
-                        .as_os_str()
-                        .as_bytes()
-                        .to_vec();
+                for (rel, place) in doomed {
+                    let n = count_of(&place);
                     if !dry {
-                        let md = std::fs::symlink_metadata(p);
-                        let r = match md {
-                            Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
-                            Ok(_) => std::fs::remove_file(p),
-                            Err(e) => Err(e),
-                        };
+                        let r = place.and_then(|p| p.remove_tree().map_err(|e| e.to_string()));
                         if let Err(e) = r {
-                            report
-                                .errors
-                                .push(format!("{}: cannot delete: {e}", p.display()));
+                            report.errors.push(format!(
+                                "{}: cannot delete: {e}",
+                                dest.shown(&rel).display()
+                            ));
                             continue;
                         }
                     }
@@ -1283,20 +1430,23 @@ impl WalkState {
         }
         if !dry {
             // Children first, so a parent's mtime is set after everything inside it changed.
-            for (path, entry) in self.dirs.iter().rev() {
-                if let Err(e) = meta::apply_path(path, entry, shared.apply) {
-                    report.errors.push(e.to_string());
+            for entry in self.dirs.iter().rev() {
+                let r = dest.place(&entry.path).and_then(|p| {
+                    meta::apply_place(&p, entry, shared.apply).map_err(|e| e.to_string())
+                });
+                if let Err(e) = r {
+                    report.errors.push(e);
                 }
             }
             if !shared.opts.fsync {
-                if let Ok(d) = File::open(&self.dest.root)
-                    .or_else(|_| File::open(self.dest.root.parent().unwrap_or(Path::new("."))))
+                if let Ok(d) = File::open(&dest.root)
+                    .or_else(|_| File::open(dest.root.parent().unwrap_or(Path::new("."))))
                 {
                     let started = std::time::Instant::now();
                     if let Err(e) = rustix::fs::syncfs(&d) {
                         report
                             .errors
-                            .push(format!("{}: syncfs failed: {e}", self.dest.root.display()));
+                            .push(format!("{}: syncfs failed: {e}", dest.root.display()));
                     }
                     tracing::debug!(
                         ms = started.elapsed().as_millis() as u64,
@@ -1311,8 +1461,8 @@ impl WalkState {
 
 /// The content is already there: set metadata where it differs (`Meta`), else `Skip`.
 fn meta_only(
-    md: &std::fs::Metadata,
-    target: &Path,
+    md: &cofs::root::Stat,
+    target: &Place,
     entry: &Entry,
     apply: ApplyOpts,
     dry: bool,
@@ -1321,55 +1471,38 @@ fn meta_only(
         return Ok(Need::Skip);
     }
     if !dry {
-        meta::apply_path(target, entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
+        meta::apply_place(target, entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
     }
     Ok(Need::Meta)
 }
 
 /// A directory stands where the source has a non-directory: with `--delete` it goes (the
 /// source no longer has anything below it), otherwise the entry is refused.
-fn replace_dir(target: &Path, what: &str, delete: bool, dry: bool) -> Result<(), (Need, String)> {
+fn replace_dir(target: &Place, what: &str, delete: bool, dry: bool) -> Result<(), (Need, String)> {
+    let shown = target.shown().display();
     if !delete {
         return Err((
             Need::Refused,
             format!(
-                "{}: is a directory, the source has {what} here (use --delete to replace it)",
-                target.display()
+                "{shown}: is a directory, the source has {what} here (use --delete to replace it)"
             ),
         ));
     }
     if !dry {
-        std::fs::remove_dir_all(target).map_err(|e| {
+        target.remove_tree().map_err(|e| {
             (
                 Need::Refused,
-                format!(
-                    "{}: cannot remove directory to replace it: {e}",
-                    target.display()
-                ),
+                format!("{shown}: cannot remove directory to replace it: {e}"),
             )
         })?;
     }
     Ok(())
 }
 
-fn count_entries(p: &Path) -> u64 {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => {
-            1 + std::fs::read_dir(p)
-                .map(|rd| {
-                    rd.filter_map(|e| e.ok())
-                        .map(|e| count_entries(&e.path()))
-                        .sum()
-                })
-                .unwrap_or(0)
-        }
-        Ok(_) => 1,
-        Err(_) => 0,
-    }
-}
-
-fn make_node(path: &Path, e: &Entry) -> std::io::Result<()> {
-    use rustix::fs::{FileType, Mode};
+/// Make a fifo or, as root, a device node. A device node from a peer when not root is
+/// refused: only root could make one, and it would be a hole in the destination's permissions.
+fn make_node(place: &Place, e: &Entry) -> std::io::Result<()> {
+    use rustix::fs::FileType;
     let (ft, rdev) = match e.kind {
         EntryKind::Fifo => (FileType::Fifo, 0),
         EntryKind::CharDevice { rdev } => (FileType::CharacterDevice, rdev),
@@ -1381,6 +1514,5 @@ fn make_node(path: &Path, e: &Entry) -> std::io::Result<()> {
             "device nodes can only be created as root; skipped",
         ));
     }
-    rustix::fs::mknodat(rustix::fs::CWD, path, ft, Mode::from_raw_mode(e.mode), rdev)
-        .map_err(Into::into)
+    place.make_node(ft, e.mode & 0o7777, rdev)
 }

@@ -23,6 +23,16 @@ const COPY_OPS_PER_FRAME: usize = 4096;
 
 pub struct Source {
     pub root: PathBuf,
+    /// A directory the source must stay beneath (a daemon module): content is opened through
+    /// it, never by path alone.
+    pub jail: Option<PathBuf>,
+}
+
+impl Source {
+    /// A source named by the local user: no jail beyond their own rights.
+    pub fn local(root: PathBuf) -> Self {
+        Source { root, jail: None }
+    }
 }
 
 /// A job on the shared queue: whatever one data connection sends next.
@@ -112,7 +122,12 @@ pub async fn run_sender(
         Ok(f) => Arc::new(f),
         Err(e) => return fail(&control.tx, e.into()).await,
     };
-    let walker = match Walker::new(&source.root, opts.copy_dir_itself, filter, opts.xattrs) {
+    let walker = Walker::new(&source.root, opts.copy_dir_itself, filter, opts.xattrs);
+    let walker = match (walker, &source.jail) {
+        (Ok(w), Some(jail)) => w.confined_to(jail),
+        (w, _) => w,
+    };
+    let walker = match walker {
         Ok(w) => w,
         Err(e) => return fail(&control.tx, e.into()).await,
     };
@@ -452,11 +467,7 @@ fn recapture(item: &ScanItem) -> Result<ScanItem, String> {
         entry.kind = EntryKind::Volume;
         entry.size = item.entry.size;
     }
-    Ok(ScanItem {
-        entry,
-        abs: item.abs.clone(),
-        local: LocalInfo::of(&md),
-    })
+    Ok(item.restated(entry, LocalInfo::of(&md)))
 }
 
 pub(crate) fn display(path: &[u8]) -> String {
@@ -503,7 +514,7 @@ fn moved(scan: &(Entry, LocalInfo), now: &std::fs::Metadata) -> Option<String> {
 }
 
 fn open_source(item: &ScanItem) -> Result<File, (String, bool)> {
-    File::open(&item.abs).map_err(|e| {
+    item.open().map_err(|e| {
         let vanished = e.kind() == std::io::ErrorKind::NotFound;
         let why = if vanished {
             format!("{}: vanished before it could be read", item.abs.display())

@@ -6,10 +6,12 @@
 pub mod filter;
 pub mod meta;
 pub mod partial;
+pub mod root;
 pub mod volume;
 pub mod walk;
 
 pub use filter::Filter;
+pub use root::{Place, Root};
 pub use walk::{LocalInfo, ScanItem, Walker};
 
 use std::path::{Path, PathBuf};
@@ -62,7 +64,7 @@ pub fn join(root: &Path, rel: &[u8]) -> PathBuf {
 }
 
 /// Check that a wire path is relative, normalised and free of `..`, NUL and empty components.
-/// This is the lexical half of confinement; the daemon adds symlink-safe resolution.
+/// This is the lexical half of confinement; `Root` adds symlink-safe resolution.
 pub fn validate_rel(rel: &[u8]) -> Result<(), String> {
     if rel.is_empty() {
         return Ok(());

@@ -1,12 +1,16 @@
 //! Metadata: capture an `Entry` from `lstat`, compare it with what the destination has, and
 //! apply it (owner, mode, xattrs, then mtime last, since every other change bumps it).
 
-use crate::{FsError, IoContext};
+use crate::root::Stat;
+use crate::{FsError, IoContext, Place};
 use proto::{Entry, EntryKind, Xattr};
-use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid, CWD};
+use rustix::fs::{Gid, Mode, Timespec, Timestamps, Uid};
+use std::ffi::OsStr;
 use std::fs::{File, Metadata};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+use xattr::FileExt;
 
 /// What of the metadata the receiver sets besides mode and mtime.
 #[derive(Debug, Clone, Copy, Default)]
@@ -23,7 +27,6 @@ pub fn capture(rel: Vec<u8>, abs: &Path, md: &Metadata, xattrs: bool) -> Result<
     } else if ft.is_dir() {
         EntryKind::Dir
     } else if ft.is_symlink() {
-        use std::os::unix::ffi::OsStrExt;
         let target = std::fs::read_link(abs).at(abs)?;
         EntryKind::Symlink {
             target: target.as_os_str().as_bytes().to_vec(),
@@ -65,15 +68,58 @@ pub fn capture(rel: Vec<u8>, abs: &Path, md: &Metadata, xattrs: bool) -> Result<
 
 /// Extended attributes of `path` (not following a symlink), sorted by name.
 pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>, FsError> {
-    use std::os::unix::ffi::OsStrExt;
+    read_xattrs_of(XattrsOf::Path(path)).at(path)
+}
+
+/// Where extended attributes are read or written: a path not followed (the source side), an
+/// open file, or a held object's `/proc/self/fd` path, followed to exactly that object.
+#[derive(Clone, Copy)]
+enum XattrsOf<'a> {
+    Path(&'a Path),
+    File(&'a File),
+    Held(&'a Path),
+}
+
+impl XattrsOf<'_> {
+    fn list(self) -> std::io::Result<xattr::XAttrs> {
+        match self {
+            XattrsOf::Path(p) => xattr::list(p),
+            XattrsOf::File(f) => f.list_xattr(),
+            XattrsOf::Held(p) => xattr::list_deref(p),
+        }
+    }
+    fn get(self, name: &OsStr) -> std::io::Result<Option<Vec<u8>>> {
+        match self {
+            XattrsOf::Path(p) => xattr::get(p, name),
+            XattrsOf::File(f) => f.get_xattr(name),
+            XattrsOf::Held(p) => xattr::get_deref(p, name),
+        }
+    }
+    fn set(self, name: &OsStr, value: &[u8]) -> std::io::Result<()> {
+        match self {
+            XattrsOf::Path(p) => xattr::set(p, name, value),
+            XattrsOf::File(f) => f.set_xattr(name, value),
+            XattrsOf::Held(p) => xattr::set_deref(p, name, value),
+        }
+    }
+    fn remove(self, name: &OsStr) -> std::io::Result<()> {
+        match self {
+            XattrsOf::Path(p) => xattr::remove(p, name),
+            XattrsOf::File(f) => f.remove_xattr(name),
+            XattrsOf::Held(p) => xattr::remove_deref(p, name),
+        }
+    }
+}
+
+fn read_xattrs_of(of: XattrsOf<'_>) -> std::io::Result<Vec<Xattr>> {
     let mut out = Vec::new();
-    let names = match xattr::list(path) {
+    let names = match of.list() {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
-        Err(e) => return Err(FsError::io(path, e)),
+        Err(e) => return Err(e),
     };
     for name in names {
-        if let Some(value) = xattr::get(path, &name).at(path)? {
+        if let Some(value) = of.get(&name)? {
             out.push(Xattr {
                 name: name.as_bytes().to_vec(),
                 value,
@@ -85,7 +131,7 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>, FsError> {
 }
 
 /// Size and mtime (to the nanosecond) say the content is unchanged, as rsync's quick check.
-pub fn quick_match(md: &Metadata, e: &Entry) -> bool {
+pub fn quick_match(md: &Stat, e: &Entry) -> bool {
     md.is_file()
         && md.size() == e.size
         && md.mtime() == e.mtime_sec
@@ -93,9 +139,9 @@ pub fn quick_match(md: &Metadata, e: &Entry) -> bool {
 }
 
 /// Whether mode, owner, mtime or xattrs of the destination differ from the entry.
-pub fn differs(md: &Metadata, path: &Path, e: &Entry, opts: ApplyOpts) -> bool {
-    let is_link = md.file_type().is_symlink();
-    if !is_link && md.mode() & 0o7777 != e.mode {
+pub fn differs(md: &Stat, place: &Place, e: &Entry, opts: ApplyOpts) -> bool {
+    let is_link = md.is_symlink();
+    if !is_link && md.mode() != e.mode {
         return true;
     }
     if opts.owners && (md.uid() != e.uid || md.gid() != e.gid) {
@@ -105,7 +151,11 @@ pub fn differs(md: &Metadata, path: &Path, e: &Entry, opts: ApplyOpts) -> bool {
         return true;
     }
     if opts.xattrs && !is_link {
-        return read_xattrs(path).map(|x| x != e.xattrs).unwrap_or(true);
+        let held = place.meta_handle();
+        return held
+            .and_then(|h| read_xattrs_of(XattrsOf::Held(&h.proc_path())))
+            .map(|x| x != e.xattrs)
+            .unwrap_or(true);
     }
     false
 }
@@ -134,41 +184,39 @@ pub fn apply_file(file: &File, path: &Path, e: &Entry, opts: ApplyOpts) -> Resul
     }
     rustix::fs::fchmod(file, Mode::from_raw_mode(e.mode)).map_err(err)?;
     if opts.xattrs {
-        set_xattrs(path, &e.xattrs)?;
+        set_xattrs(XattrsOf::File(file), &e.xattrs).at(path)?;
     }
     rustix::fs::futimens(file, &times(e)).map_err(err)
 }
 
-/// Apply metadata by path without following a final symlink (directories, links, nodes).
-pub fn apply_path(path: &Path, e: &Entry, opts: ApplyOpts) -> Result<(), FsError> {
-    let err = |x: rustix::io::Errno| FsError::io(path, x.into());
-    let is_link = matches!(e.kind, EntryKind::Symlink { .. });
+/// Apply metadata to the object at `place` (directories, links, nodes, unchanged files),
+/// through a descriptor of that object, so a name swapped meanwhile redirects nothing.
+pub fn apply_place(place: &Place, e: &Entry, opts: ApplyOpts) -> Result<(), FsError> {
+    let held = place.meta_handle().at(place.shown())?;
+    let at = |r: std::io::Result<()>| r.at(place.shown());
     if opts.owners {
-        let (u, g) = owner(e);
-        rustix::fs::chownat(CWD, path, u, g, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
+        at(held.chown(e.uid, e.gid))?;
     }
-    if !is_link {
-        rustix::fs::chmodat(CWD, path, Mode::from_raw_mode(e.mode), AtFlags::empty())
-            .map_err(err)?;
+    if !held.is_link() {
+        at(held.chmod(e.mode))?;
         if opts.xattrs {
-            set_xattrs(path, &e.xattrs)?;
+            at(set_xattrs(XattrsOf::Held(&held.proc_path()), &e.xattrs))?;
         }
     }
-    rustix::fs::utimensat(CWD, path, &times(e), AtFlags::SYMLINK_NOFOLLOW).map_err(err)
+    at(held.set_times(&times(e)))
 }
 
-/// Make the xattrs of `path` exactly `want`.
-fn set_xattrs(path: &Path, want: &[Xattr]) -> Result<(), FsError> {
-    use std::os::unix::ffi::OsStrExt;
-    let have = read_xattrs(path)?;
+/// Make the xattrs of an object exactly `want`.
+fn set_xattrs(of: XattrsOf<'_>, want: &[Xattr]) -> std::io::Result<()> {
+    let have = read_xattrs_of(of)?;
     for h in &have {
         if !want.iter().any(|w| w.name == h.name) {
-            xattr::remove(path, std::ffi::OsStr::from_bytes(&h.name)).at(path)?;
+            of.remove(OsStr::from_bytes(&h.name))?;
         }
     }
     for w in want {
         if !have.iter().any(|h| h == w) {
-            xattr::set(path, std::ffi::OsStr::from_bytes(&w.name), &w.value).at(path)?;
+            of.set(OsStr::from_bytes(&w.name), &w.value)?;
         }
     }
     Ok(())
@@ -192,9 +240,10 @@ mod tests {
         std::fs::write(&b, b"hello").unwrap();
         let f = File::open(&b).unwrap();
         apply_file(&f, &b, &e, ApplyOpts::default()).unwrap();
-        let md = std::fs::symlink_metadata(&b).unwrap();
+        let place = crate::Root::open(dir.path()).unwrap().place(b"b").unwrap();
+        let md = place.metadata().unwrap().unwrap();
         assert!(quick_match(&md, &e));
-        assert!(!differs(&md, &b, &e, ApplyOpts::default()));
-        assert_eq!(md.mode() & 0o7777, 0o640);
+        assert!(!differs(&md, &place, &e, ApplyOpts::default()));
+        assert_eq!(md.mode(), 0o640);
     }
 }

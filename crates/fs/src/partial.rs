@@ -6,7 +6,6 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 
 const PREFIX: &[u8] = b".cutover.";
 
@@ -19,16 +18,14 @@ fn internal_name(name: &OsStr, suffix: &str) -> OsString {
     OsString::from(format!(".cutover.{hex}.{suffix}"))
 }
 
-/// The partial file that stands beside `target` while it is being written.
-pub fn partial_path(target: &Path) -> PathBuf {
-    let name = target.file_name().unwrap_or(OsStr::new(""));
-    target.with_file_name(internal_name(name, "part"))
+/// The name of the partial file that stands beside `name` while it is being written.
+pub fn partial_name(name: &OsStr) -> OsString {
+    internal_name(name, "part")
 }
 
-/// A temporary name beside `target` for objects created whole (symlinks, hard links).
-pub fn temp_path(target: &Path) -> PathBuf {
-    let name = target.file_name().unwrap_or(OsStr::new(""));
-    target.with_file_name(internal_name(name, "tmp"))
+/// A temporary name beside `name` for objects created whole (symlinks, hard links).
+pub fn temp_name(name: &OsStr) -> OsString {
+    internal_name(name, "tmp")
 }
 
 /// Whether a directory entry is one of cutover's own files, never synced nor deleted by a pass.
@@ -44,15 +41,11 @@ mod tests {
     #[test]
     fn partial_names_are_short_and_recognised() {
         let long = "x".repeat(255);
-        let p = partial_path(Path::new("/d").join(&long).as_path());
-        let name = p.file_name().unwrap();
+        let name = partial_name(OsStr::new(&long));
         assert!(name.len() < 40);
-        assert!(is_internal(name));
-        assert_eq!(p.parent(), Some(Path::new("/d")));
+        assert!(is_internal(&name));
+        assert!(is_internal(&temp_name(OsStr::new("a"))));
         assert!(!is_internal(OsStr::new("normal.part")));
-        assert_ne!(
-            partial_path(Path::new("/d/a")),
-            partial_path(Path::new("/d/b"))
-        );
+        assert_ne!(partial_name(OsStr::new("a")), partial_name(OsStr::new("b")));
     }
 }

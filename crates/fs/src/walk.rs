@@ -1,7 +1,7 @@
 //! The streaming walker: yields one `ScanItem` per object below a root, directory by directory
 //! in name order, never holding more than the directory stack and the current directory.
 
-use crate::{meta, partial, Filter, FsError};
+use crate::{meta, partial, Filter, FsError, Root};
 use proto::{Entry, EntryKind};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -35,11 +35,53 @@ pub struct ScanItem {
     pub entry: Entry,
     pub abs: PathBuf,
     pub local: LocalInfo,
+    /// The walk's root when it is a directory: content is opened beneath it.
+    root: Option<Root>,
+}
+
+impl ScanItem {
+    /// The same object stated again (a rescan): new entry and local facts, same place.
+    pub fn restated(&self, entry: Entry, local: LocalInfo) -> ScanItem {
+        ScanItem {
+            entry,
+            abs: self.abs.clone(),
+            local,
+            root: self.root.clone(),
+        }
+    }
+
+    /// Open the object to read its content, beneath the walk's root and never through a
+    /// symlink: one swapped in after the scan (a daemon module a client can also write to)
+    /// must not make us read and send a file from outside.
+    pub fn open(&self) -> std::io::Result<std::fs::File> {
+        use rustix::fs::OFlags;
+        let rel = match &self.root {
+            Some(root) => self.abs.strip_prefix(root.path()).unwrap_or(Path::new("")),
+            None => Path::new(""),
+        };
+        match &self.root {
+            Some(root) if !rel.as_os_str().is_empty() => root
+                .open_beneath(
+                    rel.as_os_str().as_bytes(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW,
+                )
+                .map(std::fs::File::from)
+                .map_err(|e| match e {
+                    FsError::Io { source, .. } => source,
+                    other => {
+                        std::io::Error::new(std::io::ErrorKind::PermissionDenied, other.to_string())
+                    }
+                }),
+            // The root itself: named locally, as the user or the daemon's config gave it.
+            _ => std::fs::File::open(&self.abs),
+        }
+    }
 }
 
 pub struct Walker {
     inner: Box<dyn Iterator<Item = walkdir::Result<walkdir::DirEntry>> + Send>,
     root: PathBuf,
+    confine: Option<Root>,
     prefix: Vec<u8>,
     xattrs: bool,
 }
@@ -82,8 +124,14 @@ impl Walker {
                 let rel = rel_path(&f_prefix, &f_root, d.path());
                 !filter.excluded(&rel, d.file_type().is_dir())
             });
+        let confine = if md.is_dir() {
+            Some(Root::open(root)?)
+        } else {
+            None
+        };
         Ok(Walker {
             inner: Box::new(inner),
+            confine,
             root: root_buf,
             prefix,
             xattrs,
@@ -111,6 +159,30 @@ impl Iterator for Walker {
     type Item = Result<ScanItem, FsError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        self.next_item()
+    }
+}
+
+impl Walker {
+    /// Open content beneath `jail` (a daemon module), through descriptors, rather than by the
+    /// root's path: a symlink swapped into the path after the session was checked leads
+    /// nowhere. A single file is opened beneath its directory.
+    pub fn confined_to(mut self, jail: &Path) -> Result<Self, FsError> {
+        let outside = || FsError::Unsupported {
+            path: self.root.clone(),
+            reason: format!("refused: not beneath {}", jail.display()),
+        };
+        let rel = self.root.strip_prefix(jail).map_err(|_| outside())?;
+        let dir = if self.confine.is_some() {
+            rel
+        } else {
+            rel.parent().ok_or_else(outside)?
+        };
+        self.confine = Some(Root::open(jail)?.beneath(dir.as_os_str().as_bytes())?);
+        Ok(self)
+    }
+
+    fn next_item(&mut self) -> Option<Result<ScanItem, FsError>> {
         let d = match self.inner.next()? {
             Ok(d) => d,
             Err(e) => {
@@ -132,7 +204,16 @@ impl Iterator for Walker {
             }
         };
         let abs = d.path().to_path_buf();
+        // A root that is a symlink to a directory is walked through, so it is listed as the
+        // directory it leads to (a daemon session rooted at a link inside its module).
         let md = match d.metadata() {
+            Ok(m) if d.depth() == 0 && m.is_symlink() => std::fs::metadata(&abs)
+                .ok()
+                .filter(|t| t.is_dir())
+                .map_or(Ok(m), Ok),
+            other => other,
+        };
+        let md = match md {
             Ok(m) => m,
             Err(e) => {
                 let vanished = e
@@ -173,6 +254,7 @@ impl Iterator for Walker {
             entry,
             abs,
             local: LocalInfo::of(&md),
+            root: self.confine.clone(),
         }))
     }
 }

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod basic;
+mod confine;
 mod daemon;
 mod delta;
 mod metadata;
