@@ -2,14 +2,12 @@
 //! many flows, through the same options as the workloads), so the link targets can be read
 //! against what the emulator can deliver here.
 
-use crate::proc::Background;
-use crate::tools::Env;
+use crate::tools::{Env, Wanem};
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -112,32 +110,26 @@ fn phase(listener: &TcpListener, port: u16, flows: usize, each: u64) -> Result<P
 pub fn run(env: &Env, dir: &Path, flows: usize, total: u64) -> Result<Calibration> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let sink_port = listener.local_addr()?.port();
-    let port_file = dir.join("calib-wanem.port");
-    let stats_file = dir.join("calib-wanem.json");
-    let _ = std::fs::remove_file(&port_file);
-    let mut wanem = Background::spawn(
-        "wanem",
-        Command::new("python3")
-            .arg(env.wanem())
-            .args(["--listen", "127.0.0.1:0", "--target"])
-            .arg(format!("127.0.0.1:{sink_port}"))
-            .arg("--port-file")
-            .arg(&port_file)
-            .arg("--stats")
-            .arg(&stats_file)
-            .args(env.link.args()),
+    let wanem = Wanem::start(
+        env,
+        sink_port,
+        dir,
+        "calib-wanem",
         &dir.join("calib-wanem.log"),
     )?;
-    let port = wanem.wait_port_file(&port_file, Duration::from_secs(30))?;
+    let port = wanem.port;
     let one = ((env.link.flow_mbps.max(0.5) * 3e6) as u64).max(1 << 20);
     let single = phase(&listener, port, 1, one)?;
     let flows = flows.max(1);
     let parallel = phase(&listener, port, flows, (total / flows as u64).max(1 << 16))?;
-    wanem.stop(Duration::from_secs(30))?;
-    let wire_bytes = std::fs::read_to_string(&stats_file)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("bytes_total").and_then(|b| b.as_u64()));
+    // The phases' own byte counts are the calibration; wanem's count only adds to it.
+    let wire_bytes = match wanem.finish() {
+        Ok(count) => count.bytes_total,
+        Err(e) => {
+            eprintln!("  calibration: {e:#}");
+            None
+        }
+    };
     Ok(Calibration {
         single,
         parallel,

@@ -8,6 +8,7 @@ mod calib;
 mod data;
 mod proc;
 mod report;
+mod tls_cost;
 mod tools;
 mod workloads;
 
@@ -18,7 +19,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
-use tools::{fmt_num, shell_words, Env, Link, ToolRun, Verify};
+use tls_cost::TlsCost;
+use tools::{fmt_num, shell_words, Env, Link, ToolRun, Verify, WanRoute};
 use workloads::{Outcome, Place, Spec};
 
 /// Benchmark cutover against rsync and `cp -a` (see DESIGN.md, "Benchmarks").
@@ -28,7 +30,7 @@ struct Args {
     /// Multiply data sizes and file counts (1.0 = the table's sizes; 0.05 for a smoke run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Run only these ids (W1..W5, L1 (= L1a,L1b), L1a, L1b, M1), comma-separated.
+    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, T1), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Work directory: cached base data, run directories, logs, results.json.
@@ -65,6 +67,9 @@ struct Args {
     /// Keep run directories (sources, destinations) after each workload.
     #[arg(long)]
     keep: bool,
+    /// T1: runs of each variant (TLS, plaintext), alternated; the medians are compared.
+    #[arg(long, default_value_t = 5)]
+    t1_repetitions: usize,
 }
 
 /// The repository root, from where this crate was built.
@@ -182,14 +187,18 @@ fn record(slot: &mut Option<ToolRun>, r: ToolRun) {
     *slot = Some(r);
 }
 
-fn run_workload(env: &Env, spec: &Spec, work: &Path, args: &Args) -> WorkloadResult {
+/// Run one row; `earlier` are the rows this invocation has already run.
+fn run_workload(
+    env: &Env,
+    spec: &Spec,
+    work: &Path,
+    args: &Args,
+    earlier: &[WorkloadResult],
+) -> WorkloadResult {
     let mut res = WorkloadResult {
         id: spec.id.into(),
         work: spec.work.clone(),
-        place: match spec.place {
-            Place::Wan => "wan".into(),
-            Place::Local => "local".into(),
-        },
+        place: spec.place.label().into(),
         generate: mkdata_text(&env.mkdata(), &spec.generate),
         base_cached: false,
         edit: None,
@@ -198,6 +207,7 @@ fn run_workload(env: &Env, spec: &Spec, work: &Path, args: &Args) -> WorkloadRes
         cutover: None,
         rsync: None,
         cp: None,
+        tls_cost: None,
         verify: None,
         target: spec.target.describe(env.link.total_mbps),
         met: None,
@@ -205,17 +215,18 @@ fn run_workload(env: &Env, spec: &Spec, work: &Path, args: &Args) -> WorkloadRes
         error: None,
     };
     let run_dir = work.join("run").join(spec.id);
-    if let Err(e) = run_inner(env, spec, work, &run_dir, args, &mut res) {
+    if let Err(e) = run_inner(env, spec, work, &run_dir, args, earlier, &mut res) {
         eprintln!("  -> setup failed: {e:#}");
         res.error = Some(format!("{e:#}"));
     }
-    if let Some(c) = &res.cutover {
+    if res.cutover.is_some() || res.tls_cost.is_some() {
         let (met, judged) = spec.target.judge(&Outcome {
             source_bytes: res.source.bytes,
             link_mbps: env.link.total_mbps,
-            cutover: c,
+            cutover: res.cutover.as_ref(),
             rsync: res.rsync.as_ref(),
             cp: res.cp.as_ref(),
+            tls_cost: res.tls_cost.as_ref().and_then(|t| t.cost),
         });
         res.met = met;
         res.judged = judged;
@@ -239,12 +250,29 @@ fn mkdata_text(mkdata: &Path, args: &[String]) -> String {
     shell_words(&words)
 }
 
+/// The rsync run of `spec.rsync_as_in` when that row ran earlier in this invocation, on the
+/// same data, and rsync succeeded there.
+fn rsync_measured_before(
+    spec: &Spec,
+    earlier: &[WorkloadResult],
+    res: &WorkloadResult,
+) -> Option<ToolRun> {
+    let id = spec.rsync_as_in?;
+    let row = earlier
+        .iter()
+        .find(|w| w.id == id && w.generate == res.generate)?;
+    let mut run = row.rsync.clone().filter(ToolRun::ok)?;
+    run.measured_in = Some(id.to_string());
+    Some(run)
+}
+
 fn run_inner(
     env: &Env,
     spec: &Spec,
     work: &Path,
     run_dir: &Path,
     args: &Args,
+    earlier: &[WorkloadResult],
     res: &mut WorkloadResult,
 ) -> Result<()> {
     let base = data::ensure_base(work, &env.mkdata(), &spec.generate)?;
@@ -254,6 +282,30 @@ fn run_inner(
     let logs = work.join("logs").join(spec.id);
     data::remove_tree(&logs)?;
     fs::create_dir_all(&logs)?;
+
+    if spec.place == Place::Loopback {
+        res.source = base.stats;
+        res.order.push(format!(
+            "cutover TLS and cutover plaintext, alternated, {} each",
+            args.t1_repetitions
+        ));
+        let mut cost = TlsCost {
+            repetitions: args.t1_repetitions,
+            ..Default::default()
+        };
+        let ran = tls_cost::run(
+            env,
+            &base.path,
+            base.stats.bytes,
+            run_dir,
+            &logs,
+            args.keep,
+            &mut cost,
+        );
+        cost.summarise();
+        res.tls_cost = Some(cost);
+        return ran;
+    }
 
     let src = match &spec.edit {
         Some(edit) => {
@@ -284,20 +336,39 @@ fn run_inner(
     }
 
     match spec.place {
-        Place::Wan => {
+        Place::Wan | Place::WanSsh => {
             res.order.push("cutover".into());
+            let route = if spec.place == Place::WanSsh {
+                WanRoute::Ssh
+            } else {
+                WanRoute::Daemon
+            };
             record(
                 &mut res.cutover,
-                tools::cutover_remote(env, &src, &dst_c, run_dir, &logs),
+                tools::cutover_wan(env, route, &src, &dst_c, run_dir, &logs),
             );
             if !args.no_peers {
-                res.order.push("rsync".into());
-                record(
-                    &mut res.rsync,
-                    tools::rsync_remote(env, &src, &dst_r, &logs),
-                );
+                match rsync_measured_before(spec, earlier, res) {
+                    Some(run) => {
+                        let from = run.measured_in.clone().unwrap_or_default();
+                        eprintln!(
+                            "  rsync: the same command on the same data ran in {from}; \
+                             its run stands here too"
+                        );
+                        res.order.push(format!("rsync (measured in {from})"));
+                        res.rsync = Some(run);
+                    }
+                    None => {
+                        res.order.push("rsync".into());
+                        record(
+                            &mut res.rsync,
+                            tools::rsync_remote(env, &src, &dst_r, &logs),
+                        );
+                    }
+                }
             }
         }
+        Place::Loopback => unreachable!("T1 returned above"),
         Place::Local => {
             if spec.with_cp && !args.no_peers {
                 res.order.push("cp".into());
@@ -340,14 +411,7 @@ fn run_inner(
 
     let cut_ok = res.cutover.as_ref().is_some_and(ToolRun::ok);
     res.verify = Some(if cut_ok {
-        eprintln!("  verifying cutover's destination");
-        let v = tools::verify(env, &src, &dst_c, &logs);
-        match (&v.error, v.differing_lines) {
-            (Some(e), _) => eprintln!("  -> verify failed: {e}"),
-            (None, Some(0)) => eprintln!("  -> verified"),
-            (None, n) => eprintln!("  -> {} differing lines", n.unwrap_or(0)),
-        }
-        v
+        tools::verify(env, "cutover's destination", &src, &dst_c, &logs)
     } else {
         Verify::skipped("cutover did not finish")
     });
@@ -414,6 +478,10 @@ fn repro(
             w.push(flag.into());
         }
     }
+    if specs.iter().any(|s| s.place == Place::Loopback) {
+        w.push("--t1-repetitions".into());
+        w.push(args.t1_repetitions.to_string());
+    }
     format!(
         "cd {} && CARGO_TARGET_DIR={} cargo build --release{cli} -p bench\n{}",
         proc::quote(&repo.display().to_string()),
@@ -426,6 +494,9 @@ fn real_main() -> Result<ExitCode> {
     let args = Args::parse();
     if !(args.scale.is_finite() && args.scale > 0.0) {
         bail!("--scale must be a positive number");
+    }
+    if args.t1_repetitions == 0 {
+        bail!("--t1-repetitions must be at least 1");
     }
     for (v, name) in [
         (args.rtt_ms, "--rtt-ms"),
@@ -493,7 +564,7 @@ fn real_main() -> Result<ExitCode> {
         workloads: Vec::new(),
     };
 
-    if !args.no_calibrate && specs.iter().any(|s| s.place == Place::Wan) {
+    if !args.no_calibrate && specs.iter().any(|s| s.place.is_wan()) {
         let dir = work.join("logs").join("calibration");
         fs::create_dir_all(&dir)?;
         let total = ((1u64 << 30) as f64 * args.scale) as u64;
@@ -522,7 +593,7 @@ fn real_main() -> Result<ExitCode> {
     for spec in &specs {
         eprintln!("[{}] {}", spec.id, spec.work);
         let t = Instant::now();
-        let r = run_workload(&env, spec, &work, &args);
+        let r = run_workload(&env, spec, &work, &args, &results.workloads);
         eprintln!(
             "[{}] done in {:.0} s: target {}: {}",
             spec.id,
@@ -544,14 +615,10 @@ fn real_main() -> Result<ExitCode> {
         work.join("results.json").display(),
         started.elapsed().as_secs_f64()
     );
-    let failed = results.workloads.iter().any(|w| {
-        w.error.is_some()
-            || [&w.cutover, &w.rsync, &w.cp]
-                .into_iter()
-                .flatten()
-                .any(|r| !r.ok())
-            || w.verify.as_ref().is_some_and(|v| !v.ok())
-    });
+    let failed = results
+        .workloads
+        .iter()
+        .any(|w| w.error.is_some() || w.runs().any(|r| !r.ok()) || w.verifies().any(|v| !v.ok()));
     Ok(if failed {
         eprintln!("some runs failed or did not verify (see the report)");
         ExitCode::FAILURE

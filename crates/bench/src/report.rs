@@ -3,6 +3,7 @@
 
 use crate::calib::Calibration;
 use crate::data::TreeStats;
+use crate::tls_cost::TlsCost;
 use crate::tools::{Link, ToolRun, Verify};
 use crate::workloads::cutover_peak_kb;
 use anyhow::{Context, Result};
@@ -154,12 +155,37 @@ pub struct WorkloadResult {
     pub cutover: Option<ToolRun>,
     pub rsync: Option<ToolRun>,
     pub cp: Option<ToolRun>,
+    /// T1's repeated runs of both variants (T1 has no single cutover run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cost: Option<TlsCost>,
     pub verify: Option<Verify>,
     pub target: String,
     pub met: Option<bool>,
     pub judged: String,
     /// A failure setting the workload up (data, copies).
     pub error: Option<String>,
+}
+
+impl WorkloadResult {
+    /// Every tool run of the row.
+    pub fn runs(&self) -> impl Iterator<Item = &ToolRun> {
+        [&self.cutover, &self.rsync, &self.cp]
+            .into_iter()
+            .flatten()
+            .chain(self.tls_cost.iter().flat_map(TlsCost::runs))
+    }
+
+    /// Every verification of the row.
+    pub fn verifies(&self) -> impl Iterator<Item = &Verify> {
+        self.verify
+            .iter()
+            .chain(self.tls_cost.iter().flat_map(TlsCost::verifies))
+    }
+
+    /// Whether the tools crossed the emulated link, so wire bytes were counted.
+    fn over_wan(&self) -> bool {
+        matches!(self.place.as_str(), "wan" | "wan-ssh")
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -244,7 +270,19 @@ fn cell(s: &str) -> String {
 }
 
 fn verified(w: &WorkloadResult) -> String {
-    match &w.verify {
+    if let Some(t) = &w.tls_cost {
+        let (tls, plain) = (verdict(&t.tls.verify), verdict(&t.plaintext.verify));
+        return if tls == plain {
+            tls
+        } else {
+            format!("TLS {tls}, plaintext {plain}")
+        };
+    }
+    verdict(&w.verify)
+}
+
+fn verdict(v: &Option<Verify>) -> String {
+    match v {
         Some(v) if v.ok() => "verified".into(),
         Some(v) => match (v.differing_lines, &v.error) {
             (_, Some(e)) if v.command.is_empty() => format!("not run ({e})"),
@@ -260,7 +298,12 @@ fn row(w: &WorkloadResult) -> String {
     let c_s = ok_secs(&w.cutover);
     let r_s = ok_secs(&w.rsync);
     let cp_s = ok_secs(&w.cp);
-    let (peer_s, peer_ratio) = if w.cp.is_some() {
+    let (peer_s, peer_ratio) = if let Some(t) = &w.tls_cost {
+        (
+            format!("plaintext {}", f_s(t.plaintext.median_s)),
+            ratio(t.tls.median_s, t.plaintext.median_s),
+        )
+    } else if w.cp.is_some() {
         (
             format!("rsync {} / cp {}", f_s(r_s), f_s(cp_s)),
             format!("{} / {}", ratio(c_s, r_s), ratio(c_s, cp_s)),
@@ -268,7 +311,7 @@ fn row(w: &WorkloadResult) -> String {
     } else {
         (f_s(r_s), ratio(c_s, r_s))
     };
-    let (cw, rw, wr) = if w.place == "wan" {
+    let (cw, rw, wr) = if w.over_wan() {
         let c = ok_wire(&w.cutover);
         let r = ok_wire(&w.rsync);
         (
@@ -279,11 +322,13 @@ fn row(w: &WorkloadResult) -> String {
     } else {
         ("—".into(), "—".into(), "—".into())
     };
-    let cut_cell = match &w.cutover {
-        Some(r) if r.ok() => f_s(r.seconds),
-        Some(_) => "failed".into(),
-        None if w.error.is_some() => "setup failed".into(),
-        None => "—".into(),
+    let cut_cell = match (&w.cutover, &w.tls_cost) {
+        (_, Some(t)) if t.tls.median_s.is_some() => format!("TLS {}", f_s(t.tls.median_s)),
+        (Some(r), _) if r.ok() => f_s(r.seconds),
+        (Some(_), _) => "failed".into(),
+        (None, Some(t)) if t.runs().next().is_some() => "failed".into(),
+        (None, _) if w.error.is_some() => "setup failed".into(),
+        (None, _) => "—".into(),
     };
     let met = match w.met {
         Some(true) => "yes".into(),
@@ -330,6 +375,12 @@ fn tool_detail(out: &mut String, r: &ToolRun) {
             kb as f64 * 1024.0 / 1e6
         );
     }
+    if let Some(row) = &r.measured_in {
+        let _ = write!(
+            out,
+            " (measured in {row}: the same command on the same data)"
+        );
+    }
     out.push('\n');
     if !r.process_peaks.is_empty() {
         let list = r
@@ -353,6 +404,68 @@ fn tool_detail(out: &mut String, r: &ToolRun) {
     if let Some(e) = &r.error {
         let e: String = e.chars().take(1500).collect();
         let _ = writeln!(out, "  - **error**: {}", e.replace('\n', " ⏎ "));
+    }
+}
+
+fn verify_detail(out: &mut String, label: &str, v: &Verify) {
+    match (&v.error, v.differing_lines) {
+        (Some(e), _) => {
+            let _ = writeln!(out, "- {label}: {e}");
+        }
+        (None, Some(0)) => {
+            let _ = writeln!(
+                out,
+                "- {label}: `{}` printed nothing ({} s)",
+                v.command,
+                f_s(v.seconds)
+            );
+        }
+        (None, n) => {
+            let _ = writeln!(
+                out,
+                "- {label}: `{}` printed {} lines, first: `{}`",
+                v.command,
+                n.unwrap_or(0),
+                v.sample.join("`, `")
+            );
+        }
+    }
+}
+
+/// T1: each variant's median, daemon and runs, then the cost.
+fn tls_cost_detail(out: &mut String, t: &TlsCost) {
+    let _ = writeln!(out, "- source and destinations in `{}`", t.data_dir);
+    for (name, v) in [("TLS", &t.tls), ("plaintext", &t.plaintext)] {
+        let succeeded = v.runs.iter().filter(|r| r.ok()).count();
+        let _ = write!(
+            out,
+            "- {name}: median {} s of {succeeded} successful run(s) ({} asked for)",
+            f_s(v.median_s),
+            t.repetitions
+        );
+        if let Some(kb) = v.server_rss_kb {
+            let _ = write!(
+                out,
+                ", `cutover serve` peak RSS {:.1} MB",
+                kb as f64 * 1024.0 / 1e6
+            );
+        }
+        out.push('\n');
+        for r in &v.runs {
+            tool_detail(out, r);
+        }
+        if let Some(verify) = &v.verify {
+            verify_detail(out, &format!("verify ({name}, last run)"), verify);
+        }
+    }
+    if let Some(cost) = t.cost {
+        let _ = writeln!(
+            out,
+            "- TLS costs {:.1}% of throughput (1 − {} s ÷ {} s)",
+            cost * 100.0,
+            f_s(t.plaintext.median_s),
+            f_s(t.tls.median_s)
+        );
     }
 }
 
@@ -394,7 +507,7 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
     );
     let _ = writeln!(
         o,
-        "| id | work | cutover s | rsync s (or cp s) | ratio | cutover wire MB | rsync wire MB | ratio | target | met? | verified |"
+        "| id | work | cutover s | rsync s (or cp s; T1: plaintext s) | ratio | cutover wire MB | rsync wire MB | ratio | target | met? | verified |"
     );
     let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|");
     for w in &r.workloads {
@@ -422,7 +535,9 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
         "Wire bytes are wanem's `bytes_total` (both directions, as relayed; ssh's or cutover's own framing and encryption included). rsync runs as `peers.sh` runs it: `rsync -aHX --delete` over ssh to a private loopback sshd through wanem; cutover gets `--delete -H -X` to match. Local runs use plain `rsync -a` and `cutover sync` with no options.",
         "Link throughput = bytes of the source's regular files ÷ cutover's seconds.",
         "Each tool runs once, without warm-up, in a fixed order (WAN and M1: cutover first, then rsync; L1: `cp -a`, then rsync, then cutover). The page cache is not dropped between runs (it cannot be on every machine); the source was written or copied just before, so it is usually cached for every tool alike. Before each timed run (untimed) `sync(2)` writes back whatever earlier steps left dirty, so no tool pays for another's writes; a tool's own writeback is its own business (`cp -a` and rsync do not sync; cutover by default ends with one filesystem sync, see `cutover sync --help`, `--fsync`).",
-        "First copies (W1, W2, L1) start from empty destinations. Re-syncs (W3, W4, W5, M1) start from destinations made with `cp -a` of the cached base set (same mtimes); the edit is applied to a fresh `cp -a` copy of the base, which is the source (W3 and M1 have no edit and use the base itself).",
+        "W1s moves W1's data with cutover over ssh: `cutover sync --json --delete -H -X -e 'ssh -p RELAY -i KEY -o …' --remote-cutover BIN SRC/ root@127.0.0.1:DST/`, through a wanem relay in front of the private loopback sshd of `peers.sh sshd`, with the client key and ssh options peers.sh gives rsync; every cutover connection is one ssh process and one TCP flow across the emulated link, as rsync's one is. Its rsync figures are W1's run (the same command on the same data) when W1 ran in the same invocation, else measured anew; its target is W1's.",
+        "T1 measures what TLS costs, without the emulator: two `cutover serve` on 127.0.0.1, one with TLS (the default) and one with `insecure_plaintext = true`; `cutover sync --json -j 8 SRC/ cutover://127.0.0.1:PORT/bench/` (with `--insecure-plaintext` for the second) runs against each in turn, `--t1-repetitions` times each (TLS first in every pair), every run into an empty destination, source and destination on /dev/shm when it has room for both (else the work dir). Client and daemon share this machine's cores. Its cells: cutover s = TLS's median, the peer = plaintext's median, ratio = TLS ÷ plaintext; TLS's cost = 1 − plaintext's median ÷ TLS's median, the share of throughput it loses. Each variant's last destination is verified.",
+        "First copies (W1, W1s, W2, L1, T1) start from empty destinations. Re-syncs (W3, W4, W5, M1) start from destinations made with `cp -a` of the cached base set (same mtimes); the edit is applied to a fresh `cp -a` copy of the base, which is the source (W3 and M1 have no edit and use the base itself).",
         "Base sets are made by `mkdata.py` (fixed seed) and cached under the work dir by their exact arguments, so W3 and L1b share one; destinations and edited sources are made anew every run and removed afterwards.",
         "Verification: `rsync -anHAX --delete --checksum --itemize-changes SRC/ DST/` on cutover's destination; every line it prints is one difference (content, size, time, mode, owner, ACL, xattr, missing or extra entry), so \"verified\" means none.",
         "mkdata's edits only touch files of 8 MiB or more, so W4 and W5 never go below 8 MiB at small scales; the edits themselves (1% of blocks, 100 inserts of 1–512 bytes) are not scaled.",
@@ -461,6 +576,9 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
         for r in [&w.cutover, &w.rsync, &w.cp].into_iter().flatten() {
             tool_detail(&mut o, r);
         }
+        if let Some(t) = &w.tls_cost {
+            tls_cost_detail(&mut o, t);
+        }
         if let Some(c) = &w.cutover {
             if w.place == "local" {
                 if let Some(kb) = cutover_peak_kb(c) {
@@ -469,28 +587,7 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
             }
         }
         if let Some(v) = &w.verify {
-            match (&v.error, v.differing_lines) {
-                (Some(e), _) => {
-                    let _ = writeln!(o, "- verify: {e}");
-                }
-                (None, Some(0)) => {
-                    let _ = writeln!(
-                        o,
-                        "- verify: `{}` printed nothing ({} s)",
-                        v.command,
-                        f_s(v.seconds)
-                    );
-                }
-                (None, n) => {
-                    let _ = writeln!(
-                        o,
-                        "- verify: `{}` printed {} lines, first: `{}`",
-                        v.command,
-                        n.unwrap_or(0),
-                        v.sample.join("`, `")
-                    );
-                }
-            }
+            verify_detail(&mut o, "verify", v);
         }
         let verdict = match w.met {
             Some(true) => "met",

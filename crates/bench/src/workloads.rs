@@ -1,5 +1,5 @@
-//! The workloads of the benchmark table (W1–W5 over the emulated WAN, L1 and M1 local): their
-//! data, edits, where they run, and the target each must meet.
+//! The workloads of the benchmark table (W1–W5 and W1s over the emulated WAN, L1 and M1 local,
+//! T1 on loopback): their data, edits, where they run, and the target each must meet.
 
 use crate::tools::ToolRun;
 
@@ -8,8 +8,30 @@ use crate::tools::ToolRun;
 pub enum Place {
     /// Through wanem: cutover serve + wanem, rsync via peers.sh.
     Wan,
+    /// Through wanem, both over ssh: cutover to peers.sh's sshd + wanem, rsync via peers.sh.
+    WanSsh,
     /// On this machine, no emulator.
     Local,
+    /// cutover to a `cutover serve` on 127.0.0.1, no emulator: TLS against plaintext (T1).
+    Loopback,
+}
+
+impl Place {
+    /// Whether the tools cross the emulated link (so wire bytes are counted and the link is
+    /// calibrated first).
+    pub fn is_wan(self) -> bool {
+        matches!(self, Place::Wan | Place::WanSsh)
+    }
+
+    /// The name in results.json.
+    pub fn label(self) -> &'static str {
+        match self {
+            Place::Wan => "wan",
+            Place::WanSsh => "wan-ssh",
+            Place::Local => "local",
+            Place::Loopback => "loopback",
+        }
+    }
 }
 
 /// What a workload must achieve.
@@ -29,15 +51,21 @@ pub enum Target {
     LocalCopy { cp_max: f64, rsync_max: f64 },
     /// Time at most rsync's, and every cutover process's peak RSS at most `rss_mb` MB.
     ResyncRss { rss_mb: f64 },
+    /// TLS costs at most `max` of plaintext's throughput (1 − plaintext's median time ÷
+    /// TLS's).
+    TlsCost { max: f64 },
 }
 
 /// Inputs to judging a target.
 pub struct Outcome<'a> {
     pub source_bytes: u64,
     pub link_mbps: f64,
-    pub cutover: &'a ToolRun,
+    /// cutover's run (none in T1, whose runs are repeated).
+    pub cutover: Option<&'a ToolRun>,
     pub rsync: Option<&'a ToolRun>,
     pub cp: Option<&'a ToolRun>,
+    /// The share of throughput TLS costs (T1).
+    pub tls_cost: Option<f64>,
 }
 
 fn secs(r: Option<&ToolRun>) -> Option<f64> {
@@ -84,12 +112,15 @@ impl Target {
             Target::ResyncRss { rss_mb } => {
                 format!("time ≤ rsync's; peak RSS ≤ {rss_mb} MB")
             }
+            Target::TlsCost { max } => {
+                format!("TLS costs ≤ {:.0}% of throughput", max * 100.0)
+            }
         }
     }
 
     /// Whether the target was met (None: cannot tell), and the figures behind the verdict.
     pub fn judge(&self, o: &Outcome) -> (Option<bool>, String) {
-        let c_s = secs(Some(o.cutover));
+        let c_s = secs(o.cutover);
         let r_s = secs(o.rsync);
         let link = o.link_mbps * 1e6;
         let share = c_s.map(|s| o.source_bytes as f64 / s.max(1e-9) / link);
@@ -132,7 +163,7 @@ impl Target {
             Target::WireAndTime => all(vec![
                 ratio_part(
                     "wire",
-                    wire(Some(o.cutover)).map(|x| x as f64),
+                    wire(o.cutover).map(|x| x as f64),
                     wire(o.rsync).map(|x| x as f64),
                     1.0,
                 ),
@@ -140,7 +171,7 @@ impl Target {
             ]),
             Target::WireRatio { max } => all(vec![ratio_part(
                 "wire",
-                wire(Some(o.cutover)).map(|x| x as f64),
+                wire(o.cutover).map(|x| x as f64),
                 wire(o.rsync).map(|x| x as f64),
                 max,
             )]),
@@ -149,7 +180,7 @@ impl Target {
                 ratio_part("rsync time", c_s, r_s, rsync_max),
             ]),
             Target::ResyncRss { rss_mb } => {
-                let rss = match cutover_peak_kb(o.cutover).filter(|_| o.cutover.ok()) {
+                let rss = match o.cutover.filter(|c| c.ok()).and_then(cutover_peak_kb) {
                     Some(kb) => {
                         let mb = kb as f64 * 1024.0 / 1e6;
                         (
@@ -161,6 +192,17 @@ impl Target {
                 };
                 all(vec![ratio_part("time", c_s, r_s, 1.0), rss])
             }
+            Target::TlsCost { max } => match o.tls_cost {
+                Some(cost) => (
+                    Some(cost <= max),
+                    format!(
+                        "TLS costs {:.1}% of throughput (≤ {:.0}%)",
+                        cost * 100.0,
+                        max * 100.0
+                    ),
+                ),
+                None => (None, "no median for both variants".into()),
+            },
         }
     }
 }
@@ -183,6 +225,10 @@ pub struct Spec {
     pub with_cp: bool,
     /// Sample every process's peak RSS (M1).
     pub sample_rss: bool,
+    /// The row whose rsync run is this row's too (same command on the same data, from the same
+    /// start): reused when that row ran earlier in the same invocation, so a slow rsync is not
+    /// timed twice.
+    pub rsync_as_in: Option<&'static str>,
     pub target: Target,
 }
 
@@ -227,12 +273,17 @@ fn mib(mb: u64) -> String {
     }
 }
 
+/// Data connections of T1's client (`-j`): fixed, so both variants move the same way.
+pub const TLS_COST_CONNECTIONS: usize = 8;
+
 /// mkdata's edits touch only files of 8 MiB or more.
 const EDIT_MIN_MB: u64 = 8;
 
 /// Every workload at `scale` (1.0 = the sizes of the table).
 pub fn all(scale: f64) -> Vec<Spec> {
     let w1_mb = scaled(256, scale);
+    // T1 moves W1's data set (1 GiB in 4 files), so the base is generated and cached once.
+    let t1_mb = w1_mb;
     let w2_n = scaled(20_000, scale);
     let w3_n = scaled(200_000, scale);
     let w4_mb = scaled(1024, scale).max(EDIT_MIN_MB);
@@ -251,6 +302,23 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Wan,
             with_cp: false,
             sample_rss: false,
+            rsync_as_in: None,
+            target: Target::LinkShare { frac: 0.85 },
+        },
+        Spec {
+            id: "W1s",
+            family: "W1s",
+            work: format!(
+                "{} in 4 random files, first copy, cutover over ssh",
+                mib(4 * w1_mb)
+            ),
+            generate: big(4, w1_mb, false),
+            edit: None,
+            resync: false,
+            place: Place::WanSsh,
+            with_cp: false,
+            sample_rss: false,
+            rsync_as_in: Some("W1"),
             target: Target::LinkShare { frac: 0.85 },
         },
         Spec {
@@ -263,6 +331,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Wan,
             with_cp: false,
             sample_rss: false,
+            rsync_as_in: None,
             target: Target::LinkShareAndSpeedup {
                 frac: 0.70,
                 speedup: 10.0,
@@ -278,6 +347,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Wan,
             with_cp: false,
             sample_rss: false,
+            rsync_as_in: None,
             target: Target::TimeRatio { max: 1.0 / 3.0 },
         },
         Spec {
@@ -293,6 +363,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Wan,
             with_cp: false,
             sample_rss: false,
+            rsync_as_in: None,
             target: Target::WireAndTime,
         },
         Spec {
@@ -305,6 +376,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Wan,
             with_cp: false,
             sample_rss: false,
+            rsync_as_in: None,
             target: Target::WireRatio { max: 1.5 },
         },
         Spec {
@@ -317,6 +389,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Local,
             with_cp: true,
             sample_rss: false,
+            rsync_as_in: None,
             target: Target::LocalCopy {
                 cp_max: 1.2,
                 rsync_max: 1.0,
@@ -332,6 +405,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Local,
             with_cp: true,
             sample_rss: false,
+            rsync_as_in: None,
             target: Target::LocalCopy {
                 cp_max: 1.2,
                 rsync_max: 1.0,
@@ -347,7 +421,24 @@ pub fn all(scale: f64) -> Vec<Spec> {
             place: Place::Local,
             with_cp: false,
             sample_rss: true,
+            rsync_as_in: None,
             target: Target::ResyncRss { rss_mb: 64.0 },
+        },
+        Spec {
+            id: "T1",
+            family: "T1",
+            work: format!(
+                "TLS vs plaintext, loopback daemon, {TLS_COST_CONNECTIONS} connections, {} in 4 random files",
+                mib(4 * t1_mb)
+            ),
+            generate: big(4, t1_mb, false),
+            edit: None,
+            resync: false,
+            place: Place::Loopback,
+            with_cp: false,
+            sample_rss: false,
+            rsync_as_in: None,
+            target: Target::TlsCost { max: 0.15 },
         },
     ]
 }
