@@ -13,7 +13,7 @@ use proto::WireCounter;
 use proto::{FilterRule, NewSession, Role, SyncOptions, PROTOCOL_VERSION};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Data connections of a local (in-process) sync in auto mode: enough to overlap reads and
@@ -75,6 +75,10 @@ pub struct SyncArgs {
     /// Limit the total rate of all connections: bytes/s with K, M or G suffix (powers of 1024); a bare number is KiB/s.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub bwlimit: Option<u64>,
+    /// End a remote sync whose peer sent nothing, not even a keepalive, for SECS seconds
+    /// (a stalled or vanished peer); 0 waits forever.
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = parse_timeout)]
+    pub timeout: u64,
     /// Print one JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -101,6 +105,16 @@ pub struct SyncArgs {
     /// Filters in command-line order (filled by main from the raw matches).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,
+}
+
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    let min = engine::MIN_IDLE_TIMEOUT.as_secs();
+    match s.parse::<u64>() {
+        Ok(n) if n == 0 || n >= min => Ok(n),
+        _ => Err(format!(
+            "{s:?}: expected 0 (no timeout) or a number of seconds from {min} up"
+        )),
+    }
 }
 
 fn parse_connections(s: &str) -> Result<Connections, String> {
@@ -278,6 +292,7 @@ async fn sync(
                     control: server_ctrl,
                     data: srx,
                     limiter: None,
+                    idle_timeout: None,
                 },
                 Destination::local(d, trailing_slash),
                 opts.clone(),
@@ -289,6 +304,7 @@ async fn sync(
                     control: client_ctrl,
                     data: crx,
                     limiter,
+                    idle_timeout: None,
                 },
                 Source::local(s),
                 opts,
@@ -395,6 +411,7 @@ async fn remote_session(
         control: dialed.control,
         data: dialed.data,
         limiter,
+        idle_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
     };
     Ok((session, dialed.wire))
 }

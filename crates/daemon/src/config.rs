@@ -42,6 +42,10 @@ pub struct Config {
     /// Seconds a new connection has for its TLS handshake and hello.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_secs: u64,
+    /// Seconds an established session may bring nothing, not even a keepalive (peers send one
+    /// every second when quiet), before it is closed: a stalled or vanished client.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
     /// Sessions served at once, from all clients.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
@@ -117,6 +121,13 @@ fn default_listen() -> String {
 
 fn default_handshake_timeout() -> u64 {
     30
+}
+
+/// Also the ssh (`--stdio`) side's idle timeout.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
+
+fn default_idle_timeout() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_SECS
 }
 
 fn default_shutdown_grace() -> u64 {
@@ -210,6 +221,13 @@ impl Config {
         };
         let mut config: Config =
             toml::from_str(text).map_err(|e| invalid(e.to_string().trim().replace('\n', " ")))?;
+        let min_idle = engine::MIN_IDLE_TIMEOUT.as_secs();
+        if config.idle_timeout_secs < min_idle {
+            return Err(invalid(format!(
+                "idle_timeout_secs = {}: must be at least {min_idle} (peers send a keepalive every second)",
+                config.idle_timeout_secs
+            )));
+        }
         if config.modules.is_empty() {
             return Err(invalid(
                 "no [[module]] defined; add one with name and path".into(),

@@ -330,7 +330,8 @@ async fn open(
         return Err("client went away during the handshake".into());
     }
     tracing::info!(%peer, module = %new.module, path = %new.path, role = ?new.server_role, "session opened");
-    let result = run_engine(conn, rx, &new, root).await;
+    let idle = Duration::from_secs(server.config.idle_timeout_secs);
+    let result = run_engine(conn, rx, &new, root, idle).await;
     server.sessions().remove(&session);
     result?;
     tracing::info!(%peer, "session finished");
@@ -343,12 +344,14 @@ async fn run_engine(
     data: mpsc::Receiver<Conn>,
     new: &NewSession,
     place: SessionPlace,
+    idle_timeout: Duration,
 ) -> Result<(), String> {
     let mut opts = new.options.clone();
     let sess = Session {
         control,
         data,
         limiter: opts.bwlimit.and_then(RateLimiter::new).map(Arc::new),
+        idle_timeout: Some(idle_timeout),
     };
     let stats = Arc::new(Stats::default());
     let result = match new.server_role {

@@ -8,8 +8,13 @@
 
 use crate::events::{Action, Event, Events, Problems, Stats, Summary};
 use crate::sender::{blocks_of, display, hash_ranges};
-use crate::session::{spawn_control, Session};
-use crate::{EngineError, SMALL_FILE};
+use crate::session::{close_within, spawn_control, Session, CLOSE_AFTER_ERROR};
+use crate::{EngineError, IN_FLIGHT_ENTRIES, SMALL_FILE};
+
+/// Files a receiver tracks at once before it calls the sender broken: twice what an honest
+/// sender ever has in flight. Bounds this side's memory for file state (~150 MiB at worst,
+/// with 4 KiB paths).
+const RECEIVER_FILES_LIMIT: usize = 2 * IN_FLIGHT_ENTRIES;
 use chunk::{BlockHash, CdcParams, LEAF};
 use cofs::meta::{self, ApplyOpts};
 use cofs::partial::{is_internal, partial_name, temp_name};
@@ -202,8 +207,13 @@ pub async fn run_receiver(
     events: Arc<dyn Events>,
     stats: Arc<Stats>,
 ) -> Result<Summary, EngineError> {
-    let Session { control, data, .. } = session;
-    let mut control = spawn_control(control);
+    let Session {
+        control,
+        data,
+        idle_timeout,
+        ..
+    } = session;
+    let mut control = spawn_control(control, idle_timeout);
     let owners = opts.owners;
     let shared = Arc::new(Shared {
         dest: Dest {
@@ -264,6 +274,14 @@ pub async fn run_receiver(
                 entries,
                 rescan,
             } => {
+                // An honest sender keeps at most IN_FLIGHT_ENTRIES unfinished; a peer that
+                // lists without ever sending would otherwise grow this side's memory at will.
+                let in_flight = lock(&shared.files).len() + entries.len();
+                if in_flight > RECEIVER_FILES_LIMIT {
+                    break Err(EngineError::Protocol(format!(
+                        "the sender has {in_flight} files in flight, more than the {RECEIVER_FILES_LIMIT} a receiver holds"
+                    )));
+                }
                 summary.entries_scanned += if rescan { 0 } else { entries.len() as u64 };
                 Stats::add(&stats.entries_scanned, entries.len() as u64);
                 let mut needs = Vec::with_capacity(entries.len());
@@ -406,7 +424,11 @@ pub async fn run_receiver(
     ticker.abort();
     // Dropping the last sender closes the control writer.
     drop(shared);
-    let _ = control.writer.await;
+    if result.is_err() {
+        close_within(control.writer, CLOSE_AFTER_ERROR).await;
+    } else {
+        let _ = control.writer.await;
+    }
     result?;
     let (errors, changed) = problems.take();
     summary.errors = errors;
@@ -460,17 +482,19 @@ fn prepare_root(dest: &Destination) -> Result<(), EngineError> {
     }
 }
 
-/// Accept data connections and apply every frame that arrives on them.
+/// Accept data connections and apply every frame that arrives on them. Aborting this task
+/// aborts the readers too (they hold the control writer open through `Shared`), so a session
+/// that ends in an error does not wait for a stalled peer to close its data connections.
 async fn accept_data(
     mut data: mpsc::Receiver<Conn>,
     shared: Arc<Shared>,
     fatal: mpsc::Sender<String>,
 ) {
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     while let Some(conn) = data.recv().await {
         let s = shared.clone();
         let f = fatal.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let Conn { mut reader, writer } = conn;
             let _keep_open = writer;
             loop {
@@ -488,11 +512,9 @@ async fn accept_data(
                     }
                 }
             }
-        }));
+        });
     }
-    for t in tasks {
-        let _ = t.await;
-    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Apply one data-plane frame.

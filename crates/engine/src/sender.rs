@@ -2,7 +2,7 @@
 //! jobs on the shared queue, run delta descents, detect files that change while read.
 
 use crate::events::{Action, Event, Events, Problems, Stats, Summary};
-use crate::session::{forward, spawn_control, Session};
+use crate::session::{close_within, forward, spawn_control, Session, CLOSE_AFTER_ERROR};
 use crate::{
     EngineError, IN_FLIGHT_ENTRIES, LIST_BATCH, LIVE_RETRIES, SMALL_BATCH_BYTES, SMALL_FILE,
 };
@@ -116,8 +116,9 @@ pub async fn run_sender(
         control,
         data,
         limiter,
+        idle_timeout,
     } = session;
-    let mut control = spawn_control(control);
+    let mut control = spawn_control(control, idle_timeout);
     let filter = match Filter::new(&opts.filters) {
         Ok(f) => Arc::new(f),
         Err(e) => return fail(&control.tx, e.into()).await,
@@ -411,7 +412,14 @@ pub async fn run_sender(
     }
     drop(ctx);
     drop(control.tx);
-    let _ = control.writer.await;
+    if result.is_err() {
+        // A stalled peer may never drain what the data writers are sending; they hold the
+        // control writer open too. Stop them rather than wait.
+        writers.abort();
+        close_within(control.writer, CLOSE_AFTER_ERROR).await;
+    } else {
+        let _ = control.writer.await;
+    }
     let _ = writers.await;
     result?;
     let (errors, changed) = problems.take();
@@ -641,20 +649,19 @@ async fn accept_data(
     limiter: Option<Arc<RateLimiter>>,
     compress: bool,
 ) {
-    let mut writers = Vec::new();
+    // Aborting this task aborts the writers with it.
+    let mut writers = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             conn = data.recv() => match conn {
-                Some(c) => writers.push(tokio::spawn(data_writer(c, jobs.clone(), ctx.clone(), limiter.clone(), compress))),
+                Some(c) => { writers.spawn(data_writer(c, jobs.clone(), ctx.clone(), limiter.clone(), compress)); }
                 None => break,
             },
             _ = wait_closed(&jobs) => break,
         }
     }
     drop(ctx);
-    for w in writers {
-        let _ = w.await;
-    }
+    while writers.join_next().await.is_some() {}
 }
 
 async fn wait_closed(jobs: &async_channel::Receiver<Job>) {
@@ -673,7 +680,7 @@ async fn data_writer(
     let Conn { reader, mut writer } = conn;
     // Nothing is expected back on a data connection; reading notices when it goes away.
     let (drain_tx, _drain_rx) = mpsc::channel(1);
-    tokio::spawn(forward(reader, drain_tx));
+    tokio::spawn(forward(reader, drain_tx, None));
     let compress = compress && writer.is_framed();
     while let Ok(job) = jobs.recv().await {
         let (msgs, done) = materialize(job, &ctx).await;

@@ -4,7 +4,16 @@
 use net::{Conn, ConnError, MsgReader, MsgWriter, RateLimiter};
 use proto::Msg;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// A quiet control connection carries a `KeepAlive` this often, so any idle timeout of a
+/// few seconds or more tells a slow peer (hashing a large basis, scanning a huge tree) from a
+/// dead one. It costs a few bytes a second.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// The shortest idle timeout that keepalives make safe.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Session {
     pub control: Conn,
@@ -12,21 +21,57 @@ pub struct Session {
     pub data: mpsc::Receiver<Conn>,
     /// Shared by every data connection (`--bwlimit`).
     pub limiter: Option<Arc<RateLimiter>>,
+    /// End the session when the control connection brings nothing, not even a keepalive, for
+    /// this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The control connection, driven by two tasks so that any task may send on it.
+/// Keepalives are sent and swallowed here; the engine never sees them.
 pub(crate) struct Control {
     pub tx: mpsc::Sender<Msg>,
     pub rx: mpsc::Receiver<Result<Msg, ConnError>>,
     pub writer: tokio::task::JoinHandle<MsgWriter>,
 }
 
-pub(crate) fn spawn_control(conn: Conn) -> Control {
+/// After an error, how long the control writer gets to deliver the `Fatal` and close.
+pub(crate) const CLOSE_AFTER_ERROR: Duration = Duration::from_secs(5);
+
+/// Let the control writer finish (every sender must be gone), but give up after `limit`: a
+/// stalled peer may never take the last bytes.
+pub(crate) async fn close_within(mut writer: tokio::task::JoinHandle<MsgWriter>, limit: Duration) {
+    if tokio::time::timeout(limit, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+pub(crate) fn spawn_control(conn: Conn, idle_timeout: Option<Duration>) -> Control {
     let (out_tx, mut out_rx) = mpsc::channel::<Msg>(256);
-    let (in_tx, in_rx) = mpsc::channel(256);
+    // Few inbound messages wait: each may be a frame of up to 16 MiB from a peer that is not
+    // to be trusted with our memory, and a handful keep the pipeline full.
+    let (in_tx, in_rx) = mpsc::channel(8);
     let Conn { reader, mut writer } = conn;
     let writer_task = tokio::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
+        let mut tick = tokio::time::interval(KEEPALIVE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether anything but a keepalive went out since the last tick.
+        let mut sent = false;
+        loop {
+            let msg = tokio::select! {
+                m = out_rx.recv() => match m {
+                    Some(m) => {
+                        sent = true;
+                        m
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if std::mem::take(&mut sent) {
+                        continue;
+                    }
+                    Msg::KeepAlive
+                }
+            };
             // Control traffic is metadata (lists, hashes): it always compresses well.
             if writer.send(msg, true).await.is_err() {
                 break;
@@ -35,7 +80,7 @@ pub(crate) fn spawn_control(conn: Conn) -> Control {
         writer.close().await;
         writer
     });
-    tokio::spawn(forward(reader, in_tx));
+    tokio::spawn(forward(reader, in_tx, idle_timeout));
     Control {
         tx: out_tx,
         rx: in_rx,
@@ -43,10 +88,23 @@ pub(crate) fn spawn_control(conn: Conn) -> Control {
     }
 }
 
-/// Pass every message of `reader` to `to`; an error ends the stream with that error.
-pub(crate) async fn forward(mut reader: MsgReader, to: mpsc::Sender<Result<Msg, ConnError>>) {
+/// Pass every message of `reader` to `to` (keepalives excepted); an error, or nothing at all
+/// for `idle_timeout`, ends the stream with that error.
+pub(crate) async fn forward(
+    mut reader: MsgReader,
+    to: mpsc::Sender<Result<Msg, ConnError>>,
+    idle_timeout: Option<Duration>,
+) {
     loop {
-        match reader.recv().await {
+        let next = match idle_timeout {
+            Some(t) => match tokio::time::timeout(t, reader.recv()).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnError::Idle { secs: t.as_secs() }),
+            },
+            None => reader.recv().await,
+        };
+        match next {
+            Ok(Some(Msg::KeepAlive)) => {}
             Ok(Some(m)) => {
                 if to.send(Ok(m)).await.is_err() {
                     return;

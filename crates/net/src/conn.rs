@@ -14,6 +14,8 @@ pub enum ConnError {
     Frame(FrameError),
     #[error("peer closed the connection")]
     Closed,
+    #[error("the peer sent nothing for {secs} s (idle timeout): it stalled, or the network dropped the connection")]
+    Idle { secs: u64 },
     #[error("handshake values need a serialising transport")]
     NotFramed,
 }

@@ -101,6 +101,38 @@ impl KnownHosts {
 
     /// Pin `fingerprint` for `host` unless the file already names the host.
     pub fn record(&self, host: &str, fingerprint: Fingerprint) -> Result<(), KnownHostsError> {
+        self.rewrite(|this, text| {
+            if this.find(text, host)? != Lookup::Unknown {
+                return Ok(false);
+            }
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!("{host} {fingerprint}\n"));
+            Ok(true)
+        })
+    }
+
+    /// Drop the pin of `host`, as `ssh-keygen -R` does (a daemon whose key was replaced on
+    /// purpose, or a test port reused by another daemon).
+    pub fn forget(&self, host: &str) -> Result<(), KnownHostsError> {
+        self.rewrite(|_, text| {
+            let kept: String = text
+                .lines()
+                .filter(|l| l.split_whitespace().next() != Some(host))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let changed = kept.len() != text.len();
+            *text = kept;
+            Ok(changed)
+        })
+    }
+
+    /// Change the file under its lock; `change` says whether there is anything to write.
+    fn rewrite(
+        &self,
+        change: impl FnOnce(&Self, &mut String) -> Result<bool, KnownHostsError>,
+    ) -> Result<(), KnownHostsError> {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -123,13 +155,9 @@ impl KnownHosts {
             }
         })?;
         let mut text = self.read()?;
-        if self.find(&text, host)? != Lookup::Unknown {
+        if !change(self, &mut text)? {
             return Ok(());
         }
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&format!("{host} {fingerprint}\n"));
         let tmp = self
             .path
             .with_extension(format!("{}.tmp", std::process::id()));
@@ -172,6 +200,15 @@ mod tests {
             kh.lookup("h:2").unwrap(),
             Lookup::Pinned {
                 line: 2,
+                fingerprint: b
+            }
+        );
+        kh.forget("h:1").unwrap();
+        assert_eq!(kh.lookup("h:1").unwrap(), Lookup::Unknown);
+        assert_eq!(
+            kh.lookup("h:2").unwrap(),
+            Lookup::Pinned {
+                line: 1,
                 fingerprint: b
             }
         );

@@ -303,6 +303,9 @@ pub enum Msg {
     Fatal {
         message: String,
     },
+    /// Sent on an otherwise quiet control connection, so that the peer's idle timeout (and
+    /// any NAT or firewall on the way) tells a slow peer from a dead one.
+    KeepAlive,
 }
 
 impl Msg {

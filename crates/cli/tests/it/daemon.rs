@@ -1,8 +1,9 @@
 //! Through a real daemon on loopback: push and pull of a mixed tree, --compress on text data,
-//! and --bwlimit actually limiting.
+//! --bwlimit actually limiting, SIGTERM drain, session limits, and idle timeouts on both
+//! sides (a frozen client, a frozen daemon).
 
 use crate::util::*;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[test]
 fn daemon_push_and_pull_match_rsync() {
@@ -102,9 +103,9 @@ fn sigterm_lets_sessions_in_flight_finish_then_stops_accepting() {
     let url = d.url("m/dst/");
     // ~3 s at 4 MiB/s: SIGTERM lands in the middle.
     let client = spawn_sync(&["--bwlimit", "4M", "-j", "2", &slash(&src), &url]);
-    std::thread::sleep(std::time::Duration::from_millis(1200));
+    std::thread::sleep(Duration::from_millis(1200));
     let mut daemon = d.terminate();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300));
     // No new sessions once draining.
     let refused = sync(&[&slash(&src), &d.url("m/other/")]);
     assert_ne!(refused.code(), 0, "{refused}");
@@ -144,4 +145,83 @@ fn session_and_connection_limits_refuse_clearly_and_keep_the_rest_working() {
     // The slot is free again.
     sync(&[&slash(&src), &d.url("m/b/")]).ok();
     assert_same(&src, &module.join("b"));
+}
+
+/// 8 MiB at 1 MiB/s: a push that is still running when a side is frozen.
+fn slow_push(t: &std::path::Path, d: &Daemon, extra: &[&str]) -> (std::path::PathBuf, Running) {
+    let src = t.join("src");
+    mkdata(&["big", s(&src), "--count", "1", "--mb", "8"]);
+    let mut args = vec!["--bwlimit", "1M", "-j", "2"];
+    args.extend_from_slice(extra);
+    let src_arg = slash(&src);
+    let url = d.url("m/dst/");
+    args.extend([src_arg.as_str(), url.as_str()]);
+    let client = spawn_sync(&args);
+    if !d.log_shows("session opened", Duration::from_secs(30)) {
+        panic!(
+            "no session opened; client: {}\ndaemon: {}",
+            client.wait(),
+            d.log()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    (src, client)
+}
+
+#[test]
+fn a_stalled_client_is_dropped_after_the_idle_timeout_and_resumes_later() {
+    use rustix::process::Signal;
+    let t = tmp();
+    let module = t.path().join("module");
+    let d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        "idle_timeout_secs = 3",
+        "",
+    );
+    let (src, client) = slow_push(t.path(), &d, &[]);
+    // Frozen, the client neither sends nor closes: only the idle timeout can end its session.
+    client.signal(Signal::STOP);
+    let frozen = Instant::now();
+    assert!(
+        d.log_shows("idle timeout", Duration::from_secs(15)),
+        "no idle timeout in the daemon's log: {}",
+        d.log()
+    );
+    // Counted from the last frame, which came up to one keepalive period before the freeze.
+    let after = frozen.elapsed();
+    assert!(after >= Duration::from_secs(2), "dropped after {after:?}");
+    client.signal(Signal::CONT);
+    let out = client.wait();
+    assert_ne!(
+        out.code(),
+        0,
+        "the cut-off run must not claim success: {out}"
+    );
+    // The daemon kept serving; the next run finishes the copy.
+    sync(&[&slash(&src), &d.url("m/dst/")]).ok();
+    assert_same(&src, &module.join("dst"));
+}
+
+#[test]
+fn a_stalled_daemon_ends_the_client_with_a_clear_error_within_its_timeout() {
+    use rustix::process::Signal;
+    let t = tmp();
+    let module = t.path().join("module");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let (_src, client) = slow_push(t.path(), &d, &["--timeout", "3"]);
+    d.signal(Signal::STOP);
+    let frozen = Instant::now();
+    let out = client.wait();
+    let took = frozen.elapsed();
+    d.signal(Signal::CONT);
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(
+        out.stderr.contains("idle timeout"),
+        "the error should name the idle timeout: {out}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "ended {took:?} after the daemon froze"
+    );
 }

@@ -553,6 +553,14 @@ impl Daemon {
             if let Ok(t) = std::fs::read_to_string(&port_file) {
                 if let Ok(p) = t.trim().parse::<u16>() {
                     d.port = p;
+                    // Another test's daemon, with another key, may have had this port before
+                    // (the suite's known-hosts file outlives runs): forget it, as
+                    // `ssh-keygen -R` would.
+                    net::known_hosts::KnownHosts::new(
+                        client_config_home().join("cutover/known_hosts"),
+                    )
+                    .forget(&format!("127.0.0.1:{p}"))
+                    .expect("known_hosts");
                     return d;
                 }
             }
@@ -571,6 +579,25 @@ impl Daemon {
     }
 
     /// `cutover://127.0.0.1:PORT/<module_path>`.
+    /// Send a signal to the daemon (SIGSTOP makes it a peer that stalls without closing).
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let id = self.child.as_ref().expect("daemon running").id();
+        let pid = rustix::process::Pid::from_raw(id as i32).expect("pid > 0");
+        rustix::process::kill_process(pid, sig).expect("kill");
+    }
+
+    /// Wait until the daemon's log contains `needle`; false if it did not within `limit`.
+    pub fn log_shows(&self, needle: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     pub fn url(&self, module_path: &str) -> String {
         format!("cutover://127.0.0.1:{}/{module_path}", self.port)
     }
