@@ -6,6 +6,7 @@ mod bad_input;
 mod basic;
 mod daemon;
 mod delta;
+mod hostile;
 mod metadata;
 mod prop;
 mod resume;
