@@ -602,6 +602,18 @@ impl Daemon {
         format!("cutover://127.0.0.1:{}/{module_path}", self.port)
     }
 
+    /// The daemon's process id, for /proc checks.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon already stopped").id()
+    }
+
+    /// Whether the daemon process is still running (it has not exited or died of a signal).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The daemon's stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
@@ -616,6 +628,16 @@ impl Daemon {
         )
         .expect("cannot signal the daemon");
         c
+    }
+
+    /// SIGKILL the daemon and drop its log, so `Drop` does not report again a panic that a
+    /// test has already reported (a fuzzer replacing a daemon that failed a case).
+    pub fn discard(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
     }
 
     /// SIGKILL the daemon and reap it.
