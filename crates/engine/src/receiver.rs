@@ -1402,15 +1402,18 @@ impl WalkState {
             }
         }
         if !self.doomed.is_empty() {
-            let doomed: Vec<(Vec<u8>, Result<Place, String>)> = std::mem::take(&mut self.doomed)
+            // Each doomed tree is counted once; places are resolved again to delete rather
+            // than held, so thousands of doomed entries do not hold thousands of descriptors.
+            let mut parents = ParentCache::default();
+            let doomed: Vec<(Vec<u8>, u64)> = std::mem::take(&mut self.doomed)
                 .into_iter()
                 .map(|rel| {
-                    let place = dest.place(&rel);
-                    (rel, place)
+                    let place = dest.place_cached(&rel, &mut parents);
+                    let n = place.map_or(0, |p| p.count_tree());
+                    (rel, n)
                 })
                 .collect();
-            let count_of = |p: &Result<Place, String>| p.as_ref().map_or(0, |p| p.count_tree());
-            let count: u64 = doomed.iter().map(|(_, p)| count_of(p)).sum();
+            let count: u64 = doomed.iter().map(|(_, n)| n).sum();
             if had_errors && !dry {
                 report.errors.push(format!(
                     "{count} deletions skipped because of errors in this pass"
@@ -1423,10 +1426,11 @@ impl WalkState {
                 ));
             } else {
                 let mut notices = Vec::new();
-                for (rel, place) in doomed {
-                    let n = count_of(&place);
+                for (rel, n) in doomed {
                     if !dry {
-                        let r = place.and_then(|p| p.remove_tree().map_err(|e| e.to_string()));
+                        let r = dest
+                            .place_cached(&rel, &mut parents)
+                            .and_then(|p| p.remove_tree().map_err(|e| e.to_string()));
                         if let Err(e) = r {
                             report.errors.push(format!(
                                 "{}: cannot delete: {e}",

@@ -284,16 +284,12 @@ impl Place {
         }
     }
 
-    fn err(&self, e: Errno) -> std::io::Error {
-        io(e)
-    }
-
     /// `lstat`: the object's own metadata, a symlink not followed; `None` when absent.
     pub fn metadata(&self) -> std::io::Result<Option<Stat>> {
         match rustix::fs::statat(&*self.dir, self.name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => Ok(Some(Stat(st))),
             Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(self.err(e)),
+            Err(e) => Err(io(e)),
         }
     }
 
@@ -325,28 +321,27 @@ impl Place {
         let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
         rustix::fs::openat(&*self.dir, self.name.as_c_str(), flags, mode)
             .map(File::from)
-            .map_err(|e| self.err(e))
+            .map_err(io)
     }
 
     pub fn create_dir(&self) -> std::io::Result<()> {
         rustix::fs::mkdirat(&*self.dir, self.name.as_c_str(), Mode::from_raw_mode(0o777))
-            .map_err(|e| self.err(e))
+            .map_err(io)
     }
 
     /// Remove a non-directory (a symlink itself, never what it points to).
     pub fn remove_file(&self) -> std::io::Result<()> {
-        rustix::fs::unlinkat(&*self.dir, self.name.as_c_str(), AtFlags::empty())
-            .map_err(|e| self.err(e))
+        rustix::fs::unlinkat(&*self.dir, self.name.as_c_str(), AtFlags::empty()).map_err(io)
     }
 
     pub fn symlink(&self, target: &[u8]) -> std::io::Result<()> {
-        rustix::fs::symlinkat(target, &*self.dir, self.name.as_c_str()).map_err(|e| self.err(e))
+        rustix::fs::symlinkat(target, &*self.dir, self.name.as_c_str()).map_err(io)
     }
 
     pub fn read_link(&self) -> std::io::Result<Vec<u8>> {
         rustix::fs::readlinkat(&*self.dir, self.name.as_c_str(), Vec::new())
             .map(CString::into_bytes)
-            .map_err(|e| self.err(e))
+            .map_err(io)
     }
 
     /// Rename over `to` (both beneath the same root).
@@ -357,7 +352,7 @@ impl Place {
             &*to.dir,
             to.name.as_c_str(),
         )
-        .map_err(|e| self.err(e))
+        .map_err(io)
     }
 
     /// Make `link` a new hard link to this object (a symlink is linked, not followed).
@@ -369,7 +364,7 @@ impl Place {
             link.name.as_c_str(),
             AtFlags::empty(),
         )
-        .map_err(|e| self.err(e))
+        .map_err(io)
     }
 
     pub fn make_node(&self, kind: FileType, mode: u32, rdev: u64) -> std::io::Result<()> {
@@ -380,7 +375,7 @@ impl Place {
             Mode::from_raw_mode(mode),
             rdev,
         )
-        .map_err(|e| self.err(e))
+        .map_err(io)
     }
 
     /// Open this directory for listing, not following a symlink.
@@ -395,8 +390,8 @@ impl Place {
 
     /// The names in this directory (without `.` and `..`), sorted.
     pub fn list(&self) -> std::io::Result<Vec<Listed>> {
-        let fd = self.open_dir().map_err(|e| self.err(e))?;
-        list_fd(fd).map_err(|e| self.err(e))
+        let fd = self.open_dir().map_err(io)?;
+        list_fd(fd).map_err(io)
     }
 
     /// The number of entries this object stands for: 1, or 1 plus everything below a directory.
@@ -427,7 +422,7 @@ impl Place {
                     self.child(&e.name)?.remove_tree()?;
                 }
                 rustix::fs::unlinkat(&*self.dir, self.name.as_c_str(), AtFlags::REMOVEDIR)
-                    .map_err(|e| self.err(e))
+                    .map_err(io)
             }
             Some(_) => self.remove_file(),
         }
@@ -435,7 +430,7 @@ impl Place {
 
     /// An entry of this directory, with the directory opened beneath its own parent.
     fn child(&self, name: &OsStr) -> std::io::Result<Place> {
-        let dir = self.open_dir().map_err(|e| self.err(e))?;
+        let dir = self.open_dir().map_err(io)?;
         Ok(Place {
             dir: Arc::new(dir),
             name: CString::new(name.as_bytes()).map_err(std::io::Error::other)?,
@@ -446,8 +441,8 @@ impl Place {
     /// A handle to set metadata on the object itself: `None` for a symlink, which has no mode
     /// or extended attributes of its own on Linux.
     pub fn meta_handle(&self) -> std::io::Result<MetaHandle> {
-        let fd = self.handle().map_err(|e| self.err(e))?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| self.err(e))?;
+        let fd = self.handle().map_err(io)?;
+        let st = rustix::fs::fstat(&fd).map_err(io)?;
         let is_link = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
         Ok(MetaHandle {
             fd,

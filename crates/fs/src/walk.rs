@@ -55,12 +55,12 @@ impl ScanItem {
     /// must not make us read and send a file from outside.
     pub fn open(&self) -> std::io::Result<std::fs::File> {
         use rustix::fs::OFlags;
-        let rel = match &self.root {
-            Some(root) => self.abs.strip_prefix(root.path()).unwrap_or(Path::new("")),
-            None => Path::new(""),
-        };
-        match &self.root {
-            Some(root) if !rel.as_os_str().is_empty() => root
+        let beneath = self.root.as_ref().and_then(|root| {
+            let rel = self.abs.strip_prefix(root.path()).ok()?;
+            (!rel.as_os_str().is_empty()).then_some((root, rel))
+        });
+        match beneath {
+            Some((root, rel)) => root
                 .open_beneath(
                     rel.as_os_str().as_bytes(),
                     OFlags::RDONLY | OFlags::NOFOLLOW,
