@@ -70,6 +70,11 @@ pub struct Module {
     /// Refuse writes whatever the grants say.
     #[serde(default)]
     pub read_only: bool,
+    /// Let clients create device nodes and write block devices in this module (only
+    /// meaningful when the daemon runs as root). Off by default: a client that may create a
+    /// node for any device number could write the host's disks through it.
+    #[serde(default)]
+    pub allow_devices: bool,
     #[serde(default, rename = "allow")]
     allow_specs: Vec<AllowSpec>,
     /// The `allow` entries with their secrets loaded.

@@ -320,22 +320,37 @@ async fn open(
         refuse(&mut conn, reason.clone()).await;
         return Err(reason);
     }
+    // From here the slot is freed however this task ends, a panic included.
+    let _slot = SessionSlot {
+        server: server.clone(),
+        session,
+    };
     if conn
         .writer
         .send_value(&Welcome::Accepted { session, secret })
         .await
         .is_err()
     {
-        server.sessions().remove(&session);
         return Err("client went away during the handshake".into());
     }
     tracing::info!(%peer, module = %new.module, path = %new.path, role = ?new.server_role, "session opened");
     let idle = Duration::from_secs(server.config.idle_timeout_secs);
-    let result = run_engine(conn, rx, &new, root, idle).await;
-    server.sessions().remove(&session);
-    result?;
+    run_engine(conn, rx, &new, root, idle).await?;
     tracing::info!(%peer, "session finished");
     Ok(())
+}
+
+/// A session's entry in the table; dropping it (on any exit, unwinding included) removes
+/// the entry, so a failed session never keeps its slot or its joiners' channel.
+struct SessionSlot {
+    server: Arc<Server>,
+    session: u64,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.server.sessions().remove(&self.session);
+    }
 }
 
 /// Run this side of a session: the receiver for a push, the sender for a pull.
@@ -361,6 +376,7 @@ async fn run_engine(
                 root: place.root,
                 is_dir_hint: new.path.ends_with('/') || new.path.is_empty(),
                 jail: place.jail,
+                devices: place.devices,
             };
             engine::run_receiver(sess, dest, opts, Arc::new(NoEvents), stats)
                 .await
@@ -401,6 +417,9 @@ enum Refusal {
 pub(crate) struct SessionPlace {
     pub(crate) root: PathBuf,
     pub(crate) jail: Option<PathBuf>,
+    /// Device nodes and block devices may be written (module `allow_devices`; always for an
+    /// ssh session, whose login could make them itself).
+    pub(crate) devices: bool,
 }
 
 /// Everything a new session must pass before it opens: version, module, credentials,
@@ -474,5 +493,6 @@ fn resolve(module: &Module, new: &NewSession) -> Result<SessionPlace, String> {
     Ok(SessionPlace {
         root: cofs::join(&module.path, rel.as_bytes()),
         jail: Some(module.path.clone()),
+        devices: module.allow_devices,
     })
 }

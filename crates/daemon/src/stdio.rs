@@ -151,7 +151,11 @@ async fn open(mut conn: Conn, new: NewSession) -> Result<(), String> {
             .send_value(&Welcome::Accepted { session, secret })
             .await
             .map_err(|e| format!("client went away during the handshake: {e}"))?;
-        let place = SessionPlace { root, jail: None };
+        let place = SessionPlace {
+            root,
+            jail: None,
+            devices: true,
+        };
         let idle = std::time::Duration::from_secs(crate::config::DEFAULT_IDLE_TIMEOUT_SECS);
         run_engine(conn, rx, &new, place, idle).await
     }

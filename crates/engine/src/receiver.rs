@@ -7,7 +7,7 @@
 //! the target after its digest matched.
 
 use crate::events::{Action, Event, Events, Problems, Stats, Summary};
-use crate::sender::{blocks_of, display, hash_ranges};
+use crate::sender::{display, hash_ranges};
 use crate::session::{close_within, spawn_control, Session, CLOSE_AFTER_ERROR};
 use crate::{EngineError, IN_FLIGHT_ENTRIES, SMALL_FILE};
 
@@ -15,7 +15,7 @@ use crate::{EngineError, IN_FLIGHT_ENTRIES, SMALL_FILE};
 /// sender ever has in flight. Bounds this side's memory for file state (~150 MiB at worst,
 /// with 4 KiB paths).
 const RECEIVER_FILES_LIMIT: usize = 2 * IN_FLIGHT_ENTRIES;
-use chunk::{BlockHash, CdcParams, LEAF};
+use chunk::{BlockHash, CdcParams, LEAF, LEVELS};
 use cofs::meta::{self, ApplyOpts};
 use cofs::partial::{is_internal, partial_name, temp_name};
 use cofs::root::ParentCache;
@@ -41,6 +41,10 @@ pub struct Destination {
     /// A directory the destination must stay beneath (a daemon module): the destination is
     /// opened and created through it, never by path alone.
     pub jail: Option<PathBuf>,
+    /// The peer may create device nodes and write block devices here. A daemon allows it
+    /// only for a module with `allow_devices`: a node for any device number would give the
+    /// client the host's disks.
+    pub devices: bool,
 }
 
 impl Destination {
@@ -50,6 +54,7 @@ impl Destination {
             root,
             is_dir_hint,
             jail: None,
+            devices: true,
         }
     }
 }
@@ -187,6 +192,12 @@ struct RFile {
     end: Option<(u64, u64, [u8; 32])>,
     literal: u64,
     copied: u64,
+    /// Size of the basis when the file was listed: hash requests stay within it.
+    basis_size: u64,
+    /// Bytes the frames so far have written, zeroed or copied. An honest sender's frames
+    /// cover the whole file, so a `FileEnd` claiming more is refused rather than read back
+    /// (a terabyte of holes would otherwise cost a terabyte of hashing).
+    covered: u64,
 }
 
 struct Shared {
@@ -195,7 +206,11 @@ struct Shared {
     apply: ApplyOpts,
     files: Mutex<HashMap<u64, RFile>>,
     control: mpsc::Sender<Msg>,
-    hashing: Semaphore,
+    /// Bounds the hashing running at once and, through the control loop that waits for it,
+    /// the hash requests a peer can have queued.
+    hashing: Arc<Semaphore>,
+    /// From `Destination::devices`.
+    devices: bool,
     report: Mutex<ReceiverReport>,
     stats: Arc<Stats>,
 }
@@ -229,7 +244,8 @@ pub async fn run_receiver(
         opts: opts.clone(),
         files: Mutex::new(HashMap::new()),
         control: control.tx.clone(),
-        hashing: Semaphore::new(2),
+        hashing: Arc::new(Semaphore::new(2)),
+        devices: dest.devices,
         report: Mutex::new(ReceiverReport::default()),
         stats: stats.clone(),
     });
@@ -287,6 +303,12 @@ pub async fn run_receiver(
                 let mut needs = Vec::with_capacity(entries.len());
                 let mut sig_jobs = Vec::new();
                 let mut refused = Vec::new();
+                let Some(_) = first_id.checked_add(entries.len() as u64) else {
+                    break Err(EngineError::Protocol(format!(
+                        "file ids {first_id} + {} overflow",
+                        entries.len()
+                    )));
+                };
                 for (i, entry) in entries.into_iter().enumerate() {
                     let id = first_id + i as u64;
                     let decided = walk.decide(&shared, id, entry, rescan);
@@ -329,7 +351,21 @@ pub async fn run_receiver(
                 }
             }
             Msg::HashRequest { id, block, ranges } => {
-                tokio::spawn(answer_hashes(shared.clone(), id, block, ranges));
+                let basis_size = lock(&shared.files).get(&id).map(|f| f.basis_size);
+                let expected = match hash_request_blocks(block, &ranges, basis_size) {
+                    Ok(n) => n,
+                    Err(why) => break Err(EngineError::Protocol(why)),
+                };
+                // Waiting here, not in the task, keeps at most two requests in memory.
+                let Ok(permit) = shared.hashing.clone().acquire_owned().await else {
+                    break Err(EngineError::Local("hashing stopped".into()));
+                };
+                tokio::spawn(answer_hashes(
+                    shared.clone(),
+                    permit,
+                    (id, block, ranges),
+                    expected,
+                ));
             }
             Msg::FileEnd {
                 id,
@@ -557,6 +593,19 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
             let Some(id) = msg.counted_file() else {
                 return Ok(());
             };
+            let covers = match &msg {
+                Msg::Data { data, .. } => data.len() as u64,
+                // A sender zeroes at most a leaf per frame; more would let one frame cost
+                // the receiver a terabyte of writes into a device.
+                Msg::Zero { len, .. } if *len > LEAF as u64 => {
+                    return Err(EngineError::Protocol(format!(
+                        "a zero frame of {len} bytes (at most {LEAF})"
+                    )))
+                }
+                Msg::Zero { len, .. } => *len,
+                Msg::Copy { ops, .. } => ops.iter().fold(0u64, |n, op| n.saturating_add(op.len)),
+                _ => 0,
+            };
             let opened = {
                 let mut files = lock(&shared.files);
                 match files.get_mut(&id) {
@@ -586,6 +635,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                     (None, _) => Ok(false),
                     (Some(f), Ok((lit, cop))) => {
                         f.seen += 1;
+                        f.covered = f.covered.saturating_add(covers);
                         f.literal += lit;
                         f.copied += cop;
                         Stats::add(&shared.stats.literal_bytes, lit);
@@ -849,6 +899,16 @@ fn commit(shared: &Shared, mut f: RFile) -> Result<(u64, u64), (String, bool)> {
     let (_, size, digest) = f
         .end
         .ok_or(("file ended without FileEnd".to_string(), true))?;
+    if size > f.covered {
+        return Err((
+            format!(
+                "{}: refused: the sender declared {size} bytes but sent frames for only {}",
+                f.shown.display(),
+                f.covered
+            ),
+            false,
+        ));
+    }
     if f.out.is_none() {
         open_work(&shared.dest, &mut f).map_err(|e| (e, false))?;
     }
@@ -975,6 +1035,15 @@ async fn send_signature(shared: Arc<Shared>, job: SigJob) {
         Ok(Ok(s)) => s,
         _ => Signature::Unavailable,
     };
+    // The size a device reports only through its ioctl, or a basis that changed since it
+    // was listed: hash requests are checked against what the signature describes.
+    if let Signature::Positional { basis_size, .. } | Signature::Chunks { basis_size, .. } =
+        &signature
+    {
+        if let Some(f) = lock(&shared.files).get_mut(&id) {
+            f.basis_size = *basis_size;
+        }
+    }
     let _ = shared.control.send(Msg::Signature { id, signature }).await;
 }
 
@@ -1027,22 +1096,70 @@ fn signature(dest: &Dest, job: &SigJob) -> std::io::Result<Signature> {
     })
 }
 
-async fn answer_hashes(shared: Arc<Shared>, id: u64, block: u32, ranges: Vec<(u64, u64)>) {
+/// The most block hashes one answer may hold: what fits in a frame.
+const MAX_HASHES_PER_ANSWER: usize = proto::MAX_FRAME / 16;
+
+/// How many block hashes a `HashRequest` asks for, if it is one an honest sender could make:
+/// a level below the leaf, ranges of at most a leaf each, in order, not overlapping, and
+/// within the basis (when the file is still in flight). Anything else ends the session
+/// before it costs memory: `(0, u64::MAX)` alone would list 2^52 blocks.
+fn hash_request_blocks(
+    block: u32,
+    ranges: &[(u64, u64)],
+    basis_size: Option<u64>,
+) -> Result<usize, String> {
+    if !LEVELS[1..].contains(&block) {
+        return Err(format!(
+            "hash request for {block}-byte blocks (levels are {:?})",
+            &LEVELS[1..]
+        ));
+    }
+    let mut at = 0u64;
+    let mut blocks = 0usize;
+    for &(off, len) in ranges {
+        let end = off
+            .checked_add(len)
+            .filter(|_| len > 0 && len <= LEAF as u64);
+        let Some(end) = end.filter(|_| off >= at) else {
+            return Err(format!(
+                "hash request range ({off}, {len}) is empty, longer than a leaf, overlapping or out of order"
+            ));
+        };
+        if let Some(limit) = basis_size.filter(|&b| end > b) {
+            return Err(format!(
+                "hash request range ({off}, {len}) ends past the {limit}-byte basis"
+            ));
+        }
+        blocks += len.div_ceil(u64::from(block)) as usize;
+        if blocks > MAX_HASHES_PER_ANSWER {
+            return Err(format!(
+                "hash request for more than {MAX_HASHES_PER_ANSWER} blocks"
+            ));
+        }
+        at = end;
+    }
+    Ok(blocks)
+}
+
+async fn answer_hashes(
+    shared: Arc<Shared>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    (id, block, ranges): (u64, u32, Vec<(u64, u64)>),
+    expected: usize,
+) {
     let basis = lock(&shared.files)
         .get(&id)
         .and_then(|f| Some((f.entry.path.clone(), f.basis?)));
-    let expected = blocks_of(&ranges, u64::from(block.max(1))).len();
     let hashes: Vec<BlockHash> = match basis {
+        // The file failed or ended meanwhile: hashes that match nothing.
         None => vec![0; expected],
         Some((rel, basis)) => {
-            let permit = shared.hashing.acquire().await;
             let s = shared.clone();
             let r = tokio::task::spawn_blocking(move || {
                 let (file, _) = open_basis(&s.dest, &rel, basis).map_err(|e| e.to_string())?;
                 hash_ranges(&file, &ranges, (block as usize).max(1))
             })
             .await;
-            drop(permit);
             match r {
                 Ok(Ok(h)) => h,
                 // Unreadable now: answer with hashes that match nothing, so all is sent.
@@ -1050,7 +1167,9 @@ async fn answer_hashes(shared: Arc<Shared>, id: u64, block: u32, ranges: Vec<(u6
             }
         }
     };
+    // Held until the answer is queued: a peer that reads no answers stalls its own session.
     let _ = shared.control.send(Msg::Hashes { id, block, hashes }).await;
+    drop(permit);
 }
 
 /// Directory bookkeeping of a pass: the stack of open directories (for deletes), the
@@ -1258,6 +1377,9 @@ impl WalkState {
                 self.hard_links.push((first.clone(), entry.path.clone()));
                 return Ok((Need::Created, None, item(Action::Create)));
             }
+            EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } if !shared.devices => {
+                return Err((Need::Refused, devices_refused(path)));
+            }
             EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
                 if existing.is_some() {
                     return Ok((Need::Skip, None, None));
@@ -1277,6 +1399,10 @@ impl WalkState {
                 .as_ref()
                 .map(|m| m.is_block_device())
                 .unwrap_or(false);
+        let device = existing.as_ref().is_some_and(|m| m.is_block_device());
+        if device && !shared.devices {
+            return Err((Need::Refused, devices_refused(path)));
+        }
         let in_place = volume || shared.opts.inplace;
         if let Some(md) = &existing {
             if md.is_dir() {
@@ -1363,6 +1489,8 @@ impl WalkState {
             end: None,
             literal: 0,
             copied: 0,
+            basis_size,
+            covered: 0,
         };
         lock(&shared.files).insert(id, rf);
         Ok((need, sig, None))
@@ -1527,6 +1655,10 @@ fn replace_dir(target: &Place, what: &str, delete: bool, dry: bool) -> Result<()
 
 /// Make a fifo or, as root, a device node. A device node from a peer when not root is
 /// refused: only root could make one, and it would be a hole in the destination's permissions.
+fn devices_refused(path: impl std::fmt::Display) -> String {
+    format!("{path}: refused: this destination does not accept device nodes or writes to block devices (a daemon module needs allow_devices = true)")
+}
+
 fn make_node(place: &Place, e: &Entry) -> std::io::Result<()> {
     use rustix::fs::FileType;
     let (ft, rdev) = match e.kind {
@@ -1541,4 +1673,47 @@ fn make_node(place: &Place, e: &Entry) -> std::io::Result<()> {
         ));
     }
     place.make_node(ft, e.mode & 0o7777, rdev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_requests_an_honest_sender_makes_are_accepted() {
+        let leaf = LEAF as u64;
+        let ranges = [(0, leaf), (3 * leaf, 100)];
+        assert_eq!(
+            hash_request_blocks(LEVELS[1], &ranges, Some(4 * leaf)),
+            Ok(16 + 1)
+        );
+        // A file no longer in flight has no basis to bound it; the frame cap still does.
+        assert_eq!(hash_request_blocks(LEVELS[2], &ranges, None), Ok(256 + 1));
+        assert_eq!(hash_request_blocks(LEVELS[2], &[], Some(0)), Ok(0));
+    }
+
+    #[test]
+    fn hash_requests_no_honest_sender_makes_are_refused_before_allocating() {
+        let leaf = LEAF as u64;
+        for (block, ranges, basis) in [
+            (LEVELS[1], vec![(0, u64::MAX)], None),
+            (LEVELS[1], vec![(u64::MAX, 1)], None),
+            (LEVELS[1], vec![(0, 0)], None),
+            (LEVELS[1], vec![(0, leaf + 1)], None),
+            (LEVELS[1], vec![(leaf, 10), (0, 10)], None),
+            (LEVELS[1], vec![(0, 10), (5, 10)], None),
+            (LEVELS[1], vec![(0, 10)], Some(5)),
+            (0, vec![(0, 10)], None),
+            (1, vec![(0, 10)], None),
+            (LEVELS[0], vec![(0, 10)], None),
+        ] {
+            assert!(
+                hash_request_blocks(block, &ranges, basis).is_err(),
+                "{block} {ranges:?} {basis:?}"
+            );
+        }
+        // Many leaf-long ranges: refused once the answer would not fit in a frame.
+        let many: Vec<(u64, u64)> = (0..200_000).map(|i| (i * leaf, leaf)).collect();
+        assert!(hash_request_blocks(LEVELS[2], &many, None).is_err());
+    }
 }

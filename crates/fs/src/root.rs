@@ -317,11 +317,26 @@ impl Place {
         self.open(f, Mode::from_raw_mode(0o600))
     }
 
+    /// Opens only regular files and block devices. `O_NONBLOCK` keeps a FIFO (which a peer
+    /// may have made at this name) from blocking the open until a writer comes; the type is
+    /// checked on the descriptor itself, so nothing can be swapped in between.
     fn open(&self, flags: OFlags, mode: Mode) -> std::io::Result<File> {
-        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
-        rustix::fs::openat(&*self.dir, self.name.as_c_str(), flags, mode)
-            .map(File::from)
-            .map_err(io)
+        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+        let fd = rustix::fs::openat(&*self.dir, self.name.as_c_str(), flags, mode).map_err(io)?;
+        match FileType::from_raw_mode(rustix::fs::fstat(&fd).map_err(io)?.st_mode) {
+            FileType::RegularFile => {}
+            // Reads and writes of a block device honour O_NONBLOCK in some drivers.
+            FileType::BlockDevice => {
+                rustix::fs::fcntl_setfl(&fd, flags & !OFlags::NONBLOCK).map_err(io)?
+            }
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("not a regular file or block device ({other:?})"),
+                ))
+            }
+        }
+        Ok(File::from(fd))
     }
 
     pub fn create_dir(&self) -> std::io::Result<()> {
@@ -571,6 +586,29 @@ mod tests {
             b"s"
         );
         assert_eq!(std::fs::read(t.path().join("root/escape")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking_for_reading_or_writing() {
+        let (t, root) = tree();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.path().join("root/p"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let p = root.place(b"p").unwrap();
+        // Without O_NONBLOCK the read-only open would wait for a writer forever.
+        for e in [p.open_read().unwrap_err(), p.open_write(false).unwrap_err()] {
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        std::fs::write(t.path().join("root/f"), b"x").unwrap();
+        let mut read = String::new();
+        let mut f = root.place(b"f").unwrap().open_read().unwrap();
+        std::io::Read::read_to_string(&mut f, &mut read).unwrap();
+        assert_eq!(read, "x");
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub enum ClientError {
     },
     #[error("{addr} refused the session: {reason}")]
     Refused { addr: String, reason: String },
+    #[error("{addr}: the session failed: {reason}")]
+    SessionFailed { addr: String, reason: String },
     #[error("{addr}: the daemon closed the connection during the handshake")]
     Handshake { addr: String },
     #[error("{addr}: {source}")]
@@ -312,7 +314,19 @@ pub async fn open_session(
         (Connections::Auto, Route::Tcp(_)) => AUTO_START,
         (Connections::Auto, Route::Ssh(_)) => AUTO_START_SSH,
     };
-    for c in join_many(&dialer, session, secret, start).await? {
+    let mut control = control;
+    let joined = match join_many(&dialer, session, secret, start).await {
+        Ok(conns) => conns,
+        // Every join refused: most likely the session ended at once on the daemon's side,
+        // whose reason is on the control connection ("unknown session" would hide it).
+        Err(refused @ ClientError::Refused { .. }) => {
+            return Err(why_session_ended(&dialer.addr, &mut control)
+                .await
+                .unwrap_or(refused))
+        }
+        Err(e) => return Err(e),
+    };
+    for c in joined {
         let _ = tx.send(c).await;
     }
     if connections == Connections::Auto {
@@ -325,6 +339,28 @@ pub async fn open_session(
         server_fingerprint,
     })
 }
+
+/// The reason a daemon gave on the control connection for ending a session, if it gives
+/// one soon.
+async fn why_session_ended(addr: &str, control: &mut Conn) -> Option<ClientError> {
+    let read = async {
+        loop {
+            match control.reader.recv().await {
+                Ok(Some(proto::Msg::Fatal { message })) => return Some(message),
+                Ok(Some(_)) => continue,
+                _ => return None,
+            }
+        }
+    };
+    let reason = tokio::time::timeout(WHY_ENDED_WAIT, read).await.ok()??;
+    Some(ClientError::SessionFailed {
+        addr: addr.to_string(),
+        reason,
+    })
+}
+
+/// How long a client waits for a daemon's reason after its joins were refused.
+const WHY_ENDED_WAIT: Duration = Duration::from_secs(2);
 
 /// Double the data connections while each doubling still raises the delivered rate.
 async fn grow(

@@ -225,3 +225,21 @@ fn a_stalled_daemon_ends_the_client_with_a_clear_error_within_its_timeout() {
         "ended {took:?} after the daemon froze"
     );
 }
+
+/// A push whose destination's parent is missing fails on the daemon before any data
+/// connection joins; the client must print the daemon's reason, not "unknown session" (what
+/// its late joins were told).
+#[test]
+fn push_of_a_file_into_a_missing_directory_says_why() {
+    let t = tmp();
+    let file = t.path().join("f");
+    write(&file, b"hello");
+    let module = t.path().join("module");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    for j in ["1", "8"] {
+        let out = sync(&["-j", j, s(&file), &d.url("m/no/such/dir/f")]);
+        assert_one_line_error(&out, &["no/such/dir"]);
+        assert!(!out.stderr.contains("unknown session"), "{out}");
+    }
+    assert!(!module.join("no").exists());
+}
