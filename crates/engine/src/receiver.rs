@@ -68,6 +68,10 @@ struct Dest {
     jail: Option<PathBuf>,
     /// Fixed by the first entry.
     layout: OnceLock<Layout>,
+    /// Set when another sync holds the destination's lock: the session ends with it.
+    busy: OnceLock<String>,
+    /// Held for the session: one writer per destination.
+    lock: OnceLock<cofs::DirLock>,
 }
 
 enum Layout {
@@ -114,8 +118,32 @@ impl Dest {
                 None => Layout::Absent,
             }
         };
+        // One writer per destination: a second sync would interleave with the first (and
+        // each would delete what the other just wrote). A single-file destination locks its
+        // directory.
+        let attempt = match &layout {
+            _ if dry => None,
+            Layout::Tree(root) => Some(root.try_lock()),
+            Layout::File(place) => Some(place.try_lock_parent()),
+            Layout::Absent => None,
+        };
         let _ = self.layout.set(layout);
-        Ok(created)
+        match attempt {
+            None => Ok(created),
+            Some(Ok(Some(lock))) => {
+                let _ = self.lock.set(lock);
+                Ok(created)
+            }
+            Some(Ok(None)) => {
+                let why = format!(
+                    "{}: another cutover sync is writing into this destination; wait for it to finish (or stop it) and run again",
+                    self.root.display()
+                );
+                let _ = self.busy.set(why.clone());
+                Err(why)
+            }
+            Some(Err(e)) => Err(format!("{}: cannot lock: {e}", self.root.display())),
+        }
     }
 
     /// Open a directory of the destination as a root, creating it when asked; beneath the
@@ -236,6 +264,8 @@ pub async fn run_receiver(
             is_dir_hint: dest.is_dir_hint,
             jail: dest.jail.clone(),
             layout: OnceLock::new(),
+            busy: OnceLock::new(),
+            lock: OnceLock::new(),
         },
         apply: ApplyOpts {
             owners,
@@ -333,6 +363,9 @@ pub async fn run_receiver(
                             }
                         }
                     }
+                }
+                if let Some(why) = shared.dest.busy.get() {
+                    break Err(EngineError::Local(why.clone()));
                 }
                 if shared
                     .control
@@ -1057,7 +1090,81 @@ fn open_basis(dest: &Dest, rel: &[u8], basis: Basis) -> std::io::Result<(File, P
     Ok((place.open_read()?, place.shown().to_path_buf()))
 }
 
+/// Before a partial file becomes the basis of a resumed transfer, copy the target's bytes
+/// into the ranges the interrupted run never wrote (the partial's holes), up to the new
+/// size. A positional delta against the partial then sends only what really differs from
+/// the target, instead of everything the interruption left unwritten (measured with
+/// `cutover-faults`: a kill during the delta of an 8 MiB file cost up to 8 MB more before).
+/// Bytes wrongly filled (a literal run of zeros kept as a hole) only fail their block's
+/// hash and are sent; the whole-file digest guards the result either way.
+fn fill_partial_from_target(dest: &Dest, rel: &[u8], upto: u64) -> std::io::Result<()> {
+    use rustix::fs::SeekFrom;
+    let target = dest.place(rel).map_err(std::io::Error::other)?;
+    let Ok(from) = target.open_read() else {
+        return Ok(()); // no target (or not a regular file): nothing to fill with
+    };
+    if !from.metadata()?.is_file() {
+        return Ok(());
+    }
+    let partial = target
+        .sibling(&partial_name(target.name()))
+        .open_write(false)?;
+    let end = from.metadata()?.len().min(upto);
+    if partial.metadata()?.len() < end {
+        partial.set_len(end)?;
+    }
+    let mut at = 0u64;
+    while at < end {
+        let hole = match rustix::fs::seek(&partial, SeekFrom::Hole(at)) {
+            Ok(h) => h,
+            Err(_) => return Ok(()), // no hole reporting here: resume as before
+        };
+        if hole >= end {
+            break;
+        }
+        let data = match rustix::fs::seek(&partial, SeekFrom::Data(hole)) {
+            Ok(d) => d.min(end),
+            Err(_) => end, // ENXIO: a hole up to the end
+        };
+        copy_range(
+            &from,
+            &partial,
+            CopyOp {
+                src: hole,
+                len: data - hole,
+                dst: hole,
+            },
+        )?;
+        at = data;
+    }
+    Ok(())
+}
+
+/// Bytes of a file that hold data (not holes): what an interrupted run wrote into a partial
+/// file created empty. A file system that reports no holes counts as all data.
+fn data_bytes(file: &File) -> std::io::Result<u64> {
+    use rustix::fs::SeekFrom;
+    let size = file.metadata()?.len();
+    let mut held = 0;
+    let mut at = 0;
+    while at < size {
+        let Ok(data) = rustix::fs::seek(file, SeekFrom::Data(at)) else {
+            break; // ENXIO: only a hole is left
+        };
+        let hole = rustix::fs::seek(file, SeekFrom::Hole(data)).unwrap_or(size);
+        if hole <= at {
+            break; // the file changed under us: count no further
+        }
+        held += hole.min(size) - data.min(size);
+        at = hole;
+    }
+    Ok(held)
+}
+
 fn signature(dest: &Dest, job: &SigJob) -> std::io::Result<Signature> {
+    if job.basis == Basis::Partial {
+        fill_partial_from_target(dest, &job.rel, job.source_size)?;
+    }
     let (file, shown) = open_basis(dest, &job.rel, job.basis)?;
     let basis_size = cofs::volume::size_of(&file, &shown).map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; LEAF];
@@ -1426,7 +1533,26 @@ impl WalkState {
                 .filter(|m| m.is_file()),
             _ => None,
         };
-        let has_partial = partial.is_some();
+        // A partial left by a content-defined delta (the target's size differs from the new
+        // one, so content may have shifted) can resume worse than the target it was rebuilt
+        // from: its unwritten ranges cannot be filled from the target at the same offsets,
+        // so a positional delta against it resends them all. When it holds less data than
+        // the target, the file starts over from the target (only the literals the
+        // interrupted run sent are lost); otherwise (most of it was new) from the partial.
+        let shifted = existing
+            .as_ref()
+            .filter(|m| m.is_file() && m.size() > 0 && m.size() != entry.size)
+            .map(|m| m.size());
+        let rebuild_from_target = match (shifted, &place) {
+            (Some(target_size), Ok(p)) if partial.is_some() && !shared.opts.whole_file => {
+                let work = p.sibling(&partial_name(p.name()));
+                work.open_read()
+                    .and_then(|f| data_bytes(&f))
+                    .is_ok_and(|held| held < target_size)
+            }
+            _ => false,
+        };
+        let has_partial = partial.is_some() && !rebuild_from_target;
         let target_usable = existing
             .as_ref()
             .map(|m| m.is_file() || m.is_block_device())

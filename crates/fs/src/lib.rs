@@ -11,7 +11,7 @@ pub mod volume;
 pub mod walk;
 
 pub use filter::Filter;
-pub use root::{Place, Root};
+pub use root::{DirLock, Place, Root};
 pub use walk::{LocalInfo, ScanItem, Walker};
 
 use std::path::{Path, PathBuf};

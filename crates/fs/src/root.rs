@@ -30,6 +30,29 @@ pub struct Root {
     path: PathBuf,
 }
 
+/// The exclusive advisory lock of a directory, held until dropped. Kernel-held (`flock`),
+/// so a killed holder releases it, and nothing is left in the directory.
+pub struct DirLock {
+    _fd: OwnedFd,
+}
+
+/// Take the lock of a directory without waiting; `None` when another holds it. The held
+/// descriptors are `O_PATH`, which cannot be locked, so the directory is opened again.
+fn try_lock_dir(dir: &OwnedFd) -> std::io::Result<Option<DirLock>> {
+    let fd = rustix::fs::openat(
+        dir,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(DirLock { _fd: fd })),
+        Err(Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(io(e)),
+    }
+}
+
 /// One named object beneath a root: its parent directory, held open, and its name. The
 /// object itself may not exist yet.
 #[derive(Debug, Clone)]
@@ -108,6 +131,11 @@ fn io(e: Errno) -> std::io::Error {
 }
 
 impl Root {
+    /// Lock this directory against other writers; `None` when another holds the lock.
+    pub fn try_lock(&self) -> std::io::Result<Option<DirLock>> {
+        try_lock_dir(&self.dir)
+    }
+
     /// Open `path` (trusted: given locally or by the daemon's config) as a root.
     pub fn open(path: &Path) -> Result<Root, FsError> {
         let fd = rustix::fs::open(
@@ -264,6 +292,11 @@ fn escapes(path: PathBuf) -> FsError {
 }
 
 impl Place {
+    /// Lock the parent directory against other writers; `None` when another holds it.
+    pub fn try_lock_parent(&self) -> std::io::Result<Option<DirLock>> {
+        try_lock_dir(&self.dir)
+    }
+
     /// The path shown to people (root joined with the wire path); never used for access.
     pub fn shown(&self) -> &Path {
         &self.shown

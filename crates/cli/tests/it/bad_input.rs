@@ -129,7 +129,7 @@ fn push_to_read_only_module_is_refused_and_pull_works() {
 }
 
 #[test]
-fn full_disk_fails_cleanly_and_keeps_complete_files() {
+fn full_disk_fails_cleanly_keeps_complete_files_and_the_next_run_finishes() {
     let t = tmp();
     let mnt = t.path().join("small_fs");
     let fs = Tmpfs::mount(&mnt, "2m");
@@ -140,7 +140,6 @@ fn full_disk_fails_cleanly_and_keeps_complete_files() {
     write(&src.join("sibling.bin"), random_bytes(33, 4 << 20));
     let d = Daemon::start(&t.path().join("d"), &[Module::rw("small", &fs.path)]);
     let out = sync(&["-j", "2", &slash(&src), &d.url("small/")]);
-    drop(d);
     assert_ne!(out.code(), 0, "a 7 MiB push into 2 MiB succeeded?\n{out}");
     let lines = out.err_lines();
     assert!(!lines.is_empty(), "{out}");
@@ -161,6 +160,10 @@ fn full_disk_fails_cleanly_and_keeps_complete_files() {
         !fs.path.join("sibling.bin").exists(),
         "an incomplete sibling.bin appeared"
     );
+    // Space freed: the next run finishes, exact.
+    fs.resize("32m");
+    sync(&["-j", "2", &slash(&src), &d.url("small/")]).ok();
+    assert_same(&src, &fs.path);
 }
 
 #[test]
@@ -225,4 +228,45 @@ fn files_vanishing_during_the_transfer_are_reported_not_fatal() {
     // A quiet re-run with --delete makes the copy exact.
     sync(&["--delete", &slash(&src), &slash(&dst)]).ok();
     assert_same_with(&src, &dst, &["--delete"]);
+}
+
+/// A source file the sync cannot read (run as an unprivileged user; root reads anything):
+/// reported by name, the other files still copied, and exit 3 says the copy is incomplete.
+#[test]
+fn an_unreadable_source_file_is_reported_and_the_rest_is_copied() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tmp();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let src = t.path().join("src");
+    write(&src.join("a.txt"), b"readable");
+    write(&src.join("sub/b.txt"), b"readable too");
+    write(&src.join("secret.txt"), b"nobody may read this");
+    chmod(&src.join("secret.txt"), 0o000);
+    let dst = t.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    rustix::fs::chown(
+        &dst,
+        Some(rustix::fs::Uid::from_raw(65534)),
+        Some(rustix::fs::Gid::from_raw(65534)),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin())
+        .args(["sync", &slash(&src), &slash(&dst)])
+        .env_remove("CUTOVER_LOG");
+    let out = Running::start(cmd).wait();
+    assert_eq!(out.code(), 3, "{out}");
+    assert!(
+        out.err_lines()
+            .iter()
+            .any(|l| l.contains("secret.txt") && l.contains("Permission denied")),
+        "no line names the unreadable file\n{out}"
+    );
+    assert_eq!(std::fs::read(dst.join("a.txt")).unwrap(), b"readable");
+    assert_eq!(
+        std::fs::read(dst.join("sub/b.txt")).unwrap(),
+        b"readable too"
+    );
+    assert!(!dst.join("secret.txt").exists());
 }

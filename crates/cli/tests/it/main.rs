@@ -7,6 +7,7 @@ mod basic;
 mod confine;
 mod daemon;
 mod delta;
+mod faults;
 mod hostile;
 mod metadata;
 mod prop;

@@ -340,3 +340,45 @@ fn dropped_connections_resume_until_done_without_resending_everything() {
         "sent {sent} bytes for a {size}-byte file over {runs} runs and {resets} resets"
     );
 }
+
+/// Wait until a partial file shows up in `dir` (the first sync is writing).
+fn await_partial(dir: &Path, first: &mut Running) {
+    for _ in 0..600 {
+        if !partials_in(dir).is_empty() {
+            return;
+        }
+        assert!(first.running(), "the first sync ended before writing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the first sync wrote no partial file in 6 s");
+}
+
+/// Two syncs into one destination at once: the second fails at once with a message that
+/// says why, and the first finishes exact. Locally and through a daemon.
+#[test]
+fn a_second_sync_into_a_busy_destination_fails_clearly_and_the_first_completes() {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&["big", s(&src), "--count", "1", "--mb", "4"]);
+    let other = t.path().join("other");
+    write(&other.join("x"), b"not the first source");
+    let module = t.path().join("module");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let local = t.path().join("local");
+    for (dst, dir) in [
+        (slash(&local), local.clone()),
+        (d.url("m/dst/"), module.join("dst")),
+    ] {
+        let mut first = spawn_sync(&["--bwlimit", "1M", "-j", "2", &slash(&src), &dst]);
+        await_partial(&dir, &mut first);
+        let second = sync(&["--delete", &slash(&other), &dst]);
+        assert_one_line_error(
+            &second,
+            &["another cutover sync is writing into this destination"],
+        );
+        first.wait().ok();
+        assert_same(&src, &dir);
+        // Once the first is done the destination is free again.
+        sync(&[&slash(&src), &dst]).ok();
+    }
+}

@@ -692,6 +692,20 @@ impl Tmpfs {
             path: path.to_path_buf(),
         }
     }
+
+    /// Grow (or shrink) it in place, contents kept: space freed for the next run.
+    pub fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .output()
+            .expect("cannot run mount");
+        assert!(
+            out.status.success(),
+            "remount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 impl Drop for Tmpfs {

@@ -1,0 +1,513 @@
+//! The kill driver: sync a mixed tree through a real TLS daemon, SIGKILL the sending or the
+//! receiving side at a random moment (seeded), rerun until the sync succeeds, and check that
+//! the destination equals the source (rsync `--checksum` as the oracle) and how many bytes
+//! the interruption cost.
+//!
+//! Each trial edits the source first (mkdata's edits, in turn), then syncs it twice: once
+//! without faults into a control destination (its wire bytes and duration are the yardstick;
+//! the kill moment is drawn from that duration), once with the kill into the faulty
+//! destination. Both destinations held the same content before the trial, so the faulty
+//! run's extra wire bytes are what the kill cost.
+
+use crate::procs::{Daemon, Finished, Relay, SyncRun, TOKEN};
+use crate::FaultError;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// What one sync may take before it counts as hung.
+const RUN_LIMIT: Duration = Duration::from_secs(180);
+/// Reruns after a kill before the trial counts as failed.
+const MAX_RERUNS: usize = 5;
+
+/// Which process dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum Target {
+    /// Push; the client is the sender.
+    PushSender,
+    /// Push; the daemon is the receiver.
+    PushReceiver,
+    /// Pull; the client is the receiver.
+    PullReceiver,
+    /// Pull; the daemon is the sender.
+    PullSender,
+}
+
+impl Target {
+    const ALL: [Target; 4] = [
+        Target::PushSender,
+        Target::PushReceiver,
+        Target::PullReceiver,
+        Target::PullSender,
+    ];
+
+    fn push(self) -> bool {
+        matches!(self, Target::PushSender | Target::PushReceiver)
+    }
+
+    fn kills_daemon(self) -> bool {
+        matches!(self, Target::PushReceiver | Target::PullSender)
+    }
+}
+
+/// Source edits between trials (mkdata `edit` modes), in turn.
+const EDITS: [&[&str]; 5] = [
+    &["--mode", "files", "--pct", "10"],
+    &["--mode", "blocks", "--pct", "2"],
+    &["--mode", "append", "--kb", "256"],
+    &["--mode", "insert", "--count", "20"],
+    &["--mode", "touch", "--pct", "5"],
+];
+
+pub struct Options {
+    /// The `cutover` binary under test.
+    pub cutover: PathBuf,
+    /// Directory holding mkdata.py and wanem.py.
+    pub shared: PathBuf,
+    /// Scratch directory (emptied first).
+    pub work: PathBuf,
+    pub kills: usize,
+    pub seed: u64,
+    /// mkdata `mixed --scale`.
+    pub scale: f64,
+    /// One large file of this many MiB joins the tree, so block edits and resumes of a big
+    /// file are exercised (mixed at small scales has none).
+    pub big_mb: u64,
+    pub connections: usize,
+}
+
+/// One trial's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Trial {
+    pub target: Target,
+    pub edit: String,
+    /// Milliseconds after the start that the kill was aimed at.
+    pub kill_at_ms: u64,
+    /// The sync had already finished when the kill came.
+    pub missed: bool,
+    /// Runs after the killed one until success.
+    pub reruns: usize,
+    pub control_wire: u64,
+    pub faulty_wire: u64,
+    pub verified: bool,
+    pub failure: Option<String>,
+}
+
+impl Trial {
+    pub fn extra_wire(&self) -> i64 {
+        self.faulty_wire as i64 - self.control_wire as i64
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub source_bytes: u64,
+    pub source_files: u64,
+    pub trials: Vec<Trial>,
+    /// The bound every trial's extra wire bytes must stay within.
+    pub extra_bound: u64,
+}
+
+impl Report {
+    pub fn failures(&self) -> Vec<String> {
+        self.trials
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let why = t.failure.clone().or_else(|| {
+                    (t.extra_wire() > self.extra_bound as i64).then(|| {
+                        format!(
+                            "sent {} bytes more than the control run (bound {})",
+                            t.extra_wire(),
+                            self.extra_bound
+                        )
+                    })
+                })?;
+                Some(format!(
+                    "trial {i} ({:?}, {}, kill at {} ms): {why}",
+                    t.target, t.edit, t.kill_at_ms
+                ))
+            })
+            .collect()
+    }
+
+    /// Kills that landed while the sync ran, by target.
+    pub fn landed(&self) -> BTreeMap<Target, usize> {
+        let mut m = BTreeMap::new();
+        for t in self.trials.iter().filter(|t| !t.missed) {
+            *m.entry(t.target).or_default() += 1;
+        }
+        m
+    }
+
+    /// One line per fact, for people.
+    pub fn summary(&self) -> String {
+        let landed: usize = self.landed().values().sum();
+        let extras: Vec<i64> = self.trials.iter().map(Trial::extra_wire).collect();
+        let control: u64 = self.trials.iter().map(|t| t.control_wire).sum();
+        let faulty: u64 = self.trials.iter().map(|t| t.faulty_wire).sum();
+        let reruns: usize = self.trials.iter().map(|t| t.reruns).sum();
+        format!(
+            "seed {}: {} trials on {} files / {:.1} MB, {} kills landed ({:?}), {} reruns; verified {}/{}; wire {:.1} MB with kills vs {:.1} MB without; extra per kill: max {:.2} MB, mean {:.2} MB (bound {:.0} MB); failures: {}",
+            self.seed,
+            self.trials.len(),
+            self.source_files,
+            self.source_bytes as f64 / 1e6,
+            landed,
+            self.landed(),
+            reruns,
+            self.trials.iter().filter(|t| t.verified).count(),
+            self.trials.len(),
+            faulty as f64 / 1e6,
+            control as f64 / 1e6,
+            extras.iter().copied().max().unwrap_or(0) as f64 / 1e6,
+            extras.iter().sum::<i64>() as f64 / extras.len().max(1) as f64 / 1e6,
+            self.extra_bound as f64 / 1e6,
+            self.failures().len()
+        )
+    }
+}
+
+/// The extra wire bytes one kill may cost: what was in flight is lost. Per data connection
+/// that is the 1 MiB frame being written, what the relay holds, and what waits unread in the
+/// receiver's socket buffer (loopback autotunes it to a few MiB), all discarded when the
+/// session ends; plus the control connection's share. So (connections + 1) × 4 MiB; measured
+/// (BENCH.md, Reliability): at most 12.8 MB in 200 kills at -j 4, 0.14 MB on average.
+pub fn extra_bound(connections: usize) -> u64 {
+    (connections as u64 + 1) * (4 << 20)
+}
+
+struct Layout {
+    src: PathBuf,
+    module: PathBuf,
+    logs: PathBuf,
+}
+
+impl Layout {
+    /// (control, faulty) destinations of a direction, as sync arguments.
+    fn dests(&self, push: bool, daemon_url: &str) -> (String, String) {
+        if push {
+            (
+                format!("{daemon_url}/m/push-control/"),
+                format!("{daemon_url}/m/push-faulty/"),
+            )
+        } else {
+            let d = |n: &str| {
+                format!(
+                    "{}/",
+                    self.module
+                        .parent()
+                        .unwrap_or(&self.module)
+                        .join(n)
+                        .display()
+                )
+            };
+            (d("pull-control"), d("pull-faulty"))
+        }
+    }
+
+    /// The local path of a destination argument (for the oracle).
+    fn local(&self, dest: &str) -> PathBuf {
+        match dest.split_once("/m/") {
+            Some((url, rel)) if url.starts_with("cutover://") => self.module.join(rel),
+            _ => PathBuf::from(dest),
+        }
+    }
+}
+
+fn run_cmd(cmd: &mut Command, what: &str) -> Result<String, FaultError> {
+    let out = cmd.output().map_err(FaultError::io(what.to_string()))?;
+    if !out.status.success() {
+        return Err(FaultError::Setup(format!(
+            "{what}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// rsync's view of what differs (empty when the trees are equal in content and metadata).
+fn oracle(src: &Path, dst: &Path) -> Result<String, FaultError> {
+    run_cmd(
+        Command::new("rsync")
+            .args(["-anHAX", "--delete", "--checksum", "--itemize-changes"])
+            .arg(format!("{}/", src.display()))
+            .arg(format!("{}/", dst.display())),
+        "rsync oracle",
+    )
+}
+
+fn tree_size(dir: &Path) -> (u64, u64) {
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => {
+                    files += 1;
+                    bytes += m.len();
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    (files, bytes)
+}
+
+/// Run the whole driver; `progress` gets one line per trial.
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, FaultError> {
+    let work = &opts.work;
+    let _ = std::fs::remove_dir_all(work);
+    let layout = Layout {
+        module: work.join("module"),
+        src: work.join("module").join("src"),
+        logs: work.join("logs"),
+    };
+    for d in [&layout.module, &layout.logs] {
+        std::fs::create_dir_all(d).map_err(FaultError::io(d.display().to_string()))?;
+    }
+    let mkdata = opts.shared.join("mkdata.py");
+    let seed = opts.seed.to_string();
+    run_cmd(
+        Command::new("python3")
+            .arg(&mkdata)
+            .args(["mixed"])
+            .arg(&layout.src)
+            .args(["--scale", &opts.scale.to_string(), "--seed", &seed]),
+        "mkdata mixed",
+    )?;
+    if opts.big_mb > 0 {
+        run_cmd(
+            Command::new("python3")
+                .arg(&mkdata)
+                .arg("big")
+                .arg(layout.src.join("large"))
+                .args([
+                    "--count",
+                    "1",
+                    "--mb",
+                    &opts.big_mb.to_string(),
+                    "--seed",
+                    &seed,
+                ]),
+            "mkdata big",
+        )?;
+    }
+    let (source_files, source_bytes) = tree_size(&layout.src);
+    let mut daemon = Daemon::start(&opts.cutover, &work.join("daemon"), &layout.module)?;
+    let known_hosts = work.join("known_hosts");
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let mut trials = Vec::new();
+    for i in 0..opts.kills {
+        let target = Target::ALL[rng.random_range(0..Target::ALL.len())];
+        let edit = if i == 0 {
+            &[][..]
+        } else {
+            EDITS[i % EDITS.len()]
+        };
+        if !edit.is_empty() {
+            run_cmd(
+                Command::new("python3")
+                    .arg(&mkdata)
+                    .arg("edit")
+                    .arg(&layout.src)
+                    .args(edit)
+                    .args(["--seed", &(opts.seed + i as u64).to_string()]),
+                "mkdata edit",
+            )?;
+        }
+        let ctx = TrialCtx {
+            opts,
+            layout: &layout,
+            known_hosts: &known_hosts,
+            log_prefix: layout.logs.join(format!("t{i:03}")),
+        };
+        // Within the first 90% of the control run's time: a warm rerun can be faster.
+        let fraction: f64 = rng.random_range(0.0..0.9);
+        let mut trial = ctx.trial(&mut daemon, target, fraction)?;
+        trial.edit = if edit.is_empty() {
+            "initial copy".into()
+        } else {
+            edit.join(" ")
+        };
+        progress(&format!(
+            "trial {i}: {:?} killed at {} ms{}, {} reruns, extra wire {:.2} MB, {}",
+            trial.target,
+            trial.kill_at_ms,
+            if trial.missed {
+                " (after it ended)"
+            } else {
+                ""
+            },
+            trial.reruns,
+            trial.extra_wire() as f64 / 1e6,
+            match &trial.failure {
+                None => "verified".to_string(),
+                Some(f) => format!("FAILED: {f}"),
+            }
+        ));
+        trials.push(trial);
+    }
+    Ok(Report {
+        seed: opts.seed,
+        source_bytes,
+        source_files,
+        trials,
+        extra_bound: extra_bound(opts.connections),
+    })
+}
+
+struct TrialCtx<'a> {
+    opts: &'a Options,
+    layout: &'a Layout,
+    known_hosts: &'a Path,
+    log_prefix: PathBuf,
+}
+
+impl TrialCtx<'_> {
+    fn sync_cmd(&self, relay: u16, push: bool, dest: &str) -> Command {
+        let url = format!("cutover://127.0.0.1:{relay}");
+        let src = if push {
+            format!("{}/", self.layout.src.display())
+        } else {
+            format!("{url}/m/src/")
+        };
+        let dest = dest.replace("cutover://RELAY", &url);
+        let mut cmd = Command::new(&self.opts.cutover);
+        cmd.env("CUTOVER_TOKEN", TOKEN)
+            .env_remove("CUTOVER_LOG")
+            .args(["sync", "--json", "-v", "--delete", "-H", "-X", "-j"])
+            .arg(self.opts.connections.to_string())
+            .arg("--known-hosts")
+            .arg(self.known_hosts)
+            .arg(src)
+            .arg(dest);
+        cmd
+    }
+
+    fn log(&self, what: &str) -> PathBuf {
+        let mut p = self.log_prefix.clone().into_os_string();
+        p.push(format!("-{what}.err"));
+        PathBuf::from(p)
+    }
+
+    fn trial(
+        &self,
+        daemon: &mut Daemon,
+        target: Target,
+        fraction: f64,
+    ) -> Result<Trial, FaultError> {
+        let wanem = self.opts.shared.join("wanem.py");
+        let push = target.push();
+        let (control, faulty) = self.layout.dests(push, "cutover://RELAY");
+        let mut trial = Trial {
+            target,
+            edit: String::new(),
+            kill_at_ms: 0,
+            missed: false,
+            reruns: 0,
+            control_wire: 0,
+            faulty_wire: 0,
+            verified: false,
+            failure: None,
+        };
+        // The yardstick: the same sync without a fault.
+        let relay = Relay::start(&wanem, &self.layout.logs, daemon.port)?;
+        let clean = SyncRun::spawn(
+            self.sync_cmd(relay.port, push, &control),
+            &self.log("control"),
+        )?
+        .wait(RUN_LIMIT)?;
+        trial.control_wire = relay.finish()?;
+        if !clean.ok() {
+            trial.failure = Some(format!("the control run failed: {}", clean.stderr.trim()));
+            return Ok(trial);
+        }
+        let at = Duration::from_secs_f64(clean.seconds * fraction);
+        trial.kill_at_ms = at.as_millis() as u64;
+
+        let relay = Relay::start(&wanem, &self.layout.logs, daemon.port)?;
+        let mut run = SyncRun::spawn(
+            self.sync_cmd(relay.port, push, &faulty),
+            &self.log("killed"),
+        )?;
+        if run.running_at(at) {
+            if target.kills_daemon() {
+                daemon.kill9();
+            } else {
+                run.kill9();
+            }
+        } else {
+            trial.missed = true;
+        }
+        let killed = run.wait(RUN_LIMIT);
+        if target.kills_daemon() && daemon.pid().is_none() {
+            daemon.restart()?;
+        }
+        let killed = match killed {
+            Ok(k) => k,
+            Err(e) => {
+                trial.failure = Some(format!("the killed run: {e}"));
+                let _ = relay.finish();
+                return Ok(trial);
+            }
+        };
+        // A sync that failed for another reason than the kill is a finding too.
+        if trial.missed && !killed.ok() {
+            trial.failure = Some(format!("failed without a fault: {}", killed.stderr.trim()));
+            let _ = relay.finish();
+            return Ok(trial);
+        }
+        // A kill that came after the end leaves a finished run; else rerun until success.
+        let mut last: Option<Finished> = Some(killed).filter(Finished::ok);
+        while last.as_ref().is_none_or(|f| !f.ok()) && trial.reruns < MAX_RERUNS {
+            trial.reruns += 1;
+            let log = self.log(&format!("rerun{}", trial.reruns));
+            let rerun = SyncRun::spawn(self.sync_cmd(relay.port, push, &faulty), &log)?;
+            match rerun.wait(RUN_LIMIT) {
+                Ok(f) => last = Some(f),
+                Err(e) => {
+                    trial.failure = Some(format!("rerun {}: {e}", trial.reruns));
+                    break;
+                }
+            }
+        }
+        trial.faulty_wire = relay.finish()?;
+        if let Some(status) = daemon.crashed() {
+            trial.failure = Some(format!(
+                "the daemon died on its own ({status}): {}",
+                daemon.log_tail()
+            ));
+            daemon.restart()?;
+            return Ok(trial);
+        }
+        if trial.failure.is_some() {
+            return Ok(trial);
+        }
+        if let Some(f) = last.as_ref().filter(|f| !f.ok()) {
+            trial.failure = Some(format!(
+                "no success after {MAX_RERUNS} reruns: {}",
+                f.stderr.trim()
+            ));
+            return Ok(trial);
+        }
+        for dest in [&control, &faulty] {
+            let diff = oracle(&self.layout.src, &self.layout.local(dest))?;
+            if !diff.is_empty() {
+                trial.failure = Some(format!(
+                    "{dest} differs from the source after success:\n{diff}"
+                ));
+                return Ok(trial);
+            }
+        }
+        trial.verified = true;
+        Ok(trial)
+    }
+}
