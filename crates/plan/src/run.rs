@@ -1,0 +1,717 @@
+//! Running a plan: the scheduler (every task in dependency order, at most `parallel` at
+//! once, dependents of a failed task blocked, everything stopped on request), the record of
+//! every pass in the state store, and the commands built on it: `dry-run`, `presync` (passes
+//! until the predicted final pass fits) and `rerun --failed`.
+
+use crate::file::Plan;
+use crate::logs::{stamp, Echo, Logs};
+use crate::predict::{predict, Prediction};
+use crate::{graph, Error, PassContext, PassStats, ProgressSink, TaskRunner};
+use serde_json::json;
+use state::{now_ms, Millis, Outcome, PassRecord, Phase, RunId, SqliteStore, Store};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How one task's pass ended in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassOutcome {
+    Ok(PassStats),
+    Failed(String),
+    /// Not run: the named dependency failed, was blocked or was interrupted.
+    Blocked(String),
+    Interrupted,
+    /// Not selected in this run (`rerun --failed` runs a subset), or never reached.
+    NotRun,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskResult {
+    pub name: String,
+    pub outcome: PassOutcome,
+    pub started_ms: Option<Millis>,
+    pub ended_ms: Option<Millis>,
+}
+
+/// The result of running the plan's tasks once.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub results: Vec<TaskResult>,
+    pub interrupted: bool,
+}
+
+impl RunReport {
+    /// Every task that ran succeeded and nothing was interrupted.
+    pub fn ok(&self) -> bool {
+        !self.interrupted
+            && self
+                .results
+                .iter()
+                .all(|r| matches!(r.outcome, PassOutcome::Ok(_) | PassOutcome::NotRun))
+    }
+
+    /// Names of the tasks a `rerun --failed` should run.
+    pub fn to_rerun(&self) -> Vec<String> {
+        self.results
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.outcome,
+                    PassOutcome::Failed(_) | PassOutcome::Blocked(_) | PassOutcome::Interrupted
+                )
+            })
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// Sums over the tasks that succeeded: (files, bytes) changed.
+    pub fn changed(&self) -> (u64, u64) {
+        self.results
+            .iter()
+            .fold((0, 0), |(f, b), r| match &r.outcome {
+                PassOutcome::Ok(s) => (f + s.files_changed, b + s.bytes_changed),
+                _ => (f, b),
+            })
+    }
+}
+
+/// What a run needs, opened once per command.
+struct Ctx<'a> {
+    plan: &'a Plan,
+    store: Arc<dyn Store>,
+    runner: Arc<dyn TaskRunner>,
+    logs: Logs,
+    run: RunId,
+    dry_run: bool,
+}
+
+/// Resolves when `stop` becomes true (never, if its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// "1h 2m 3s"-style, rounded to what matters for a downtime window.
+pub fn human_duration(secs: f64) -> String {
+    if secs < 10.0 {
+        return format!("{secs:.1} s");
+    }
+    humantime::format_duration(Duration::from_secs(secs.round() as u64)).to_string()
+}
+
+/// Turn a runner's answer into the pass's outcome. `strict` (a final pass): files that
+/// changed while they were read make the copy inconsistent, so the pass fails.
+fn judge(task: &crate::TaskSpec, r: Result<PassStats, String>, strict: bool) -> PassOutcome {
+    match r {
+        Err(m) => PassOutcome::Failed(m),
+        Ok(s) => {
+            if let Some(n) = s.delete_limit_hit {
+                PassOutcome::Failed(format!(
+                    "max_delete: {n} entries would be deleted (limit {}); nothing was deleted: check the source, or raise max_delete",
+                    task.max_delete.unwrap_or(0)
+                ))
+            } else if let Some(first) = s.errors.first() {
+                PassOutcome::Failed(format!("{} error(s); first: {first}", s.errors.len()))
+            } else if strict && !s.changed_during_copy.is_empty() {
+                PassOutcome::Failed(format!(
+                    "{} file(s) changed during the final pass (first: {}); the service is still writing",
+                    s.changed_during_copy.len(),
+                    s.changed_during_copy[0]
+                ))
+            } else {
+                PassOutcome::Ok(s)
+            }
+        }
+    }
+}
+
+/// Run the tasks once (those in `only`, or all), in dependency order, at most
+/// `plan.parallel` at once. A task whose dependency did not succeed in this run is blocked;
+/// a dependency outside `only` counts as satisfied (it succeeded before).
+async fn run_tasks(
+    ctx: &Ctx<'_>,
+    kind: &str,
+    only: Option<&[String]>,
+    stop: &mut watch::Receiver<bool>,
+) -> RunReport {
+    #[derive(Clone, PartialEq)]
+    enum S {
+        Waiting,
+        Running,
+        Finished,
+    }
+    let tasks = &ctx.plan.tasks;
+    let n = tasks.len();
+    let deps: Vec<Vec<usize>> = (0..n).map(|i| graph::dependencies(tasks, i)).collect();
+    let mut results: Vec<TaskResult> = tasks
+        .iter()
+        .map(|t| TaskResult {
+            name: t.name.clone(),
+            outcome: PassOutcome::NotRun,
+            started_ms: None,
+            ended_ms: None,
+        })
+        .collect();
+    let selected: Vec<bool> = tasks
+        .iter()
+        .map(|t| only.is_none_or(|o| o.contains(&t.name)))
+        .collect();
+    let mut st: Vec<S> = selected
+        .iter()
+        .map(|&s| if s { S::Waiting } else { S::Finished })
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    let mut by_id: HashMap<tokio::task::Id, usize> = HashMap::new();
+    let mut running = 0usize;
+    let mut interrupted = false;
+    loop {
+        // Block whatever waits on a dependency that did not succeed, until nothing changes
+        // (a blocked task blocks its own dependents in turn).
+        loop {
+            let mut changed = false;
+            for i in 0..n {
+                if st[i] != S::Waiting {
+                    continue;
+                }
+                let bad = deps[i].iter().find(|&&d| {
+                    selected[d]
+                        && st[d] == S::Finished
+                        && !matches!(results[d].outcome, PassOutcome::Ok(_))
+                });
+                if let Some(&d) = bad {
+                    st[i] = S::Finished;
+                    results[i].outcome = PassOutcome::Blocked(tasks[d].name.clone());
+                    let _ = ctx.store.set_phase(ctx.run, &tasks[i].name, Phase::Blocked);
+                    ctx.logs.summary(&format!(
+                        "{}: blocked: {} did not succeed",
+                        tasks[i].name, tasks[d].name
+                    ));
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        // Start what is ready, in plan order.
+        for i in 0..n {
+            if running >= ctx.plan.parallel {
+                break;
+            }
+            if st[i] != S::Waiting
+                || !deps[i].iter().all(|&d| {
+                    !selected[d]
+                        || (st[d] == S::Finished
+                            && matches!(results[d].outcome, PassOutcome::Ok(_)))
+                })
+            {
+                continue;
+            }
+            let spec = tasks[i].clone();
+            let log = match ctx.logs.task(&spec.name) {
+                Ok(l) => l,
+                Err(e) => {
+                    let m = format!("cannot open its log: {e}");
+                    ctx.logs.summary(&format!("{}: failed: {m}", spec.name));
+                    st[i] = S::Finished;
+                    results[i].outcome = PassOutcome::Failed(m);
+                    continue;
+                }
+            };
+            let started = now_ms();
+            let _ = ctx.store.set_phase(ctx.run, &spec.name, Phase::Running);
+            log.line(&format!(
+                "{kind} pass starts: {} -> {}{}",
+                spec.source,
+                spec.destination,
+                if ctx.dry_run { " (dry run)" } else { "" }
+            ));
+            ctx.logs
+                .summary(&format!("{}: {kind} pass starts", spec.name));
+            let fut = ctx.runner.run_pass(
+                spec.clone(),
+                PassContext {
+                    base_dir: ctx.plan.base_dir.clone(),
+                    dry_run: ctx.dry_run,
+                    log: log.clone(),
+                    progress: ProgressSink::new(ctx.store.clone(), &spec.name),
+                },
+            );
+            let handle = set.spawn(async move {
+                let r = fut.await;
+                (r, now_ms(), log)
+            });
+            by_id.insert(handle.id(), i);
+            results[i].started_ms = Some(started);
+            st[i] = S::Running;
+            running += 1;
+        }
+        if running == 0 {
+            break;
+        }
+        let joined = tokio::select! {
+            j = set.join_next_with_id() => j,
+            _ = stopped(stop), if !interrupted => {
+                interrupted = true;
+                ctx.logs.summary("stop requested: stopping every running task");
+                set.abort_all();
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
+        let (id, outcome, ended, log) = match joined {
+            Ok((id, (r, ended, log))) => {
+                let i = by_id.get(&id).copied().unwrap_or(usize::MAX);
+                let strict = kind == "final";
+                let o = tasks.get(i).map(|t| judge(t, r, strict));
+                (id, o, ended, Some(log))
+            }
+            Err(e) => {
+                let o = if e.is_cancelled() {
+                    PassOutcome::Interrupted
+                } else {
+                    PassOutcome::Failed("internal error: the pass panicked".into())
+                };
+                (e.id(), Some(o), now_ms(), None)
+            }
+        };
+        let Some(i) = by_id.remove(&id) else { continue };
+        running -= 1;
+        st[i] = S::Finished;
+        let outcome = outcome.unwrap_or(PassOutcome::Interrupted);
+        let name = &tasks[i].name;
+        let started = results[i].started_ms.unwrap_or(ended);
+        let stats = match &outcome {
+            PassOutcome::Ok(s) => s.clone(),
+            _ => PassStats::default(),
+        };
+        let record = PassRecord {
+            run: ctx.run,
+            task: name.clone(),
+            kind: kind.to_string(),
+            started_ms: started,
+            ended_ms: ended,
+            files_changed: stats.files_changed,
+            bytes_changed: stats.bytes_changed,
+            bytes_literal: stats.bytes_literal,
+            wire_bytes: stats.wire_bytes,
+            entries_scanned: stats.entries_scanned,
+            deleted: stats.deleted,
+            outcome: match &outcome {
+                PassOutcome::Ok(_) => Outcome::Ok,
+                PassOutcome::Failed(m) => Outcome::Failed(m.clone()),
+                _ => Outcome::Interrupted,
+            },
+        };
+        if let Err(e) = ctx.store.record_pass(&record) {
+            ctx.logs
+                .summary(&format!("{name}: cannot record the pass: {e}"));
+        }
+        let secs = (ended - started).max(0) as f64 / 1000.0;
+        let line = match &outcome {
+            PassOutcome::Ok(s) => format!(
+                "{kind} pass ok: {} files, {} changed ({} on the wire), {} deleted, {} scanned, in {secs:.2} s{}",
+                s.files_changed,
+                human_bytes(s.bytes_changed),
+                human_bytes(s.wire_bytes),
+                s.deleted,
+                s.entries_scanned,
+                if s.changed_during_copy.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} changed while read", s.changed_during_copy.len())
+                }
+            ),
+            PassOutcome::Failed(m) => format!("{kind} pass failed after {secs:.2} s: {m}"),
+            _ => format!("{kind} pass interrupted after {secs:.2} s"),
+        };
+        if let Some(l) = &log {
+            l.line(&line);
+        } else if let Ok(l) = ctx.logs.task(name) {
+            l.line(&line);
+        }
+        ctx.logs.summary(&format!("{name}: {line}"));
+        results[i].outcome = outcome;
+        results[i].ended_ms = Some(ended);
+    }
+    RunReport {
+        results,
+        interrupted,
+    }
+}
+
+/// The JSON error log of a run.
+fn error_log(plan: &Plan, run: RunId, mode: &str, report: &RunReport) -> serde_json::Value {
+    let failed: Vec<_> = report
+        .results
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            PassOutcome::Failed(m) => Some(json!({
+                "task": r.name,
+                "error": m,
+                "log": plan.log_dir().join(format!("{}.log", r.name)),
+            })),
+            _ => None,
+        })
+        .collect();
+    let blocked: Vec<_> = report
+        .results
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            PassOutcome::Blocked(d) => Some(json!({"task": r.name, "waiting_for": d})),
+            _ => None,
+        })
+        .collect();
+    let interrupted: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.outcome == PassOutcome::Interrupted)
+        .map(|r| r.name.clone())
+        .collect();
+    let rerun = report.to_rerun();
+    json!({
+        "plan": plan.path,
+        "plan_name": plan.name,
+        "run": run,
+        "mode": mode,
+        "at": stamp(now_ms()),
+        "ok": report.ok(),
+        "failed": failed,
+        "blocked": blocked,
+        "interrupted": interrupted,
+        "rerun": rerun,
+        "rerun_command": if rerun.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(format!("cutover plan rerun --failed {}", plan.path.display()))
+        },
+    })
+}
+
+/// Check what the runner alone understands, task by task; errors name line and key.
+pub fn check(plan: &Plan, runner: &dyn TaskRunner) -> Result<(), crate::PlanError> {
+    for (i, t) in plan.tasks.iter().enumerate() {
+        runner.check(t).map_err(|e| plan.error_at_task_key(i, e))?;
+    }
+    Ok(())
+}
+
+/// Open the store and the logs for a run of `mode` (refusing a changed plan unless `force`
+/// when `guard`), and register the run.
+fn open<'a>(
+    plan: &'a Plan,
+    runner: Arc<dyn TaskRunner>,
+    echo: Echo,
+    mode: &str,
+    guard: bool,
+    force: bool,
+) -> Result<Ctx<'a>, Error> {
+    check(plan, runner.as_ref())?;
+    let store = SqliteStore::open(&plan.state_db())?;
+    if let Some(old) = store.fingerprint()? {
+        if old != plan.fingerprint {
+            if guard && !force {
+                return Err(Error::Refused(format!(
+                    "{}: the plan changed since the last run (fingerprint {} then, {} now); a {mode} would mix passes of two plans: run `cutover plan presync` with the new plan first, or pass --force",
+                    plan.path.display(),
+                    &old[..12.min(old.len())],
+                    &plan.fingerprint[..12]
+                )));
+            }
+            echo(&format!(
+                "note: the plan changed since the last run (fingerprint {} then, {} now)",
+                &old[..12.min(old.len())],
+                &plan.fingerprint[..12]
+            ));
+        }
+    }
+    let names: Vec<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
+    let run = store.begin_run(mode, &plan.fingerprint, &names)?;
+    let logs = Logs::open(&plan.log_dir(), run, echo).map_err(|source| Error::Log {
+        path: plan.log_dir(),
+        source,
+    })?;
+    Ok(Ctx {
+        plan,
+        store: Arc::new(store),
+        runner,
+        logs,
+        run,
+        dry_run: false,
+    })
+}
+
+/// End a run: outcome in the store, error log written; returns the error log's path.
+fn close(
+    ctx: &Ctx<'_>,
+    mode: &str,
+    report: &RunReport,
+    outcome: &str,
+) -> Result<Option<std::path::PathBuf>, Error> {
+    ctx.store.end_run(ctx.run, outcome)?;
+    let path = ctx
+        .logs
+        .write_error_log(&error_log(ctx.plan, ctx.run, mode, report), ctx.run)
+        .map_err(|source| Error::Log {
+            path: ctx.plan.log_dir(),
+            source,
+        })?;
+    if let Some(p) = &path {
+        let rerun = report.to_rerun();
+        if !rerun.is_empty() {
+            ctx.logs.summary(&format!(
+                "to re-run: {} (cutover plan rerun --failed {}); details in {}",
+                rerun.join(", "),
+                ctx.plan.path.display(),
+                p.display()
+            ));
+        }
+    }
+    Ok(path)
+}
+
+/// `dry-run`: every task once with the engine's dry run, in dependency order; nothing is
+/// written (the state lives in memory, task lines go to `echo`).
+pub async fn dry_run(
+    plan: &Plan,
+    runner: Arc<dyn TaskRunner>,
+    echo: Echo,
+    mut stop: watch::Receiver<bool>,
+) -> Result<RunReport, Error> {
+    check(plan, runner.as_ref())?;
+    let store = SqliteStore::in_memory()?;
+    let names: Vec<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
+    let run = store.begin_run("dry-run", &plan.fingerprint, &names)?;
+    let ctx = Ctx {
+        plan,
+        store: Arc::new(store),
+        runner,
+        logs: Logs::console_only(echo),
+        run,
+        dry_run: true,
+    };
+    Ok(run_tasks(&ctx, "dry-run", None, &mut stop).await)
+}
+
+/// How a presync ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The predicted final pass fits the window.
+    Ready,
+    /// `max_passes` ran and the prediction still does not fit.
+    NotReady,
+    /// The passes asked for ran (no window given).
+    Done,
+    /// A task failed or was blocked.
+    Failed,
+    Interrupted,
+}
+
+#[derive(Debug, Clone)]
+pub struct PresyncReport {
+    pub verdict: Verdict,
+    pub passes: u32,
+    pub last: RunReport,
+    pub prediction: Option<Prediction>,
+    pub error_log: Option<std::path::PathBuf>,
+    pub summary_log: Option<std::path::PathBuf>,
+}
+
+/// `presync`: passes of every task while the service is live, each followed by a
+/// prediction of the final pass; with a window (`until_under`, else the plan's
+/// `target_downtime`) it stops as soon as the prediction fits.
+pub async fn presync(
+    plan: &Plan,
+    runner: Arc<dyn TaskRunner>,
+    echo: Echo,
+    until_under: Option<Duration>,
+    max_passes: Option<u32>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<PresyncReport, Error> {
+    let window = until_under.or(plan.target_downtime);
+    // With a window, keep going until it fits (bounded); without, one pass.
+    let max = max_passes
+        .unwrap_or(if window.is_some() { 10 } else { 1 })
+        .max(1);
+    let ctx = open(plan, runner, echo, "presync", false, false)?;
+    ctx.logs.summary(&format!(
+        "presync of plan {:?} ({} tasks, {} at once){}",
+        plan.name,
+        plan.tasks.len(),
+        plan.parallel,
+        window
+            .map(|w| format!(
+                ", until the final pass is predicted under {}",
+                human_duration(w.as_secs_f64())
+            ))
+            .unwrap_or_default()
+    ));
+    let mut pass = 0;
+    let (verdict, last, prediction) = loop {
+        pass += 1;
+        ctx.logs.summary(&format!("presync pass {pass} starts"));
+        let started = now_ms();
+        let report = run_tasks(&ctx, "presync", None, &mut stop).await;
+        if report.interrupted {
+            break (Verdict::Interrupted, report, None);
+        }
+        if !report.ok() {
+            break (Verdict::Failed, report, None);
+        }
+        let (files, bytes) = report.changed();
+        let prediction = predict(plan, ctx.store.as_ref())?;
+        let secs = (now_ms() - started) as f64 / 1000.0;
+        let predicted = prediction.total_s;
+        if let Some(p) = predicted {
+            ctx.store.set_prediction(ctx.run, p)?;
+        }
+        ctx.logs.summary(&format!(
+            "presync pass {pass}: {files} files, {} changed in {}; predicted final pass: {}",
+            human_bytes(bytes),
+            human_duration(secs),
+            predicted
+                .map(human_duration)
+                .unwrap_or_else(|| "unknown".into())
+        ));
+        match (window, predicted) {
+            (Some(w), Some(p)) if p <= w.as_secs_f64() => {
+                ctx.logs.summary(&format!(
+                    "ready for cutover: the final pass is predicted to take {} (window {})",
+                    human_duration(p),
+                    human_duration(w.as_secs_f64())
+                ));
+                break (Verdict::Ready, report, Some(prediction));
+            }
+            _ if pass >= max => {
+                if let Some(w) = window {
+                    ctx.logs.summary(&format!(
+                        "not ready after {pass} passes: the final pass is predicted to take {}, over the window of {}; run presync again or widen the window",
+                        predicted.map(human_duration).unwrap_or_else(|| "unknown".into()),
+                        human_duration(w.as_secs_f64())
+                    ));
+                    break (Verdict::NotReady, report, Some(prediction));
+                }
+                break (Verdict::Done, report, Some(prediction));
+            }
+            _ => {}
+        }
+    };
+    let outcome = match verdict {
+        Verdict::Ready => "ready",
+        Verdict::NotReady => "not-ready",
+        Verdict::Done => "ok",
+        Verdict::Failed => "failed",
+        Verdict::Interrupted => "interrupted",
+    };
+    let error_log = close(&ctx, "presync", &last, outcome)?;
+    Ok(PresyncReport {
+        verdict,
+        passes: pass,
+        last,
+        prediction,
+        error_log,
+        summary_log: ctx.logs.summary_path().map(|p| p.to_path_buf()),
+    })
+}
+
+/// `rerun --failed`: one pass of every task whose last pass failed, was blocked or was
+/// interrupted (as the state store says), in dependency order. A changed plan is refused
+/// unless `force`.
+pub async fn rerun_failed(
+    plan: &Plan,
+    runner: Arc<dyn TaskRunner>,
+    echo: Echo,
+    force: bool,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(RunReport, Vec<String>), Error> {
+    let ctx = open(plan, runner, echo, "rerun", true, force)?;
+    let failed: Vec<String> = ctx
+        .store
+        .tasks()?
+        .into_iter()
+        .filter(|t| t.phase.needs_rerun() && plan.task(&t.name).is_some())
+        .map(|t| t.name)
+        .collect();
+    if failed.is_empty() {
+        ctx.logs
+            .summary("nothing to re-run: the last pass of every task succeeded");
+        let report = RunReport::default();
+        close(&ctx, "rerun", &report, "ok")?;
+        return Ok((report, failed));
+    }
+    ctx.logs
+        .summary(&format!("re-running {}", failed.join(", ")));
+    let report = run_tasks(&ctx, "rerun", Some(&failed), &mut stop).await;
+    let outcome = if report.interrupted {
+        "interrupted"
+    } else if report.ok() {
+        "ok"
+    } else {
+        "failed"
+    };
+    close(&ctx, "rerun", &report, outcome)?;
+    Ok((report, failed))
+}
+
+/// What `status` shows, read from the state store without taking the runner's lock.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub run: Option<state::RunInfo>,
+    /// Whether the run's process is alive (a run without an end whose process is gone
+    /// died without recording it).
+    pub runner_alive: bool,
+    pub plan_changed: bool,
+    /// Tasks of the plan, in plan order (None: never run).
+    pub tasks: Vec<(String, Option<state::TaskState>)>,
+    pub prediction: Option<Prediction>,
+}
+
+pub fn status(plan: &Plan) -> Result<Status, Error> {
+    let store = SqliteStore::open_read_only(&plan.state_db())?;
+    let run = store.last_run()?;
+    let runner_alive = run.as_ref().is_some_and(|r| {
+        r.ended_ms.is_none() && std::path::Path::new(&format!("/proc/{}", r.pid)).exists()
+    });
+    let plan_changed = store.fingerprint()?.is_some_and(|f| f != plan.fingerprint);
+    let all = store.tasks()?;
+    let tasks = plan
+        .tasks
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                all.iter().find(|s| s.name == t.name).cloned(),
+            )
+        })
+        .collect();
+    let prediction = Some(predict(plan, &store)?);
+    Ok(Status {
+        run,
+        runner_alive,
+        plan_changed,
+        tasks,
+        prediction,
+    })
+}
