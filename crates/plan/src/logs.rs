@@ -46,6 +46,12 @@ impl TaskLog {
         }
     }
 
+    /// Whether lines go to the user rather than a file (then the summary, which the user
+    /// sees too, need not repeat them).
+    pub fn echoes(&self) -> bool {
+        self.echo.is_some()
+    }
+
     pub fn line(&self, text: &str) {
         if let Some(f) = &self.file {
             let mut f = f.lock().unwrap_or_else(|p| p.into_inner());

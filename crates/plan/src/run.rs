@@ -242,12 +242,14 @@ async fn run_tasks(
             };
             let started = now_ms();
             let _ = ctx.store.set_phase(ctx.run, &spec.name, Phase::Running);
-            log.line(&format!(
-                "{kind} pass starts: {} -> {}{}",
-                spec.source,
-                spec.destination,
-                if ctx.dry_run { " (dry run)" } else { "" }
-            ));
+            if !log.echoes() {
+                log.line(&format!(
+                    "{kind} pass starts: {} -> {}{}",
+                    spec.source,
+                    spec.destination,
+                    if ctx.dry_run { " (dry run)" } else { "" }
+                ));
+            }
             ctx.logs
                 .summary(&format!("{}: {kind} pass starts", spec.name));
             let fut = ctx.runner.run_pass(
@@ -347,9 +349,10 @@ async fn run_tasks(
             PassOutcome::Failed(m) => format!("{kind} pass failed after {secs:.2} s: {m}"),
             _ => format!("{kind} pass interrupted after {secs:.2} s"),
         };
-        if let Some(l) = &log {
-            l.line(&line);
-        } else if let Ok(l) = ctx.logs.task(name) {
+        // A pass whose task was aborted left no log handle behind; open the task's log
+        // again so the interruption is recorded there too.
+        let log = log.or_else(|| ctx.logs.task(name).ok());
+        if let Some(l) = log.filter(|l| !l.echoes()) {
             l.line(&line);
         }
         ctx.logs.summary(&format!("{name}: {line}"));
