@@ -650,12 +650,17 @@ pub async fn rerun_failed(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(RunReport, Vec<String>), Error> {
     let ctx = open(plan, runner, echo, "rerun", true, force)?;
-    let failed: Vec<String> = ctx
-        .store
-        .tasks()?
-        .into_iter()
-        .filter(|t| t.phase.needs_rerun() && plan.task(&t.name).is_some())
-        .map(|t| t.name)
+    let states = ctx.store.tasks()?;
+    // In plan order, as they will run; tasks the store knows but the plan dropped are out.
+    let failed: Vec<String> = plan
+        .tasks
+        .iter()
+        .filter(|t| {
+            states
+                .iter()
+                .any(|s| s.name == t.name && s.phase.needs_rerun())
+        })
+        .map(|t| t.name.clone())
         .collect();
     if failed.is_empty() {
         ctx.logs

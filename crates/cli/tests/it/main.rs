@@ -9,6 +9,7 @@ mod daemon;
 mod delta;
 mod hostile;
 mod metadata;
+mod plan;
 mod prop;
 mod resume;
 mod security;

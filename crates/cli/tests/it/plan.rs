@@ -1,0 +1,533 @@
+//! Migration plans end to end: `cutover plan check|dry-run|presync|status|rerun` run as the
+//! real binary on a copy of the bundled example tree (and a real daemon where it says so);
+//! timings, phases and passes are read back with `plan status --json` from another process.
+
+use crate::util::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `cutover plan ARGS...`.
+fn plan_cmd(args: &[&str]) -> Command {
+    let mut c = cutover_cmd();
+    c.arg("plan").args(args);
+    c
+}
+
+fn plan(args: &[&str]) -> Out {
+    Running::start(plan_cmd(args)).wait()
+}
+
+/// `plan status --json PLAN`, parsed.
+fn status(plan_file: &Path) -> Value {
+    let out = plan(&["status", "--json", s(plan_file)]);
+    out.ok();
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"))
+}
+
+fn task<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["tasks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("no task {name} in {status}"))
+}
+
+/// (started_ms, ended_ms) of a task's last pass.
+fn span(status: &Value, name: &str) -> (i64, i64) {
+    let p = &task(status, name)["last_pass"];
+    (
+        p["started_ms"].as_i64().unwrap_or_else(|| panic!("{p}")),
+        p["ended_ms"].as_i64().unwrap_or_else(|| panic!("{p}")),
+    )
+}
+
+/// A copy of the bundled example tree in `dir/src`, to change without touching the repo.
+fn example_copy(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tree");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&example)
+        .arg(&src)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    src
+}
+
+/// One `[[task]]` of a tree.
+fn tree_task(name: &str, source: &str, destination: &str, extra: &str) -> String {
+    format!(
+        "[[task]]\nname = \"{name}\"\nkind = \"tree\"\nsource = \"{source}\"\ndestination = \"{destination}\"\n{extra}\n"
+    )
+}
+
+/// A 3 MiB file behind `bwlimit = "1M"` takes about 2 s (the limiter lets the first MiB
+/// through at once): long enough to see tasks overlap or not, and to look at a running one.
+fn slow_source(dir: &Path, seed: u64) -> PathBuf {
+    let d = dir.join(format!("slow{seed}"));
+    write(&d.join("big.bin"), random_bytes(seed, 3 << 20));
+    d
+}
+
+const SLOW: &str = "bwlimit = \"1M\"";
+
+#[test]
+fn example_plan_checks() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/plan.toml");
+    let out = plan(&["check", s(&example)]);
+    out.ok();
+    assert!(out.stdout.contains("ok: 3 tasks"), "{out}");
+    assert!(out.stdout.contains("step 2: top"), "{out}");
+}
+
+#[test]
+fn bad_plans_get_one_line_naming_line_and_key() {
+    let dir = tmp();
+    let p = dir.path().join("move.toml");
+    let t = |name: &str, extra: &str| tree_task(name, "src/", "dst/", extra);
+
+    write(
+        &p,
+        format!("parallel = 2\n{}{}", t("a", ""), t("b", "bwlimt = \"1M\"")),
+    );
+    let out = plan(&["check", s(&p)]);
+    assert_one_line_error(&out, &["move.toml:13:", "unknown key `bwlimt`"]);
+    assert_eq!(out.code(), 1);
+
+    write(
+        &p,
+        format!(
+            "{}{}{}",
+            t("a", "depends_on = [\"c\"]"),
+            t("b", "depends_on = [\"a\"]"),
+            t("c", "depends_on = [\"b\"]")
+        ),
+    );
+    let out = plan(&["check", s(&p)]);
+    assert_one_line_error(&out, &["move.toml:6:", "cycle: a -> c -> b -> a"]);
+
+    write(&p, format!("{}{}", t("a", ""), t("a", "")));
+    assert_one_line_error(
+        &plan(&["check", s(&p)]),
+        &["move.toml:8:", "name", "unique"],
+    );
+
+    write(&p, t("a", "depends_on = [\"nope\"]"));
+    assert_one_line_error(&plan(&["check", s(&p)]), &["move.toml:6:", "\"nope\""]);
+
+    // What only the runner understands is checked too, with its line.
+    write(&p, t("a", "bwlimit = \"fast\""));
+    assert_one_line_error(&plan(&["check", s(&p)]), &["move.toml:6:", "bwlimit"]);
+    write(&p, tree_task("a", "cutover://h/m/x", "host:/y", ""));
+    assert_one_line_error(
+        &plan(&["check", s(&p)]),
+        &["move.toml:5:", "destination", "both remote"],
+    );
+
+    // A plan that never ran has no status; nothing was created by any of the checks.
+    write(&p, t("a", ""));
+    assert_one_line_error(&plan(&["status", s(&p)]), &["no run has been recorded yet"]);
+    assert!(!dir.path().join("move.state").exists());
+    assert_one_line_error(
+        &plan(&["check", s(&dir.path().join("missing.toml"))]),
+        &["missing.toml", "No such file"],
+    );
+}
+
+#[test]
+fn presync_runs_every_task_and_records_passes_and_logs() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        format!(
+            "parallel = 2\n{}{}{}",
+            tree_task(
+                "docs",
+                "src/docs/",
+                &slash(&dst.join("docs")),
+                "delete = true\nmax_delete = 5"
+            ),
+            tree_task(
+                "data",
+                "src/data/",
+                &slash(&dst.join("data")),
+                "connections = 2\nwhole_file = true"
+            ),
+            tree_task(
+                "rest",
+                "src/",
+                &slash(&dst.join("rest")),
+                "excludes = [\"/docs/\", \"/data/\"]\ndepends_on = [\"docs\", \"data\"]"
+            ),
+        ),
+    );
+    // dry-run first: it changes nothing and keeps no state.
+    let out = plan(&["dry-run", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("[docs] would send note00.txt"), "{out}");
+    assert_eq!(std::fs::read_dir(&dst).unwrap().count(), 0);
+    assert!(!dir.path().join("move.state").exists());
+
+    let out = plan(&["presync", s(&p)]);
+    out.ok();
+    assert_same(&src.join("docs"), &dst.join("docs"));
+    assert_same(&src.join("data"), &dst.join("data"));
+    assert_same_with(
+        &src,
+        &dst.join("rest"),
+        &["--exclude=/docs/", "--exclude=/data/"],
+    );
+    assert!(out.stdout.contains("predicted final pass"), "{out}");
+
+    let st = status(&p);
+    for name in ["docs", "data", "rest"] {
+        let t = task(&st, name);
+        assert_eq!(t["phase"], "done", "{t}");
+        assert!(t["last_success_ms"].as_i64().is_some(), "{t}");
+        assert_eq!(t["last_pass"]["outcome"], "ok");
+    }
+    assert_eq!(task(&st, "docs")["last_pass"]["files_changed"], 12);
+    assert_eq!(st["run"]["outcome"], "ok");
+
+    // Logs: one per task, a timestamped summary, a JSON error log naming nothing to re-run.
+    let logs = dir.path().join("move.state/logs");
+    let docs_log = std::fs::read_to_string(logs.join("docs.log")).unwrap();
+    assert!(docs_log.contains("send note03.txt"), "{docs_log}");
+    assert!(docs_log.contains("presync pass ok: 12 files"), "{docs_log}");
+    let summary: Vec<_> = std::fs::read_dir(&logs)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("summary-") && n.ends_with("-run1.log"))
+        .collect();
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    let text = std::fs::read_to_string(logs.join(&summary[0])).unwrap();
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("20") && l.contains("Z ")),
+        "{text}"
+    );
+    let errors: Value =
+        serde_json::from_str(&std::fs::read_to_string(logs.join("errors-latest.json")).unwrap())
+            .unwrap();
+    assert_eq!(errors["ok"], true);
+    assert_eq!(errors["rerun"], Value::Array(vec![]));
+
+    // The next pass finds nothing changed, then one edit.
+    write(&src.join("docs/note05.txt"), "edited\n");
+    plan(&["presync", s(&p)]).ok();
+    let st = status(&p);
+    assert_eq!(task(&st, "docs")["last_pass"]["files_changed"], 1);
+    assert_eq!(task(&st, "data")["last_pass"]["files_changed"], 0);
+    assert_same(&src.join("docs"), &dst.join("docs"));
+}
+
+#[test]
+fn independent_tasks_overlap_and_dependents_wait() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let (a, b) = (slow_source(dir.path(), 1), slow_source(dir.path(), 2));
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let tasks = format!(
+        "{}{}{}",
+        tree_task("a", &slash(&a), &slash(&dst.join("a")), SLOW),
+        tree_task("b", &slash(&b), &slash(&dst.join("b")), SLOW),
+        tree_task(
+            "c",
+            "src/docs/",
+            &slash(&dst.join("c")),
+            "depends_on = [\"a\", \"b\"]"
+        ),
+    );
+    let p = dir.path().join("move.toml");
+    write(&p, format!("parallel = 2\n{tasks}"));
+    plan(&["presync", s(&p)]).ok();
+    assert_same(&a, &dst.join("a"));
+    assert_same(&src.join("docs"), &dst.join("c"));
+    let st = status(&p);
+    let (sa, ea, sb, eb, sc) = {
+        let ((sa, ea), (sb, eb), (sc, _)) = (span(&st, "a"), span(&st, "b"), span(&st, "c"));
+        (sa, ea, sb, eb, sc)
+    };
+    assert!(
+        sa < eb && sb < ea,
+        "a {sa}..{ea} and b {sb}..{eb} must overlap"
+    );
+    assert!(
+        sc >= ea.max(eb),
+        "c started at {sc}, before a ({ea}) and b ({eb}) ended"
+    );
+
+    // The same plan with parallel = 1: never two at once (so the overlap above is the
+    // limit's doing, not chance).
+    let p1 = dir.path().join("serial.toml");
+    write(&p1, format!("parallel = 1\n{tasks}"));
+    std::fs::remove_dir_all(&dst).unwrap();
+    std::fs::create_dir(&dst).unwrap();
+    plan(&["presync", s(&p1)]).ok();
+    let st = status(&p1);
+    let ((sa, ea), (sb, eb)) = (span(&st, "a"), span(&st, "b"));
+    assert!(
+        ea <= sb || eb <= sa,
+        "a {sa}..{ea} and b {sb}..{eb} overlap with parallel = 1"
+    );
+}
+
+#[test]
+fn rerun_failed_runs_only_failed_and_blocked_tasks() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        format!(
+            "{}{}{}",
+            tree_task("good", "src/docs/", &slash(&dst.join("good")), ""),
+            tree_task("bad", "later/", &slash(&dst.join("bad")), ""),
+            tree_task(
+                "after",
+                "src/data/",
+                &slash(&dst.join("after")),
+                "depends_on = [\"bad\"]"
+            ),
+        ),
+    );
+    let out = plan(&["presync", s(&p)]);
+    out.expect_code(3);
+    assert!(out.stdout.contains("bad: presync pass failed"), "{out}");
+    assert!(
+        out.stdout.contains("after: blocked: bad did not succeed"),
+        "{out}"
+    );
+    assert!(!dst.join("after").exists());
+    let errors: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("move.state/logs/errors-latest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(errors["rerun"], serde_json::json!(["bad", "after"]));
+    assert_eq!(errors["failed"][0]["task"], "bad");
+    assert!(
+        errors["failed"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{errors}"
+    );
+    assert_eq!(errors["blocked"][0]["waiting_for"], "bad");
+    let st = status(&p);
+    assert_eq!(task(&st, "bad")["phase"], "failed");
+    assert_eq!(task(&st, "after")["phase"], "blocked");
+    assert!(task(&st, "bad")["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
+
+    // Fix the cause and re-run: only bad and after run.
+    let good_before = task(&st, "good")["last_pass"].clone();
+    std::fs::rename(src.join("docs"), dir.path().join("later")).unwrap();
+    let out = plan(&["rerun", "--failed", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("re-running bad, after"), "{out}");
+    assert!(!out.stdout.contains("good:"), "{out}");
+    let st = status(&p);
+    assert_eq!(task(&st, "good")["last_pass"], good_before);
+    for name in ["bad", "after"] {
+        assert_eq!(task(&st, name)["phase"], "done");
+        assert_eq!(task(&st, name)["last_pass"]["kind"], "rerun");
+    }
+    assert_same(&dir.path().join("later"), &dst.join("bad"));
+    assert_same(&src.join("data"), &dst.join("after"));
+
+    // Nothing left to re-run.
+    let out = plan(&["rerun", "--failed", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("nothing to re-run"), "{out}");
+
+    // An edited plan is not resumed without --force.
+    let text = std::fs::read_to_string(&p).unwrap();
+    write(&p, format!("parallel = 3\n{text}"));
+    let out = plan(&["rerun", "--failed", s(&p)]);
+    assert_one_line_error(&out, &["the plan changed since the last run", "--force"]);
+    plan(&["rerun", "--failed", "--force", s(&p)]).ok();
+}
+
+#[test]
+fn status_from_another_process_while_a_run_is_going() {
+    let dir = tmp();
+    let slow = slow_source(dir.path(), 3);
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        tree_task("slow", &slash(&slow), &slash(&dst.join("slow")), SLOW),
+    );
+    let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
+    let started = Instant::now();
+    let seen = loop {
+        assert!(
+            run.running() && started.elapsed() < Duration::from_secs(20),
+            "never saw the task running"
+        );
+        if dir.path().join("move.state/state.db").exists() {
+            let st = status(&p);
+            if task(&st, "slow")["phase"] == "running" {
+                break st;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(seen["runner_alive"], true, "{seen}");
+    assert_eq!(seen["run"]["outcome"], Value::Null);
+    assert_eq!(task(&seen, "slow")["last_success_ms"], Value::Null);
+    // The human table works during the run too.
+    let out = plan(&["status", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("slow  running"), "{out}");
+    assert!(out.stdout.contains("running (pid"), "{out}");
+    // A second runner on the same plan is refused, and costs the first nothing.
+    let second = plan(&["presync", s(&p)]);
+    assert_one_line_error(&second, &["another runner", "pid"]);
+    run.wait().ok();
+    let st = status(&p);
+    assert_eq!(task(&st, "slow")["phase"], "done");
+    assert_eq!(st["runner_alive"], false);
+    assert_same(&slow, &dst.join("slow"));
+}
+
+#[test]
+fn ctrl_c_interrupts_every_task_and_rerun_resumes() {
+    let dir = tmp();
+    let (a, b) = (slow_source(dir.path(), 4), slow_source(dir.path(), 5));
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        format!(
+            "{}{}",
+            tree_task(
+                "a",
+                &slash(&a),
+                &slash(&dst.join("a")),
+                "bwlimit = \"256K\""
+            ),
+            tree_task(
+                "b",
+                &slash(&b),
+                &slash(&dst.join("b")),
+                "bwlimit = \"256K\""
+            ),
+        ),
+    );
+    let run = Running::start(plan_cmd(&["presync", s(&p)]));
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "tasks never ran"
+        );
+        if dir.path().join("move.state/state.db").exists() {
+            let st = status(&p);
+            if task(&st, "a")["phase"] == "running" && task(&st, "b")["phase"] == "running" {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.signal(rustix::process::Signal::INT);
+    let out = run.wait();
+    out.expect_code(130);
+    assert!(out.elapsed < Duration::from_secs(10), "{out}");
+    let st = status(&p);
+    for name in ["a", "b"] {
+        assert_eq!(task(&st, name)["phase"], "interrupted", "{st}");
+    }
+    assert_eq!(st["run"]["outcome"], "interrupted");
+    let errors: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("move.state/logs/errors-latest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(errors["interrupted"], serde_json::json!(["a", "b"]));
+    plan(&["rerun", "--failed", s(&p)]).ok();
+    assert_same(&a, &dst.join("a"));
+    assert_same(&b, &dst.join("b"));
+}
+
+#[test]
+fn presync_until_under_says_ready_for_cutover() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let slow = slow_source(dir.path(), 6);
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        format!(
+            "{}{}",
+            tree_task("docs", "src/docs/", &slash(&dst.join("docs")), ""),
+            tree_task("slow", &slash(&slow), &slash(&dst.join("slow")), SLOW),
+        ),
+    );
+    // One pass that takes about 2 s predicts a final pass as long: over a 1 s window.
+    let out = plan(&["presync", "--until-under", "1s", "--max-passes", "1", s(&p)]);
+    out.expect_code(6);
+    assert!(out.stdout.contains("not ready after 1 passes"), "{out}");
+    // The next pass sends nothing: the model puts the first pass's time on its bytes, and
+    // the last pass changed none.
+    let out = plan(&["presync", "--until-under", "10m", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("ready for cutover"), "{out}");
+    let st = status(&p);
+    assert_eq!(st["run"]["outcome"], "ready");
+    let predicted = st["predicted_final_s"].as_f64().unwrap();
+    assert!(
+        predicted < 1.5,
+        "predicted {predicted} s for a pass with nothing to send"
+    );
+    assert_same(&src.join("docs"), &dst.join("docs"));
+}
+
+#[test]
+fn a_plan_task_reaches_a_daemon() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let root = dir.path().join("module");
+    let d = Daemon::start(&dir.path().join("daemon"), &[Module::rw("m", &root)]);
+    let p = dir.path().join("move.toml");
+    let local = dir.path().join("local");
+    std::fs::create_dir(&local).unwrap();
+    write(
+        &p,
+        format!(
+            "{}{}",
+            tree_task(
+                "remote",
+                "src/",
+                &d.url("m/tree/"),
+                "connections = 2\ndelete = true"
+            ),
+            tree_task("local", "src/docs/", &slash(&local.join("docs")), ""),
+        ),
+    );
+    plan(&["presync", s(&p)]).ok();
+    assert_same(&src, &root.join("tree"));
+    let st = status(&p);
+    assert!(
+        task(&st, "remote")["last_pass"]["wire_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(task(&st, "local")["last_pass"]["wire_bytes"], 0);
+}
