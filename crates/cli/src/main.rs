@@ -55,7 +55,7 @@ enum Command {
         #[arg(long)]
         port_file: Option<PathBuf>,
     },
-    /// Migration plans: check, dry-run, presync, status and rerun a plan file (TOML).
+    /// Migration plans: check, dry-run, presync, cut over, status and rerun a plan file (TOML).
     Plan {
         #[command(subcommand)]
         command: plan::PlanCommand,

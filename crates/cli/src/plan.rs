@@ -1,4 +1,4 @@
-//! `cutover plan check|dry-run|presync|status|rerun`: the arguments, the [`TaskRunner`] that
+//! `cutover plan check|dry-run|presync|cutover|status|rerun`: the arguments, the [`TaskRunner`] that
 //! turns a plan task into a [`SyncJob`] and runs it through `sync::run_job` (the code path
 //! of `cutover sync`), Ctrl-C/SIGTERM handling, and what the user reads (status table,
 //! `--json`) with the exit codes that go with it.
@@ -40,6 +40,14 @@ pub enum PlanCommand {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         max_passes: Option<u32>,
     },
+    /// Run the pre_final hooks, the final pass of every task and the post_final hooks;
+    /// report the downtime against the prediction.
+    Cutover {
+        plan: PathBuf,
+        /// Run even though the plan changed since the last run (presync).
+        #[arg(long)]
+        force: bool,
+    },
     /// Show each task's phase, progress, last success and last error (works during a run).
     Status {
         plan: PathBuf,
@@ -64,6 +72,7 @@ pub async fn run(cmd: PlanCommand) -> u8 {
         PlanCommand::Check { plan }
         | PlanCommand::DryRun { plan }
         | PlanCommand::Presync { plan, .. }
+        | PlanCommand::Cutover { plan, .. }
         | PlanCommand::Status { plan, .. }
         | PlanCommand::Rerun { plan, .. } => plan.clone(),
     };
@@ -113,6 +122,14 @@ pub async fn run(cmd: PlanCommand) -> u8 {
             .await;
             match r {
                 Ok(r) => presync_code(&r),
+                Err(e) => fail(&e),
+            }
+        }
+        PlanCommand::Cutover { force, .. } => {
+            match ::plan::run::cutover(&plan, runner, echo, force, stop_on_signal()).await {
+                Ok(r) if r.interrupted => exit::INTERRUPTED,
+                Ok(r) if r.ok => exit::OK,
+                Ok(_) => exit::PARTIAL,
                 Err(e) => fail(&e),
             }
         }

@@ -114,7 +114,47 @@ pub struct PlanFile {
     pub target_downtime: Option<String>,
     #[serde(default, rename = "task")]
     pub tasks: Vec<TaskSpec>,
+    /// Run by `cutover plan cutover` before the final pass (stop the app, freeze the DB).
+    #[serde(default)]
+    pub pre_final: Vec<HookSpec>,
+    /// Run by `cutover plan cutover` after the final pass (start the app on the new side).
+    #[serde(default)]
+    pub post_final: Vec<HookSpec>,
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// A `[[pre_final]]` or `[[post_final]]` hook: a shell command with a timeout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSpec {
+    /// For logs (default: the command).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Run with `sh -c`, in the plan file's directory.
+    pub command: String,
+    /// Kill it (its whole process group) after this long; default 5m.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// A failure stops the cutover (before any final pass, for `pre_final`). Default true:
+    /// a freeze that failed must not be followed by a final pass.
+    #[serde(default = "yes")]
+    pub err_is_fatal: bool,
+}
+
+/// A validated hook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hook {
+    pub name: String,
+    pub command: String,
+    pub timeout: Duration,
+    pub err_is_fatal: bool,
+}
+
+/// Hooks run this long at most unless they say otherwise.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One `[[task]]`: a data set with its engine options.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +212,8 @@ pub struct Plan {
     pub state_dir: PathBuf,
     pub target_downtime: Option<Duration>,
     pub tasks: Vec<TaskSpec>,
+    pub pre_final: Vec<Hook>,
+    pub post_final: Vec<Hook>,
     /// BLAKE3 (hex) of the plan's canonical content: formatting and comments do not count.
     pub fingerprint: String,
     /// The file's text, kept to point at lines in later checks.
@@ -283,6 +325,8 @@ impl Plan {
             base_dir,
             target_downtime: None,
             tasks: file.tasks.clone(),
+            pre_final: Vec::new(),
+            post_final: Vec::new(),
             fingerprint: blake3::hash(canonical.as_bytes()).to_hex().to_string(),
             text,
         };
@@ -293,6 +337,38 @@ impl Plan {
                     format!("target_downtime = {m}"),
                 )
             })?);
+        }
+        for (section, specs) in [
+            ("pre_final", &file.pre_final),
+            ("post_final", &file.post_final),
+        ] {
+            let mut hooks = Vec::with_capacity(specs.len());
+            for (i, h) in specs.iter().enumerate() {
+                let at = |key| [Seg::Key(section), Seg::Index(i), Seg::Key(key)];
+                if h.command.trim().is_empty() {
+                    return Err(plan.at(
+                        &at("command"),
+                        format!("[[{section}]] command is empty: name the command to run"),
+                    ));
+                }
+                let timeout = match &h.timeout {
+                    Some(t) => parse_duration(t).map_err(|m| {
+                        plan.at(&at("timeout"), format!("[[{section}]] timeout = {m}"))
+                    })?,
+                    None => DEFAULT_HOOK_TIMEOUT,
+                };
+                hooks.push(Hook {
+                    name: h.name.clone().unwrap_or_else(|| h.command.clone()),
+                    command: h.command.clone(),
+                    timeout,
+                    err_is_fatal: h.err_is_fatal,
+                });
+            }
+            if section == "pre_final" {
+                plan.pre_final = hooks;
+            } else {
+                plan.post_final = hooks;
+            }
         }
         plan.validate()?;
         Ok(plan)
@@ -581,6 +657,37 @@ depends_on = ["a"]
         assert_eq!(a, b);
         let c = parse(&TWO.replace("src/b/", "src/B/")).unwrap().fingerprint;
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn hooks_have_defaults_and_checked_timeouts() {
+        let p = parse(&format!(
+            "{TWO}\n[[pre_final]]\ncommand = \"systemctl stop app\"\n[[post_final]]\nname = \"start\"\ncommand = \"true\"\ntimeout = \"10s\"\nerr_is_fatal = false\n"
+        ))
+        .unwrap();
+        assert_eq!(p.pre_final[0].name, "systemctl stop app");
+        assert_eq!(p.pre_final[0].timeout, DEFAULT_HOOK_TIMEOUT);
+        assert!(p.pre_final[0].err_is_fatal);
+        assert_eq!(p.post_final[0].timeout, Duration::from_secs(10));
+        assert!(!p.post_final[0].err_is_fatal);
+        let e = parse(&format!(
+            "{TWO}\n[[pre_final]]\ncommand = \"x\"\ntimeout = \"forever\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("dir/move.toml:18: [[pre_final]] timeout"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{TWO}\n[[pre_final]]\ncommand = \"x\"\nerr_is_fatl = true\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("dir/move.toml:18: unknown key `err_is_fatl`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,17 +1,20 @@
 //! Migration plans: the plan file and its validation ([`file`]), the task graph ([`graph`]),
 //! the runner that runs every task in dependency order with a limit on how many run at once
-//! ([`run`]), presync prediction ([`predict`]) and logs ([`logs`]).
+//! ([`run`]), presync prediction ([`predict`]), hooks ([`hooks`]), logs ([`logs`]) and the
+//! end-of-run report ([`report`]).
 //!
 //! This crate never moves data itself: a [`TaskRunner`] (the CLI's, which calls the same
 //! code as `cutover sync`) runs one pass of one task and returns what it did.
 
 pub mod file;
 pub mod graph;
+pub mod hooks;
 pub mod logs;
 pub mod predict;
+pub mod report;
 pub mod run;
 
-pub use file::{parse_duration, Connections, KeyError, Kind, Plan, PlanError, TaskSpec};
+pub use file::{parse_duration, Connections, Hook, KeyError, Kind, Plan, PlanError, TaskSpec};
 pub use logs::{Echo, Logs, TaskLog};
 pub use run::{PassOutcome, RunReport, TaskResult};
 

@@ -167,6 +167,29 @@ impl Logs {
     }
 }
 
+impl Logs {
+    /// Write the run's report as `report-<time>-run<id>.json` and `.md`; returns both paths.
+    pub fn write_report(
+        &self,
+        run: state::RunId,
+        json: &serde_json::Value,
+        markdown: &str,
+    ) -> std::io::Result<Option<(PathBuf, PathBuf)>> {
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        let base = format!("report-{}-run{run}", file_stamp(self.started_ms));
+        let (j, m) = (
+            dir.join(format!("{base}.json")),
+            dir.join(format!("{base}.md")),
+        );
+        let text = serde_json::to_string_pretty(json).map_err(std::io::Error::other)?;
+        write_atomic(&j, text.as_bytes())?;
+        write_atomic(&m, markdown.as_bytes())?;
+        Ok(Some((j, m)))
+    }
+}
+
 /// Write via a temporary file and rename, so a reader (or a crash) never sees half a file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");

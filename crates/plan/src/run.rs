@@ -1,7 +1,8 @@
 //! Running a plan: the scheduler (every task in dependency order, at most `parallel` at
 //! once, dependents of a failed task blocked, everything stopped on request), the record of
 //! every pass in the state store, and the commands built on it: `dry-run`, `presync` (passes
-//! until the predicted final pass fits) and `rerun --failed`.
+//! until the predicted final pass fits), `cutover` (pre_final hooks, final pass, post_final
+//! hooks, downtime against the prediction) and `rerun --failed`.
 
 use crate::file::Plan;
 use crate::logs::{stamp, Echo, Logs};
@@ -98,7 +99,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-fn human_bytes(n: u64) -> String {
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -466,21 +467,53 @@ fn open<'a>(
     })
 }
 
-/// End a run: outcome in the store, error log written; returns the error log's path.
+/// End a run: outcome in the store, error log and report (JSON and Markdown) written, the
+/// report's table shown. `notes` go into the report (downtime, hook failures). Returns the
+/// error log's path.
 fn close(
     ctx: &Ctx<'_>,
     mode: &str,
     report: &RunReport,
     outcome: &str,
+    notes: &[String],
 ) -> Result<Option<std::path::PathBuf>, Error> {
     ctx.store.end_run(ctx.run, outcome)?;
+    let log_err = |source| Error::Log {
+        path: ctx.plan.log_dir(),
+        source,
+    };
     let path = ctx
         .logs
         .write_error_log(&error_log(ctx.plan, ctx.run, mode, report), ctx.run)
-        .map_err(|source| Error::Log {
-            path: ctx.plan.log_dir(),
-            source,
-        })?;
+        .map_err(log_err)?;
+    let rows = crate::report::rows(report);
+    if !rows.iter().all(|r| r.outcome == "not run") {
+        for line in crate::report::table(&rows) {
+            ctx.logs.say(&line);
+        }
+    }
+    let header = json!({
+        "plan": ctx.plan.path,
+        "plan_name": ctx.plan.name,
+        "run": ctx.run,
+        "mode": mode,
+        "outcome": outcome,
+        "at": stamp(now_ms()),
+        "notes": notes,
+    });
+    let title = format!(
+        "cutover plan {mode}: {} (run {}, {outcome})",
+        ctx.plan.name, ctx.run
+    );
+    let md = crate::report::to_markdown(&title, notes, &rows);
+    if let Some((j, m)) = ctx
+        .logs
+        .write_report(ctx.run, &crate::report::to_json(&rows, header), &md)
+        .map_err(log_err)?
+    {
+        ctx.logs
+            .say(&format!("report: {} and {}", j.display(), m.display()));
+    }
     if let Some(p) = &path {
         let rerun = report.to_rerun();
         if !rerun.is_empty() {
@@ -628,7 +661,7 @@ pub async fn presync(
         Verdict::Failed => "failed",
         Verdict::Interrupted => "interrupted",
     };
-    let error_log = close(&ctx, "presync", &last, outcome)?;
+    let error_log = close(&ctx, "presync", &last, outcome, &[])?;
     Ok(PresyncReport {
         verdict,
         passes: pass,
@@ -637,6 +670,157 @@ pub async fn presync(
         error_log,
         summary_log: ctx.logs.summary_path().map(|p| p.to_path_buf()),
     })
+}
+
+/// How a cutover ended.
+#[derive(Debug, Clone)]
+pub struct CutoverReport {
+    /// Hooks and final pass all succeeded (non-fatal hook failures aside).
+    pub ok: bool,
+    pub interrupted: bool,
+    /// The fatal `pre_final` hook that stopped the cutover before any final pass.
+    pub stopped_by: Option<String>,
+    pub report: RunReport,
+    pub predicted_s: Option<f64>,
+    pub final_pass_s: Option<f64>,
+    /// From the first `pre_final` hook to the end of the last `post_final` hook.
+    pub downtime_s: f64,
+}
+
+/// Run one list of hooks; returns the first fatal failure, after recording every failure.
+async fn run_hooks(
+    ctx: &Ctx<'_>,
+    phase: &str,
+    hooks: &[crate::Hook],
+    stop: &mut watch::Receiver<bool>,
+    notes: &mut Vec<String>,
+) -> Result<Option<String>, Error> {
+    let log = ctx.plan.log_dir().join("hooks.log");
+    for h in hooks {
+        ctx.logs
+            .summary(&format!("{phase} hook {:?} starts", h.name));
+        let r = crate::hooks::run_hook(
+            h,
+            phase,
+            &ctx.plan.path,
+            &ctx.plan.base_dir,
+            Some(&log),
+            stop,
+        )
+        .await;
+        match r {
+            Ok(secs) => ctx.logs.summary(&format!(
+                "{phase} hook {:?} ok in {}",
+                h.name,
+                human_duration(secs)
+            )),
+            Err(m) => {
+                let line = format!(
+                    "{phase} hook {:?} failed: {m} (output in {})",
+                    h.name,
+                    log.display()
+                );
+                ctx.store.record_error(ctx.run, phase, &line)?;
+                notes.push(line.clone());
+                if h.err_is_fatal || *stop.borrow() {
+                    ctx.logs.summary(&line);
+                    return Ok(Some(h.name.clone()));
+                }
+                ctx.logs
+                    .summary(&format!("{line}; err_is_fatal = false, going on"));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `cutover`: the `pre_final` hooks (a fatal failure stops everything before any final
+/// pass), the final pass of every task (a file that changes during it fails the task),
+/// then the `post_final` hooks; reports the downtime against the prediction. A plan
+/// changed since the last run is refused unless `force`.
+pub async fn cutover(
+    plan: &Plan,
+    runner: Arc<dyn TaskRunner>,
+    echo: Echo,
+    force: bool,
+    mut stop: watch::Receiver<bool>,
+) -> Result<CutoverReport, Error> {
+    let ctx = open(plan, runner, echo, "cutover", true, force)?;
+    let predicted_s = predict(plan, ctx.store.as_ref())?.total_s;
+    ctx.logs.summary(&format!(
+        "cutover of plan {:?}: predicted final pass {}",
+        plan.name,
+        predicted_s
+            .map(human_duration)
+            .unwrap_or_else(|| "unknown (no successful presync of every task)".into())
+    ));
+    let mut notes = Vec::new();
+    let downtime = std::time::Instant::now();
+    let mut out = CutoverReport {
+        ok: false,
+        interrupted: false,
+        stopped_by: None,
+        report: RunReport::default(),
+        predicted_s,
+        final_pass_s: None,
+        downtime_s: 0.0,
+    };
+    if let Some(h) = run_hooks(&ctx, "pre_final", &plan.pre_final, &mut stop, &mut notes).await? {
+        out.interrupted = *stop.borrow();
+        out.stopped_by = Some(h);
+        ctx.logs
+            .summary("no final pass was started; the source side is as the hooks left it");
+        out.downtime_s = downtime.elapsed().as_secs_f64();
+        let outcome = if out.interrupted {
+            "interrupted"
+        } else {
+            "failed"
+        };
+        close(&ctx, "cutover", &out.report, outcome, &notes)?;
+        return Ok(out);
+    }
+    let final_started = std::time::Instant::now();
+    ctx.logs.summary("final pass starts");
+    out.report = run_tasks(&ctx, "final", None, &mut stop).await;
+    let final_s = final_started.elapsed().as_secs_f64();
+    out.final_pass_s = Some(final_s);
+    out.interrupted = out.report.interrupted;
+    let mut fatal = None;
+    if out.report.ok() {
+        fatal = run_hooks(&ctx, "post_final", &plan.post_final, &mut stop, &mut notes).await?;
+        out.interrupted |= *stop.borrow();
+    } else if !out.interrupted {
+        ctx.logs.summary(
+            "the final pass failed: post_final hooks were not run; fix the cause and run `cutover plan rerun --failed`, then the post_final steps by hand",
+        );
+    }
+    out.downtime_s = downtime.elapsed().as_secs_f64();
+    out.ok = out.report.ok() && fatal.is_none() && !out.interrupted;
+    let vs = match predicted_s {
+        Some(p) if p > 0.0 => format!(
+            "predicted {}, {:+.0}%",
+            human_duration(p),
+            (final_s - p) / p * 100.0
+        ),
+        Some(p) => format!("predicted {}", human_duration(p)),
+        None => "no prediction".into(),
+    };
+    let line = format!(
+        "downtime {} (final pass {}, {vs})",
+        human_duration(out.downtime_s),
+        human_duration(final_s)
+    );
+    ctx.logs.summary(&line);
+    notes.insert(0, line);
+    let outcome = if out.interrupted {
+        "interrupted"
+    } else if out.ok {
+        "ok"
+    } else {
+        "failed"
+    };
+    close(&ctx, "cutover", &out.report, outcome, &notes)?;
+    Ok(out)
 }
 
 /// `rerun --failed`: one pass of every task whose last pass failed, was blocked or was
@@ -666,7 +850,7 @@ pub async fn rerun_failed(
         ctx.logs
             .summary("nothing to re-run: the last pass of every task succeeded");
         let report = RunReport::default();
-        close(&ctx, "rerun", &report, "ok")?;
+        close(&ctx, "rerun", &report, "ok", &[])?;
         return Ok((report, failed));
     }
     ctx.logs
@@ -679,7 +863,7 @@ pub async fn rerun_failed(
     } else {
         "failed"
     };
-    close(&ctx, "rerun", &report, outcome)?;
+    close(&ctx, "rerun", &report, outcome, &[])?;
     Ok((report, failed))
 }
 

@@ -531,3 +531,233 @@ fn a_plan_task_reaches_a_daemon() {
     );
     assert_eq!(task(&st, "local")["last_pass"]["wire_bytes"], 0);
 }
+
+/// Whether process `pid` (read from `pidfile`) is gone (or a zombie) within 5 s.
+fn dies(pidfile: &Path) -> bool {
+    let pid =
+        std::fs::read_to_string(pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+    let stat = format!("/proc/{}/stat", pid.trim());
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        match std::fs::read_to_string(&stat) {
+            Err(_) => return true,
+            Ok(s) if s.contains(") Z ") => return true,
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    false
+}
+
+/// Milliseconds since the epoch written by a hook (`date +%s%3N`).
+fn ms_in(path: &Path) -> i64 {
+    let t = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    t.trim().parse().unwrap_or_else(|e| panic!("{t:?}: {e}"))
+}
+
+fn hook(section: &str, command: &str, extra: &str) -> String {
+    format!("[[{section}]]\ncommand = {command:?}\n{extra}\n")
+}
+
+#[test]
+fn cutover_runs_hooks_around_the_final_pass_and_reports_downtime() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        format!(
+            "{}{}{}{}{}",
+            tree_task(
+                "docs",
+                "src/docs/",
+                &slash(&dst.join("docs")),
+                "delete = true"
+            ),
+            tree_task("data", "src/data/", &slash(&dst.join("data")), ""),
+            // Hooks run in the plan's directory.
+            hook("pre_final", "date +%s%3N > frozen", "timeout = \"10s\""),
+            hook(
+                "pre_final",
+                "exit 7",
+                "name = \"optional\"\nerr_is_fatal = false"
+            ),
+            hook("post_final", "date +%s%3N > thawed", ""),
+        ),
+    );
+    plan(&["presync", s(&p)]).ok();
+    // The service writes between presync and cutover; the final pass must carry it.
+    write(&src.join("docs/new.txt"), "written after presync\n");
+    std::fs::remove_file(src.join("docs/note01.txt")).unwrap();
+    let out = plan(&["cutover", s(&p)]);
+    out.ok();
+    assert_same(&src.join("docs"), &dst.join("docs"));
+    assert_same(&src.join("data"), &dst.join("data"));
+    assert!(
+        out.stdout
+            .contains("pre_final hook \"optional\" failed: exited with status 7"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("downtime "), "{out}");
+    assert!(out.stdout.contains("predicted "), "{out}");
+    let st = status(&p);
+    assert_eq!(st["run"]["mode"], "cutover");
+    assert_eq!(st["run"]["outcome"], "ok");
+    let docs = task(&st, "docs");
+    assert_eq!(docs["last_pass"]["kind"], "final");
+    assert_eq!(docs["last_pass"]["files_changed"], 1);
+    assert_eq!(docs["last_pass"]["deleted"], 1);
+    // Order: freeze, then every final pass, then thaw.
+    let (frozen, thawed) = (
+        ms_in(&dir.path().join("frozen")),
+        ms_in(&dir.path().join("thawed")),
+    );
+    for name in ["docs", "data"] {
+        let (start, end) = span(&st, name);
+        assert!(
+            frozen <= start && end <= thawed,
+            "{name}: {start}..{end} not within {frozen}..{thawed}"
+        );
+    }
+    // The report, as JSON and Markdown.
+    let logs = dir.path().join("move.state/logs");
+    let report: Vec<PathBuf> = std::fs::read_dir(&logs)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().contains("-run2."))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("report-")
+        })
+        .collect();
+    assert_eq!(report.len(), 2, "{report:?}");
+    let json_path = report
+        .iter()
+        .find(|p| p.extension().unwrap() == "json")
+        .unwrap();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
+    assert_eq!(r["mode"], "cutover");
+    assert_eq!(r["tasks"][0]["task"], "docs");
+    assert_eq!(r["tasks"][0]["files_changed"], 1);
+    assert!(
+        r["notes"][0].as_str().unwrap().starts_with("downtime"),
+        "{r}"
+    );
+    let md = std::fs::read_to_string(json_path.with_extension("md")).unwrap();
+    assert!(md.contains("| docs | ok | 1 |"), "{md}");
+}
+
+#[test]
+fn a_failing_fatal_pre_final_hook_stops_before_any_final_pass() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        format!(
+            "{}{}{}",
+            tree_task("docs", "src/docs/", &slash(&dst.join("docs")), ""),
+            hook(
+                "pre_final",
+                "echo cannot stop the app >&2; exit 1",
+                "name = \"stop app\""
+            ),
+            hook("post_final", "touch thawed", ""),
+        ),
+    );
+    plan(&["presync", s(&p)]).ok();
+    write(&src.join("docs/new.txt"), "late\n");
+    let before = snapshot(&dst);
+    let out = plan(&["cutover", s(&p)]);
+    out.expect_code(3);
+    assert!(
+        out.stdout
+            .contains("pre_final hook \"stop app\" failed: exited with status 1"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("no final pass was started"), "{out}");
+    assert_eq!(snapshot(&dst), before);
+    assert!(!dir.path().join("thawed").exists());
+    let st = status(&p);
+    assert_eq!(task(&st, "docs")["last_pass"]["kind"], "presync");
+    assert_eq!(st["run"]["outcome"], "failed");
+    let hooks_log = std::fs::read_to_string(dir.path().join("move.state/logs/hooks.log")).unwrap();
+    assert!(hooks_log.contains("cannot stop the app"), "{hooks_log}");
+}
+
+#[test]
+fn a_hung_hook_is_killed_with_its_children_on_timeout_and_on_ctrl_c() {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let p = dir.path().join("move.toml");
+    let tasks = tree_task("docs", "src/docs/", &slash(&dir.path().join("dst")), "");
+    // The sleep is a grandchild of the runner: only killing the process group reaches it.
+    let hung = "sleep 60 & echo $! > hook.pid; wait";
+    write(
+        &p,
+        format!("{tasks}{}", hook("pre_final", hung, "timeout = \"1s\"")),
+    );
+    plan(&["presync", s(&p)]).ok();
+    let out = plan(&["cutover", s(&p)]);
+    out.expect_code(3);
+    assert!(out.elapsed < Duration::from_secs(15), "{out}");
+    assert!(out.stdout.contains("timed out after 1s"), "{out}");
+    assert!(
+        dies(&dir.path().join("hook.pid")),
+        "the hook's child survived its timeout"
+    );
+
+    // Ctrl-C while a hook runs: same cleanup, exit 130.
+    std::fs::remove_file(dir.path().join("hook.pid")).unwrap();
+    write(
+        &p,
+        format!("{tasks}{}", hook("pre_final", hung, "timeout = \"5m\"")),
+    );
+    let run = Running::start(plan_cmd(&["cutover", "--force", s(&p)]));
+    let t = Instant::now();
+    while !dir.path().join("hook.pid").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the hook never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    run.signal(rustix::process::Signal::INT);
+    let out = run.wait();
+    out.expect_code(130);
+    assert!(
+        dies(&dir.path().join("hook.pid")),
+        "the hook's child survived Ctrl-C"
+    );
+    assert_eq!(status(&p)["run"]["outcome"], "interrupted");
+    assert!(src.exists());
+}
+
+#[test]
+fn cutover_refuses_a_plan_edited_after_presync() {
+    let dir = tmp();
+    example_copy(dir.path());
+    let dst = dir.path().join("dst");
+    let p = dir.path().join("move.toml");
+    let t = tree_task("docs", "src/docs/", &slash(&dst), "");
+    write(&p, &t);
+    plan(&["presync", s(&p)]).ok();
+    write(&p, t.replace("src/docs/", "src/data/"));
+    let out = plan(&["cutover", s(&p)]);
+    assert_one_line_error(
+        &out,
+        &[
+            "move.toml",
+            "the plan changed since the last run",
+            "--force",
+        ],
+    );
+    // Nothing was recorded for the refused run.
+    assert_eq!(status(&p)["run"]["mode"], "presync");
+}
