@@ -7,7 +7,7 @@ use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::security::SecurityArgs;
 use crate::sync::{parse_rate, run_job, SyncJob};
-use ::plan::run::{PresyncReport, Status, Verdict};
+use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
 use ::plan::{
     BoxFuture, Echo, KeyError, Kind, PassContext, PassStats, Plan, TaskLog, TaskRunner, TaskSpec,
 };
@@ -414,21 +414,6 @@ fn humantime_short(d: Duration) -> String {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m{}s", s / 60, s % 60),
         _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -1,14 +1,14 @@
 //! Prediction of the final pass's duration from the recorded passes.
 //!
 //! The model, per task, from its successful passes:
-//! - `overhead` = the shortest pass's duration: scanning both sides, opening the session and
-//!   the final filesystem sync, which the final pass pays too, whatever it sends;
-//! - the rest of each pass, `duration − overhead`, is fitted (least squares, no intercept)
-//!   as `per_file × files_changed + per_byte × bytes_changed`; when the passes cannot tell
-//!   the two apart (too few, or a negative coefficient) all of it is put on bytes (or on
-//!   files when no pass moved bytes);
-//! - the final pass is assumed to find as much changed as the newest pass did, so
-//!   `predicted = overhead + per_file × files_last + per_byte × bytes_last`.
+//! `duration = overhead + per_file × files_changed + per_byte × bytes_changed`, where
+//! `overhead` is what every pass pays whatever it sends (scanning both sides, opening the
+//! session, the final filesystem sync). The terms are fitted by least squares; with too few
+//! passes, or when a term comes out negative (noise, or a rate limiter's initial burst),
+//! a simpler model is fitted instead: overhead + bytes, overhead + files, bytes alone, files
+//! alone; with nothing changed in any pass, the overhead is the shortest pass.
+//! The final pass is assumed to find as much changed as the newest pass did, so
+//! `predicted = overhead + per_file × files_last + per_byte × bytes_last`.
 //!
 //! The plan's prediction schedules every task's predicted duration the way the runner
 //! would (dependency order, at most `parallel` at once, ready tasks in file order) and
@@ -30,47 +30,87 @@ pub struct TaskModel {
     pub predicted_s: f64,
 }
 
+/// Least squares for `duration ≈ Σ c_j · feature_j` over the features `cols` (0 = the
+/// constant, 1 = files, 2 = bytes); None when the passes cannot determine them.
+fn fit(x: &[[f64; 3]], d: &[f64], cols: &[usize]) -> Option<Vec<f64>> {
+    let k = cols.len();
+    // Scale each feature to about 1, so bytes (1e9) and the constant share one precision.
+    let scale: Vec<f64> = cols
+        .iter()
+        .map(|&c| x.iter().map(|r| r[c].abs()).fold(0.0, f64::max))
+        .collect();
+    if scale.contains(&0.0) {
+        return None;
+    }
+    // Normal equations, augmented: m = [AᵀA | Aᵀd].
+    let mut m = vec![vec![0.0; k + 1]; k];
+    for (r, &dv) in x.iter().zip(d) {
+        let f: Vec<f64> = cols.iter().zip(&scale).map(|(&c, s)| r[c] / s).collect();
+        for a in 0..k {
+            for b in 0..k {
+                m[a][b] += f[a] * f[b];
+            }
+            m[a][k] += f[a] * dv;
+        }
+    }
+    // Gauss-Jordan with partial pivoting.
+    for col in 0..k {
+        let piv = (col..k).max_by(|&a, &b| m[a][col].abs().total_cmp(&m[b][col].abs()))?;
+        if m[piv][col].abs() < 1e-9 {
+            return None;
+        }
+        m.swap(col, piv);
+        for row in 0..k {
+            if row != col {
+                let f = m[row][col] / m[col][col];
+                let pivot_row = m[col].clone();
+                for (cell, p) in m[row].iter_mut().zip(pivot_row).skip(col) {
+                    *cell -= f * p;
+                }
+            }
+        }
+    }
+    Some((0..k).map(|a| m[a][k] / m[a][a] / scale[a]).collect())
+}
+
 /// Fit the model to `passes` (any order; only successful ones count).
 pub fn model(passes: &[PassRecord]) -> Option<TaskModel> {
     let ok: Vec<&PassRecord> = passes.iter().filter(|p| p.outcome == Outcome::Ok).collect();
     let last = *ok.last()?;
-    let overhead = ok
+    let x: Vec<[f64; 3]> = ok
         .iter()
-        .map(|p| p.duration_s())
-        .fold(f64::INFINITY, f64::min);
-    let (mut ff, mut fb, mut bb, mut fx, mut bx) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    for p in &ok {
-        let (f, b, x) = (
-            p.files_changed as f64,
-            p.bytes_changed as f64,
-            (p.duration_s() - overhead).max(0.0),
-        );
-        ff += f * f;
-        fb += f * b;
-        bb += b * b;
-        fx += f * x;
-        bx += b * x;
+        .map(|p| [1.0, p.files_changed as f64, p.bytes_changed as f64])
+        .collect();
+    let d: Vec<f64> = ok.iter().map(|p| p.duration_s()).collect();
+    // The richest model the passes support whose terms are all non-negative (a negative
+    // overhead or cost is noise fitted, not a property of the task).
+    let candidates: [&[usize]; 5] = [&[0, 1, 2], &[0, 2], &[0, 1], &[2], &[1]];
+    let mut coef = [0.0f64; 3];
+    let mut found = false;
+    for cols in candidates {
+        if ok.len() < cols.len() {
+            continue;
+        }
+        if let Some(c) = fit(&x, &d, cols) {
+            if c.iter().all(|&v| v >= -1e-9) {
+                for (&col, v) in cols.iter().zip(c) {
+                    coef[col] = v.max(0.0);
+                }
+                found = true;
+                break;
+            }
+        }
     }
-    let det = ff * bb - fb * fb;
-    let two = if det > 1e-9 * ff * bb && det > 0.0 {
-        let pf = (fx * bb - bx * fb) / det;
-        let pb = (bx * ff - fx * fb) / det;
-        (pf >= 0.0 && pb >= 0.0).then_some((pf, pb))
-    } else {
-        None
-    };
-    let (per_file, per_byte) = match two {
-        Some(v) => v,
-        None if bb > 0.0 => (0.0, bx / bb),
-        None if ff > 0.0 => (fx / ff, 0.0),
-        None => (0.0, 0.0),
-    };
+    if !found {
+        // Nothing changed in any pass: each pass is all overhead.
+        coef[0] = d.iter().copied().fold(f64::INFINITY, f64::min);
+    }
     let predicted =
-        overhead + per_file * last.files_changed as f64 + per_byte * last.bytes_changed as f64;
+        coef[0] + coef[1] * last.files_changed as f64 + coef[2] * last.bytes_changed as f64;
     Some(TaskModel {
-        overhead_s: overhead,
-        per_file_s: per_file,
-        per_byte_s: per_byte,
+        overhead_s: coef[0],
+        per_file_s: coef[1],
+        per_byte_s: coef[2],
         last_files: last.files_changed,
         last_bytes: last.bytes_changed,
         passes: ok.len(),
@@ -190,11 +230,21 @@ mod tests {
     }
 
     #[test]
+    fn a_negative_overhead_falls_back_to_a_rate() {
+        // A limiter's burst makes the first MiB free: 8 MiB took 1.75 s, 4 MiB 0.75 s. The
+        // line through both has a negative intercept; the fallback is a plain rate.
+        let mib = 1u64 << 20;
+        let m = model(&[pass(8, 8 * mib, 1.75), pass(4, 4 * mib, 0.75)]).unwrap();
+        assert_eq!(m.overhead_s, 0.0);
+        assert!((m.predicted_s - 0.85).abs() < 0.01, "{m:?}");
+    }
+
+    #[test]
     fn one_pass_predicts_itself_and_failures_do_not_count() {
         let mut failed = pass(1, 1, 99.0);
         failed.outcome = Outcome::Failed("x".into());
         let m = model(&[pass(5, 5000, 3.0), failed]).unwrap();
-        assert_eq!(m.predicted_s, 3.0);
+        assert!((m.predicted_s - 3.0).abs() < 1e-9, "{m:?}");
         assert!(model(&[]).is_none());
     }
 

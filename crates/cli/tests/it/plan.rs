@@ -56,6 +56,44 @@ fn example_copy(dir: &Path) -> PathBuf {
     src
 }
 
+/// A temporary directory with a copy of the example tree (`src`), an empty `dst` and the
+/// path of a plan file (`move.toml`) in it.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tmp();
+    let src = example_copy(dir.path());
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.path().join("move.toml");
+    (dir, src, dst, p)
+}
+
+/// The JSON error log of the plan's latest run.
+fn errors_json(dir: &Path) -> Value {
+    let path = dir.join("move.state/logs/errors-latest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Poll `plan status --json` (another process) while `run` goes on, until `ready` holds;
+/// returns that status.
+fn wait_for_status(p: &Path, run: &mut Running, ready: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    let db = p.with_file_name("move.state/state.db");
+    loop {
+        assert!(
+            run.running() && started.elapsed() < Duration::from_secs(20),
+            "the status never showed what was expected"
+        );
+        if db.exists() {
+            let st = status(p);
+            if ready(&st) {
+                return st;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// One `[[task]]` of a tree.
 fn tree_task(name: &str, source: &str, destination: &str, extra: &str) -> String {
     format!(
@@ -138,11 +176,7 @@ fn bad_plans_get_one_line_naming_line_and_key() {
 
 #[test]
 fn presync_runs_every_task_and_records_passes_and_logs() {
-    let dir = tmp();
-    let src = example_copy(dir.path());
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
-    let p = dir.path().join("move.toml");
+    let (dir, src, dst, p) = setup();
     write(
         &p,
         format!(
@@ -213,9 +247,7 @@ fn presync_runs_every_task_and_records_passes_and_logs() {
             .all(|l| l.starts_with("20") && l.contains("Z ")),
         "{text}"
     );
-    let errors: Value =
-        serde_json::from_str(&std::fs::read_to_string(logs.join("errors-latest.json")).unwrap())
-            .unwrap();
+    let errors = errors_json(dir.path());
     assert_eq!(errors["ok"], true);
     assert_eq!(errors["rerun"], Value::Array(vec![]));
 
@@ -282,11 +314,7 @@ fn independent_tasks_overlap_and_dependents_wait() {
 
 #[test]
 fn rerun_failed_runs_only_failed_and_blocked_tasks() {
-    let dir = tmp();
-    let src = example_copy(dir.path());
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
-    let p = dir.path().join("move.toml");
+    let (dir, src, dst, p) = setup();
     write(
         &p,
         format!(
@@ -309,10 +337,7 @@ fn rerun_failed_runs_only_failed_and_blocked_tasks() {
         "{out}"
     );
     assert!(!dst.join("after").exists());
-    let errors: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("move.state/logs/errors-latest.json")).unwrap(),
-    )
-    .unwrap();
+    let errors = errors_json(dir.path());
     assert_eq!(errors["rerun"], serde_json::json!(["bad", "after"]));
     assert_eq!(errors["failed"][0]["task"], "bad");
     assert!(
@@ -372,20 +397,7 @@ fn status_from_another_process_while_a_run_is_going() {
         tree_task("slow", &slash(&slow), &slash(&dst.join("slow")), SLOW),
     );
     let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
-    let started = Instant::now();
-    let seen = loop {
-        assert!(
-            run.running() && started.elapsed() < Duration::from_secs(20),
-            "never saw the task running"
-        );
-        if dir.path().join("move.state/state.db").exists() {
-            let st = status(&p);
-            if task(&st, "slow")["phase"] == "running" {
-                break st;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let seen = wait_for_status(&p, &mut run, |st| task(st, "slow")["phase"] == "running");
     assert_eq!(seen["runner_alive"], true, "{seen}");
     assert_eq!(seen["run"]["outcome"], Value::Null);
     assert_eq!(task(&seen, "slow")["last_success_ms"], Value::Null);
@@ -429,21 +441,10 @@ fn ctrl_c_interrupts_every_task_and_rerun_resumes() {
             ),
         ),
     );
-    let run = Running::start(plan_cmd(&["presync", s(&p)]));
-    let started = Instant::now();
-    loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "tasks never ran"
-        );
-        if dir.path().join("move.state/state.db").exists() {
-            let st = status(&p);
-            if task(&st, "a")["phase"] == "running" && task(&st, "b")["phase"] == "running" {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
+    wait_for_status(&p, &mut run, |st| {
+        task(st, "a")["phase"] == "running" && task(st, "b")["phase"] == "running"
+    });
     run.signal(rustix::process::Signal::INT);
     let out = run.wait();
     out.expect_code(130);
@@ -453,10 +454,7 @@ fn ctrl_c_interrupts_every_task_and_rerun_resumes() {
         assert_eq!(task(&st, name)["phase"], "interrupted", "{st}");
     }
     assert_eq!(st["run"]["outcome"], "interrupted");
-    let errors: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("move.state/logs/errors-latest.json")).unwrap(),
-    )
-    .unwrap();
+    let errors = errors_json(dir.path());
     assert_eq!(errors["interrupted"], serde_json::json!(["a", "b"]));
     plan(&["rerun", "--failed", s(&p)]).ok();
     assert_same(&a, &dst.join("a"));
@@ -560,11 +558,7 @@ fn hook(section: &str, command: &str, extra: &str) -> String {
 
 #[test]
 fn cutover_runs_hooks_around_the_final_pass_and_reports_downtime() {
-    let dir = tmp();
-    let src = example_copy(dir.path());
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
-    let p = dir.path().join("move.toml");
+    let (dir, src, dst, p) = setup();
     write(
         &p,
         format!(
@@ -652,11 +646,7 @@ fn cutover_runs_hooks_around_the_final_pass_and_reports_downtime() {
 
 #[test]
 fn a_failing_fatal_pre_final_hook_stops_before_any_final_pass() {
-    let dir = tmp();
-    let src = example_copy(dir.path());
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
-    let p = dir.path().join("move.toml");
+    let (dir, src, dst, p) = setup();
     write(
         &p,
         format!(
@@ -760,4 +750,52 @@ fn cutover_refuses_a_plan_edited_after_presync() {
     );
     // Nothing was recorded for the refused run.
     assert_eq!(status(&p)["run"]["mode"], "presync");
+}
+
+#[test]
+fn prediction_of_the_final_pass_on_a_synthetic_workload() {
+    // Eight 1 MiB files behind a 4 MiB/s limit (so transfer, not the machine's speed,
+    // dominates): a first pass sends all of them, then every pass finds four rewritten, as
+    // a service with a steady write rate would leave them. The prediction after two
+    // presync passes is compared with the final pass that cutover then measures.
+    let dir = tmp();
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let rewrite = |first: u64, seed: u64| {
+        for i in first..first + 4 {
+            write(
+                &src.join(format!("f{i}")),
+                random_bytes(seed * 100 + i, 1 << 20),
+            );
+        }
+    };
+    rewrite(0, 1);
+    rewrite(4, 1);
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        tree_task("data", &slash(&src), &slash(&dst), "bwlimit = \"4M\""),
+    );
+    plan(&["presync", s(&p)]).ok();
+    rewrite(0, 2);
+    plan(&["presync", s(&p)]).ok();
+    let predicted = status(&p)["predicted_final_s"].as_f64().unwrap();
+    rewrite(4, 3);
+    let out = plan(&["cutover", s(&p)]);
+    out.ok();
+    assert_same(&src, &dst);
+    let st = status(&p);
+    let last = &task(&st, "data")["last_pass"];
+    assert_eq!(last["kind"], "final");
+    assert_eq!(last["bytes_changed"], 4 << 20);
+    let actual = last["duration_s"].as_f64().unwrap();
+    let error = (predicted - actual) / actual;
+    eprintln!(
+        "prediction: {predicted:.3} s, final pass: {actual:.3} s, error {:+.1}%",
+        error * 100.0
+    );
+    assert!(
+        error.abs() < 0.5,
+        "predicted {predicted:.3} s, took {actual:.3} s\n{out}"
+    );
 }
