@@ -120,10 +120,14 @@ pub struct PlanFile {
     /// Run by `cutover plan cutover` after the final pass (start the app on the new side).
     #[serde(default)]
     pub post_final: Vec<HookSpec>,
-}
-
-fn yes() -> bool {
-    true
+    /// Run at the end of a presync, cutover or rerun that succeeded, with the report (JSON)
+    /// on stdin.
+    #[serde(default)]
+    pub on_success: Vec<HookSpec>,
+    /// Run at the end of a presync, cutover or rerun that failed, was interrupted or is not
+    /// ready, with the report (JSON) on stdin.
+    #[serde(default)]
+    pub on_failure: Vec<HookSpec>,
 }
 
 /// A `[[pre_final]]` or `[[post_final]]` hook: a shell command with a timeout.
@@ -139,9 +143,9 @@ pub struct HookSpec {
     #[serde(default)]
     pub timeout: Option<String>,
     /// A failure stops the cutover (before any final pass, for `pre_final`). Default true:
-    /// a freeze that failed must not be followed by a final pass.
-    #[serde(default = "yes")]
-    pub err_is_fatal: bool,
+    /// a freeze that failed must not be followed by a final pass. Not for notify hooks.
+    #[serde(default)]
+    pub err_is_fatal: Option<bool>,
 }
 
 /// A validated hook.
@@ -214,6 +218,8 @@ pub struct Plan {
     pub tasks: Vec<TaskSpec>,
     pub pre_final: Vec<Hook>,
     pub post_final: Vec<Hook>,
+    pub on_success: Vec<Hook>,
+    pub on_failure: Vec<Hook>,
     /// BLAKE3 (hex) of the plan's canonical content: formatting and comments do not count.
     pub fingerprint: String,
     /// The file's text, kept to point at lines in later checks.
@@ -327,6 +333,8 @@ impl Plan {
             tasks: file.tasks.clone(),
             pre_final: Vec::new(),
             post_final: Vec::new(),
+            on_success: Vec::new(),
+            on_failure: Vec::new(),
             fingerprint: blake3::hash(canonical.as_bytes()).to_hex().to_string(),
             text,
         };
@@ -341,7 +349,10 @@ impl Plan {
         for (section, specs) in [
             ("pre_final", &file.pre_final),
             ("post_final", &file.post_final),
+            ("on_success", &file.on_success),
+            ("on_failure", &file.on_failure),
         ] {
+            let notify = section.starts_with("on_");
             let mut hooks = Vec::with_capacity(specs.len());
             for (i, h) in specs.iter().enumerate() {
                 let at = |key| [Seg::Key(section), Seg::Index(i), Seg::Key(key)];
@@ -357,17 +368,24 @@ impl Plan {
                     })?,
                     None => DEFAULT_HOOK_TIMEOUT,
                 };
+                if notify && h.err_is_fatal.is_some() {
+                    return Err(plan.at(
+                        &at("err_is_fatal"),
+                        format!("[[{section}]] err_is_fatal does not apply: a notify hook never changes the run's outcome; remove it"),
+                    ));
+                }
                 hooks.push(Hook {
                     name: h.name.clone().unwrap_or_else(|| h.command.clone()),
                     command: h.command.clone(),
                     timeout,
-                    err_is_fatal: h.err_is_fatal,
+                    err_is_fatal: h.err_is_fatal.unwrap_or(true),
                 });
             }
-            if section == "pre_final" {
-                plan.pre_final = hooks;
-            } else {
-                plan.post_final = hooks;
+            match section {
+                "pre_final" => plan.pre_final = hooks,
+                "post_final" => plan.post_final = hooks,
+                "on_success" => plan.on_success = hooks,
+                _ => plan.on_failure = hooks,
             }
         }
         plan.validate()?;

@@ -10,14 +10,15 @@ use std::process::Stdio;
 use std::time::Instant;
 use tokio::sync::watch;
 
-/// Run `hook` in `dir`; `log` receives its stdout and stderr. Returns the seconds it took,
-/// or a one-line reason it failed.
+/// Run `hook` in `dir` with `input` on its stdin; `log` receives its stdout and stderr.
+/// Returns the seconds it took, or a one-line reason it failed.
 pub async fn run_hook(
     hook: &Hook,
     phase: &str,
     plan_path: &Path,
     dir: &Path,
     log: Option<&Path>,
+    input: Option<&[u8]>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<f64, String> {
     let started = Instant::now();
@@ -48,7 +49,11 @@ pub async fn run_hook(
         .current_dir(dir)
         .env("CUTOVER_PLAN", plan_path)
         .env("CUTOVER_HOOK", phase)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(out)
         .stderr(err)
         // Its own group, so a timeout or Ctrl-C can kill everything it started.
@@ -58,6 +63,15 @@ pub async fn run_hook(
     let pid = child
         .id()
         .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    // Feed stdin beside the wait, so a hook that never reads cannot block the runner (its
+    // timeout still applies); a hook that exits without reading is not an error.
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        let data = data.to_vec();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&data).await;
+        });
+    }
     let kill_group = || {
         if let Some(pid) = pid {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
@@ -127,6 +141,7 @@ mod tests {
             p,
             dir.path(),
             Some(&log),
+            None,
             &mut rx,
         )
         .await
@@ -137,6 +152,7 @@ mod tests {
             p,
             dir.path(),
             Some(&log),
+            None,
             &mut rx,
         )
         .await
@@ -148,6 +164,13 @@ mod tests {
             text.contains(&format!("{}\n", dir.path().display())),
             "{text}"
         );
+        let input = br#"{"ok":true}"#;
+        let h = hook("cat > got", Duration::from_secs(10));
+        run_hook(&h, "on_success", p, dir.path(), None, Some(input), &mut rx)
+            .await
+            .unwrap();
+        let got = std::fs::read(dir.path().join("got")).unwrap();
+        assert_eq!(got, input);
     }
 
     #[tokio::test]
@@ -163,6 +186,7 @@ mod tests {
             "pre_final",
             Path::new("p"),
             dir.path(),
+            None,
             None,
             &mut rx,
         )

@@ -470,7 +470,7 @@ fn open<'a>(
 /// End a run: outcome in the store, error log and report (JSON and Markdown) written, the
 /// report's table shown. `notes` go into the report (downtime, hook failures). Returns the
 /// error log's path.
-fn close(
+async fn close(
     ctx: &Ctx<'_>,
     mode: &str,
     report: &RunReport,
@@ -506,13 +506,41 @@ fn close(
         ctx.plan.name, ctx.run
     );
     let md = crate::report::to_markdown(&title, notes, &rows);
+    let report_json = crate::report::to_json(&rows, header);
     if let Some((j, m)) = ctx
         .logs
-        .write_report(ctx.run, &crate::report::to_json(&rows, header), &md)
+        .write_report(ctx.run, &report_json, &md)
         .map_err(log_err)?
     {
         ctx.logs
             .say(&format!("report: {} and {}", j.display(), m.display()));
+    }
+    // Notify hooks get the report on stdin. They run even after Ctrl-C (that is when an
+    // alert matters), bounded by their own timeouts, and never change the outcome.
+    let (phase, hooks) = if matches!(outcome, "ok" | "ready") {
+        ("on_success", &ctx.plan.on_success)
+    } else {
+        ("on_failure", &ctx.plan.on_failure)
+    };
+    let input = report_json.to_string();
+    let (_keep, mut never) = watch::channel(false);
+    let hooks_log = ctx.plan.log_dir().join("hooks.log");
+    for h in hooks {
+        let r = crate::hooks::run_hook(
+            h,
+            phase,
+            &ctx.plan.path,
+            &ctx.plan.base_dir,
+            Some(&hooks_log),
+            Some(input.as_bytes()),
+            &mut never,
+        )
+        .await;
+        if let Err(m) = r {
+            let line = format!("{phase} hook {:?} failed: {m}", h.name);
+            ctx.store.record_error(ctx.run, phase, &line)?;
+            ctx.logs.summary(&line);
+        }
     }
     if let Some(p) = &path {
         let rerun = report.to_rerun();
@@ -661,7 +689,7 @@ pub async fn presync(
         Verdict::Failed => "failed",
         Verdict::Interrupted => "interrupted",
     };
-    let error_log = close(&ctx, "presync", &last, outcome, &[])?;
+    let error_log = close(&ctx, "presync", &last, outcome, &[]).await?;
     Ok(PresyncReport {
         verdict,
         passes: pass,
@@ -705,6 +733,7 @@ async fn run_hooks(
             &ctx.plan.path,
             &ctx.plan.base_dir,
             Some(&log),
+            None,
             stop,
         )
         .await;
@@ -776,7 +805,7 @@ pub async fn cutover(
         } else {
             "failed"
         };
-        close(&ctx, "cutover", &out.report, outcome, &notes)?;
+        close(&ctx, "cutover", &out.report, outcome, &notes).await?;
         return Ok(out);
     }
     let final_started = std::time::Instant::now();
@@ -819,7 +848,7 @@ pub async fn cutover(
     } else {
         "failed"
     };
-    close(&ctx, "cutover", &out.report, outcome, &notes)?;
+    close(&ctx, "cutover", &out.report, outcome, &notes).await?;
     Ok(out)
 }
 
@@ -850,7 +879,7 @@ pub async fn rerun_failed(
         ctx.logs
             .summary("nothing to re-run: the last pass of every task succeeded");
         let report = RunReport::default();
-        close(&ctx, "rerun", &report, "ok", &[])?;
+        close(&ctx, "rerun", &report, "ok", &[]).await?;
         return Ok((report, failed));
     }
     ctx.logs
@@ -863,7 +892,7 @@ pub async fn rerun_failed(
     } else {
         "failed"
     };
-    close(&ctx, "rerun", &report, outcome, &[])?;
+    close(&ctx, "rerun", &report, outcome, &[]).await?;
     Ok((report, failed))
 }
 

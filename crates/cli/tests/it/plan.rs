@@ -650,7 +650,7 @@ fn a_failing_fatal_pre_final_hook_stops_before_any_final_pass() {
     write(
         &p,
         format!(
-            "{}{}{}",
+            "{}{}{}{}{}",
             tree_task("docs", "src/docs/", &slash(&dst.join("docs")), ""),
             hook(
                 "pre_final",
@@ -658,6 +658,8 @@ fn a_failing_fatal_pre_final_hook_stops_before_any_final_pass() {
                 "name = \"stop app\""
             ),
             hook("post_final", "touch thawed", ""),
+            hook("on_failure", "cat > alert.json", "timeout = \"10s\""),
+            hook("on_success", "touch success", ""),
         ),
     );
     plan(&["presync", s(&p)]).ok();
@@ -676,6 +678,19 @@ fn a_failing_fatal_pre_final_hook_stops_before_any_final_pass() {
     let st = status(&p);
     assert_eq!(task(&st, "docs")["last_pass"]["kind"], "presync");
     assert_eq!(st["run"]["outcome"], "failed");
+    // The alert got the report on stdin; the presync before it succeeded and said so.
+    let alert: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("alert.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (alert["mode"].as_str(), alert["outcome"].as_str()),
+        (Some("cutover"), Some("failed"))
+    );
+    assert!(
+        alert["notes"][0].as_str().unwrap().contains("stop app"),
+        "{alert}"
+    );
+    assert!(dir.path().join("success").exists());
     let hooks_log = std::fs::read_to_string(dir.path().join("move.state/logs/hooks.log")).unwrap();
     assert!(hooks_log.contains("cannot stop the app"), "{hooks_log}");
 }
