@@ -234,8 +234,13 @@ fn resolve(endpoint: &str, base_dir: &Path) -> String {
     }
 }
 
-/// The `cutover sync` a task stands for.
-pub fn job_for(t: &TaskSpec, base_dir: &Path, dry_run: bool) -> Result<SyncJob, String> {
+/// The `cutover sync` a task stands for; a command task syncs its spool file.
+pub fn job_for(
+    t: &TaskSpec,
+    base_dir: &Path,
+    dry_run: bool,
+    spool: &Path,
+) -> Result<SyncJob, String> {
     let bwlimit = t
         .bwlimit
         .as_deref()
@@ -257,7 +262,10 @@ pub fn job_for(t: &TaskSpec, base_dir: &Path, dry_run: bool) -> Result<SyncJob, 
         .chain(t.excludes.iter().map(|p| FilterRule::Exclude(p.clone())))
         .collect();
     Ok(SyncJob {
-        src: resolve(&t.source, base_dir),
+        src: match &t.source {
+            Some(s) => resolve(s, base_dir),
+            None => spool.to_string_lossy().into_owned(),
+        },
         dst: resolve(&t.destination, base_dir),
         connections: match t.connections {
             None | Some(::plan::Connections::Auto) => Connections::Auto,
@@ -285,6 +293,16 @@ pub fn job_for(t: &TaskSpec, base_dir: &Path, dry_run: bool) -> Result<SyncJob, 
         rsh: std::env::var("CUTOVER_RSH").unwrap_or_else(|_| "ssh".into()),
         remote_cutover: "cutover".into(),
     })
+}
+
+/// Where a single file synced to the local destination `dst` lands: `dst` itself, or in it
+/// when it is a directory (written with a trailing slash or existing), as `cutover sync` does.
+fn landed(dst: &str, file: &Path) -> PathBuf {
+    let d = PathBuf::from(dst);
+    match file.file_name() {
+        Some(name) if dst.ends_with('/') || d.is_dir() => d.join(name),
+        _ => d,
+    }
 }
 
 /// Engine events of a plan task go to its log file. A dry run's engine sends nothing, so
@@ -336,12 +354,21 @@ impl Drop for AbortOnDrop {
 impl TaskRunner for CliRunner {
     fn check(&self, t: &TaskSpec) -> Result<(), KeyError> {
         let mut remote = 0;
-        for (key, v) in [("source", &t.source), ("destination", &t.destination)] {
-            match Endpoint::parse(v) {
-                Ok(Endpoint::Local { .. }) => {}
-                Ok(_) => remote += 1,
-                Err(message) => return Err(KeyError { key, message }),
+        for (key, v) in [
+            ("source", &t.source),
+            ("destination", &Some(t.destination.clone())),
+        ] {
+            match v.as_deref().map(Endpoint::parse) {
+                None | Some(Ok(Endpoint::Local { .. })) => {}
+                Some(Ok(_)) => remote += 1,
+                Some(Err(message)) => return Err(KeyError { key, message }),
             }
+        }
+        if t.destination_command.is_some() && remote > 0 {
+            return Err(KeyError {
+                key: "destination_command",
+                message: "needs a local destination for now (run it on the destination host yourself, e.g. in a post_final hook)".into(),
+            });
         }
         if remote == 2 {
             return Err(KeyError {
@@ -350,20 +377,34 @@ impl TaskRunner for CliRunner {
                     .into(),
             });
         }
-        job_for(t, Path::new("/"), false).map(drop).map_err(|m| {
-            let key = if m.starts_with("bwlimit") {
-                "bwlimit"
-            } else {
-                "server_fingerprint"
-            };
-            let message = m.split_once(": ").map(|x| x.1).unwrap_or(&m).to_string();
-            KeyError { key, message }
-        })
+        job_for(t, Path::new("/"), false, Path::new("/spool"))
+            .map(drop)
+            .map_err(|m| {
+                let key = if m.starts_with("bwlimit") {
+                    "bwlimit"
+                } else {
+                    "server_fingerprint"
+                };
+                let message = m.split_once(": ").map(|x| x.1).unwrap_or(&m).to_string();
+                KeyError { key, message }
+            })
     }
 
     fn run_pass(&self, t: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>> {
         Box::pin(async move {
-            let job = job_for(&t, &ctx.base_dir, ctx.dry_run)?;
+            let job = job_for(&t, &ctx.base_dir, ctx.dry_run, &ctx.spool)?;
+            if let Some(command) = &t.command {
+                if ctx.dry_run {
+                    // A dry run changes nothing, and a dump can be heavy: say what would run.
+                    ctx.log.line(&format!(
+                        "would run {command:?}, spool it to {} and sync it to {}",
+                        ctx.spool.display(),
+                        job.dst
+                    ));
+                    return Ok(PassStats::default());
+                }
+                ::plan::spool::spool(command, &ctx.base_dir, &ctx.spool, &ctx.log).await?;
+            }
             let stats = Arc::new(Stats::default());
             let events = Arc::new(TaskEvents {
                 log: ctx.log.clone(),
@@ -384,6 +425,14 @@ impl TaskRunner for CliRunner {
                 }
             }));
             let (mut s, wire) = run_job(&job, events.clone(), stats).await?;
+            if let (Some(cmd), "final", true) = (
+                &t.destination_command,
+                ctx.kind.as_str(),
+                s.errors.is_empty(),
+            ) {
+                ::plan::spool::feed(cmd, &ctx.base_dir, &landed(&job.dst, &ctx.spool), &ctx.log)
+                    .await?;
+            }
             if ctx.dry_run {
                 let w = *events.would.lock().unwrap_or_else(|p| p.into_inner());
                 (s.files_sent, s.files_meta_only, s.bytes_logical, s.deleted) = (w.0, 0, w.1, w.2);

@@ -166,9 +166,22 @@ pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct TaskSpec {
     pub name: String,
     pub kind: Kind,
-    /// Local path (relative to the plan file), `[user@]host:PATH` or `cutover://…`.
-    pub source: String,
+    /// Local path (relative to the plan file), `[user@]host:PATH` or `cutover://…`
+    /// (`tree` and `volume`).
+    #[serde(default)]
+    pub source: Option<String>,
     pub destination: String,
+    /// `command` tasks: run with `sh -c` in the plan's directory; its stdout is the data.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// `command` tasks: the local file the output is spooled to and synced from (default
+    /// `<state_dir>/spool/<name>`), relative to the plan file.
+    #[serde(default)]
+    pub spool: Option<String>,
+    /// `command` tasks: run after the final pass on the destination side with the
+    /// transferred file on stdin (e.g. `pg_restore -d app`); local destinations only.
+    #[serde(default)]
+    pub destination_command: Option<String>,
     #[serde(default)]
     pub depends_on: Vec<String>,
     #[serde(default)]
@@ -202,6 +215,17 @@ pub struct TaskSpec {
     /// Pin the daemon's certificate (`sha256:HEX`), for `cutover://` endpoints.
     #[serde(default)]
     pub server_fingerprint: Option<String>,
+}
+
+impl TaskSpec {
+    /// What the task reads: its source, or its command.
+    pub fn what(&self) -> String {
+        match (&self.source, &self.command) {
+            (Some(s), _) => s.clone(),
+            (None, Some(c)) => format!("`{c}`"),
+            (None, None) => "?".into(),
+        }
+    }
 }
 
 /// A validated plan, ready to run.
@@ -454,17 +478,63 @@ impl Plan {
                     ),
                 ));
             }
-            for (key, v) in [("source", &t.source), ("destination", &t.destination)] {
-                if v.trim().is_empty() {
-                    return Err(self.task_key(i, key, "is empty: name a path or endpoint".into()));
+            let empty = |v: &Option<String>| v.as_deref().is_some_and(|v| v.trim().is_empty());
+            for (key, v) in [
+                ("source", &t.source),
+                ("destination", &Some(t.destination.clone())),
+                ("command", &t.command),
+                ("spool", &t.spool),
+                ("destination_command", &t.destination_command),
+            ] {
+                if empty(v) {
+                    return Err(self.task_key(
+                        i,
+                        key,
+                        "is empty: remove it or give it a value".into(),
+                    ));
                 }
             }
-            if t.kind == Kind::Command {
-                return Err(self.task_key(
-                    i,
-                    "kind",
-                    "\"command\" tasks are not available yet in this version; use \"tree\" or \"volume\" (spool the dump to a file yourself and sync it as a tree)".into(),
-                ));
+            match (t.kind, &t.source, &t.command) {
+                (Kind::Command, _, None) => {
+                    return Err(self.task_key(
+                        i,
+                        "command",
+                        "is missing: a command task names the command whose output it moves (e.g. command = \"pg_dump -Fc -Z0 app\")".into(),
+                    ))
+                }
+                (Kind::Command, Some(_), _) => {
+                    return Err(self.task_key(
+                        i,
+                        "source",
+                        "does not apply to a command task (its data is the command's output); remove it".into(),
+                    ))
+                }
+                (Kind::Tree | Kind::Volume, None, _) => {
+                    return Err(self.task_key(
+                        i,
+                        "source",
+                        format!("is missing: a {} task names what to copy", t.kind.as_str()),
+                    ))
+                }
+                _ => {}
+            }
+            if t.kind != Kind::Command {
+                for (key, set) in [
+                    ("command", t.command.is_some()),
+                    ("spool", t.spool.is_some()),
+                    ("destination_command", t.destination_command.is_some()),
+                ] {
+                    if set {
+                        return Err(self.task_key(
+                            i,
+                            key,
+                            format!(
+                                "only applies to kind = \"command\"; remove it from this {} task",
+                                t.kind.as_str()
+                            ),
+                        ));
+                    }
+                }
             }
             if t.max_delete.is_some() && !t.delete {
                 return Err(self.task_key(
@@ -473,7 +543,7 @@ impl Plan {
                     "only makes sense with delete = true; add it or remove max_delete".into(),
                 ));
             }
-            if t.kind == Kind::Volume {
+            if t.kind != Kind::Tree {
                 for (key, bad) in [
                     ("delete", t.delete),
                     ("excludes", !t.excludes.is_empty()),
@@ -484,7 +554,10 @@ impl Plan {
                         return Err(self.task_key(
                             i,
                             key,
-                            "does not apply to a volume (one device or image); remove it or use kind = \"tree\"".into(),
+                            format!(
+                                "does not apply to a {} task (one file, not a tree); remove it",
+                                t.kind.as_str()
+                            ),
                         ));
                     }
                 }
@@ -547,6 +620,14 @@ impl Plan {
 
     pub fn task(&self, name: &str) -> Option<&TaskSpec> {
         self.tasks.iter().find(|t| t.name == name)
+    }
+
+    /// Where a command task's output is spooled.
+    pub fn spool_path(&self, t: &TaskSpec) -> PathBuf {
+        match &t.spool {
+            Some(p) => self.base_dir.join(p),
+            None => self.state_dir.join("spool").join(&t.name),
+        }
     }
 }
 
@@ -709,14 +790,46 @@ depends_on = ["a"]
     }
 
     #[test]
-    fn command_kind_and_bad_names_are_explained() {
+    fn command_tasks_and_bad_names_are_explained() {
+        let cmd = TWO.replace(
+            "kind = \"tree\"\nsource = \"src/b/\"",
+            "kind = \"command\"\ncommand = \"pg_dump app\"",
+        );
+        let p = parse(&cmd).unwrap();
+        assert_eq!(p.tasks[1].command.as_deref(), Some("pg_dump app"));
+        assert_eq!(
+            p.spool_path(&p.tasks[1]),
+            Path::new("dir/move.state/spool/b")
+        );
         let e = parse(&TWO.replace(
             "kind = \"tree\"\nsource = \"src/b/\"",
             "kind = \"command\"\nsource = \"src/b/\"",
         ))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("\"command\" tasks are not available yet"), "{e}");
+        assert!(e.contains("command: is missing"), "{e}");
+        let e = parse(&cmd.replace(
+            "destination = \"/dst/b/\"",
+            "destination = \"/dst/b/\"\nexcludes = [\"x\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "dir/move.toml:14: task \"b\": excludes: does not apply to a command task"
+            ),
+            "{e}"
+        );
+        let e = parse(&TWO.replace(
+            "source = \"src/a/\"",
+            "source = \"src/a/\"\ndestination_command = \"x\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("destination_command: only applies to kind = \"command\""),
+            "{e}"
+        );
         let e = parse(&TWO.replace("name = \"b\"", "name = \"../b\""))
             .unwrap_err()
             .to_string();

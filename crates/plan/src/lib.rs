@@ -1,7 +1,7 @@
 //! Migration plans: the plan file and its validation ([`file`]), the task graph ([`graph`]),
 //! the runner that runs every task in dependency order with a limit on how many run at once
-//! ([`run`]), presync prediction ([`predict`]), hooks ([`hooks`]), logs ([`logs`]) and the
-//! end-of-run report ([`report`]).
+//! ([`run`]), presync prediction ([`predict`]), hooks ([`hooks`]), logs ([`logs`]), the
+//! end-of-run report ([`report`]) and the processes of command tasks ([`spool`]).
 //!
 //! This crate never moves data itself: a [`TaskRunner`] (the CLI's, which calls the same
 //! code as `cutover sync`) runs one pass of one task and returns what it did.
@@ -13,6 +13,7 @@ pub mod logs;
 pub mod predict;
 pub mod report;
 pub mod run;
+pub mod spool;
 
 pub use file::{parse_duration, Connections, Hook, KeyError, Kind, Plan, PlanError, TaskSpec};
 pub use logs::{Echo, Logs, TaskLog};
@@ -69,6 +70,11 @@ pub struct PassStats {
 pub struct PassContext {
     /// Relative local paths in the task are taken from here (the plan file's directory).
     pub base_dir: PathBuf,
+    /// `presync`, `final`, `rerun` or `dry-run`. A final pass runs a command task's
+    /// `destination_command`.
+    pub kind: String,
+    /// Where a command task's output is spooled.
+    pub spool: PathBuf,
     /// Change nothing; report what would change.
     pub dry_run: bool,
     pub log: TaskLog,

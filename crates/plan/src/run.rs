@@ -246,7 +246,7 @@ async fn run_tasks(
             if !log.echoes() {
                 log.line(&format!(
                     "{kind} pass starts: {} -> {}{}",
-                    spec.source,
+                    spec.what(),
                     spec.destination,
                     if ctx.dry_run { " (dry run)" } else { "" }
                 ));
@@ -257,6 +257,8 @@ async fn run_tasks(
                 spec.clone(),
                 PassContext {
                     base_dir: ctx.plan.base_dir.clone(),
+                    kind: kind.to_string(),
+                    spool: ctx.plan.spool_path(&spec),
                     dry_run: ctx.dry_run,
                     log: log.clone(),
                     progress: ProgressSink::new(ctx.store.clone(), &spec.name),
@@ -853,8 +855,8 @@ pub async fn cutover(
 }
 
 /// `rerun --failed`: one pass of every task whose last pass failed, was blocked or was
-/// interrupted (as the state store says), in dependency order. A changed plan is refused
-/// unless `force`.
+/// interrupted (as the state store says), in dependency order; a final pass when it
+/// finishes a cutover. A changed plan is refused unless `force`.
 pub async fn rerun_failed(
     plan: &Plan,
     runner: Arc<dyn TaskRunner>,
@@ -882,9 +884,22 @@ pub async fn rerun_failed(
         close(&ctx, "rerun", &report, "ok", &[]).await?;
         return Ok((report, failed));
     }
-    ctx.logs
-        .summary(&format!("re-running {}", failed.join(", ")));
-    let report = run_tasks(&ctx, "rerun", Some(&failed), &mut stop).await;
+    // Re-running what a cutover's final pass left undone is still a final pass (strict about
+    // files that change, and followed by destination commands).
+    let after_cutover = states.iter().any(|s| {
+        failed.contains(&s.name) && s.last_pass.as_ref().is_some_and(|p| p.kind == "final")
+    });
+    let kind = if after_cutover { "final" } else { "rerun" };
+    ctx.logs.summary(&format!(
+        "re-running {}{}",
+        failed.join(", "),
+        if after_cutover {
+            " (as the final pass of the cutover)"
+        } else {
+            ""
+        }
+    ));
+    let report = run_tasks(&ctx, kind, Some(&failed), &mut stop).await;
     let outcome = if report.interrupted {
         "interrupted"
     } else if report.ok() {

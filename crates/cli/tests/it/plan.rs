@@ -814,3 +814,256 @@ fn prediction_of_the_final_pass_on_a_synthetic_workload() {
         "predicted {predicted:.3} s, took {actual:.3} s\n{out}"
     );
 }
+
+/// A private PostgreSQL server on a loopback port, run as the `postgres` user (it refuses
+/// root), stopped on drop.
+struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    /// The newest installed server's binaries (Debian: /usr/lib/postgresql/VERSION/bin).
+    fn bin() -> PathBuf {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .collect();
+        found.sort_by_key(|b| {
+            b.parent()
+                .and_then(|v| v.file_name())
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        found
+            .pop()
+            .expect("no initdb under /usr/lib/postgresql/*/bin")
+    }
+
+    fn as_postgres(args: &[&str]) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .output()
+            .expect("runuser");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(dir: &Path) -> Postgres {
+        let bin = Postgres::bin();
+        let data = dir.join("pgdata");
+        std::fs::create_dir_all(&data).unwrap();
+        let st = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        Postgres::as_postgres(&[
+            s(&bin.join("initdb")),
+            "-D",
+            s(&data),
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        let port = free_port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            s(dir)
+        );
+        Postgres::as_postgres(&[
+            s(&bin.join("pg_ctl")),
+            "-D",
+            s(&data),
+            "-l",
+            s(&dir.join("server.log")),
+            "-w",
+            "-o",
+            &opts,
+            "start",
+        ]);
+        Postgres { bin, data, port }
+    }
+
+    /// The connection options every client here uses.
+    fn conn(&self) -> String {
+        format!("-h 127.0.0.1 -p {} -U postgres", self.port)
+    }
+
+    fn tool(&self, name: &str) -> String {
+        s(&self.bin.join(name)).to_string()
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args([
+                "-d",
+                db,
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A plain-text dump of `db` (schema and data), without the lines that differ between
+    /// any two dumps of the same content (the random `\restrict` key).
+    fn dump(&self, db: &str) -> String {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["--no-owner", db])
+            .output()
+            .expect("pg_dump");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", s(&self.data), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[test]
+fn a_command_task_moves_a_live_postgres_database() {
+    let (dir, src, dst, p) = setup();
+    let pg_dir = dir.path().join("pg");
+    chmod(dir.path(), 0o755);
+    let pg = Postgres::start(&pg_dir);
+    pg.psql("postgres", "CREATE DATABASE app");
+    pg.psql("postgres", "CREATE DATABASE app2");
+    pg.psql(
+        "app",
+        "CREATE TABLE items (id serial PRIMARY KEY, body text NOT NULL, n int NOT NULL);
+         CREATE INDEX items_n ON items (n);
+         INSERT INTO items (body, n)
+           SELECT repeat(md5(i::text), 8), i % 97 FROM generate_series(1, 20000) i;",
+    );
+    // Uncompressed custom format (-Z0): consecutive dumps share most bytes, so delta sends
+    // little; the engine compresses on the wire where that pays.
+    let db_task = format!(
+        "[[task]]\nname = \"db\"\nkind = \"command\"\ncommand = \"{} {} -Fc -Z0 app\"\ndestination = \"{}\"\ndestination_command = \"{} {} -d app2 --clean --if-exists --no-owner --exit-on-error\"\n",
+        pg.tool("pg_dump"),
+        pg.conn(),
+        s(&dst.join("app.dump")),
+        pg.tool("pg_restore"),
+        pg.conn(),
+    );
+    write(
+        &p,
+        format!(
+            "{}{db_task}",
+            tree_task("files", "src/docs/", &slash(&dst.join("docs")), "")
+        ),
+    );
+    plan(&["check", s(&p)]).ok();
+
+    // The service writes while presync runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let (bin, port) = (pg.bin.clone(), pg.port);
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let sql = format!(
+                    "INSERT INTO items (body, n) VALUES ('live {n}', {n}); UPDATE items SET n = n + 1 WHERE id = {n};"
+                );
+                let st = Command::new(bin.join("psql"))
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                    .args(["-d", "app", "-X", "-q", "-c", &sql])
+                    .status()
+                    .expect("psql");
+                assert!(st.success());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            n
+        })
+    };
+    plan(&["presync", "--max-passes", "2", s(&p)]).ok();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 0);
+    // The app is stopped (writes ended); one more change lands before the final pass.
+    pg.psql("app", "UPDATE items SET body = 'last word' WHERE id = 7");
+    let out = plan(&["cutover", s(&p)]);
+    out.ok();
+
+    let (a, b) = (pg.dump("app"), pg.dump("app2"));
+    assert!(a.contains("CREATE INDEX items_n"), "{a:.2000}");
+    assert!(a == b, "the restored database differs from the source");
+    assert_eq!(
+        pg.psql("app2", "SELECT body FROM items WHERE id = 7"),
+        "last word"
+    );
+    assert_same(&src.join("docs"), &dst.join("docs"));
+    // Delta: the final pass sent a fraction of the dump.
+    let st = status(&p);
+    let last = &task(&st, "db")["last_pass"];
+    assert_eq!(last["kind"], "final");
+    let (changed, literal) = (
+        last["bytes_changed"].as_u64().unwrap(),
+        last["bytes_literal"].as_u64().unwrap(),
+    );
+    assert!(changed > 1 << 20, "{last}");
+    eprintln!("final pass of the dump: {literal} literal bytes of {changed}");
+    assert!(
+        literal < changed / 2,
+        "delta sent {literal} of {changed} bytes"
+    );
+    let log = std::fs::read_to_string(dir.path().join("move.state/logs/db.log")).unwrap();
+    assert!(log.contains("destination_command done"), "{log}");
+}
