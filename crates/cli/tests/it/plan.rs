@@ -1067,3 +1067,80 @@ fn a_command_task_moves_a_live_postgres_database() {
     let log = std::fs::read_to_string(dir.path().join("move.state/logs/db.log")).unwrap();
     assert!(log.contains("destination_command done"), "{log}");
 }
+
+#[test]
+fn ctrl_c_kills_a_command_tasks_processes_and_keeps_the_last_spool() {
+    let (dir, _src, dst, p) = setup();
+    let flag = dir.path().join("second");
+    // First run: a quick dump. Second run: a dump that hangs in a grandchild, until Ctrl-C.
+    let command = format!(
+        "if [ -e {f} ]; then sleep 60 & echo $! > dump.pid; wait; else echo version 1; fi",
+        f = s(&flag)
+    );
+    write(
+        &p,
+        format!(
+            "[[task]]\nname = \"db\"\nkind = \"command\"\ncommand = {command:?}\ndestination = \"{}\"\n",
+            s(&dst.join("db.out"))
+        ),
+    );
+    plan(&["presync", s(&p)]).ok();
+    assert_eq!(
+        std::fs::read_to_string(dst.join("db.out")).unwrap(),
+        "version 1\n"
+    );
+    write(&flag, "");
+    let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
+    let t = Instant::now();
+    while !dir.path().join("dump.pid").exists() {
+        assert!(
+            run.running() && t.elapsed() < Duration::from_secs(20),
+            "the dump never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run.signal(rustix::process::Signal::INT);
+    let out = run.wait();
+    out.expect_code(130);
+    assert!(
+        dies(&dir.path().join("dump.pid")),
+        "the dump's child survived Ctrl-C"
+    );
+    assert_eq!(task(&status(&p), "db")["phase"], "interrupted");
+    // The interrupted dump replaced nothing.
+    let spool = dir.path().join("move.state/spool/db");
+    assert_eq!(std::fs::read_to_string(&spool).unwrap(), "version 1\n");
+    assert_eq!(
+        std::fs::read_to_string(dst.join("db.out")).unwrap(),
+        "version 1\n"
+    );
+}
+
+#[test]
+fn an_unreachable_destination_fails_its_task_only() {
+    let (_dir, src, dst, p) = setup();
+    let port = free_port();
+    write(
+        &p,
+        format!(
+            "{}{}",
+            tree_task(
+                "away",
+                "src/docs/",
+                &format!("cutover://127.0.0.1:{port}/m/docs/"),
+                ""
+            ),
+            tree_task("here", "src/data/", &slash(&dst.join("data")), ""),
+        ),
+    );
+    let out = plan(&["presync", s(&p)]);
+    out.expect_code(3);
+    assert_same(&src.join("data"), &dst.join("data"));
+    let st = status(&p);
+    let err = task(&st, "away")["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert_eq!(task(&st, "here")["phase"], "done");
+}
