@@ -397,7 +397,15 @@ fn status_from_another_process_while_a_run_is_going() {
         tree_task("slow", &slash(&slow), &slash(&dst.join("slow")), SLOW),
     );
     let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
-    let seen = wait_for_status(&p, &mut run, |st| task(st, "slow")["phase"] == "running");
+    // Running, with progress of the pass under way (3 MiB to send).
+    let seen = wait_for_status(&p, &mut run, |st| {
+        let t = task(st, "slow");
+        t["phase"] == "running" && t["progress"]["bytes_total"] == 3 << 20
+    });
+    let done = task(&seen, "slow")["progress"]["bytes_done"]
+        .as_u64()
+        .unwrap();
+    assert!(done < 3 << 20, "{seen}");
     assert_eq!(seen["runner_alive"], true, "{seen}");
     assert_eq!(seen["run"]["outcome"], Value::Null);
     assert_eq!(task(&seen, "slow")["last_success_ms"], Value::Null);
@@ -1143,4 +1151,39 @@ fn an_unreachable_destination_fails_its_task_only() {
         .to_string();
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert_eq!(task(&st, "here")["phase"], "done");
+}
+
+#[test]
+fn a_volume_task_updates_an_image_in_place_by_delta() {
+    let (dir, _src, dst, p) = setup();
+    let image = dir.path().join("disk.img");
+    let mut data = random_bytes(7, 4 << 20);
+    write(&image, &data);
+    let target = dst.join("disk.img");
+    write(
+        &p,
+        format!(
+            "[[task]]\nname = \"disk\"\nkind = \"volume\"\nsource = \"disk.img\"\ndestination = \"{}\"\n",
+            s(&target)
+        ),
+    );
+    plan(&["presync", s(&p)]).ok();
+    assert_eq!(hash_file(&image), hash_file(&target));
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&target).unwrap());
+    // Two 4 KiB blocks change, as a running VM or database would change them.
+    data[4096..8192].fill(1);
+    data[3 << 20..(3 << 20) + 4096].fill(2);
+    write(&image, &data);
+    plan(&["presync", s(&p)]).ok();
+    assert_eq!(hash_file(&image), hash_file(&target));
+    // In place (same inode: never a new file renamed over it), and only the blocks.
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&target).unwrap()),
+        inode
+    );
+    let last = task(&status(&p), "disk")["last_pass"].clone();
+    assert!(
+        last["bytes_literal"].as_u64().unwrap() <= 64 << 10,
+        "{last}"
+    );
 }
