@@ -216,9 +216,22 @@ async fn run_tasks(
                 break;
             }
         }
+        // Once stopping, nothing new starts: what still waits is interrupted too, so that
+        // `rerun --failed` picks it up.
+        if interrupted {
+            for i in 0..n {
+                if st[i] == S::Waiting {
+                    st[i] = S::Finished;
+                    results[i].outcome = PassOutcome::Interrupted;
+                    let _ = ctx
+                        .store
+                        .set_phase(ctx.run, &tasks[i].name, Phase::Interrupted);
+                }
+            }
+        }
         // Start what is ready, in plan order.
         for i in 0..n {
-            if running >= ctx.plan.parallel {
+            if running >= ctx.plan.parallel || interrupted {
                 break;
             }
             if st[i] != S::Waiting

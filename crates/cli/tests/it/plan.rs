@@ -434,7 +434,7 @@ fn ctrl_c_interrupts_every_task_and_rerun_resumes() {
     write(
         &p,
         format!(
-            "{}{}",
+            "parallel = 2\n{}{}{}",
             tree_task(
                 "a",
                 &slash(&a),
@@ -447,6 +447,8 @@ fn ctrl_c_interrupts_every_task_and_rerun_resumes() {
                 &slash(&dst.join("b")),
                 "bwlimit = \"256K\""
             ),
+            // Waits for a free slot (parallel = 2): it must not start once the run is stopping.
+            tree_task("c", &slash(&a), &slash(&dst.join("c")), ""),
         ),
     );
     let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
@@ -458,15 +460,20 @@ fn ctrl_c_interrupts_every_task_and_rerun_resumes() {
     out.expect_code(130);
     assert!(out.elapsed < Duration::from_secs(10), "{out}");
     let st = status(&p);
-    for name in ["a", "b"] {
+    for name in ["a", "b", "c"] {
         assert_eq!(task(&st, name)["phase"], "interrupted", "{st}");
     }
+    assert_eq!(task(&st, "c")["last_pass"], Value::Null, "c never started");
+    assert!(!dst.join("c").exists());
     assert_eq!(st["run"]["outcome"], "interrupted");
     let errors = errors_json(dir.path());
-    assert_eq!(errors["interrupted"], serde_json::json!(["a", "b"]));
-    plan(&["rerun", "--failed", s(&p)]).ok();
+    assert_eq!(errors["interrupted"], serde_json::json!(["a", "b", "c"]));
+    let out = plan(&["rerun", "--failed", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("re-running a, b, c"), "{out}");
     assert_same(&a, &dst.join("a"));
     assert_same(&b, &dst.join("b"));
+    assert_same(&a, &dst.join("c"));
 }
 
 #[test]
