@@ -1194,3 +1194,39 @@ fn a_volume_task_updates_an_image_in_place_by_delta() {
         "{last}"
     );
 }
+
+#[test]
+fn the_example_plan_runs_presync_and_cutover() {
+    // The shipped example, as a new user would run it, with its copies kept in this test's
+    // directory instead of /tmp.
+    let dir = tmp();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(examples.join("tree"))
+        .arg(dir.path().join("tree"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out_prefix = format!("{}/out-", s(dir.path()));
+    let text = std::fs::read_to_string(examples.join("plan.toml"))
+        .unwrap()
+        .replace("/tmp/cutover-plan-example-", &out_prefix);
+    let p = dir.path().join("plan.toml");
+    write(&p, text);
+    let out = plan(&["presync", "--until-under", "1m", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("ready for cutover"), "{out}");
+    let out = plan(&["cutover", s(&p)]);
+    out.ok();
+    assert!(out.stdout.contains("downtime"), "{out}");
+    let tree = dir.path().join("tree");
+    assert_same(&tree.join("docs"), &dir.path().join("out-docs"));
+    assert_same(&tree.join("data"), &dir.path().join("out-data"));
+    assert_same_with(
+        &tree,
+        &dir.path().join("out-top"),
+        &["--exclude=/docs/", "--exclude=/data/"],
+    );
+    assert!(dir.path().join("plan.state/state.db").exists());
+}
