@@ -182,6 +182,9 @@ pub struct TaskSpec {
     /// transferred file on stdin (e.g. `pg_restore -d app`); local destinations only.
     #[serde(default)]
     pub destination_command: Option<String>,
+    /// After the final pass: two commands whose outputs must be identical.
+    #[serde(default)]
+    pub verify: Option<VerifySpec>,
     #[serde(default)]
     pub depends_on: Vec<String>,
     #[serde(default)]
@@ -215,6 +218,15 @@ pub struct TaskSpec {
     /// Pin the daemon's certificate (`sha256:HEX`), for `cutover://` endpoints.
     #[serde(default)]
     pub server_fingerprint: Option<String>,
+}
+
+/// `verify = { source = "…", destination = "…" }`: run both after the final pass (with
+/// `sh -c`, in the plan's directory, on this machine); the outputs must match byte for byte.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySpec {
+    pub source: String,
+    pub destination: String,
 }
 
 impl TaskSpec {
@@ -479,6 +491,16 @@ impl Plan {
                 ));
             }
             let empty = |v: &Option<String>| v.as_deref().is_some_and(|v| v.trim().is_empty());
+            if let Some(v) = &t.verify {
+                if v.source.trim().is_empty() || v.destination.trim().is_empty() {
+                    return Err(self.task_key(
+                        i,
+                        "verify",
+                        "needs both commands: verify = { source = \"…\", destination = \"…\" }"
+                            .into(),
+                    ));
+                }
+            }
             for (key, v) in [
                 ("source", &t.source),
                 ("destination", &Some(t.destination.clone())),

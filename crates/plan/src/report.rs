@@ -1,5 +1,5 @@
-//! The end-of-run report: one row per task (outcome, files, bytes, wire bytes, duration) as
-//! a terminal table, and the same as JSON and Markdown files beside the logs.
+//! The end-of-run report: one row per task (outcome, files, bytes, wire bytes, duration,
+//! verification) as a terminal table, and the same as JSON and Markdown files beside the logs.
 
 use crate::run::{human_bytes, PassOutcome, RunReport};
 use serde_json::json;
@@ -14,6 +14,8 @@ pub struct Row {
     pub bytes: u64,
     pub wire_bytes: u64,
     pub seconds: Option<f64>,
+    /// `ok`, `mismatch` (the `verify` outputs differ or a verify command failed), or `-`.
+    pub verify: String,
     /// Why it did not succeed.
     pub detail: Option<String>,
 }
@@ -40,15 +42,23 @@ pub fn rows(report: &RunReport) -> Vec<Row> {
                     .started_ms
                     .zip(r.ended_ms)
                     .map(|(a, b)| (b - a).max(0) as f64 / 1000.0),
-                detail,
+                verify: match &r.verify {
+                    None => "-".into(),
+                    Some(Ok(())) => "ok".into(),
+                    Some(Err(_)) => "mismatch".into(),
+                },
+                detail: match &r.verify {
+                    Some(Err(m)) => Some(m.clone()),
+                    _ => detail,
+                },
             }
         })
         .collect()
 }
 
-const HEAD: [&str; 6] = ["TASK", "RESULT", "FILES", "BYTES", "WIRE", "TIME"];
+const HEAD: [&str; 7] = ["TASK", "RESULT", "FILES", "BYTES", "WIRE", "TIME", "VERIFY"];
 
-fn cells(r: &Row) -> [String; 6] {
+fn cells(r: &Row) -> [String; 7] {
     [
         r.task.clone(),
         r.outcome.clone(),
@@ -56,15 +66,16 @@ fn cells(r: &Row) -> [String; 6] {
         human_bytes(r.bytes),
         human_bytes(r.wire_bytes),
         r.seconds.map_or("-".into(), |s| format!("{s:.2} s")),
+        r.verify.clone(),
     ]
 }
 
 /// The table for a terminal, one string a line.
 pub fn table(rows: &[Row]) -> Vec<String> {
-    let all: Vec<[String; 6]> = std::iter::once(HEAD.map(String::from))
+    let all: Vec<[String; 7]> = std::iter::once(HEAD.map(String::from))
         .chain(rows.iter().map(cells))
         .collect();
-    let mut w = [0usize; 6];
+    let mut w = [0usize; 7];
     for r in &all {
         for (w, c) in w.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -75,7 +86,7 @@ pub fn table(rows: &[Row]) -> Vec<String> {
             let mut line = String::new();
             for (i, c) in r.iter().enumerate() {
                 // Names and results left, numbers right.
-                if i < 2 {
+                if i < 2 || i == 6 {
                     line.push_str(&format!("{c:<width$}  ", width = w[i]));
                 } else {
                     line.push_str(&format!("{c:>width$}  ", width = w[i]));
@@ -97,6 +108,7 @@ pub fn to_json(rows: &[Row], header: serde_json::Value) -> serde_json::Value {
                 "bytes_changed": r.bytes,
                 "wire_bytes": r.wire_bytes,
                 "duration_s": r.seconds,
+                "verify": r.verify,
                 "detail": r.detail,
             })
         })
@@ -112,12 +124,14 @@ pub fn to_markdown(title: &str, lines: &[String], rows: &[Row]) -> String {
     for l in lines {
         md.push_str(&format!("- {l}\n"));
     }
-    md.push_str("\n| task | result | files | bytes | wire | time |\n|---|---|--:|--:|--:|--:|\n");
+    md.push_str(
+        "\n| task | result | files | bytes | wire | time | verify |\n|---|---|--:|--:|--:|--:|---|\n",
+    );
     for r in rows {
         let c = cells(r);
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
-            c[0], c[1], c[2], c[3], c[4], c[5]
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6]
         ));
     }
     let problems: Vec<&Row> = rows.iter().filter(|r| r.detail.is_some()).collect();
@@ -154,27 +168,29 @@ mod tests {
                     }),
                     started_ms: Some(1000),
                     ended_ms: Some(3500),
+                    verify: Some(Ok(())),
                 },
                 TaskResult {
                     name: "db".into(),
                     outcome: PassOutcome::Failed("no | such".into()),
                     started_ms: Some(1000),
                     ended_ms: Some(1100),
+                    verify: None,
                 },
             ],
             interrupted: false,
         };
         let r = rows(&report);
         let t = table(&r);
-        assert_eq!(t[0], "TASK  RESULT  FILES    BYTES   WIRE    TIME");
-        assert_eq!(t[1], "docs  ok         12  2.0 KiB  100 B  2.50 s");
+        assert_eq!(t[0], "TASK  RESULT  FILES    BYTES   WIRE    TIME  VERIFY");
+        assert_eq!(t[1], "docs  ok         12  2.0 KiB  100 B  2.50 s  ok");
         let j = to_json(&r, json!({"mode": "cutover"}));
         assert_eq!(j["tasks"][0]["files_changed"], 12);
         assert_eq!(j["tasks"][1]["detail"], "no | such");
         assert_eq!(j["mode"], "cutover");
         let md = to_markdown("x", &["downtime 3 s".into()], &r);
         assert!(
-            md.contains("| docs | ok | 12 | 2.0 KiB | 100 B | 2.50 s |"),
+            md.contains("| docs | ok | 12 | 2.0 KiB | 100 B | 2.50 s | ok |"),
             "{md}"
         );
         assert!(md.contains("- **db**: no \\| such"), "{md}");

@@ -33,6 +33,9 @@ pub struct TaskResult {
     pub outcome: PassOutcome,
     pub started_ms: Option<Millis>,
     pub ended_ms: Option<Millis>,
+    /// After a final pass, the task's `verify` pair: None when it has none or did not get
+    /// that far, else whether the outputs matched (Err says how they differ).
+    pub verify: Option<Result<(), String>>,
 }
 
 /// The result of running the plan's tasks once.
@@ -46,10 +49,10 @@ impl RunReport {
     /// Every task that ran succeeded and nothing was interrupted.
     pub fn ok(&self) -> bool {
         !self.interrupted
-            && self
-                .results
-                .iter()
-                .all(|r| matches!(r.outcome, PassOutcome::Ok(_) | PassOutcome::NotRun))
+            && self.results.iter().all(|r| {
+                matches!(r.outcome, PassOutcome::Ok(_) | PassOutcome::NotRun)
+                    && !matches!(r.verify, Some(Err(_)))
+            })
     }
 
     /// Names of the tasks a `rerun --failed` should run.
@@ -60,7 +63,7 @@ impl RunReport {
                 matches!(
                     r.outcome,
                     PassOutcome::Failed(_) | PassOutcome::Blocked(_) | PassOutcome::Interrupted
-                )
+                ) || matches!(r.verify, Some(Err(_)))
             })
             .map(|r| r.name.clone())
             .collect()
@@ -173,6 +176,7 @@ async fn run_tasks(
             outcome: PassOutcome::NotRun,
             started_ms: None,
             ended_ms: None,
+            verify: None,
         })
         .collect();
     let selected: Vec<bool> = tasks
@@ -381,13 +385,77 @@ async fn run_tasks(
     }
 }
 
+/// Run the `verify` pair of every task whose final pass succeeded; a mismatch fails the
+/// task (its pass stays recorded: the data moved, but is not what the source has).
+async fn verify_tasks(ctx: &Ctx<'_>, report: &mut RunReport) -> Result<(), Error> {
+    for r in &mut report.results {
+        let Some(spec) = ctx.plan.task(&r.name) else {
+            continue;
+        };
+        let (Some(v), PassOutcome::Ok(_)) = (&spec.verify, &r.outcome) else {
+            continue;
+        };
+        ctx.store.set_phase(ctx.run, &r.name, Phase::Verifying)?;
+        ctx.logs.summary(&format!("{}: verify starts", r.name));
+        let log = ctx.logs.task(&r.name).map_err(|source| Error::Log {
+            path: ctx.plan.log_dir(),
+            source,
+        })?;
+        let dir = ctx.plan.log_dir();
+        let out = |side: &str| dir.join(format!("verify-{}.{side}.out", r.name));
+        let base = &ctx.plan.base_dir;
+        let a = crate::spool::fingerprint_output(
+            "verify source",
+            &v.source,
+            base,
+            &out("source"),
+            &log,
+        )
+        .await;
+        let b = crate::spool::fingerprint_output(
+            "verify destination",
+            &v.destination,
+            base,
+            &out("destination"),
+            &log,
+        )
+        .await;
+        let result = match (a, b) {
+            (Ok((ha, n)), Ok((hb, _))) if ha == hb => {
+                log.line(&format!("verify ok: both outputs are the same {n} bytes"));
+                Ok(())
+            }
+            (Ok((_, na)), Ok((_, nb))) => Err(format!(
+                "verify: the outputs differ (source {na} bytes, destination {nb} bytes); compare {} and {}",
+                out("source").display(),
+                out("destination").display()
+            )),
+            (Err(e), _) | (_, Err(e)) => Err(format!("verify: {e}")),
+        };
+        match &result {
+            Ok(()) => {
+                ctx.store.set_phase(ctx.run, &r.name, Phase::Done)?;
+                ctx.logs.summary(&format!("{}: verify ok", r.name));
+            }
+            Err(m) => {
+                ctx.store.record_error(ctx.run, &r.name, m)?;
+                ctx.store.set_phase(ctx.run, &r.name, Phase::Failed)?;
+                log.line(m);
+                ctx.logs.summary(&format!("{}: {m}", r.name));
+            }
+        }
+        r.verify = Some(result);
+    }
+    Ok(())
+}
+
 /// The JSON error log of a run.
 fn error_log(plan: &Plan, run: RunId, mode: &str, report: &RunReport) -> serde_json::Value {
     let failed: Vec<_> = report
         .results
         .iter()
-        .filter_map(|r| match &r.outcome {
-            PassOutcome::Failed(m) => Some(json!({
+        .filter_map(|r| match (&r.outcome, &r.verify) {
+            (PassOutcome::Failed(m), _) | (_, Some(Err(m))) => Some(json!({
                 "task": r.name,
                 "error": m,
                 "log": plan.log_dir().join(format!("{}.log", r.name)),
@@ -826,6 +894,9 @@ pub async fn cutover(
     let final_started = std::time::Instant::now();
     ctx.logs.summary("final pass starts");
     out.report = run_tasks(&ctx, "final", None, &mut stop).await;
+    if !out.report.interrupted {
+        verify_tasks(&ctx, &mut out.report).await?;
+    }
     let final_s = final_started.elapsed().as_secs_f64();
     out.final_pass_s = Some(final_s);
     out.interrupted = out.report.interrupted;
@@ -835,7 +906,7 @@ pub async fn cutover(
         out.interrupted |= *stop.borrow();
     } else if !out.interrupted {
         ctx.logs.summary(
-            "the final pass failed: post_final hooks were not run; fix the cause and run `cutover plan rerun --failed`, then the post_final steps by hand",
+            "the final pass or its verification failed: post_final hooks were not run; fix the cause and run `cutover plan rerun --failed`, then the post_final steps by hand",
         );
     }
     out.downtime_s = downtime.elapsed().as_secs_f64();
@@ -912,7 +983,10 @@ pub async fn rerun_failed(
             ""
         }
     ));
-    let report = run_tasks(&ctx, kind, Some(&failed), &mut stop).await;
+    let mut report = run_tasks(&ctx, kind, Some(&failed), &mut stop).await;
+    if kind == "final" && !report.interrupted {
+        verify_tasks(&ctx, &mut report).await?;
+    }
     let outcome = if report.interrupted {
         "interrupted"
     } else if report.ok() {

@@ -75,6 +75,32 @@ async fn run(
 /// Run `command` and spool its stdout to `out` (via a temporary file beside it, renamed
 /// once the command succeeded and the data is on disk). Returns the output's size.
 pub async fn spool(command: &str, dir: &Path, out: &Path, log: &TaskLog) -> Result<u64, String> {
+    spool_as("command", command, dir, out, log).await
+}
+
+/// Run a verify command into `out` and return the BLAKE3 hash of its output and its size.
+pub async fn fingerprint_output(
+    what: &str,
+    command: &str,
+    dir: &Path,
+    out: &Path,
+    log: &TaskLog,
+) -> Result<(blake3::Hash, u64), String> {
+    let size = spool_as(what, command, dir, out, log).await?;
+    let file = std::fs::File::open(out).map_err(|e| format!("{what}: {}: {e}", out.display()))?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(file)
+        .map_err(|e| format!("{what}: {}: {e}", out.display()))?;
+    Ok((h.finalize(), size))
+}
+
+async fn spool_as(
+    what: &str,
+    command: &str,
+    dir: &Path,
+    out: &Path,
+    log: &TaskLog,
+) -> Result<u64, String> {
     let err = |e: std::io::Error| format!("spool {}: {e}", out.display());
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
@@ -85,26 +111,17 @@ pub async fn spool(command: &str, dir: &Path, out: &Path, log: &TaskLog) -> Resu
     let file = std::fs::File::create(&tmp).map_err(err)?;
     let keep = file.try_clone().map_err(err)?;
     log.line(&format!(
-        "command starts: sh -c {command:?} > {}",
+        "{what} starts: sh -c {command:?} > {}",
         out.display()
     ));
-    if let Err(e) = run(
-        command,
-        dir,
-        Stdio::null(),
-        Stdio::from(file),
-        "command",
-        log,
-    )
-    .await
-    {
+    if let Err(e) = run(command, dir, Stdio::null(), Stdio::from(file), what, log).await {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     keep.sync_all().map_err(err)?;
     let size = keep.metadata().map_err(err)?.len();
     std::fs::rename(&tmp, out).map_err(err)?;
-    log.line(&format!("command done: {size} bytes spooled"));
+    log.line(&format!("{what} done: {size} bytes spooled"));
     Ok(size)
 }
 

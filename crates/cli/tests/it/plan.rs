@@ -1008,13 +1008,17 @@ fn a_command_task_moves_a_live_postgres_database() {
     );
     // Uncompressed custom format (-Z0): consecutive dumps share most bytes, so delta sends
     // little; the engine compresses on the wire where that pays.
+    let dump = format!("{} {}", pg.tool("pg_dump"), pg.conn());
+    // The schema check: both sides' schemas, without pg_dump's random \restrict key.
+    let schema =
+        |db: &str| format!("{dump} -s {db} | grep -v '^.restrict' | grep -v '^.unrestrict'");
     let db_task = format!(
-        "[[task]]\nname = \"db\"\nkind = \"command\"\ncommand = \"{} {} -Fc -Z0 app\"\ndestination = \"{}\"\ndestination_command = \"{} {} -d app2 --clean --if-exists --no-owner --exit-on-error\"\n",
-        pg.tool("pg_dump"),
-        pg.conn(),
+        "[[task]]\nname = \"db\"\nkind = \"command\"\ncommand = \"{dump} -Fc -Z0 app\"\ndestination = \"{}\"\ndestination_command = \"{} {} -d app2 --clean --if-exists --no-owner --exit-on-error\"\nverify = {{ source = \"{}\", destination = \"{}\" }}\n",
         s(&dst.join("app.dump")),
         pg.tool("pg_restore"),
         pg.conn(),
+        schema("app"),
+        schema("app2"),
     );
     write(
         &p,
@@ -1081,6 +1085,11 @@ fn a_command_task_moves_a_live_postgres_database() {
     );
     let log = std::fs::read_to_string(dir.path().join("move.state/logs/db.log")).unwrap();
     assert!(log.contains("destination_command done"), "{log}");
+    assert!(
+        log.contains("verify ok: both outputs are the same"),
+        "{log}"
+    );
+    assert!(out.stdout.contains("db: verify ok"), "{out}");
 }
 
 #[test]
@@ -1229,4 +1238,71 @@ fn the_example_plan_runs_presync_and_cutover() {
         &["--exclude=/docs/", "--exclude=/data/"],
     );
     assert!(dir.path().join("plan.state/state.db").exists());
+}
+
+#[test]
+fn verify_pairs_must_match_and_a_mismatch_stops_post_final() {
+    let (dir, src, dst, p) = setup();
+    let same = "verify = { source = \"cat src/docs/note00.txt\", destination = \"cat dst/docs/note00.txt\" }";
+    let differ = "verify = { source = \"echo one\", destination = \"echo two\" }";
+    write(
+        &p,
+        format!(
+            "{}{}{}",
+            tree_task("docs", "src/docs/", &slash(&dst.join("docs")), same),
+            tree_task("data", "src/data/", &slash(&dst.join("data")), differ),
+            hook("post_final", "touch thawed", ""),
+        ),
+    );
+    plan(&["presync", s(&p)]).ok();
+    let out = plan(&["cutover", s(&p)]);
+    out.expect_code(3);
+    assert!(out.stdout.contains("docs: verify ok"), "{out}");
+    assert!(
+        out.stdout
+            .contains("data: verify: the outputs differ (source 4 bytes, destination 4 bytes)"),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("thawed").exists(),
+        "post_final ran after a mismatch"
+    );
+    // The data itself arrived; it is the check that failed.
+    assert_same(&src.join("data"), &dst.join("data"));
+    let st = status(&p);
+    assert_eq!(task(&st, "docs")["phase"], "done");
+    assert_eq!(task(&st, "data")["phase"], "failed");
+    assert!(task(&st, "data")["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("outputs differ"));
+    let errors = errors_json(dir.path());
+    assert_eq!(errors["rerun"], serde_json::json!(["data"]));
+    let logs = dir.path().join("move.state/logs");
+    assert_eq!(
+        std::fs::read_to_string(logs.join("verify-data.source.out")).unwrap(),
+        "one\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(logs.join("verify-data.destination.out")).unwrap(),
+        "two\n"
+    );
+    // The report lists the mismatch.
+    let md_path = std::fs::read_dir(&logs)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.starts_with("report-") && n.ends_with("-run2.md")
+        })
+        .expect("cutover report");
+    let md = std::fs::read_to_string(md_path).unwrap();
+    assert!(
+        md.contains("| data | ok |") && md.contains("| mismatch |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("- **data**: verify: the outputs differ"),
+        "{md}"
+    );
 }
