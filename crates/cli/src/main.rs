@@ -1,7 +1,8 @@
-//! The `cutover` command: parses arguments, runs `sync` or `serve`, maps outcomes to exit codes.
+//! The `cutover` command: parses arguments, runs `sync`, `serve` or `plan`, maps outcomes to exit codes.
 
 mod endpoint;
 mod output;
+mod plan;
 mod security;
 mod sync;
 
@@ -53,6 +54,11 @@ enum Command {
         /// Write the port actually listened on to this file.
         #[arg(long)]
         port_file: Option<PathBuf>,
+    },
+    /// Migration plans: check, dry-run, presync, cut over, status and rerun a plan file (TOML).
+    Plan {
+        #[command(subcommand)]
+        command: plan::PlanCommand,
     },
     /// Show this client's certificate fingerprint (making the certificate on first use), for a daemon's client_fingerprint grant.
     Identity {
@@ -126,6 +132,7 @@ fn main() -> ExitCode {
                 exit::USAGE
             }
             Command::Identity { file } => identity(file),
+            Command::Plan { command } => plan::run(command).await,
         }
     });
     // Do not wait for blocking tasks of an interrupted session.

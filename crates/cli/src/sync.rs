@@ -5,7 +5,7 @@ use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::output::Reporter;
 use crate::security::{client_trust, SecurityArgs};
-use engine::{Destination, NoEvents, Session, Source, Stats, Summary};
+use engine::{Destination, Events, NoEvents, Session, Source, Stats, Summary};
 use net::client::{open_session, Connections, Delivered, Remote};
 use net::ssh::SshCommand;
 use net::{memory_pair, RateLimiter};
@@ -187,58 +187,71 @@ pub fn ordered_filters(matches: &clap::ArgMatches) -> Result<Vec<FilterRule>, St
     Ok(at.into_iter().flat_map(|(_, r)| r).collect())
 }
 
+/// One sync, as plain options: what `cutover sync` parses its arguments into and what a
+/// plan task is turned into, so both run through [`run_job`].
+#[derive(Debug, Clone)]
+pub struct SyncJob {
+    pub src: String,
+    pub dst: String,
+    pub connections: Connections,
+    pub delete: bool,
+    pub max_delete: Option<u64>,
+    pub dry_run: bool,
+    pub whole_file: bool,
+    pub checksum: bool,
+    pub inplace: bool,
+    pub fsync: bool,
+    pub hard_links: bool,
+    pub xattrs: bool,
+    pub compress: bool,
+    /// Include/exclude rules in order (the first match wins).
+    pub filters: Vec<FilterRule>,
+    /// Bytes per second.
+    pub bwlimit: Option<u64>,
+    /// Idle timeout of a remote session in seconds (0 = none).
+    pub timeout: u64,
+    pub security: SecurityArgs,
+    pub rsh: String,
+    pub remote_cutover: String,
+}
+
+impl SyncArgs {
+    pub fn job(&self) -> SyncJob {
+        SyncJob {
+            src: self.src.clone(),
+            dst: self.dst.clone(),
+            connections: self.connections,
+            delete: self.delete,
+            max_delete: self.max_delete,
+            dry_run: self.dry_run,
+            whole_file: self.whole_file,
+            checksum: self.checksum,
+            inplace: self.inplace,
+            fsync: self.fsync,
+            hard_links: self.hard_links,
+            xattrs: self.xattrs,
+            compress: self.compress,
+            filters: self.filters.clone(),
+            bwlimit: self.bwlimit,
+            timeout: self.timeout,
+            security: self.security.clone(),
+            rsh: self.rsh.clone(),
+            remote_cutover: self.remote_cutover.clone(),
+        }
+    }
+}
+
 pub async fn run(args: SyncArgs) -> u8 {
     let reporter = Arc::new(Reporter::new(
         args.json,
         args.verbose || args.dry_run,
         args.quiet,
     ));
-    let src = match Endpoint::parse(&args.src) {
-        Ok(e) => e,
-        Err(e) => return reporter.fatal(&format!("source {e}")),
-    };
-    let dst = match Endpoint::parse(&args.dst) {
-        Ok(e) => e,
-        Err(e) => return reporter.fatal(&format!("destination {e}")),
-    };
-    if args.max_delete.is_some() && !args.delete {
-        return reporter.fatal("--max-delete only makes sense with --delete");
-    }
-    let opts = SyncOptions {
-        delete: args.delete,
-        max_delete: args.max_delete,
-        dry_run: args.dry_run,
-        whole_file: args.whole_file,
-        checksum: args.checksum,
-        inplace: args.inplace,
-        fsync: args.fsync,
-        hard_links: args.hard_links,
-        xattrs: args.xattrs,
-        owners: rustix::process::geteuid().is_root(),
-        compress: args.compress,
-        bwlimit: args.bwlimit,
-        filters: args.filters.clone(),
-        copy_dir_itself: !src.trailing_slash(),
-    };
-    let limiter = match args.bwlimit {
-        Some(rate) => match RateLimiter::new(rate) {
-            Some(l) => Some(Arc::new(l)),
-            None => return reporter.fatal("--bwlimit: rate out of range"),
-        },
-        None => None,
-    };
+    let job = args.job();
     let stats = Arc::new(Stats::default());
     let started = Instant::now();
     let progress = reporter.start_progress(stats.clone());
-    let work = sync(
-        src,
-        dst,
-        opts,
-        &args,
-        limiter,
-        reporter.clone(),
-        stats.clone(),
-    );
+    let work = run_job(&job, reporter.clone(), stats.clone());
     let outcome = tokio::select! {
         r = work => r,
         _ = tokio::signal::ctrl_c() => {
@@ -254,13 +267,52 @@ pub async fn run(args: SyncArgs) -> u8 {
     }
 }
 
+/// Run one sync to the end: the single code path of `cutover sync` and of plan tasks.
+/// Returns the engine's summary and the bytes on the wire (0 for local-to-local); an `Err`
+/// is a one-line reason the pass could not run or ended early.
+pub async fn run_job(
+    job: &SyncJob,
+    events: Arc<dyn Events>,
+    stats: Arc<Stats>,
+) -> Result<(Summary, u64), String> {
+    let src = Endpoint::parse(&job.src).map_err(|e| format!("source {e}"))?;
+    let dst = Endpoint::parse(&job.dst).map_err(|e| format!("destination {e}"))?;
+    if job.max_delete.is_some() && !job.delete {
+        return Err("--max-delete only makes sense with --delete".into());
+    }
+    let opts = SyncOptions {
+        delete: job.delete,
+        max_delete: job.max_delete,
+        dry_run: job.dry_run,
+        whole_file: job.whole_file,
+        checksum: job.checksum,
+        inplace: job.inplace,
+        fsync: job.fsync,
+        hard_links: job.hard_links,
+        xattrs: job.xattrs,
+        owners: rustix::process::geteuid().is_root(),
+        compress: job.compress,
+        bwlimit: job.bwlimit,
+        filters: job.filters.clone(),
+        copy_dir_itself: !src.trailing_slash(),
+    };
+    let limiter = match job.bwlimit {
+        Some(rate) => match RateLimiter::new(rate) {
+            Some(l) => Some(Arc::new(l)),
+            None => return Err("--bwlimit: rate out of range".into()),
+        },
+        None => None,
+    };
+    sync(src, dst, opts, job, limiter, events, stats).await
+}
+
 async fn sync(
     src: Endpoint,
     dst: Endpoint,
     opts: SyncOptions,
-    args: &SyncArgs,
+    args: &SyncJob,
     limiter: Option<Arc<RateLimiter>>,
-    reporter: Arc<Reporter>,
+    reporter: Arc<dyn Events>,
     stats: Arc<Stats>,
 ) -> Result<(Summary, u64), String> {
     match (src, dst) {
@@ -376,7 +428,7 @@ async fn remote_session(
     remote: &Endpoint,
     server_role: Role,
     opts: &SyncOptions,
-    args: &SyncArgs,
+    args: &SyncJob,
     delivered: Delivered,
     limiter: Option<Arc<RateLimiter>>,
 ) -> Result<(Session, Arc<WireCounter>), String> {

@@ -10,6 +10,7 @@ mod delta;
 mod faults;
 mod hostile;
 mod metadata;
+mod plan;
 mod prop;
 mod resume;
 mod security;

@@ -1,0 +1,214 @@
+//! Hooks (`[[pre_final]]`, `[[post_final]]`): a shell command run in its own process group
+//! with a timeout, output appended to `hooks.log`; on timeout or Ctrl-C the whole group is
+//! killed, so whatever the command started (a `pg_dump`, a `sleep`) dies with it.
+
+use crate::file::Hook;
+use crate::logs::stamp;
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// Run `hook` in `dir` with `input` on its stdin; `log` receives its stdout and stderr.
+/// Returns the seconds it took, or a one-line reason it failed.
+pub async fn run_hook(
+    hook: &Hook,
+    phase: &str,
+    plan_path: &Path,
+    dir: &Path,
+    log: Option<&Path>,
+    input: Option<&[u8]>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    let (out, err) = match log {
+        Some(path) => {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let _ = writeln!(
+                f,
+                "{} [{phase}] {}: sh -c {:?}",
+                stamp(state::now_ms()),
+                hook.name,
+                hook.command
+            );
+            let e = f
+                .try_clone()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            (Stdio::from(f), Stdio::from(e))
+        }
+        None => (Stdio::null(), Stdio::null()),
+    };
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&hook.command)
+        .current_dir(dir)
+        .env("CUTOVER_PLAN", plan_path)
+        .env("CUTOVER_HOOK", phase)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(out)
+        .stderr(err)
+        // Its own group, so a timeout or Ctrl-C can kill everything it started.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start sh: {e}"))?;
+    let pid = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    // Feed stdin beside the wait, so a hook that never reads cannot block the runner (its
+    // timeout still applies); a hook that exits without reading is not an error.
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        let data = data.to_vec();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&data).await;
+        });
+    }
+    let kill_group = || {
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    };
+    let stopped = async {
+        loop {
+            if *stop.borrow_and_update() {
+                return;
+            }
+            if stop.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let r = tokio::select! {
+        st = child.wait() => match st {
+            Ok(st) if st.success() => Ok(started.elapsed().as_secs_f64()),
+            Ok(st) => Err(match st.code() {
+                Some(c) => format!("exited with status {c}"),
+                None => format!("was killed ({st})"),
+            }),
+            Err(e) => Err(format!("cannot wait for it: {e}")),
+        },
+        _ = tokio::time::sleep(hook.timeout) => {
+            kill_group();
+            Err(format!(
+                "timed out after {} and was killed with everything it started",
+                humantime::format_duration(hook.timeout)
+            ))
+        }
+        _ = stopped => {
+            kill_group();
+            Err("stopped by Ctrl-C (killed with everything it started)".into())
+        }
+    };
+    // Whatever the outcome, the shell's children must not outlive the hook: kill the
+    // group (a no-op when all exited) and reap the shell.
+    kill_group();
+    let _ = child.wait().await;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn hook(command: &str, timeout: Duration) -> Hook {
+        Hook {
+            name: "t".into(),
+            command: command.into(),
+            timeout,
+            err_is_fatal: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn success_failure_and_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("hooks.log");
+        let (_tx, mut rx) = watch::channel(false);
+        let p = Path::new("plan.toml");
+        run_hook(
+            &hook("echo hello; pwd", Duration::from_secs(10)),
+            "pre_final",
+            p,
+            dir.path(),
+            Some(&log),
+            None,
+            &mut rx,
+        )
+        .await
+        .unwrap();
+        let e = run_hook(
+            &hook("exit 3", Duration::from_secs(10)),
+            "pre_final",
+            p,
+            dir.path(),
+            Some(&log),
+            None,
+            &mut rx,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e, "exited with status 3");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("hello\n"), "{text}");
+        assert!(
+            text.contains(&format!("{}\n", dir.path().display())),
+            "{text}"
+        );
+        let input = br#"{"ok":true}"#;
+        let h = hook("cat > got", Duration::from_secs(10));
+        run_hook(&h, "on_success", p, dir.path(), None, Some(input), &mut rx)
+            .await
+            .unwrap();
+        let got = std::fs::read(dir.path().join("got")).unwrap();
+        assert_eq!(got, input);
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let (_tx, mut rx) = watch::channel(false);
+        let started = Instant::now();
+        // The background sleep is a grandchild: only a group kill reaches it.
+        let cmd = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let e = run_hook(
+            &hook(&cmd, Duration::from_millis(500)),
+            "pre_final",
+            Path::new("p"),
+            dir.path(),
+            None,
+            None,
+            &mut rx,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let proc = format!("/proc/{}", pid.trim());
+        // Killed processes are reaped by init shortly after.
+        let t = Instant::now();
+        while Path::new(&proc).exists() && t.elapsed() < Duration::from_secs(5) {
+            let stat = std::fs::read_to_string(format!("{proc}/stat")).unwrap_or_default();
+            if stat.contains(") Z ") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stat = std::fs::read_to_string(format!("{proc}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "sleep survived: {stat}"
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! Migration plans: the plan file and its validation ([`file`]), the task graph ([`graph`]),
+//! the runner that runs every task in dependency order with a limit on how many run at once
+//! ([`run`]), presync prediction ([`predict`]), hooks ([`hooks`]), logs ([`logs`]), the
+//! end-of-run report ([`report`]) and the processes of command tasks ([`spool`]).
+//!
+//! This crate never moves data itself: a [`TaskRunner`] (the CLI's, which calls the same
+//! code as `cutover sync`) runs one pass of one task and returns what it did.
+
+pub mod file;
+pub mod graph;
+pub mod hooks;
+pub mod logs;
+pub mod predict;
+pub mod report;
+pub mod run;
+pub mod spool;
+
+pub use file::{parse_duration, Connections, Hook, KeyError, Kind, Plan, PlanError, TaskSpec};
+pub use logs::{Echo, Logs, TaskLog};
+pub use run::{PassOutcome, RunReport, TaskResult};
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A future a [`TaskRunner`] returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Everything that can stop a plan command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("{path}: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command refuses to run, and says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What one pass of one task did (the engine's summary, in the plan's terms).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassStats {
+    pub entries_scanned: u64,
+    /// Files sent whole or by delta, plus files whose metadata alone changed.
+    pub files_changed: u64,
+    /// Logical bytes of the files sent.
+    pub bytes_changed: u64,
+    pub bytes_literal: u64,
+    pub wire_bytes: u64,
+    pub deleted: u64,
+    /// Errors of single entries (the pass went on).
+    pub errors: Vec<String>,
+    /// Files that changed while they were read (expected while the service is live).
+    pub changed_during_copy: Vec<String>,
+    /// With `max_delete`: how many entries would have gone (nothing was deleted).
+    pub delete_limit_hit: Option<u64>,
+}
+
+/// How a pass is to be run.
+#[derive(Clone)]
+pub struct PassContext {
+    /// Relative local paths in the task are taken from here (the plan file's directory).
+    pub base_dir: PathBuf,
+    /// `presync`, `final`, `rerun` or `dry-run`. A final pass runs a command task's
+    /// `destination_command`.
+    pub kind: String,
+    /// Where a command task's output is spooled.
+    pub spool: PathBuf,
+    /// Change nothing; report what would change.
+    pub dry_run: bool,
+    pub log: TaskLog,
+    pub progress: ProgressSink,
+}
+
+/// Runs one pass of one task. The CLI implements it with the code path of `cutover sync`.
+pub trait TaskRunner: Send + Sync + 'static {
+    /// Check what only the runner understands (endpoint syntax, rates, fingerprints),
+    /// without touching anything; the error names the key.
+    fn check(&self, task: &TaskSpec) -> Result<(), KeyError>;
+    /// Run one pass. `Err` is a failure of the whole pass, with a one-line reason.
+    fn run_pass(&self, task: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>>;
+}
+
+/// Where a running pass reports progress; writes reach the state store at most twice a
+/// second, so `status` sees movement without the store becoming the bottleneck.
+#[derive(Clone)]
+pub struct ProgressSink {
+    inner: Option<Arc<SinkInner>>,
+}
+
+struct SinkInner {
+    store: Arc<dyn state::Store>,
+    task: String,
+    last: Mutex<Option<Instant>>,
+}
+
+impl ProgressSink {
+    const EVERY: Duration = Duration::from_millis(500);
+
+    pub fn new(store: Arc<dyn state::Store>, task: &str) -> ProgressSink {
+        ProgressSink {
+            inner: Some(Arc::new(SinkInner {
+                store,
+                task: task.to_string(),
+                last: Mutex::new(None),
+            })),
+        }
+    }
+
+    /// A sink that drops everything.
+    pub fn discard() -> ProgressSink {
+        ProgressSink { inner: None }
+    }
+
+    pub fn update(&self, p: state::Progress) {
+        let Some(s) = &self.inner else { return };
+        {
+            let mut last = s.last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        // Progress is advisory: a failed write must not fail the pass.
+        let _ = s.store.set_progress(&s.task, p);
+    }
+}

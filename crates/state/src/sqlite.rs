@@ -1,0 +1,755 @@
+//! [`SqliteStore`]: the [`Store`] in one SQLite file in WAL mode (readers such as `status`
+//! never block the runner), its schema and migrations (`PRAGMA user_version`), and the
+//! lock file that keeps a second runner off the same plan.
+
+use crate::{
+    now_ms, Millis, Outcome, PassRecord, Phase, Progress, RunId, RunInfo, StateError, Store,
+    TaskState,
+};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+/// The schema this code writes. Bump it and add a step to `migrate` for every change.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    mode TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    outcome TEXT,
+    predicted_final_s REAL
+);
+CREATE TABLE tasks (
+    name TEXT PRIMARY KEY,
+    phase TEXT NOT NULL,
+    run_id INTEGER,
+    updated_ms INTEGER NOT NULL,
+    files_done INTEGER NOT NULL DEFAULT 0,
+    files_total INTEGER NOT NULL DEFAULT 0,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER NOT NULL DEFAULT 0,
+    last_success_ms INTEGER,
+    last_error TEXT,
+    last_error_ms INTEGER
+);
+CREATE TABLE passes (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    task TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER NOT NULL,
+    files_changed INTEGER NOT NULL,
+    bytes_changed INTEGER NOT NULL,
+    bytes_literal INTEGER NOT NULL,
+    wire_bytes INTEGER NOT NULL,
+    entries_scanned INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT
+);
+CREATE INDEX passes_task ON passes(task, id);
+CREATE TABLE errors (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    message TEXT NOT NULL
+);
+";
+
+/// The store in SQLite. One connection behind a mutex: the runner's writes are few (phase
+/// changes, a progress row a second per task, one row per pass), so a pool would buy nothing.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    /// Held (flock) for as long as the store is open for writing.
+    _lock: Option<std::fs::File>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqliteStore({})", self.path.display())
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating it and its directory if needed) for a runner: takes the plan's lock,
+    /// so a second runner gets [`StateError::Busy`] instead of interleaving its passes.
+    pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        let io = |source| StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let lock = take_lock(path)?;
+        let conn = Connection::open(path).map_err(db(path))?;
+        let store = SqliteStore::with(conn, path, Some(lock))?;
+        {
+            let c = store.conn();
+            // WAL: `status` reads while the runner writes. FULL: a committed pass record
+            // (and its last-success stamp) survives a power cut, not just a crash.
+            c.pragma_update(None, "journal_mode", "WAL")
+                .map_err(db(path))?;
+            c.pragma_update(None, "synchronous", "FULL")
+                .map_err(db(path))?;
+        }
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Open an existing store to read it (`status`), without the runner's lock.
+    pub fn open_read_only(path: &Path) -> Result<SqliteStore, StateError> {
+        if !path.exists() {
+            return Err(StateError::NotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db(path))?;
+        let store = SqliteStore::with(conn, path, None)?;
+        let found = store.user_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StateError::NewerSchema {
+                path: path.to_path_buf(),
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        if found == 0 {
+            return Err(StateError::NotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(store)
+    }
+
+    /// A store that lives in memory only (a dry run records nothing on disk).
+    pub fn in_memory() -> Result<SqliteStore, StateError> {
+        let path = Path::new(":memory:");
+        let conn = Connection::open_in_memory().map_err(db(path))?;
+        let store = SqliteStore::with(conn, path, None)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn with(
+        conn: Connection,
+        path: &Path,
+        lock: Option<std::fs::File>,
+    ) -> Result<SqliteStore, StateError> {
+        // A reader may meet a checkpoint in progress; wait rather than fail.
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(db(path))?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions
+        // roll back on drop), so a poisoned mutex is still a usable connection.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
+        db(&self.path)
+    }
+
+    fn user_version(&self) -> Result<i64, StateError> {
+        self.conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+
+    fn migrate(&self) -> Result<(), StateError> {
+        let found = self.user_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StateError::NewerSchema {
+                path: self.path.clone(),
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(db(&self.path))?;
+        if found < 1 {
+            tx.execute_batch(SCHEMA_V1).map_err(db(&self.path))?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(db(&self.path))?;
+        tx.commit().map_err(db(&self.path))
+    }
+
+    fn run_row(r: &Row<'_>) -> rusqlite::Result<RunInfo> {
+        Ok(RunInfo {
+            id: r.get(0)?,
+            mode: r.get(1)?,
+            fingerprint: r.get(2)?,
+            pid: r.get(3)?,
+            started_ms: r.get(4)?,
+            ended_ms: r.get(5)?,
+            outcome: r.get(6)?,
+            predicted_final_s: r.get(7)?,
+        })
+    }
+
+    fn pass_row(r: &Row<'_>) -> rusqlite::Result<(PassRecord, String, Option<String>)> {
+        let outcome: String = r.get(11)?;
+        let error: Option<String> = r.get(12)?;
+        Ok((
+            PassRecord {
+                run: r.get(0)?,
+                task: r.get(1)?,
+                kind: r.get(2)?,
+                started_ms: r.get(3)?,
+                ended_ms: r.get(4)?,
+                files_changed: get_u64(r, 5)?,
+                bytes_changed: get_u64(r, 6)?,
+                bytes_literal: get_u64(r, 7)?,
+                wire_bytes: get_u64(r, 8)?,
+                entries_scanned: get_u64(r, 9)?,
+                deleted: get_u64(r, 10)?,
+                outcome: Outcome::Ok,
+            },
+            outcome,
+            error,
+        ))
+    }
+
+    fn finish_pass(
+        &self,
+        (mut p, outcome, error): (PassRecord, String, Option<String>),
+    ) -> Result<PassRecord, StateError> {
+        p.outcome = match outcome.as_str() {
+            "ok" => Outcome::Ok,
+            "failed" => Outcome::Failed(error.unwrap_or_default()),
+            "interrupted" => Outcome::Interrupted,
+            _ => {
+                return Err(StateError::Corrupt {
+                    path: self.path.clone(),
+                    what: "pass outcome",
+                    value: outcome,
+                })
+            }
+        };
+        Ok(p)
+    }
+}
+
+const PASS_COLUMNS: &str = "run_id, task, kind, started_ms, ended_ms, files_changed, \
+    bytes_changed, bytes_literal, wire_bytes, entries_scanned, deleted, outcome, error";
+
+fn get_u64(r: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    // SQLite integers are i64; counters never go negative, and a corrupt negative one
+    // reads as 0 rather than as an enormous number.
+    r.get::<_, i64>(i).map(|v| v.max(0) as u64)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn db(path: &Path) -> impl Fn(rusqlite::Error) -> StateError + '_ {
+    move |source| StateError::Db {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `flock` a file beside the database for as long as the runner lives; the kernel drops the
+/// lock when the process dies, so a crashed runner never leaves a stale lock behind.
+fn take_lock(path: &Path) -> Result<std::fs::File, StateError> {
+    let lock_path = path.with_extension("lock");
+    let io = |source| StateError::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io)?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Err(StateError::Busy {
+            path: path.to_path_buf(),
+            holder: if holder.is_empty() {
+                "unknown process".into()
+            } else {
+                holder.to_string()
+            },
+        });
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "pid {}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+impl Store for SqliteStore {
+    fn fingerprint(&self) -> Result<Option<String>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'plan_fingerprint'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    fn begin_run(
+        &self,
+        mode: &str,
+        fingerprint: &str,
+        tasks: &[&str],
+    ) -> Result<RunId, StateError> {
+        let now = now_ms();
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(db(&self.path))?;
+        let e = db(&self.path);
+        // We hold the lock: any run without an end belongs to a runner that died.
+        tx.execute(
+            "UPDATE runs SET ended_ms = ?1, outcome = 'interrupted' WHERE ended_ms IS NULL",
+            params![now],
+        )
+        .map_err(&e)?;
+        tx.execute(
+            "UPDATE tasks SET phase = 'interrupted', updated_ms = ?1
+             WHERE phase IN ('running', 'verifying')",
+            params![now],
+        )
+        .map_err(&e)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('plan_fingerprint', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![fingerprint],
+        )
+        .map_err(&e)?;
+        tx.execute(
+            "INSERT INTO runs (mode, fingerprint, pid, started_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![mode, fingerprint, std::process::id(), now],
+        )
+        .map_err(&e)?;
+        let run = tx.last_insert_rowid();
+        for t in tasks {
+            tx.execute(
+                "INSERT INTO tasks (name, phase, updated_ms) VALUES (?1, 'pending', ?2)
+                 ON CONFLICT(name) DO NOTHING",
+                params![t, now],
+            )
+            .map_err(&e)?;
+        }
+        tx.commit().map_err(&e)?;
+        Ok(run)
+    }
+
+    fn end_run(&self, run: RunId, outcome: &str) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE runs SET ended_ms = ?1, outcome = ?2 WHERE id = ?3",
+                params![now_ms(), outcome, run],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn set_prediction(&self, run: RunId, predicted_final_s: f64) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE runs SET predicted_final_s = ?1 WHERE id = ?2",
+                params![predicted_final_s, run],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn set_phase(&self, run: RunId, task: &str, phase: Phase) -> Result<(), StateError> {
+        // A new pass starts with fresh progress; other phases keep the last figures.
+        let reset = phase == Phase::Running;
+        self.conn()
+            .execute(
+                "INSERT INTO tasks (name, phase, run_id, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET phase = excluded.phase,
+                    run_id = excluded.run_id, updated_ms = excluded.updated_ms,
+                    files_done = CASE WHEN ?5 THEN 0 ELSE files_done END,
+                    files_total = CASE WHEN ?5 THEN 0 ELSE files_total END,
+                    bytes_done = CASE WHEN ?5 THEN 0 ELSE bytes_done END,
+                    bytes_total = CASE WHEN ?5 THEN 0 ELSE bytes_total END",
+                params![task, phase.as_str(), run, now_ms(), reset],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn set_progress(&self, task: &str, p: Progress) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE tasks SET files_done = ?1, files_total = ?2, bytes_done = ?3,
+                    bytes_total = ?4, updated_ms = ?5 WHERE name = ?6",
+                params![
+                    to_i64(p.files_done),
+                    to_i64(p.files_total),
+                    to_i64(p.bytes_done),
+                    to_i64(p.bytes_total),
+                    now_ms(),
+                    task
+                ],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn record_pass(&self, p: &PassRecord) -> Result<i64, StateError> {
+        let mut c = self.conn();
+        let e = db(&self.path);
+        let tx = c.transaction().map_err(&e)?;
+        let error = match &p.outcome {
+            Outcome::Failed(m) => Some(m.as_str()),
+            _ => None,
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO passes ({PASS_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ),
+            params![
+                p.run,
+                p.task,
+                p.kind,
+                p.started_ms,
+                p.ended_ms,
+                to_i64(p.files_changed),
+                to_i64(p.bytes_changed),
+                to_i64(p.bytes_literal),
+                to_i64(p.wire_bytes),
+                to_i64(p.entries_scanned),
+                to_i64(p.deleted),
+                p.outcome.as_str(),
+                error
+            ],
+        )
+        .map_err(&e)?;
+        let id = tx.last_insert_rowid();
+        let now = now_ms();
+        match &p.outcome {
+            // The last-success stamp is only ever written here, with the pass that earns it.
+            Outcome::Ok => tx.execute(
+                "UPDATE tasks SET phase = 'done', run_id = ?1, updated_ms = ?2,
+                    last_success_ms = ?3 WHERE name = ?4",
+                params![p.run, now, p.ended_ms, p.task],
+            ),
+            Outcome::Failed(m) => {
+                tx.execute(
+                    "INSERT INTO errors (run_id, task, at_ms, message) VALUES (?1, ?2, ?3, ?4)",
+                    params![p.run, p.task, p.ended_ms, m],
+                )
+                .map_err(&e)?;
+                tx.execute(
+                    "UPDATE tasks SET phase = 'failed', run_id = ?1, updated_ms = ?2,
+                        last_error = ?3, last_error_ms = ?4 WHERE name = ?5",
+                    params![p.run, now, m, p.ended_ms, p.task],
+                )
+            }
+            Outcome::Interrupted => tx.execute(
+                "UPDATE tasks SET phase = 'interrupted', run_id = ?1, updated_ms = ?2
+                 WHERE name = ?3",
+                params![p.run, now, p.task],
+            ),
+        }
+        .map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        Ok(id)
+    }
+
+    fn record_error(&self, run: RunId, task: &str, message: &str) -> Result<(), StateError> {
+        let mut c = self.conn();
+        let e = db(&self.path);
+        let tx = c.transaction().map_err(&e)?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO errors (run_id, task, at_ms, message) VALUES (?1, ?2, ?3, ?4)",
+            params![run, task, now, message],
+        )
+        .map_err(&e)?;
+        tx.execute(
+            "UPDATE tasks SET last_error = ?1, last_error_ms = ?2 WHERE name = ?3",
+            params![message, now, task],
+        )
+        .map_err(&e)?;
+        tx.commit().map_err(&e)
+    }
+
+    fn tasks(&self) -> Result<Vec<TaskState>, StateError> {
+        let rows: Vec<(TaskState, String)> = {
+            let c = self.conn();
+            let mut st = c
+                .prepare(
+                    "SELECT name, phase, run_id, updated_ms, files_done, files_total, bytes_done,
+                        bytes_total, last_success_ms, last_error, last_error_ms
+                     FROM tasks ORDER BY name",
+                )
+                .map_err(self.err())?;
+            let it = st
+                .query_map([], |r| {
+                    Ok((
+                        TaskState {
+                            name: r.get(0)?,
+                            phase: Phase::Pending,
+                            run: r.get(2)?,
+                            updated_ms: r.get(3)?,
+                            progress: Progress {
+                                files_done: get_u64(r, 4)?,
+                                files_total: get_u64(r, 5)?,
+                                bytes_done: get_u64(r, 6)?,
+                                bytes_total: get_u64(r, 7)?,
+                            },
+                            last_success_ms: r.get::<_, Option<Millis>>(8)?,
+                            last_error: r.get(9)?,
+                            last_error_ms: r.get(10)?,
+                            last_pass: None,
+                        },
+                        r.get::<_, String>(1)?,
+                    ))
+                })
+                .map_err(self.err())?;
+            it.collect::<Result<_, _>>().map_err(self.err())?
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (mut t, phase) in rows {
+            t.phase = Phase::parse(&phase).ok_or_else(|| StateError::Corrupt {
+                path: self.path.clone(),
+                what: "phase",
+                value: phase,
+            })?;
+            let last = self
+                .conn()
+                .query_row(
+                    &format!(
+                        "SELECT {PASS_COLUMNS} FROM passes WHERE task = ?1 ORDER BY id DESC LIMIT 1"
+                    ),
+                    params![t.name],
+                    SqliteStore::pass_row,
+                )
+                .optional()
+                .map_err(self.err())?;
+            t.last_pass = last.map(|l| self.finish_pass(l)).transpose()?;
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    fn passes(&self, task: &str) -> Result<Vec<PassRecord>, StateError> {
+        let rows: Vec<_> = {
+            let c = self.conn();
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT {PASS_COLUMNS} FROM passes WHERE task = ?1 ORDER BY id"
+                ))
+                .map_err(self.err())?;
+            let it = st
+                .query_map(params![task], SqliteStore::pass_row)
+                .map_err(self.err())?;
+            it.collect::<Result<_, _>>().map_err(self.err())?
+        };
+        rows.into_iter().map(|r| self.finish_pass(r)).collect()
+    }
+
+    fn last_run(&self) -> Result<Option<RunInfo>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT id, mode, fingerprint, pid, started_ms, ended_ms, outcome, predicted_final_s
+                 FROM runs ORDER BY id DESC LIMIT 1",
+                [],
+                SqliteStore::run_row,
+            )
+            .optional()
+            .map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(run: RunId, task: &str, outcome: Outcome, files: u64) -> PassRecord {
+        PassRecord {
+            run,
+            task: task.into(),
+            kind: "presync".into(),
+            started_ms: 1_000,
+            ended_ms: 3_500,
+            files_changed: files,
+            bytes_changed: files * 100,
+            bytes_literal: files * 50,
+            wire_bytes: 7,
+            entries_scanned: 42,
+            deleted: 1,
+            outcome,
+        }
+    }
+
+    #[test]
+    fn schema_is_versioned_and_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.db");
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.user_version().unwrap(), SCHEMA_VERSION);
+        let mode: String = s
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(s);
+        // Reopening migrates nothing and keeps the version.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.user_version().unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let e = SqliteStore::open(&path).unwrap_err();
+        assert!(matches!(e, StateError::NewerSchema { .. }), "{e}");
+        let e = SqliteStore::open_read_only(&path).unwrap_err();
+        assert!(e.to_string().contains("newer cutover"), "{e}");
+    }
+
+    #[test]
+    fn second_writer_is_busy_and_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let first = SqliteStore::open(&path).unwrap();
+        let e = SqliteStore::open(&path).unwrap_err();
+        match &e {
+            StateError::Busy { holder, .. } => {
+                assert_eq!(holder, &format!("pid {}", std::process::id()))
+            }
+            other => panic!("expected Busy, got {other}"),
+        }
+        // A reader is never refused.
+        let reader = SqliteStore::open_read_only(&path).unwrap();
+        assert!(reader.last_run().unwrap().is_none());
+        drop(first);
+        SqliteStore::open(&path).unwrap();
+    }
+
+    #[test]
+    fn passes_stamps_and_errors_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.fingerprint().unwrap(), None);
+        let run = s.begin_run("presync", "fp1", &["a", "b"]).unwrap();
+        assert_eq!(s.fingerprint().unwrap().as_deref(), Some("fp1"));
+        s.set_phase(run, "a", Phase::Running).unwrap();
+        s.set_progress(
+            "a",
+            Progress {
+                files_done: 1,
+                files_total: 2,
+                bytes_done: 10,
+                bytes_total: 20,
+            },
+        )
+        .unwrap();
+        let reader = SqliteStore::open_read_only(&path).unwrap();
+        let a = &reader.tasks().unwrap()[0];
+        assert_eq!((a.name.as_str(), a.phase), ("a", Phase::Running));
+        assert_eq!(a.progress.bytes_total, 20);
+        assert_eq!(a.last_success_ms, None);
+
+        s.record_pass(&pass(run, "a", Outcome::Ok, 3)).unwrap();
+        s.record_pass(&pass(run, "b", Outcome::Failed("boom".into()), 0))
+            .unwrap();
+        let t = reader.tasks().unwrap();
+        assert_eq!(t[0].phase, Phase::Done);
+        assert_eq!(t[0].last_success_ms, Some(3_500));
+        assert_eq!(t[0].last_pass.as_ref().unwrap().files_changed, 3);
+        assert_eq!(t[1].phase, Phase::Failed);
+        assert_eq!(t[1].last_error.as_deref(), Some("boom"));
+        assert_eq!(t[1].last_success_ms, None);
+        assert_eq!(
+            reader.passes("b").unwrap()[0].outcome,
+            Outcome::Failed("boom".into())
+        );
+        assert_eq!(reader.passes("a").unwrap()[0].duration_s(), 2.5);
+        s.set_prediction(run, 12.5).unwrap();
+        s.end_run(run, "ok").unwrap();
+        let r = reader.last_run().unwrap().unwrap();
+        assert_eq!(
+            (r.mode.as_str(), r.outcome.as_deref(), r.predicted_final_s),
+            ("presync", Some("ok"), Some(12.5))
+        );
+    }
+
+    #[test]
+    fn a_failed_insert_writes_no_stamp() {
+        // The pass row and the stamp share a transaction: when the pass cannot be written,
+        // the task must not look synced.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let s = SqliteStore::open(&path).unwrap();
+        let run = s.begin_run("presync", "fp", &["a"]).unwrap();
+        s.conn()
+            .execute_batch(
+                "CREATE TRIGGER no_passes BEFORE INSERT ON passes
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            )
+            .unwrap();
+        assert!(s.record_pass(&pass(run, "a", Outcome::Ok, 1)).is_err());
+        let t = &s.tasks().unwrap()[0];
+        assert_eq!(t.last_success_ms, None);
+        assert_eq!(t.phase, Phase::Pending);
+    }
+
+    #[test]
+    fn a_dead_runner_leaves_interrupted_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            let run = s.begin_run("presync", "fp", &["a"]).unwrap();
+            s.set_phase(run, "a", Phase::Running).unwrap();
+            // dropped without end_run: the runner died
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        s.begin_run("rerun", "fp", &["a"]).unwrap();
+        assert_eq!(s.tasks().unwrap()[0].phase, Phase::Interrupted);
+        let c = s.conn();
+        let outcome: String = c
+            .query_row("SELECT outcome FROM runs WHERE id = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(outcome, "interrupted");
+    }
+}
