@@ -1574,6 +1574,11 @@ impl WalkState {
         let need = match &basis {
             _ if shared.opts.whole_file && !has_partial && !in_place => Need::Full,
             None => Need::Full,
+            // --checksum: a same-size file is compared by its hashes (the sender answers
+            // `Same` when they match) rather than sent again, however small.
+            Some(_) if shared.opts.checksum && basis_size == entry.size && !has_partial => {
+                Need::Positional
+            }
             Some(_) if entry.size <= SMALL_FILE && !in_place && !has_partial => Need::Full,
             Some(_) if in_place || has_partial || volume || basis_size == entry.size => {
                 Need::Positional

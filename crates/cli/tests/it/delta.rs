@@ -92,3 +92,51 @@ fn resync_after_small_file_rewrites_deletes_and_renames_is_exact() {
 fn resync_after_touch_is_exact() {
     edit_and_resync("touch", &["--pct", "20"]);
 }
+
+/// `--checksum` compares same-size files by their hashes: identical files are not sent again
+/// (they were, in full, when small), and a change that keeps size and mtime is found.
+#[test]
+fn checksum_sends_only_files_whose_content_differs() {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&[
+        "tree",
+        s(&src),
+        "--files",
+        "60",
+        "--min-kb",
+        "1",
+        "--max-kb",
+        "64",
+    ]);
+    let dst = t.path().join("dst");
+    sync(&[&slash(&src), &slash(&dst)]).ok();
+    let again = sync_json(&["-c", &slash(&src), &slash(&dst)]);
+    again.ok();
+    assert_eq!(again.stat("bytes_literal"), 0, "{again}");
+    // Same size, same mtime, one byte different: only --checksum can tell.
+    let victim = std::fs::read_dir(src.join("d000/s00"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let theirs = dst.join(victim.strip_prefix(&src).unwrap());
+    let mut bytes = std::fs::read(&theirs).unwrap();
+    bytes[0] ^= 0xff;
+    let mtime = std::fs::metadata(&theirs).unwrap().modified().unwrap();
+    std::fs::write(&theirs, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&theirs)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert!(
+        rsync_diff_with(&src, &dst, &[]).contains(victim.file_name().unwrap().to_str().unwrap())
+    );
+    let fixed = sync_json(&["-c", &slash(&src), &slash(&dst)]);
+    fixed.ok();
+    let literal = fixed.stat("bytes_literal");
+    assert!(literal > 0 && literal <= 64 << 10, "{fixed}");
+    assert_same(&src, &dst);
+}
