@@ -13,7 +13,7 @@ use ::plan::{
 };
 use engine::{Event, Events, Stats};
 use net::client::Connections;
-use proto::FilterRule;
+use proto::{FilterRule, SyncOptions};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -271,19 +271,22 @@ pub fn job_for(
             None | Some(::plan::Connections::Auto) => Connections::Auto,
             Some(::plan::Connections::Fixed(n)) => Connections::Fixed(n as usize),
         },
-        delete: t.delete,
-        max_delete: t.max_delete,
-        dry_run,
-        whole_file: t.whole_file,
-        checksum: t.checksum,
-        // A volume is written in place by positional delta, never renamed.
-        inplace: t.kind == Kind::Volume,
-        fsync: t.fsync,
-        hard_links: t.hard_links,
-        xattrs: t.xattrs,
-        compress: t.compress,
-        filters,
-        bwlimit,
+        options: SyncOptions {
+            delete: t.delete,
+            max_delete: t.max_delete,
+            dry_run,
+            whole_file: t.whole_file,
+            checksum: t.checksum,
+            // A volume is written in place by positional delta, never renamed.
+            inplace: t.kind == Kind::Volume,
+            fsync: t.fsync,
+            hard_links: t.hard_links,
+            xattrs: t.xattrs,
+            compress: t.compress,
+            filters,
+            bwlimit,
+            ..SyncOptions::default()
+        },
         timeout: 120,
         security: SecurityArgs {
             server_fingerprint,

@@ -194,20 +194,9 @@ pub struct SyncJob {
     pub src: String,
     pub dst: String,
     pub connections: Connections,
-    pub delete: bool,
-    pub max_delete: Option<u64>,
-    pub dry_run: bool,
-    pub whole_file: bool,
-    pub checksum: bool,
-    pub inplace: bool,
-    pub fsync: bool,
-    pub hard_links: bool,
-    pub xattrs: bool,
-    pub compress: bool,
-    /// Include/exclude rules in order (the first match wins).
-    pub filters: Vec<FilterRule>,
-    /// Bytes per second.
-    pub bwlimit: Option<u64>,
+    /// What both ends agree on; `owners` and `copy_dir_itself` are set by [`run_job`] (from
+    /// this process's rights and the source's trailing slash).
+    pub options: SyncOptions,
     /// Idle timeout of a remote session in seconds (0 = none).
     pub timeout: u64,
     pub security: SecurityArgs,
@@ -221,18 +210,21 @@ impl SyncArgs {
             src: self.src.clone(),
             dst: self.dst.clone(),
             connections: self.connections,
-            delete: self.delete,
-            max_delete: self.max_delete,
-            dry_run: self.dry_run,
-            whole_file: self.whole_file,
-            checksum: self.checksum,
-            inplace: self.inplace,
-            fsync: self.fsync,
-            hard_links: self.hard_links,
-            xattrs: self.xattrs,
-            compress: self.compress,
-            filters: self.filters.clone(),
-            bwlimit: self.bwlimit,
+            options: SyncOptions {
+                delete: self.delete,
+                max_delete: self.max_delete,
+                dry_run: self.dry_run,
+                whole_file: self.whole_file,
+                checksum: self.checksum,
+                inplace: self.inplace,
+                fsync: self.fsync,
+                hard_links: self.hard_links,
+                xattrs: self.xattrs,
+                compress: self.compress,
+                filters: self.filters.clone(),
+                bwlimit: self.bwlimit,
+                ..SyncOptions::default()
+            },
             timeout: self.timeout,
             security: self.security.clone(),
             rsh: self.rsh.clone(),
@@ -277,26 +269,15 @@ pub async fn run_job(
 ) -> Result<(Summary, u64), String> {
     let src = Endpoint::parse(&job.src).map_err(|e| format!("source {e}"))?;
     let dst = Endpoint::parse(&job.dst).map_err(|e| format!("destination {e}"))?;
-    if job.max_delete.is_some() && !job.delete {
+    if job.options.max_delete.is_some() && !job.options.delete {
         return Err("--max-delete only makes sense with --delete".into());
     }
     let opts = SyncOptions {
-        delete: job.delete,
-        max_delete: job.max_delete,
-        dry_run: job.dry_run,
-        whole_file: job.whole_file,
-        checksum: job.checksum,
-        inplace: job.inplace,
-        fsync: job.fsync,
-        hard_links: job.hard_links,
-        xattrs: job.xattrs,
         owners: rustix::process::geteuid().is_root(),
-        compress: job.compress,
-        bwlimit: job.bwlimit,
-        filters: job.filters.clone(),
         copy_dir_itself: !src.trailing_slash(),
+        ..job.options.clone()
     };
-    let limiter = match job.bwlimit {
+    let limiter = match opts.bwlimit {
         Some(rate) => match RateLimiter::new(rate) {
             Some(l) => Some(Arc::new(l)),
             None => return Err("--bwlimit: rate out of range".into()),

@@ -102,7 +102,13 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Bytes for people, one decimal (plan tables).
 pub fn human_bytes(n: u64) -> String {
+    human_bytes_to(n, 1)
+}
+
+/// Bytes for people in binary units with `decimals` digits after the point.
+pub fn human_bytes_to(n: u64, decimals: usize) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -113,7 +119,7 @@ pub fn human_bytes(n: u64) -> String {
     if u == 0 {
         format!("{n} B")
     } else {
-        format!("{v:.1} {}", UNITS[u])
+        format!("{v:.decimals$} {}", UNITS[u])
     }
 }
 

@@ -184,6 +184,8 @@ pub fn extra_bound(connections: usize) -> u64 {
 struct Layout {
     src: PathBuf,
     module: PathBuf,
+    /// Where pull destinations go (outside the module).
+    pulled: PathBuf,
     logs: PathBuf,
 }
 
@@ -196,16 +198,7 @@ impl Layout {
                 format!("{daemon_url}/m/push-faulty/"),
             )
         } else {
-            let d = |n: &str| {
-                format!(
-                    "{}/",
-                    self.module
-                        .parent()
-                        .unwrap_or(&self.module)
-                        .join(n)
-                        .display()
-                )
-            };
+            let d = |n: &str| format!("{}/", self.pulled.join(n).display());
             (d("pull-control"), d("pull-faulty"))
         }
     }
@@ -268,6 +261,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Fau
     let layout = Layout {
         module: work.join("module"),
         src: work.join("module").join("src"),
+        pulled: work.to_path_buf(),
         logs: work.join("logs"),
     };
     for d in [&layout.module, &layout.logs] {
@@ -331,12 +325,12 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Fau
         };
         // Within the first 90% of the control run's time: a warm rerun can be faster.
         let fraction: f64 = rng.random_range(0.0..0.9);
-        let mut trial = ctx.trial(&mut daemon, target, fraction)?;
-        trial.edit = if edit.is_empty() {
-            "initial copy".into()
+        let edit = if edit.is_empty() {
+            "initial copy".to_string()
         } else {
             edit.join(" ")
         };
+        let trial = ctx.trial(&mut daemon, target, edit, fraction)?;
         progress(&format!(
             "trial {i}: {:?} killed at {} ms{}, {} reruns, extra wire {:.2} MB, {}",
             trial.target,
@@ -402,6 +396,7 @@ impl TrialCtx<'_> {
         &self,
         daemon: &mut Daemon,
         target: Target,
+        edit: String,
         fraction: f64,
     ) -> Result<Trial, FaultError> {
         let wanem = self.opts.shared.join("wanem.py");
@@ -409,7 +404,7 @@ impl TrialCtx<'_> {
         let (control, faulty) = self.layout.dests(push, "cutover://RELAY");
         let mut trial = Trial {
             target,
-            edit: String::new(),
+            edit,
             kill_at_ms: 0,
             missed: false,
             reruns: 0,
