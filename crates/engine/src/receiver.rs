@@ -333,12 +333,12 @@ pub async fn run_receiver(
                 let mut needs = Vec::with_capacity(entries.len());
                 let mut sig_jobs = Vec::new();
                 let mut refused = Vec::new();
-                let Some(_) = first_id.checked_add(entries.len() as u64) else {
+                if first_id.checked_add(entries.len() as u64).is_none() {
                     break Err(EngineError::Protocol(format!(
                         "file ids {first_id} + {} overflow",
                         entries.len()
                     )));
-                };
+                }
                 for (i, entry) in entries.into_iter().enumerate() {
                     let id = first_id + i as u64;
                     let decided = walk.decide(&shared, id, entry, rescan);
@@ -1103,13 +1103,14 @@ fn fill_partial_from_target(dest: &Dest, rel: &[u8], upto: u64) -> std::io::Resu
     let Ok(from) = target.open_read() else {
         return Ok(()); // no target (or not a regular file): nothing to fill with
     };
-    if !from.metadata()?.is_file() {
+    let md = from.metadata()?;
+    if !md.is_file() {
         return Ok(());
     }
     let partial = target
         .sibling(&partial_name(target.name()))
         .open_write(false)?;
-    let end = from.metadata()?.len().min(upto);
+    let end = md.len().min(upto);
     if partial.metadata()?.len() < end {
         partial.set_len(end)?;
     }
@@ -1389,6 +1390,11 @@ impl WalkState {
             ));
         }
         let dest = &shared.dest;
+        // Another sync holds the destination: touch nothing (the session ends after this
+        // batch), not even the directories and links that deciding would create.
+        if let Some(why) = dest.busy.get() {
+            return Err((Need::Refused, why.clone()));
+        }
         if dest.layout.get().is_none() {
             self.created_root = dest.settle(&entry, dry).map_err(|e| (Need::Refused, e))?;
         }

@@ -362,6 +362,8 @@ fn a_second_sync_into_a_busy_destination_fails_clearly_and_the_first_completes()
     mkdata(&["big", s(&src), "--count", "1", "--mb", "4"]);
     let other = t.path().join("other");
     write(&other.join("x"), b"not the first source");
+    write(&other.join("sub/y"), b"in a directory");
+    std::os::unix::fs::symlink("x", other.join("link")).unwrap();
     let module = t.path().join("module");
     let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
     let local = t.path().join("local");
@@ -375,6 +377,14 @@ fn a_second_sync_into_a_busy_destination_fails_clearly_and_the_first_completes()
         assert_one_line_error(
             &second,
             &["another cutover sync is writing into this destination"],
+        );
+        assert!(
+            !dir.join("sub").exists(),
+            "the second sync made a directory"
+        );
+        assert!(
+            std::fs::symlink_metadata(dir.join("link")).is_err(),
+            "the second sync made a link"
         );
         first.wait().ok();
         assert_same(&src, &dir);
