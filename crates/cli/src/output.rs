@@ -123,6 +123,7 @@ impl Reporter {
                 "changed_during_copy": s.changed,
                 "errors": s.errors,
                 "delete_limit_hit": s.delete_limit_hit,
+                "reconnects": s.reconnects,
                 "exit_code": code,
             })
             .to_string());
@@ -144,6 +145,12 @@ impl Reporter {
             out(format!("bytes literal       {}", human(s.bytes_literal)));
             out(format!("delta savings       {} ({pct:.1}%)", human(saved)));
             out(format!("bytes on the wire   {}", human(wire)));
+            if s.reconnects > 0 {
+                out(format!(
+                    "reconnects          {} (the session broke and resumed)",
+                    s.reconnects
+                ));
+            }
             out(format!("elapsed             {secs:.2} s"));
             out(format!(
                 "throughput          {}/s",
@@ -201,6 +208,20 @@ impl Events for Reporter {
                     out(json!({"event": "error", "message": message}).to_string());
                 } else {
                     eprintln!("cutover: {message}");
+                }
+            }
+            Event::Retry {
+                attempt,
+                wait,
+                reason,
+            } => {
+                if self.json {
+                    out(json!({"event": "retry", "attempt": attempt, "wait_s": wait.as_secs_f64(), "reason": reason}).to_string());
+                } else {
+                    eprintln!(
+                        "cutover: {reason}; resuming in {:.0} s (retry {attempt})",
+                        wait.as_secs_f64().ceil()
+                    );
                 }
             }
         }

@@ -288,6 +288,7 @@ pub fn job_for(
             ..SyncOptions::default()
         },
         timeout: 120,
+        retry_for: crate::sync::DEFAULT_RETRY_FOR,
         security: SecurityArgs {
             server_fingerprint,
             token_file: t.token_file.as_ref().map(|f| base_dir.join(f)),
@@ -341,6 +342,14 @@ impl Events for TaskEvents {
                 .log
                 .line(&format!("changed while read: {path}: {reason}")),
             Event::Error { message } => self.log.line(&format!("error: {message}")),
+            Event::Retry {
+                attempt,
+                wait,
+                reason,
+            } => self.log.line(&format!(
+                "retry {attempt} in {:.0} s: {reason}",
+                wait.as_secs_f64().ceil()
+            )),
         }
     }
 }

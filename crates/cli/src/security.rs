@@ -147,12 +147,12 @@ impl ClientTrust {
     }
 
     /// The user-facing message for a failed `open_session`.
-    pub fn explain(&self, err: ClientError) -> String {
+    pub fn explain(&self, err: &ClientError) -> String {
         let ClientError::FingerprintMismatch {
             addr,
             seen,
             expected,
-        } = &err
+        } = err
         else {
             return err.to_string();
         };

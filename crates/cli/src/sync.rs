@@ -5,8 +5,8 @@ use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::output::Reporter;
 use crate::security::{client_trust, SecurityArgs};
-use engine::{Destination, Events, NoEvents, Session, Source, Stats, Summary};
-use net::client::{open_session, Connections, Delivered, Remote};
+use engine::{Destination, Event, Events, NoEvents, Session, Source, Stats, Summary};
+use net::client::{open_session, ClientError, Connections, Delivered, Remote};
 use net::ssh::SshCommand;
 use net::{memory_pair, RateLimiter};
 use proto::WireCounter;
@@ -15,6 +15,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// `--retry-for` unless given: long enough for a daemon restart or a routing flap, short
+/// enough that an unattended run reports a dead peer the same hour.
+pub const DEFAULT_RETRY_FOR: u64 = 300;
+/// The first wait before a broken session is reopened; each further try doubles it.
+const RETRY_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// The longest wait between two tries.
+const RETRY_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// Data connections of a local (in-process) sync in auto mode: enough to overlap reads and
 /// writes on two cores, more only adds task switches.
@@ -79,6 +87,11 @@ pub struct SyncArgs {
     /// (a stalled or vanished peer); 0 waits forever.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = parse_timeout)]
     pub timeout: u64,
+    /// When a remote session breaks (reset, stalled, peer restarted), open it again and
+    /// resume, waiting 1 s, 2 s, 4 s ... up to 30 s between tries; give up once SECS pass
+    /// without progress. 0 never retries.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RETRY_FOR)]
+    pub retry_for: u64,
     /// Print one JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -199,6 +212,8 @@ pub struct SyncJob {
     pub options: SyncOptions,
     /// Idle timeout of a remote session in seconds (0 = none).
     pub timeout: u64,
+    /// Seconds without progress after which a broken remote session is no longer reopened.
+    pub retry_for: u64,
     pub security: SecurityArgs,
     pub rsh: String,
     pub remote_cutover: String,
@@ -226,6 +241,7 @@ impl SyncArgs {
                 ..SyncOptions::default()
             },
             timeout: self.timeout,
+            retry_for: self.retry_for,
             security: self.security.clone(),
             rsh: self.rsh.clone(),
             remote_cutover: self.remote_cutover.clone(),
@@ -284,18 +300,171 @@ pub async fn run_job(
         },
         None => None,
     };
-    sync(src, dst, opts, job, limiter, events, stats).await
+    let remote = !matches!(
+        (&src, &dst),
+        (Endpoint::Local { .. }, Endpoint::Local { .. })
+    );
+    let retry_for = Duration::from_secs(if remote { job.retry_for } else { 0 });
+    let mut retry = Retry::new(retry_for);
+    let mut wire_before = 0;
+    let mut ever_opened = false;
+    loop {
+        let outcome = sync(
+            &src,
+            &dst,
+            &opts,
+            job,
+            limiter.clone(),
+            events.clone(),
+            &stats,
+        )
+        .await;
+        let failure = match outcome {
+            // After a reconnect, a destination still locked is most likely held by the
+            // broken session, which the peer has not noticed is gone yet.
+            Ok((summary, wire)) if retry.attempts > 0 && summary_is_busy(&summary) => Failure {
+                message: format!(
+                    "the destination is still locked ({})",
+                    engine::BUSY_DESTINATION
+                ),
+                transport: true,
+                opened: true,
+                wire,
+            },
+            Ok((mut summary, wire)) => {
+                summary.reconnects = retry.attempts;
+                return Ok((summary, wire_before + wire));
+            }
+            Err(f) => f,
+        };
+        wire_before += failure.wire;
+        ever_opened |= failure.opened;
+        // A peer that was never reached is a wrong address or a daemon that is not running,
+        // better said at once than after minutes; only a session that once opened is resumed.
+        if !failure.transport || retry_for.is_zero() || !ever_opened {
+            return Err(failure.message);
+        }
+        let made_progress = progress_mark(&stats) > 0;
+        let Some(wait) = retry.next(made_progress) else {
+            return Err(format!(
+                "{}; gave up after {} tries and {} s without progress (--retry-for {})",
+                failure.message,
+                retry.attempts + 1,
+                retry.since_progress().as_secs(),
+                retry_for.as_secs()
+            ));
+        };
+        events.event(Event::Retry {
+            attempt: retry.attempts,
+            wait,
+            reason: failure.message,
+        });
+        tokio::time::sleep(wait).await;
+        stats.reset();
+    }
+}
+
+/// Whether a pass was refused by the destination lock (every entry then fails with it).
+fn summary_is_busy(summary: &Summary) -> bool {
+    summary
+        .errors
+        .iter()
+        .any(|e| e.contains(engine::BUSY_DESTINATION))
+}
+
+/// Work a session got done, however it ended: a session that broke after moving data
+/// resets the retry clock.
+fn progress_mark(stats: &Stats) -> u64 {
+    Stats::get(&stats.literal_bytes)
+        + Stats::get(&stats.copied_bytes)
+        + Stats::get(&stats.files_done)
+        + Stats::get(&stats.peer_received)
+}
+
+/// Exponential backoff between tries, bounded by the time since the last progress.
+struct Retry {
+    budget: Duration,
+    attempts: u32,
+    wait: Duration,
+    last_progress: Instant,
+}
+
+impl Retry {
+    fn new(budget: Duration) -> Self {
+        Retry {
+            budget,
+            attempts: 0,
+            wait: RETRY_FIRST_WAIT,
+            last_progress: Instant::now(),
+        }
+    }
+
+    fn since_progress(&self) -> Duration {
+        self.last_progress.elapsed()
+    }
+
+    /// The wait before the next try, or None when the budget is spent. A session that made
+    /// progress starts the backoff and the budget afresh.
+    fn next(&mut self, made_progress: bool) -> Option<Duration> {
+        if made_progress {
+            self.wait = RETRY_FIRST_WAIT;
+            self.last_progress = Instant::now();
+        }
+        let left = self.budget.checked_sub(self.since_progress())?;
+        if left.is_zero() {
+            return None;
+        }
+        let wait = self.wait.min(left);
+        self.wait = (self.wait * 2).min(RETRY_MAX_WAIT);
+        self.attempts += 1;
+        Some(wait)
+    }
+}
+
+/// Why a session could not run or ended early.
+struct Failure {
+    /// One line for the user.
+    message: String,
+    /// A broken or stalled connection, or a peer that went away: opening the session
+    /// again may succeed, and it resumes from the partial files.
+    transport: bool,
+    /// The session had opened (the peer accepted it) before it failed.
+    opened: bool,
+    /// Bytes this session put on the wire before it failed.
+    wire: u64,
+}
+
+impl Failure {
+    fn fatal(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            transport: false,
+            opened: false,
+            wire: 0,
+        }
+    }
+
+    fn engine(e: engine::EngineError, wire: &WireCounter) -> Self {
+        Failure {
+            transport: e.is_transport(),
+            message: e.to_string(),
+            opened: true,
+            wire: wire.total(),
+        }
+    }
 }
 
 async fn sync(
-    src: Endpoint,
-    dst: Endpoint,
-    opts: SyncOptions,
+    src: &Endpoint,
+    dst: &Endpoint,
+    opts: &SyncOptions,
     args: &SyncJob,
     limiter: Option<Arc<RateLimiter>>,
     reporter: Arc<dyn Events>,
-    stats: Arc<Stats>,
-) -> Result<(Summary, u64), String> {
+    stats: &Arc<Stats>,
+) -> Result<(Summary, u64), Failure> {
+    let opts = opts.clone();
+    let stats = stats.clone();
     match (src, dst) {
         (
             Endpoint::Local { path: s, .. },
@@ -304,8 +473,11 @@ async fn sync(
                 trailing_slash,
             },
         ) => {
-            if !s.exists() && std::fs::symlink_metadata(&s).is_err() {
-                return Err(format!("{}: source does not exist", s.display()));
+            if !s.exists() && std::fs::symlink_metadata(s).is_err() {
+                return Err(Failure::fatal(format!(
+                    "{}: source does not exist",
+                    s.display()
+                )));
             }
             let n = match args.connections {
                 Connections::Fixed(n) => n,
@@ -327,7 +499,7 @@ async fn sync(
                     limiter: None,
                     idle_timeout: None,
                 },
-                Destination::local(d, trailing_slash),
+                Destination::local(d.clone(), *trailing_slash),
                 opts.clone(),
                 Arc::new(NoEvents),
                 Arc::new(Stats::default()),
@@ -339,7 +511,7 @@ async fn sync(
                     limiter,
                     idle_timeout: None,
                 },
-                Source::local(s),
+                Source::local(s.clone()),
                 opts,
                 reporter,
                 stats,
@@ -348,21 +520,25 @@ async fn sync(
             // The receiver's own error says more than the sender's "peer failed".
             match (s, r) {
                 (Ok(sum), Ok(_)) => Ok((sum, 0)),
-                (_, Err(e)) => Err(e.to_string()),
-                (Err(e), _) => Err(e.to_string()),
+                (_, Err(e)) => Err(Failure::fatal(e.to_string())),
+                (Err(e), _) => Err(Failure::fatal(e.to_string())),
             }
         }
         (Endpoint::Local { path: s, .. }, remote) => {
-            if std::fs::symlink_metadata(&s).is_err() {
-                return Err(format!("{}: source does not exist", s.display()));
+            if std::fs::symlink_metadata(s).is_err() {
+                return Err(Failure::fatal(format!(
+                    "{}: source does not exist",
+                    s.display()
+                )));
             }
             let st = stats.clone();
             let delivered: Delivered = Arc::new(move || Stats::get(&st.peer_received));
             let (session, wire) =
-                remote_session(&remote, Role::Receiver, &opts, args, delivered, limiter).await?;
-            let summary = engine::run_sender(session, Source::local(s), opts, reporter, stats)
-                .await
-                .map_err(|e| e.to_string())?;
+                remote_session(remote, Role::Receiver, &opts, args, delivered, limiter).await?;
+            let summary =
+                engine::run_sender(session, Source::local(s.clone()), opts, reporter, stats)
+                    .await
+                    .map_err(|e| Failure::engine(e, &wire))?;
             Ok((summary, wire.total()))
         }
         (
@@ -376,19 +552,21 @@ async fn sync(
             let st = stats.clone();
             let delivered: Delivered = Arc::new(move || Stats::get(&st.literal_bytes));
             let (session, wire) =
-                remote_session(&remote, Role::Sender, &opts, args, delivered, limiter).await?;
+                remote_session(remote, Role::Sender, &opts, args, delivered, limiter).await?;
             let summary = engine::run_receiver(
                 session,
-                Destination::local(d, trailing_slash),
+                Destination::local(d.clone(), *trailing_slash),
                 opts,
                 reporter,
                 stats,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failure::engine(e, &wire))?;
             Ok((summary, wire.total()))
         }
-        _ => Err("both SRC and DST are remote; one side must be a local path".into()),
+        _ => Err(Failure::fatal(
+            "both SRC and DST are remote; one side must be a local path",
+        )),
     }
 }
 
@@ -412,33 +590,54 @@ async fn remote_session(
     args: &SyncJob,
     delivered: Delivered,
     limiter: Option<Arc<RateLimiter>>,
-) -> Result<(Session, Arc<WireCounter>), String> {
+) -> Result<(Session, Arc<WireCounter>), Failure> {
+    let patience = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
+    let unopened = |e: ClientError, message: String| Failure {
+        transport: e.is_transport(),
+        message,
+        opened: false,
+        wire: 0,
+    };
     let dialed = match remote {
         Endpoint::Daemon { addr, module, path } => {
             let new = new_session(module.clone(), path.clone(), server_role, opts);
-            let trust = client_trust(&args.security, addr)?;
+            let trust = client_trust(&args.security, addr).map_err(Failure::fatal)?;
             let remote = Remote::Daemon {
                 addr,
                 security: &trust.security,
             };
-            let dialed = open_session(remote, new, args.connections, delivered)
-                .await
-                .map_err(|e| trust.explain(e))?;
-            trust.remember(addr, dialed.server_fingerprint)?;
+            let dialed =
+                match open_session(remote, new, args.connections, delivered, patience).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let message = trust.explain(&e);
+                        return Err(unopened(e, message));
+                    }
+                };
+            trust
+                .remember(addr, dialed.server_fingerprint)
+                .map_err(Failure::fatal)?;
             dialed
         }
         Endpoint::Ssh { dest, path } => {
             let new = new_session(String::new(), path.clone(), server_role, opts);
-            let command = SshCommand::new(&args.rsh, &args.remote_cutover)?;
+            let command =
+                SshCommand::new(&args.rsh, &args.remote_cutover).map_err(Failure::fatal)?;
             let remote = Remote::Ssh {
                 dest,
                 command: &command,
             };
-            open_session(remote, new, args.connections, delivered)
-                .await
-                .map_err(|e| e.to_string())?
+            match open_session(remote, new, args.connections, delivered, patience).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let message = e.to_string();
+                    return Err(unopened(e, message));
+                }
+            }
         }
-        Endpoint::Local { .. } => return Err("internal: a local endpoint is not remote".into()),
+        Endpoint::Local { .. } => {
+            return Err(Failure::fatal("internal: a local endpoint is not remote"))
+        }
     };
     let session = Session {
         control: dialed.control,
@@ -447,4 +646,32 @@ async fn remote_session(
         idle_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
     };
     Ok((session, dialed.wire))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_double_up_to_the_cap_and_restart_after_progress() {
+        let mut r = Retry::new(Duration::from_secs(3600));
+        let waits: Vec<u64> = (0..7)
+            .map(|_| r.next(false).expect("within budget").as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(r.attempts, 7);
+        assert_eq!(r.next(true), Some(RETRY_FIRST_WAIT));
+    }
+
+    #[test]
+    fn retry_gives_up_once_the_budget_passes_without_progress() {
+        let mut r = Retry::new(Duration::from_millis(30));
+        assert!(r
+            .next(false)
+            .is_some_and(|w| w <= Duration::from_millis(30)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(r.next(false), None);
+        // Progress starts the budget again.
+        assert!(r.next(true).is_some());
+    }
 }

@@ -46,6 +46,12 @@ pub enum Event {
     Error {
         message: String,
     },
+    /// The session broke; the sync is opened again after `wait` and resumes.
+    Retry {
+        attempt: u32,
+        wait: std::time::Duration,
+        reason: String,
+    },
 }
 
 pub trait Events: Send + Sync {
@@ -75,6 +81,24 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Start counting afresh, for a session that replaces one that broke: it scans and
+    /// plans its work again, so totals and progress begin again too.
+    pub fn reset(&self) {
+        for c in [
+            &self.entries_scanned,
+            &self.files_to_send,
+            &self.bytes_to_send,
+            &self.files_done,
+            &self.bytes_done,
+            &self.literal_bytes,
+            &self.copied_bytes,
+            &self.peer_received,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.scan_done.store(false, Ordering::Relaxed);
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -96,6 +120,8 @@ pub struct Summary {
     pub delete_limit_hit: Option<u64>,
     pub errors: Vec<String>,
     pub changed: Vec<String>,
+    /// Sessions that broke (reset, stalled) and were opened again before this one finished.
+    pub reconnects: u32,
 }
 
 /// Collects the lists that end up in the summary.

@@ -41,4 +41,40 @@ pub enum EngineError {
     Protocol(String),
     #[error("{0}")]
     Local(String),
+    /// A connection broke, or went silent past the idle timeout, in the middle of the
+    /// session: nothing is wrong with the data, and the same sync run again resumes.
+    #[error("{TRANSPORT_PREFIX}{0}")]
+    Transport(String),
+}
+
+/// What an entry refused by the destination lock says: another sync holds it. After a
+/// connection broke, that other sync may be this one's own previous session, which the
+/// peer has not noticed is gone yet.
+pub const BUSY_DESTINATION: &str = "another cutover sync is writing into this destination";
+
+/// How a `Transport` error starts, also in the `Fatal` a peer sends: the side that did not
+/// see the break itself still learns that the session is worth resuming.
+pub const TRANSPORT_PREFIX: &str = "connection lost: ";
+
+impl EngineError {
+    /// Whether running the same sync again may succeed where this session failed: a
+    /// connection reset, closed or stalled, here or as the peer reports it. Disk, protocol
+    /// and permission errors are not: retrying them would only repeat them.
+    pub fn is_transport(&self) -> bool {
+        match self {
+            EngineError::Transport(_) => true,
+            EngineError::Conn(e) => e.is_transport(),
+            EngineError::Peer(m) => m.starts_with(TRANSPORT_PREFIX),
+            _ => false,
+        }
+    }
+
+    /// The text of the `Fatal` this side sends when the session ends with this error:
+    /// a transport error says so with [`TRANSPORT_PREFIX`], whatever this side called it.
+    pub fn for_peer(&self) -> String {
+        match self {
+            EngineError::Conn(e) if e.is_transport() => format!("{TRANSPORT_PREFIX}{e}"),
+            other => other.to_string(),
+        }
+    }
 }

@@ -136,8 +136,9 @@ impl Dest {
             }
             Some(Ok(None)) => {
                 let why = format!(
-                    "{}: another cutover sync is writing into this destination; wait for it to finish (or stop it) and run again",
-                    self.root.display()
+                    "{}: {}; wait for it to finish (or stop it) and run again",
+                    self.root.display(),
+                    crate::BUSY_DESTINATION
                 );
                 let _ = self.busy.set(why.clone());
                 Err(why)
@@ -295,7 +296,7 @@ pub async fn run_receiver(
             return Err(e);
         }
     }
-    let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(4);
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<EngineError>(4);
     let ticker = tokio::spawn(report_progress(stats.clone(), control.tx.clone()));
     let readers = tokio::spawn(accept_data(data, shared.clone(), fatal_tx));
 
@@ -306,10 +307,14 @@ pub async fn run_receiver(
     let result: Result<(), EngineError> = loop {
         let msg = tokio::select! {
             m = control.rx.recv() => m,
-            Some(f) = fatal_rx.recv() => break Err(EngineError::Local(f)),
+            Some(f) = fatal_rx.recv() => break Err(f),
         };
         let msg = match msg {
-            None => break Err(EngineError::Peer("the sender closed the connection".into())),
+            None => {
+                break Err(EngineError::Transport(
+                    "the sender closed the control connection".into(),
+                ))
+            }
             Some(Err(e)) => break Err(e.into()),
             Some(Ok(m)) => m,
         };
@@ -484,7 +489,7 @@ pub async fn run_receiver(
         let _ = shared
             .control
             .send(Msg::Fatal {
-                message: e.to_string(),
+                message: e.for_peer(),
             })
             .await;
     }
@@ -557,7 +562,7 @@ fn prepare_root(dest: &Destination) -> Result<(), EngineError> {
 async fn accept_data(
     mut data: mpsc::Receiver<Conn>,
     shared: Arc<Shared>,
-    fatal: mpsc::Sender<String>,
+    fatal: mpsc::Sender<EngineError>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(conn) = data.recv().await {
@@ -570,13 +575,19 @@ async fn accept_data(
                 match reader.recv().await {
                     Ok(Some(msg)) => {
                         if let Err(e) = apply_data(&s, msg).await {
-                            let _ = f.send(e.to_string()).await;
+                            let _ = f.send(e).await;
                             return;
                         }
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        let _ = f.send(format!("data connection failed: {e}")).await;
+                        let why = format!("data connection failed: {e}");
+                        let err = if e.is_transport() {
+                            EngineError::Transport(why)
+                        } else {
+                            EngineError::Protocol(why)
+                        };
+                        let _ = f.send(err).await;
                         return;
                     }
                 }

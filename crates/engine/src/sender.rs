@@ -82,6 +82,8 @@ enum Internal {
         vanished: bool,
     },
     Fatal(String),
+    /// A data connection broke: the session ends, and a rerun resumes.
+    Lost(String),
 }
 
 struct Ctx {
@@ -263,7 +265,7 @@ pub async fn run_sender(
             }
             inbound = control.rx.recv() => {
                 let msg = match inbound {
-                    None => break Err(EngineError::Peer("the receiver closed the connection".into())),
+                    None => break Err(EngineError::Transport("the receiver closed the control connection".into())),
                     Some(Err(e)) => break Err(e.into()),
                     Some(Ok(m)) => m,
                 };
@@ -396,6 +398,7 @@ pub async fn run_sender(
                         if let Some(t) = transfers.get_mut(&id) { t.failed = Some((reason, vanished)); }
                     }
                     Internal::Fatal(message) => break Err(EngineError::Local(message)),
+                    Internal::Lost(message) => break Err(EngineError::Transport(message)),
                 }
             }
         }
@@ -406,7 +409,7 @@ pub async fn run_sender(
         let _ = ctx
             .control
             .send(Msg::Fatal {
-                message: e.to_string(),
+                message: e.for_peer(),
             })
             .await;
     }
@@ -432,7 +435,7 @@ pub async fn run_sender(
 async fn fail(control: &mpsc::Sender<Msg>, e: EngineError) -> Result<Summary, EngineError> {
     let _ = control
         .send(Msg::Fatal {
-            message: e.to_string(),
+            message: e.for_peer(),
         })
         .await;
     Err(e)
@@ -691,7 +694,7 @@ async fn data_writer(
             if let Err(e) = writer.send(msg, compress).await {
                 let _ = ctx
                     .internal
-                    .send(Internal::Fatal(format!("data connection failed: {e}")))
+                    .send(Internal::Lost(format!("data connection failed: {e}")))
                     .await;
                 return;
             }

@@ -68,6 +68,25 @@ pub enum ClientError {
     Config(#[from] TlsError),
     #[error("{0}")]
     Ssh(String),
+    #[error("{addr}: no answer for {secs} s while connecting (the peer or the path stalled)")]
+    Stalled { addr: String, secs: u64 },
+}
+
+impl ClientError {
+    /// Whether the session could not be opened because the path or the peer is down or
+    /// stalled (refused, reset, silent), so that trying again later may work. A refusal, a
+    /// wrong certificate or token, or a missing remote binary is not: it needs a fix.
+    pub fn is_transport(&self) -> bool {
+        match self {
+            ClientError::Connect { source, .. } => crate::conn::io_is_transport(source),
+            ClientError::Conn { source, .. } => source.is_transport(),
+            ClientError::Tls { source, .. } => crate::conn::io_is_transport(source),
+            // The daemon closed the connection before answering: restarting, or at its
+            // connection limit.
+            ClientError::Handshake { .. } | ClientError::Stalled { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// How a client secures its connections and proves itself to a daemon.
@@ -122,12 +141,32 @@ struct Dialer {
     addr: String,
     route: Route,
     wire: Arc<WireCounter>,
+    /// The longest a connection may take to be opened and answered; None waits forever.
+    patience: Option<Duration>,
 }
 
 impl Dialer {
     /// Open one connection and say `hello` on it; returns the connection, its TLS binding
     /// (for a token proof) and the daemon's answer.
     async fn greet(
+        &self,
+        make_hello: impl FnOnce(Option<[u8; 32]>) -> Hello,
+    ) -> Result<(Conn, u64, [u8; 16]), ClientError> {
+        // A peer behind a stalled path accepts TCP (the kernel does) and then says nothing.
+        match self.patience {
+            Some(limit) => tokio::time::timeout(limit, self.greet_now(make_hello))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Stalled {
+                        addr: self.addr.clone(),
+                        secs: limit.as_secs(),
+                    })
+                }),
+            None => self.greet_now(make_hello).await,
+        }
+    }
+
+    async fn greet_now(
         &self,
         make_hello: impl FnOnce(Option<[u8; 32]>) -> Hello,
     ) -> Result<(Conn, u64, [u8; 16]), ClientError> {
@@ -253,6 +292,7 @@ pub async fn open_session(
     mut new: NewSession,
     connections: Connections,
     delivered: Delivered,
+    patience: Option<Duration>,
 ) -> Result<Dialed, ClientError> {
     let wire = Arc::new(WireCounter::default());
     let seen = Arc::new(Mutex::new(None));
@@ -271,6 +311,7 @@ pub async fn open_session(
         addr: addr.to_string(),
         route,
         wire: wire.clone(),
+        patience,
     };
     let token = security.and_then(|s| s.token.clone());
     let greeted = dialer

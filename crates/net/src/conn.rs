@@ -20,6 +20,38 @@ pub enum ConnError {
     NotFramed,
 }
 
+impl ConnError {
+    /// Whether the connection broke (reset, closed, cut mid-frame, silent past the idle
+    /// timeout) rather than carried something wrong: a new connection may well work.
+    pub fn is_transport(&self) -> bool {
+        match self {
+            ConnError::Closed | ConnError::Idle { .. } => true,
+            ConnError::Frame(FrameError::Truncated) => true,
+            ConnError::Frame(FrameError::Io(e)) => io_is_transport(e),
+            ConnError::Frame(_) | ConnError::NotFramed => false,
+        }
+    }
+}
+
+/// I/O errors of a socket that a broken or vanished path causes (as opposed to a TLS alert
+/// or a certificate the peer rejected, which a retry would only repeat).
+pub fn io_is_transport(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset
+            | ConnectionAborted
+            | ConnectionRefused
+            | BrokenPipe
+            | UnexpectedEof
+            | TimedOut
+            | NotConnected
+            | HostUnreachable
+            | NetworkUnreachable
+            | NetworkDown
+    )
+}
+
 impl From<FrameError> for ConnError {
     /// TLS reports a peer that vanished without a close_notify as an unexpected EOF with a
     /// long explanation; to the user it is simply a closed connection.

@@ -23,35 +23,72 @@ const RUN_LIMIT: Duration = Duration::from_secs(180);
 /// Reruns after a kill before the trial counts as failed.
 const MAX_RERUNS: usize = 5;
 
-/// Which process dies.
+/// Which process dies, or what happens to the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum Target {
     /// Push; the client is the sender.
     PushSender,
-    /// Push; the daemon is the receiver.
+    /// Push; the daemon is the receiver (and is started again at once, as a service
+    /// manager would).
     PushReceiver,
     /// Pull; the client is the receiver.
     PullReceiver,
     /// Pull; the daemon is the sender.
     PullSender,
+    /// Push through a relay that resets every connection after a random amount of data.
+    PushReset,
+    /// Pull through such a relay.
+    PullReset,
+    /// Push; the relay freezes (no data, no FIN) for longer than the idle timeout.
+    PushStall,
+    /// Pull; the relay freezes.
+    PullStall,
 }
 
 impl Target {
-    const ALL: [Target; 4] = [
+    /// SIGKILL of one side.
+    pub const KILLS: [Target; 4] = [
         Target::PushSender,
         Target::PushReceiver,
         Target::PullReceiver,
         Target::PullSender,
     ];
+    /// Network faults the run itself must ride out by reconnecting.
+    pub const NETWORK: [Target; 4] = [
+        Target::PushReset,
+        Target::PullReset,
+        Target::PushStall,
+        Target::PullStall,
+    ];
 
     fn push(self) -> bool {
-        matches!(self, Target::PushSender | Target::PushReceiver)
+        matches!(
+            self,
+            Target::PushSender | Target::PushReceiver | Target::PushReset | Target::PushStall
+        )
     }
 
     fn kills_daemon(self) -> bool {
         matches!(self, Target::PushReceiver | Target::PullSender)
     }
+
+    fn network(self) -> bool {
+        Target::NETWORK.contains(&self)
+    }
 }
+
+/// The idle timeout (and connect patience) of runs under network faults: a stall is noticed
+/// after this long.
+pub const STALL_TIMEOUT_SECS: u64 = 3;
+/// How long a stall lasts: past the client's idle timeout, so the session breaks, and past
+/// the first reconnect's patience, so that one fails too and backoff is exercised.
+const STALL: Duration = Duration::from_secs(STALL_TIMEOUT_SECS * 2 + 1);
+/// The least mean amount a reset relay lets through a connection: its smallest cut (half of
+/// it) must pass a whole 1 MiB frame, or no session could ever make progress.
+const RESET_MIN_MB: f64 = 3.0;
+/// A reset relay cuts each connection after about this share of the control run's bytes
+/// per connection, so a pass takes a few sessions.
+const RESET_SHARE: f64 = 1.0 / 3.0;
 
 /// Source edits between trials (mkdata `edit` modes), in turn.
 const EDITS: [&[&str]; 5] = [
@@ -69,7 +106,10 @@ pub struct Options {
     pub shared: PathBuf,
     /// Scratch directory (emptied first).
     pub work: PathBuf,
+    /// Trials (one fault each).
     pub kills: usize,
+    /// The faults drawn from, one per trial.
+    pub targets: Vec<Target>,
     pub seed: u64,
     /// mkdata `mixed --scale`.
     pub scale: f64,
@@ -86,10 +126,13 @@ pub struct Trial {
     pub edit: String,
     /// Milliseconds after the start that the kill was aimed at.
     pub kill_at_ms: u64,
-    /// The sync had already finished when the kill came.
+    /// The sync had already finished when the kill came (for resets: no connection was
+    /// reset).
     pub missed: bool,
     /// Runs after the killed one until success.
     pub reruns: usize,
+    /// Sessions the runs opened again by themselves after one broke.
+    pub reconnects: u64,
     pub control_wire: u64,
     pub faulty_wire: u64,
     pub verified: bool,
@@ -99,6 +142,11 @@ pub struct Trial {
 impl Trial {
     pub fn extra_wire(&self) -> i64 {
         self.faulty_wire as i64 - self.control_wire as i64
+    }
+
+    /// Interruptions the faulty run suffered: each may lose what was in flight.
+    fn interruptions(&self) -> u64 {
+        (self.reruns as u64 + self.reconnects).max(1)
     }
 }
 
@@ -118,12 +166,13 @@ impl Report {
             .iter()
             .enumerate()
             .filter_map(|(i, t)| {
+                let bound = self.extra_bound * t.interruptions();
                 let why = t.failure.clone().or_else(|| {
-                    (t.extra_wire() > self.extra_bound as i64).then(|| {
+                    (t.extra_wire() > bound as i64).then(|| {
                         format!(
-                            "sent {} bytes more than the control run (bound {})",
+                            "sent {} bytes more than the control run (bound {bound} for {} interruptions)",
                             t.extra_wire(),
-                            self.extra_bound
+                            t.interruptions()
                         )
                     })
                 })?;
@@ -151,8 +200,9 @@ impl Report {
         let control: u64 = self.trials.iter().map(|t| t.control_wire).sum();
         let faulty: u64 = self.trials.iter().map(|t| t.faulty_wire).sum();
         let reruns: usize = self.trials.iter().map(|t| t.reruns).sum();
+        let reconnects: u64 = self.trials.iter().map(|t| t.reconnects).sum();
         format!(
-            "seed {}: {} trials on {} files / {:.1} MB, {} kills landed ({:?}), {} reruns; verified {}/{}; wire {:.1} MB with kills vs {:.1} MB without; extra per kill: max {:.2} MB, mean {:.2} MB (bound {:.0} MB); failures: {}",
+            "seed {}: {} trials on {} files / {:.1} MB, {} faults landed ({:?}), {} reruns, {} reconnects; verified {}/{}; wire {:.1} MB with faults vs {:.1} MB without; extra per trial: max {:.2} MB, mean {:.2} MB (bound {:.0} MB per interruption); failures: {}",
             self.seed,
             self.trials.len(),
             self.source_files,
@@ -160,6 +210,7 @@ impl Report {
             landed,
             self.landed(),
             reruns,
+            reconnects,
             self.trials.iter().filter(|t| t.verified).count(),
             self.trials.len(),
             faulty as f64 / 1e6,
@@ -300,7 +351,10 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Fau
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut trials = Vec::new();
     for i in 0..opts.kills {
-        let target = Target::ALL[rng.random_range(0..Target::ALL.len())];
+        let target = *opts
+            .targets
+            .get(rng.random_range(0..opts.targets.len().max(1)))
+            .ok_or_else(|| FaultError::Setup("no fault kinds to draw from".into()))?;
         let edit = if i == 0 {
             &[][..]
         } else {
@@ -332,7 +386,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Fau
         };
         let trial = ctx.trial(&mut daemon, target, edit, fraction)?;
         progress(&format!(
-            "trial {i}: {:?} killed at {} ms{}, {} reruns, extra wire {:.2} MB, {}",
+            "trial {i}: {:?} at {} ms{}, {} reconnects, {} reruns, extra wire {:.2} MB, {}",
             trial.target,
             trial.kill_at_ms,
             if trial.missed {
@@ -340,6 +394,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Fau
             } else {
                 ""
             },
+            trial.reconnects,
             trial.reruns,
             trial.extra_wire() as f64 / 1e6,
             match &trial.failure {
@@ -366,7 +421,8 @@ struct TrialCtx<'a> {
 }
 
 impl TrialCtx<'_> {
-    fn sync_cmd(&self, relay: u16, push: bool, dest: &str) -> Command {
+    fn sync_cmd(&self, relay: u16, target: Target, dest: &str) -> Command {
+        let push = target.push();
         let url = format!("cutover://127.0.0.1:{relay}");
         let src = if push {
             format!("{}/", self.layout.src.display())
@@ -381,6 +437,11 @@ impl TrialCtx<'_> {
             .arg(self.opts.connections.to_string())
             .arg("--known-hosts")
             .arg(self.known_hosts)
+            .args(
+                target
+                    .network()
+                    .then(|| format!("--timeout={STALL_TIMEOUT_SECS}")),
+            )
             .arg(src)
             .arg(dest);
         cmd
@@ -408,15 +469,28 @@ impl TrialCtx<'_> {
             kill_at_ms: 0,
             missed: false,
             reruns: 0,
+            reconnects: 0,
             control_wire: 0,
             faulty_wire: 0,
             verified: false,
             failure: None,
         };
+        let reset = matches!(target, Target::PushReset | Target::PullReset);
+        if reset {
+            // An edit moves too little for a relay that must pass whole frames to cut in the
+            // middle of it: copy the whole tree afresh instead.
+            for d in [&control, &faulty] {
+                let dir = self.layout.local(d);
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(FaultError::io(dir.display().to_string()))?;
+                }
+            }
+        }
         // The yardstick: the same sync without a fault.
         let relay = Relay::start(&wanem, &self.layout.logs, daemon.port)?;
         let clean = SyncRun::spawn(
-            self.sync_cmd(relay.port, push, &control),
+            self.sync_cmd(relay.port, target, &control),
             &self.log("control"),
         )?
         .wait(RUN_LIMIT)?;
@@ -428,46 +502,67 @@ impl TrialCtx<'_> {
         let at = Duration::from_secs_f64(clean.seconds * fraction);
         trial.kill_at_ms = at.as_millis() as u64;
 
-        let relay = Relay::start(&wanem, &self.layout.logs, daemon.port)?;
+        let reset_mb = reset.then(|| {
+            let per_connection = trial.control_wire as f64 / (self.opts.connections + 1) as f64;
+            (per_connection * RESET_SHARE / 1e6).max(RESET_MIN_MB)
+        });
+        let relay = Relay::start_with(&wanem, &self.layout.logs, daemon.port, reset_mb)?;
         let mut run = SyncRun::spawn(
-            self.sync_cmd(relay.port, push, &faulty),
-            &self.log("killed"),
+            self.sync_cmd(relay.port, target, &faulty),
+            &self.log("faulty"),
         )?;
-        if run.running_at(at) {
-            if target.kills_daemon() {
-                daemon.kill9();
-            } else {
-                run.kill9();
+        match target {
+            Target::PushReset | Target::PullReset => {}
+            _ if !run.running_at(at) => trial.missed = true,
+            Target::PushStall | Target::PullStall => {
+                relay.stall();
+                std::thread::sleep(STALL);
+                relay.resume();
             }
-        } else {
-            trial.missed = true;
+            // A service manager starts a killed daemon again; the client reconnects to it.
+            _ if target.kills_daemon() => {
+                daemon.kill9();
+                daemon.restart()?;
+            }
+            _ => run.kill9(),
         }
-        let killed = run.wait(RUN_LIMIT);
-        if target.kills_daemon() && daemon.pid().is_none() {
-            daemon.restart()?;
-        }
-        let killed = match killed {
+        let first = match run.wait(RUN_LIMIT) {
             Ok(k) => k,
             Err(e) => {
-                trial.failure = Some(format!("the killed run: {e}"));
+                trial.failure = Some(format!("the faulty run: {e}"));
                 let _ = relay.finish();
                 return Ok(trial);
             }
         };
-        // A sync that failed for another reason than the kill is a finding too.
-        if trial.missed && !killed.ok() {
-            trial.failure = Some(format!("failed without a fault: {}", killed.stderr.trim()));
+        trial.reconnects += first.reconnects;
+        if reset_mb.is_some() {
+            trial.missed = first.reconnects == 0;
+        }
+        // A killed client needs a rerun, and so does a run whose daemon died before the
+        // session opened (a peer never reached is not retried); network faults the run must
+        // ride out itself.
+        let killed = !trial.missed && !target.network();
+        if !killed && !first.ok() {
+            let why = if trial.missed {
+                "failed without a fault"
+            } else {
+                "did not ride out the fault"
+            };
+            trial.failure = Some(format!("{why}: {}", first.stderr.trim()));
             let _ = relay.finish();
             return Ok(trial);
         }
         // A kill that came after the end leaves a finished run; else rerun until success.
-        let mut last: Option<Finished> = Some(killed).filter(Finished::ok);
+        let mut last: Option<Finished> = Some(first).filter(Finished::ok);
         while last.as_ref().is_none_or(|f| !f.ok()) && trial.reruns < MAX_RERUNS {
             trial.reruns += 1;
             let log = self.log(&format!("rerun{}", trial.reruns));
-            let rerun = SyncRun::spawn(self.sync_cmd(relay.port, push, &faulty), &log)?;
+            let rerun = SyncRun::spawn(self.sync_cmd(relay.port, target, &faulty), &log)?;
             match rerun.wait(RUN_LIMIT) {
-                Ok(f) => last = Some(f),
+                Ok(f) => {
+                    trial.reconnects += f.reconnects;
+                    last = Some(f)
+                }
                 Err(e) => {
                     trial.failure = Some(format!("rerun {}: {e}", trial.reruns));
                     break;

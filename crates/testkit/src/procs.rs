@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The daemon notices a client behind a stalled path after this long (its default is
+/// minutes): until then that session's destination lock stands.
+const DAEMON_IDLE: &str = "idle_timeout_secs = 5\n";
+
 /// Token of the daemons this kit starts.
 pub const TOKEN: &str = "cutover-testkit-token-0123456789abcdef";
 
@@ -60,7 +64,7 @@ impl Daemon {
         let port = free_port()?;
         let config = dir.join("serve.toml");
         let text = format!(
-            "listen = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\n[[module]]\nname = \"m\"\npath = {:?}\n[[module.allow]]\ntoken_file = {:?}\naccess = \"read-write\"\n",
+            "listen = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n{DAEMON_IDLE}\n[[module]]\nname = \"m\"\npath = {:?}\n[[module.allow]]\ntoken_file = {:?}\naccess = \"read-write\"\n",
             dir.join("state"),
             module,
             token
@@ -152,7 +156,8 @@ pub fn tail(path: &Path, n: usize) -> String {
     String::from_utf8_lossy(&text[text.len().saturating_sub(n)..]).into_owned()
 }
 
-/// `wanem.py` with no delay and no caps, in front of a port: it counts the bytes each way.
+/// `wanem.py` with no delay and no caps, in front of a port: it counts the bytes each way,
+/// and can reset connections or stall them all.
 pub struct Relay {
     child: Child,
     stats: PathBuf,
@@ -161,6 +166,17 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(wanem: &Path, dir: &Path, target: u16) -> Result<Relay, FaultError> {
+        Relay::start_with(wanem, dir, target, None)
+    }
+
+    /// A relay that resets every connection with a TCP RST after a random 0.5-1.5 ×
+    /// `reset_mb` MB (wanem's `--reset-mb`).
+    pub fn start_with(
+        wanem: &Path,
+        dir: &Path,
+        target: u16,
+        reset_mb: Option<f64>,
+    ) -> Result<Relay, FaultError> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stats = dir.join(format!("relay-{n}.json"));
@@ -170,6 +186,7 @@ impl Relay {
             .args(["--listen", "127.0.0.1:0", "--target"])
             .arg(format!("127.0.0.1:{target}"))
             .args(["--rtt-ms", "0", "--flow-mbps", "0", "--total-mbps", "0"])
+            .args(reset_mb.map(|mb| format!("--reset-mb={mb}")))
             .arg("--stats")
             .arg(&stats)
             .arg("--port-file")
@@ -197,8 +214,24 @@ impl Relay {
         Ok(Relay { child, stats, port })
     }
 
+    /// Freeze every connection: no data, no FIN, no RST (SIGSTOP); new connections queue in
+    /// the kernel unanswered, as behind a dead route.
+    pub fn stall(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// Let it carry data again.
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), sig);
+    }
+
     /// Stop it; the bytes it carried both ways.
     pub fn finish(mut self) -> Result<u64, FaultError> {
+        self.resume();
         let _ = rustix::process::kill_process(
             rustix::process::Pid::from_child(&self.child),
             rustix::process::Signal::TERM,
@@ -218,12 +251,25 @@ pub struct Finished {
     pub status: ExitStatus,
     pub seconds: f64,
     pub stderr: String,
+    /// Sessions the run opened again after one broke (its JSON summary's `reconnects`).
+    pub reconnects: u64,
 }
 
 impl Finished {
     pub fn ok(&self) -> bool {
         self.status.success()
     }
+}
+
+/// `reconnects` of the last summary event in a `--json` output (0 when there is none).
+fn reconnects_in(json_lines: &str) -> u64 {
+    json_lines
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "summary")
+        .and_then(|v| v["reconnects"].as_u64())
+        .unwrap_or(0)
 }
 
 /// A `cutover sync` in the background; stderr to a file, its JSON events beside it.
@@ -289,10 +335,12 @@ impl SyncRun {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        let json = fs::read_to_string(self.stderr.with_extension("json")).unwrap_or_default();
         Ok(Finished {
             status,
             seconds: self.started.elapsed().as_secs_f64(),
             stderr: tail(&self.stderr, 2000),
+            reconnects: reconnects_in(&json),
         })
     }
 }

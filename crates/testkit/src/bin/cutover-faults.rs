@@ -3,14 +3,20 @@
 
 use clap::Parser;
 use std::path::PathBuf;
-use testkit::kills::{self, Options};
+use testkit::kills::{self, Options, Target};
 
 #[derive(Parser)]
-#[command(about = "Kill cutover syncs and daemons at random moments; check every rerun ends exact")]
+#[command(
+    about = "Kill cutover syncs and daemons, reset and stall their connections at random moments; check every run ends exact"
+)]
 struct Args {
-    /// Trials, each with one SIGKILL at a random moment.
+    /// Trials, each with one fault at a random moment.
     #[arg(long, default_value_t = 20)]
     kills: usize,
+    /// Which faults: kill (SIGKILL of client or daemon, push or pull), network (connections
+    /// reset after random amounts of data; the path frozen past the idle timeout), or all.
+    #[arg(long, default_value = "kill", value_parser = ["kill", "network", "all"])]
+    faults: String,
     /// Seed of the kill moments, targets and edits (same seed, same trials).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -42,6 +48,11 @@ fn main() {
         shared: abs(a.shared),
         work: abs(a.work),
         kills: a.kills,
+        targets: match a.faults.as_str() {
+            "kill" => Target::KILLS.to_vec(),
+            "network" => Target::NETWORK.to_vec(),
+            _ => [Target::KILLS, Target::NETWORK].concat(),
+        },
         seed: a.seed,
         scale: a.scale,
         big_mb: a.big_mb,
