@@ -266,9 +266,9 @@ fn ctrl_c_exits_130_and_a_rerun_completes() {
 
 /// `../shared/wanem.py` relaying to `target_port`, resetting every connection after about
 /// `reset_mb` MB (uniformly 0.5x to 1.5x); stopped (and its byte counts written) on drop.
-struct Resetter {
+pub(crate) struct Resetter {
     child: std::process::Child,
-    port: u16,
+    pub(crate) port: u16,
     stats: std::path::PathBuf,
 }
 
@@ -282,7 +282,7 @@ impl Drop for Resetter {
 impl Resetter {
     // The child lives in the returned value and is reaped by `finish` or `Drop`.
     #[allow(clippy::zombie_processes)]
-    fn start(dir: &std::path::Path, target_port: u16, reset_mb: &str) -> Resetter {
+    pub(crate) fn start(dir: &std::path::Path, target_port: u16, reset_mb: &str) -> Resetter {
         let wanem = mkdata_path().with_file_name("wanem.py");
         let port_file = dir.join("wanem-port");
         let stats = dir.join("wanem-stats.json");
@@ -330,7 +330,7 @@ impl Resetter {
     }
 
     /// Stop it and return (bytes client to daemon, connections reset).
-    fn finish(mut self) -> (u64, u64) {
+    pub(crate) fn finish(mut self) -> (u64, u64) {
         let _ = rustix::process::kill_process(
             rustix::process::Pid::from_child(&self.child),
             rustix::process::Signal::TERM,

@@ -68,3 +68,34 @@ fn missing_remote_cutover_and_failing_ssh_are_explained() {
     assert_one_line_error(&out, &["ssh failed", "refused"]);
     assert!(!t.path().join("dst").exists());
 }
+
+/// ssh connections reset by the path (each after 2-6 MB): the run logs in again and resumes,
+/// as it does with a daemon.
+#[test]
+fn reset_ssh_connections_are_reconnected_and_the_push_finishes() {
+    let t = tmp();
+    let sshd = Sshd::start(&t.path().join("sshd"));
+    let src = t.path().join("src");
+    write(&src.join("big.bin"), random_bytes(12, 24 << 20));
+    let remote = t.path().join("remote");
+    let relay = crate::resume::Resetter::start(t.path(), sshd.port, "4");
+    let rsh = sshd
+        .rsh()
+        .replace(&format!("-p {}", sshd.port), &format!("-p {}", relay.port));
+    let out = sync_json(&[
+        "-e",
+        &rsh,
+        "--remote-cutover",
+        bin(),
+        "-j",
+        "2",
+        &slash(&src),
+        &format!("127.0.0.1:{}/", s(&remote)),
+    ]);
+    out.ok();
+    let (_, resets) = relay.finish();
+    assert!(resets > 0, "the relay never reset a connection");
+    assert!(out.stat("reconnects") >= 1, "{out}");
+    assert_same(&src, &remote);
+    assert!(partials_in(&remote).is_empty(), "partial file left behind");
+}
