@@ -143,7 +143,7 @@ fn checksum_sends_only_files_whose_content_differs() {
 
 /// Change one byte of `path` at `at`, keeping its size and mtime: a change only a content
 /// comparison can see.
-fn corrupt_behind_size_and_mtime(path: &Path, at: usize) {
+pub(crate) fn corrupt_behind_size_and_mtime(path: &Path, at: usize) {
     let mut bytes = std::fs::read(path).unwrap();
     bytes[at] ^= 0xff;
     let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
