@@ -9,9 +9,10 @@ use crate::security::SecurityArgs;
 use crate::sync::{parse_rate, run_job, SyncJob};
 use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
 use ::plan::{
-    BoxFuture, Echo, KeyError, Kind, PassContext, PassStats, Plan, TaskLog, TaskRunner, TaskSpec,
+    BoxFuture, Echo, KeyError, Kind, Mismatch, PassContext, PassStats, Plan, TaskLog, TaskRunner,
+    TaskSpec,
 };
-use engine::{Event, Events, Stats};
+use engine::{Action, Event, Events, Stats};
 use net::client::Connections;
 use proto::{FilterRule, SyncOptions};
 use serde_json::json;
@@ -294,8 +295,40 @@ pub fn job_for(
             token_file: t.token_file.as_ref().map(|f| base_dir.join(f)),
             ..SecurityArgs::default()
         },
-        rsh: std::env::var("CUTOVER_RSH").unwrap_or_else(|_| "ssh".into()),
-        remote_cutover: "cutover".into(),
+        rsh: rsh_of(t),
+        remote_cutover: t.remote_cutover.clone().unwrap_or_else(|| "cutover".into()),
+    })
+}
+
+/// A task's ssh command: its `rsh`, else `$CUTOVER_RSH`, else `ssh` (as `cutover sync -e`).
+fn rsh_of(t: &TaskSpec) -> String {
+    t.rsh
+        .clone()
+        .or_else(|| std::env::var("CUTOVER_RSH").ok())
+        .unwrap_or_else(|| "ssh".into())
+}
+
+/// The command line that runs `command` on an ssh destination's host with the transferred
+/// file on its stdin: `sh -c COMMAND < FILE` for the remote shell, where FILE is `path`, or
+/// the spool file's name in it when `path` is a directory there (as `cutover sync` lands it).
+fn remote_feed_command(command: &str, path: &str, spool_name: &str) -> Result<String, String> {
+    let q = |s: &str| {
+        shlex::try_quote(s).map(|q| q.into_owned()).map_err(|e| {
+            format!("destination_command: cannot quote {s:?} for the remote shell: {e}")
+        })
+    };
+    let path = if path.is_empty() { "." } else { path };
+    let into_dir = format!("{}/{spool_name}", path.trim_end_matches('/'));
+    Ok(if path.ends_with('/') || path == "." {
+        format!("sh -c {} < {}", q(command)?, q(&into_dir)?)
+    } else {
+        // Decided there: only the remote knows whether the path is a directory.
+        format!(
+            "f={}; if [ -d \"$f\" ]; then f={}; fi; sh -c {} < \"$f\"",
+            q(path)?,
+            q(&into_dir)?,
+            q(command)?
+        )
     })
 }
 
@@ -315,6 +348,9 @@ struct TaskEvents {
     log: TaskLog,
     dry_run: bool,
     would: std::sync::Mutex<(u64, u64, u64)>,
+    /// With `collect_sent`: the paths sent or created (what `verify_mode = "transferred"`
+    /// checks).
+    sent: Option<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Events for TaskEvents {
@@ -322,6 +358,13 @@ impl Events for TaskEvents {
         match ev {
             Event::Item { path, action, size } => {
                 let would = if self.dry_run { "would " } else { "" };
+                if let (Some(sent), Action::Send | Action::Delta | Action::Create) =
+                    (&self.sent, action)
+                {
+                    sent.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(path.clone());
+                }
                 if self.dry_run {
                     let mut w = self.would.lock().unwrap_or_else(|p| p.into_inner());
                     match action.as_str() {
@@ -354,6 +397,60 @@ impl Events for TaskEvents {
     }
 }
 
+/// The engine's events during `verify_mode`'s comparison (a dry run with checksum): every
+/// entry it lists is a difference between the two sides.
+struct CheckEvents {
+    log: TaskLog,
+    found: std::sync::Mutex<Vec<Mismatch>>,
+}
+
+impl Events for CheckEvents {
+    fn event(&self, ev: Event) {
+        match ev {
+            Event::Item { path, action, .. } => {
+                let reason = match action {
+                    Action::Delta => "content differs",
+                    Action::Send => "missing on the destination, or of another size",
+                    Action::Create => {
+                        "missing or different on the destination (a directory, link or special file)"
+                    }
+                    Action::Delete => "only on the destination (the task has delete = true)",
+                    Action::Meta => {
+                        // Same content: not a mismatch of what verify_mode compares.
+                        self.log
+                            .line(&format!("verify: same content, other metadata: {path}"));
+                        return;
+                    }
+                };
+                self.found
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Mismatch {
+                        path,
+                        reason: reason.into(),
+                    });
+            }
+            Event::Error { message } => self.log.line(&format!("verify: error: {message}")),
+            Event::Changed { path, reason } => self
+                .log
+                .line(&format!("verify: changed while read: {path}: {reason}")),
+            Event::FileDone { .. } => {}
+            // The comparison starts over in a new session, which lists every difference again.
+            Event::Retry {
+                attempt,
+                wait,
+                reason,
+            } => {
+                self.found.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.log.line(&format!(
+                    "verify: retry {attempt} in {:.0} s: {reason}",
+                    wait.as_secs_f64().ceil()
+                ));
+            }
+        }
+    }
+}
+
 /// Aborts the progress ticker when the pass ends or is dropped (Ctrl-C).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -376,11 +473,21 @@ impl TaskRunner for CliRunner {
                 Some(Err(message)) => return Err(KeyError { key, message }),
             }
         }
-        if t.destination_command.is_some() && remote > 0 {
-            return Err(KeyError {
-                key: "destination_command",
-                message: "needs a local destination for now (run it on the destination host yourself, e.g. in a post_final hook)".into(),
-            });
+        if t.destination_command.is_some() {
+            if let Ok(Endpoint::Daemon { addr, .. }) = Endpoint::parse(&t.destination) {
+                return Err(KeyError {
+                    key: "destination_command",
+                    message: format!("cannot run on the daemon destination {addr}: a daemon never runs commands; write the destination as [user@]host:PATH (ssh) so it runs there, or run it on that host in a post_final hook"),
+                });
+            }
+        }
+        if let Some(rsh) = &t.rsh {
+            if shlex::split(rsh).is_none_or(|a| a.is_empty()) {
+                return Err(KeyError {
+                    key: "rsh",
+                    message: format!("{rsh:?} is not a command line (unbalanced quotes?)"),
+                });
+            }
         }
         if remote == 2 {
             return Err(KeyError {
@@ -400,6 +507,15 @@ impl TaskRunner for CliRunner {
                 let message = m.split_once(": ").map(|x| x.1).unwrap_or(&m).to_string();
                 KeyError { key, message }
             })
+    }
+
+    fn verify(
+        &self,
+        t: TaskSpec,
+        ctx: PassContext,
+        only: Option<Vec<String>>,
+    ) -> BoxFuture<Result<Vec<Mismatch>, String>> {
+        verify_task(t, ctx, only)
     }
 
     fn run_pass(&self, t: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>> {
@@ -422,6 +538,7 @@ impl TaskRunner for CliRunner {
                 log: ctx.log.clone(),
                 dry_run: ctx.dry_run,
                 would: Default::default(),
+                sent: ctx.collect_sent.then(Default::default),
             });
             let st = stats.clone();
             let sink = ctx.progress.clone();
@@ -442,14 +559,49 @@ impl TaskRunner for CliRunner {
                 ctx.kind.as_str(),
                 s.errors.is_empty(),
             ) {
-                ::plan::spool::feed(cmd, &ctx.base_dir, &landed(&job.dst, &ctx.spool), &ctx.log)
-                    .await?;
+                match Endpoint::parse(&job.dst) {
+                    Ok(Endpoint::Ssh { dest, path }) => {
+                        let name = ctx
+                            .spool
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        let remote = remote_feed_command(cmd, &path, &name)?;
+                        let mut argv = shlex::split(&job.rsh)
+                            .filter(|a| !a.is_empty())
+                            .ok_or_else(|| format!("rsh {:?}: not a command line", job.rsh))?;
+                        argv.push(dest);
+                        argv.push(remote);
+                        ::plan::spool::feed_remote(&argv, &ctx.base_dir, &ctx.log).await?;
+                    }
+                    Ok(Endpoint::Local { .. }) => {
+                        ::plan::spool::feed(
+                            cmd,
+                            &ctx.base_dir,
+                            &landed(&job.dst, &ctx.spool),
+                            &ctx.log,
+                        )
+                        .await?
+                    }
+                    // `check` refuses it before any pass; a plan cannot get here.
+                    _ => {
+                        return Err(
+                            "destination_command: a daemon destination never runs commands".into(),
+                        )
+                    }
+                }
             }
             if ctx.dry_run {
                 let w = *events.would.lock().unwrap_or_else(|p| p.into_inner());
                 (s.files_sent, s.files_meta_only, s.bytes_logical, s.deleted) = (w.0, 0, w.1, w.2);
             }
+            let sent = events
+                .sent
+                .as_ref()
+                .map(|m| std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())))
+                .unwrap_or_default();
             Ok(PassStats {
+                sent,
                 entries_scanned: s.entries_scanned,
                 files_changed: s.files_sent + s.files_meta_only,
                 bytes_changed: s.bytes_logical,
@@ -462,6 +614,41 @@ impl TaskRunner for CliRunner {
             })
         })
     }
+}
+
+/// `verify_mode`: the task's sync as a dry run with `checksum`, which lists exactly the
+/// entries that differ (same-size files compared by their hashes on both sides), as the
+/// task's final pass saw source and destination (same filters, `delete` for extra entries).
+fn verify_task(
+    t: TaskSpec,
+    ctx: PassContext,
+    only: Option<Vec<String>>,
+) -> BoxFuture<Result<Vec<Mismatch>, String>> {
+    Box::pin(async move {
+        let mut job = job_for(&t, &ctx.base_dir, true, &ctx.spool)?;
+        job.options.checksum = true;
+        job.options.whole_file = false;
+        // A dry run deletes nothing; extra entries are listed, never counted against a limit.
+        job.options.max_delete = None;
+        let events = Arc::new(CheckEvents {
+            log: ctx.log.clone(),
+            found: Default::default(),
+        });
+        let (s, _) = run_job(&job, events.clone(), Arc::new(Stats::default())).await?;
+        if let Some(first) = s.errors.first() {
+            return Err(format!(
+                "{} error(s) while comparing; first: {first}",
+                s.errors.len()
+            ));
+        }
+        let found = std::mem::take(&mut *events.found.lock().unwrap_or_else(|p| p.into_inner()));
+        // "transferred": the comparison covered everything; keep what the final pass sent.
+        let only: Option<std::collections::HashSet<String>> = only.map(|v| v.into_iter().collect());
+        Ok(found
+            .into_iter()
+            .filter(|m| only.as_ref().is_none_or(|o| o.contains(&m.path)))
+            .collect())
+    })
 }
 
 fn ago(ms: i64) -> String {
@@ -659,6 +846,23 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_destination_commands_read_the_landed_file_there() {
+        assert_eq!(
+            remote_feed_command("pg_restore -d app", "/srv/new/", "db").unwrap(),
+            "sh -c 'pg_restore -d app' < /srv/new/db"
+        );
+        assert_eq!(
+            remote_feed_command("cat > x", "", "db").unwrap(),
+            "sh -c 'cat > x' < ./db"
+        );
+        // Without a slash only the remote knows whether it is a directory.
+        assert_eq!(
+            remote_feed_command("restore", "dumps/app dump", "db").unwrap(),
+            "f='dumps/app dump'; if [ -d \"$f\" ]; then f='dumps/app dump/db'; fi; sh -c restore < \"$f\""
+        );
+    }
 
     #[test]
     fn relative_local_paths_are_taken_from_the_plan_directory() {

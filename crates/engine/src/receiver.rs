@@ -242,6 +242,9 @@ struct Shared {
     devices: bool,
     report: Mutex<ReceiverReport>,
     stats: Arc<Stats>,
+    /// A dry run with `checksum`: files the sender is comparing (`Need::Compare`), with
+    /// what to report when its answer comes: (path, size, metadata differs).
+    compares: Mutex<HashMap<u64, (String, u64, bool)>>,
 }
 
 pub async fn run_receiver(
@@ -279,6 +282,7 @@ pub async fn run_receiver(
         devices: dest.devices,
         report: Mutex::new(ReceiverReport::default()),
         stats: stats.clone(),
+        compares: Mutex::new(HashMap::new()),
     });
     let filter = Filter::new(&opts.filters)?;
     if !opts.dry_run {
@@ -327,7 +331,8 @@ pub async fn run_receiver(
             } => {
                 // An honest sender keeps at most IN_FLIGHT_ENTRIES unfinished; a peer that
                 // lists without ever sending would otherwise grow this side's memory at will.
-                let in_flight = lock(&shared.files).len() + entries.len();
+                let in_flight =
+                    lock(&shared.files).len() + lock(&shared.compares).len() + entries.len();
                 if in_flight > RECEIVER_FILES_LIMIT {
                     break Err(EngineError::Protocol(format!(
                         "the sender has {in_flight} files in flight, more than the {RECEIVER_FILES_LIMIT} a receiver holds"
@@ -425,6 +430,34 @@ pub async fn run_receiver(
                     finish_file(shared.clone(), id).await;
                 }
             }
+            Msg::Same { id } | Msg::Differs { id } if opts.dry_run => {
+                // The sender's answer to a `Need::Compare`: only now is it known whether
+                // the entry would change.
+                let Some((path, size, meta)) = lock(&shared.compares).remove(&id) else {
+                    break Err(EngineError::Protocol(format!(
+                        "an answer for file {id}, which is not being compared"
+                    )));
+                };
+                if matches!(msg, Msg::Differs { .. }) {
+                    events.event(Event::Item {
+                        path,
+                        action: Action::Delta,
+                        size,
+                    });
+                } else if meta {
+                    summary.files_meta_only += 1;
+                    events.event(Event::Item {
+                        path,
+                        action: Action::Meta,
+                        size,
+                    });
+                }
+            }
+            Msg::Differs { id } => {
+                break Err(EngineError::Protocol(format!(
+                    "`Differs` for file {id} outside a dry run"
+                )));
+            }
             Msg::Same { id } => {
                 let f = lock(&shared.files).remove(&id);
                 if let Some(f) = f {
@@ -453,6 +486,12 @@ pub async fn run_receiver(
                 let _ = fail_file(&shared, id, reason).await;
             }
             Msg::EndOfList { .. } => {
+                let open = lock(&shared.compares).len();
+                if open > 0 {
+                    break Err(EngineError::Protocol(format!(
+                        "the list ended with {open} comparisons unanswered"
+                    )));
+                }
                 let errors = !problems.errors.lock().map(|e| e.is_empty()).unwrap_or(true);
                 let s = shared.clone();
                 let ev = events.clone();
@@ -1604,10 +1643,31 @@ impl WalkState {
             Some(_) => Need::Chunks,
         };
         if dry {
-            let action = if need == Need::Full {
-                Action::Send
-            } else {
-                Action::Delta
+            // With --checksum a dry run is exact: a file of the same size is compared by its
+            // hashes (the sender reads its copy and answers `Same` or `Differs`), so only
+            // files whose content differs are listed. Other cases need no hashes to know.
+            if shared.opts.checksum {
+                let comparable = existing
+                    .as_ref()
+                    .filter(|m| (m.is_file() && m.size() == entry.size) || (device && volume));
+                if let Some(md) = comparable {
+                    let meta = meta_only(md, here()?, &entry, apply, true)? == Need::Meta;
+                    lock(&shared.compares).insert(id, (path.clone(), size, meta));
+                    let sig = SigJob {
+                        id,
+                        rel: entry.path.clone(),
+                        basis: Basis::Target,
+                        positional: true,
+                        source_size: size,
+                    };
+                    return Ok((Need::Compare { meta }, Some(sig), None));
+                }
+            }
+            let (need, action) = match need {
+                Need::Full => (Need::Full, Action::Send),
+                // Positional means "a signature follows" in a dry run with --checksum.
+                _ if shared.opts.checksum => (Need::Chunks, Action::Delta),
+                other => (other, Action::Delta),
             };
             return Ok((need, None, item(action)));
         }

@@ -84,6 +84,12 @@ enum Internal {
     Fatal(String),
     /// A data connection broke: the session ends, and a rerun resumes.
     Lost(String),
+    /// A dry run's comparison (`Need::Compare`) is done; `error` says why it could not read.
+    Compared {
+        id: u64,
+        same: bool,
+        error: Option<String>,
+    },
 }
 
 struct Ctx {
@@ -182,6 +188,10 @@ pub async fn run_sender(
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let mut rescans: Vec<(ScanItem, u32)> = Vec::new();
     let mut retries_by_id: HashMap<u64, u32> = HashMap::new();
+    // Dry run with --checksum: files waiting for the receiver's hashes (`Need::Compare`),
+    // then being compared: (item, metadata differs).
+    let mut compare_wait: HashMap<u64, (ScanItem, bool)> = HashMap::new();
+    let mut comparing: HashMap<u64, (ScanItem, bool)> = HashMap::new();
 
     let result: Result<(), EngineError> = loop {
         // Re-list files that must be sent again, one small batch each.
@@ -216,6 +226,8 @@ pub async fn run_sender(
             && awaiting_sig.is_empty()
             && transfers.is_empty()
             && small.is_empty()
+            && compare_wait.is_empty()
+            && comparing.is_empty()
         {
             end_sent = true;
             let _ = ctx
@@ -277,12 +289,20 @@ pub async fn run_sender(
                         if listed.len() != needs.len() {
                             break Err(EngineError::Protocol(format!("batch {batch}: {} needs for {} entries", needs.len(), listed.len())));
                         }
+                        let mut violation = None;
                         for ((id, item), need) in listed.into_iter().zip(needs) {
                             let retries = retries_by_id.remove(&id).unwrap_or(0);
                             let path = display(&item.entry.path);
                             let size = item.entry.size;
                             match need {
                                 Need::Skip => in_flight -= 1,
+                                Need::Compare { meta } => {
+                                    if !(opts.dry_run && opts.checksum) {
+                                        violation = Some(format!("{path}: a comparison outside a dry run with --checksum"));
+                                        break;
+                                    }
+                                    compare_wait.insert(id, (item, meta));
+                                }
                                 Need::Meta | Need::Created => {
                                     summary.files_meta_only += u64::from(need == Need::Meta);
                                     events.event(Event::Item { path, action: if need == Need::Meta { Action::Meta } else { Action::Create }, size });
@@ -319,11 +339,20 @@ pub async fn run_sender(
                                 }
                             }
                         }
+                        if let Some(v) = violation {
+                            break Err(EngineError::Protocol(v));
+                        }
                         if !small.is_empty() {
                             small_bytes = 0;
                             if small_tx.send(std::mem::take(&mut small)).is_err() {
                                 break Err(EngineError::Local("data connections are gone".into()));
                             }
+                        }
+                    }
+                    Msg::Signature { id, signature } if compare_wait.contains_key(&id) => {
+                        if let Some((item, meta)) = compare_wait.remove(&id) {
+                            comparing.insert(id, (item.clone(), meta));
+                            tokio::spawn(compare(ctx.clone(), id, item, signature));
                         }
                     }
                     Msg::Signature { id, signature } => {
@@ -399,6 +428,24 @@ pub async fn run_sender(
                     }
                     Internal::Fatal(message) => break Err(EngineError::Local(message)),
                     Internal::Lost(message) => break Err(EngineError::Transport(message)),
+                    Internal::Compared { id, same, error } => {
+                        let Some((item, meta)) = comparing.remove(&id) else { continue };
+                        in_flight -= 1;
+                        if let Some(e) = error { problems.error(&*events, e); }
+                        let (path, size) = (display(&item.entry.path), item.entry.size);
+                        let answer = if same { Msg::Same { id } } else { Msg::Differs { id } };
+                        if ctx.control.send(answer).await.is_err() {
+                            break Err(EngineError::Peer("control connection closed".into()));
+                        }
+                        if !same {
+                            events.event(Event::Item { path, action: Action::Delta, size });
+                            Stats::add(&stats.files_to_send, 1);
+                            Stats::add(&stats.bytes_to_send, size);
+                        } else if meta {
+                            summary.files_meta_only += 1;
+                            events.event(Event::Item { path, action: Action::Meta, size });
+                        }
+                    }
                 }
             }
         }
@@ -978,6 +1025,42 @@ async fn run_delta(ctx: Arc<Ctx>, id: u64, item: ScanItem, signature: Signature)
             frames,
             digest: plan.digest,
         })
+        .await;
+}
+
+/// A dry run with --checksum: compare the source's content with the receiver's hashes of
+/// its file (`Need::Compare`) and tell the main loop whether they are the same. A file that
+/// cannot be read counts as differing (and is reported).
+async fn compare(ctx: Arc<Ctx>, id: u64, item: ScanItem, signature: Signature) {
+    let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+        let Signature::Positional {
+            basis_size,
+            block,
+            hashes,
+        } = signature
+        else {
+            return Ok(false); // the receiver could not read its file
+        };
+        let big = open_big(id, &item).map_err(|(why, _)| why)?;
+        if basis_size != big.size || block as usize != LEAF {
+            return Ok(false);
+        }
+        let (leaves, _) = read_leaves(&big).map_err(|e| format!("{}: {e}", big.display))?;
+        Ok(leaves.len() == hashes.len()
+            && leaves
+                .iter()
+                .map(chunk::truncate)
+                .eq(hashes.iter().copied()))
+    })
+    .await;
+    let (same, error) = match r {
+        Ok(Ok(same)) => (same, None),
+        Ok(Err(e)) => (false, Some(e)),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    let _ = ctx
+        .internal
+        .send(Internal::Compared { id, same, error })
         .await;
 }
 

@@ -94,6 +94,32 @@ fn default_parallel() -> usize {
     4
 }
 
+/// `verify_mode`: after the final pass, which files' content hashes are compared on both
+/// sides (AWS DataSync's `VerifyMode`: ONLY_FILES_TRANSFERRED, POINT_IN_TIME_CONSISTENT, NONE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// The files the final pass sent (DataSync's default, and ours).
+    Transferred,
+    /// Every file of the task.
+    Full,
+    /// No comparison.
+    None,
+}
+
+impl VerifyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::Transferred => "transferred",
+            VerifyMode::Full => "full",
+            VerifyMode::None => "none",
+        }
+    }
+}
+
+/// What `verify_mode` is when neither the task nor the plan sets it.
+pub const DEFAULT_VERIFY_MODE: VerifyMode = VerifyMode::Transferred;
+
 /// The whole plan file as written (after defaults).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +138,10 @@ pub struct PlanFile {
     /// aims for this.
     #[serde(default)]
     pub target_downtime: Option<String>,
+    /// The default `verify_mode` of every task (a task's own key wins). Skipped when unset,
+    /// so plans written before the key keep their fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_mode: Option<VerifyMode>,
     #[serde(default, rename = "task")]
     pub tasks: Vec<TaskSpec>,
     /// Run by `cutover plan cutover` before the final pass (stop the app, freeze the DB).
@@ -130,15 +160,20 @@ pub struct PlanFile {
     pub on_failure: Vec<HookSpec>,
 }
 
-/// A `[[pre_final]]` or `[[post_final]]` hook: a shell command with a timeout.
+/// A hook: a shell command with a timeout, or (notify hooks only) a webhook.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookSpec {
-    /// For logs (default: the command).
+    /// For logs (default: the command, or the webhook's scheme and host).
     #[serde(default)]
     pub name: Option<String>,
-    /// Run with `sh -c`, in the plan file's directory.
-    pub command: String,
+    /// Run with `sh -c`, in the plan file's directory. (Optional only so that a notify hook
+    /// can be a webhook instead; serialised as before when set.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Notify hooks: POST the run's report (JSON) to this http:// or https:// URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
     /// Kill it (its whole process group) after this long; default 5m.
     #[serde(default)]
     pub timeout: Option<String>,
@@ -152,9 +187,31 @@ pub struct HookSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hook {
     pub name: String,
-    pub command: String,
+    pub run: HookRun,
     pub timeout: Duration,
     pub err_is_fatal: bool,
+}
+
+/// What a hook does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HookRun {
+    /// `sh -c COMMAND` in the plan's directory.
+    Command(String),
+    /// POST the report (JSON) to this URL (notify hooks).
+    Webhook(String),
+}
+
+/// A webhook URL as logs may show it: scheme and host only (the path and query of a
+/// webhook often hold its secret).
+pub fn webhook_shown(url: &str) -> String {
+    match url.parse::<ureq::http::Uri>() {
+        Ok(u) => format!(
+            "{}://{}",
+            u.scheme_str().unwrap_or("?"),
+            u.authority().map(|a| a.as_str()).unwrap_or("?")
+        ),
+        Err(_) => "?".into(),
+    }
 }
 
 /// Hooks run this long at most unless they say otherwise.
@@ -185,6 +242,11 @@ pub struct TaskSpec {
     /// After the final pass: two commands whose outputs must be identical.
     #[serde(default)]
     pub verify: Option<VerifySpec>,
+    /// After the final pass: compare content hashes of what it sent, of everything, or
+    /// nothing (default: the plan's `verify_mode`, else "transferred"). Skipped when unset,
+    /// so plans written before the key keep their fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_mode: Option<VerifyMode>,
     #[serde(default)]
     pub depends_on: Vec<String>,
     #[serde(default)]
@@ -218,6 +280,13 @@ pub struct TaskSpec {
     /// Pin the daemon's certificate (`sha256:HEX`), for `cutover://` endpoints.
     #[serde(default)]
     pub server_fingerprint: Option<String>,
+    /// How to reach `[user@]host:PATH` endpoints (`-e/--rsh`; default `$CUTOVER_RSH`, else
+    /// `ssh`); a `destination_command` on an ssh destination runs through it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rsh: Option<String>,
+    /// The cutover program on the far side of an ssh endpoint (`--remote-cutover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_cutover: Option<String>,
 }
 
 /// `verify = { source = "…", destination = "…" }`: run both after the final pass (with
@@ -251,6 +320,8 @@ pub struct Plan {
     pub parallel: usize,
     pub state_dir: PathBuf,
     pub target_downtime: Option<Duration>,
+    /// The plan's default `verify_mode` (see [`Plan::verify_mode`] for a task's).
+    pub verify_mode: VerifyMode,
     pub tasks: Vec<TaskSpec>,
     pub pre_final: Vec<Hook>,
     pub post_final: Vec<Hook>,
@@ -366,6 +437,7 @@ impl Plan {
             ),
             base_dir,
             target_downtime: None,
+            verify_mode: file.verify_mode.unwrap_or(DEFAULT_VERIFY_MODE),
             tasks: file.tasks.clone(),
             pre_final: Vec::new(),
             post_final: Vec::new(),
@@ -392,12 +464,50 @@ impl Plan {
             let mut hooks = Vec::with_capacity(specs.len());
             for (i, h) in specs.iter().enumerate() {
                 let at = |key| [Seg::Key(section), Seg::Index(i), Seg::Key(key)];
-                if h.command.trim().is_empty() {
-                    return Err(plan.at(
-                        &at("command"),
-                        format!("[[{section}]] command is empty: name the command to run"),
-                    ));
-                }
+                let run = match (&h.command, &h.webhook) {
+                    (Some(_), Some(_)) => {
+                        return Err(plan.at(
+                            &at("webhook"),
+                            format!("[[{section}]] has both command and webhook: give one of them (a second hook can do the other)"),
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(plan.at(
+                            &[Seg::Key(section), Seg::Index(i)],
+                            if notify {
+                                format!("[[{section}]] needs command = \"…\" or webhook = \"https://…\"")
+                            } else {
+                                format!("[[{section}]] needs command = \"…\"")
+                            },
+                        ))
+                    }
+                    (Some(c), None) if c.trim().is_empty() => {
+                        return Err(plan.at(
+                            &at("command"),
+                            format!("[[{section}]] command is empty: name the command to run"),
+                        ))
+                    }
+                    (Some(c), None) => HookRun::Command(c.clone()),
+                    (None, Some(_)) if !notify => {
+                        return Err(plan.at(
+                            &at("webhook"),
+                            format!("[[{section}]] webhook only applies to notify hooks ([[on_success]], [[on_failure]]); here use command = \"curl …\""),
+                        ))
+                    }
+                    (None, Some(url)) => {
+                        let ok = url.parse::<ureq::http::Uri>().is_ok_and(|u| {
+                            matches!(u.scheme_str(), Some("http" | "https"))
+                                && u.host().is_some_and(|h| !h.is_empty())
+                        });
+                        if !ok {
+                            return Err(plan.at(
+                                &at("webhook"),
+                                format!("[[{section}]] webhook = {url:?} is not an http:// or https:// URL with a host"),
+                            ));
+                        }
+                        HookRun::Webhook(url.clone())
+                    }
+                };
                 let timeout = match &h.timeout {
                     Some(t) => parse_duration(t).map_err(|m| {
                         plan.at(&at("timeout"), format!("[[{section}]] timeout = {m}"))
@@ -410,9 +520,13 @@ impl Plan {
                         format!("[[{section}]] err_is_fatal does not apply: a notify hook never changes the run's outcome; remove it"),
                     ));
                 }
+                let name = h.name.clone().unwrap_or_else(|| match &run {
+                    HookRun::Command(c) => c.clone(),
+                    HookRun::Webhook(u) => format!("webhook to {}", webhook_shown(u)),
+                });
                 hooks.push(Hook {
-                    name: h.name.clone().unwrap_or_else(|| h.command.clone()),
-                    command: h.command.clone(),
+                    name,
+                    run,
                     timeout,
                     err_is_fatal: h.err_is_fatal.unwrap_or(true),
                 });
@@ -507,6 +621,8 @@ impl Plan {
                 ("command", &t.command),
                 ("spool", &t.spool),
                 ("destination_command", &t.destination_command),
+                ("rsh", &t.rsh),
+                ("remote_cutover", &t.remote_cutover),
             ] {
                 if empty(v) {
                     return Err(self.task_key(
@@ -633,6 +749,11 @@ impl Plan {
     /// The state store's file.
     pub fn state_db(&self) -> PathBuf {
         self.state_dir.join("state.db")
+    }
+
+    /// A task's `verify_mode`: its own, else the plan's, else "transferred".
+    pub fn verify_mode(&self, t: &TaskSpec) -> VerifyMode {
+        t.verify_mode.unwrap_or(self.verify_mode)
     }
 
     /// Where logs go.
@@ -808,6 +929,40 @@ depends_on = ["a"]
         assert!(
             e.starts_with("dir/move.toml:18: unknown key `err_is_fatl`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn verify_mode_defaults_to_transferred_and_the_plan_can_set_it() {
+        let p = parse(TWO).unwrap();
+        assert_eq!(p.verify_mode(&p.tasks[0]), VerifyMode::Transferred);
+        let p = parse(&format!("verify_mode = \"full\"\n{TWO}").replace(
+            "depends_on = [\"a\"]",
+            "depends_on = [\"a\"]\nverify_mode = \"none\"",
+        ))
+        .unwrap();
+        assert_eq!(p.verify_mode(&p.tasks[0]), VerifyMode::Full);
+        assert_eq!(p.verify_mode(&p.tasks[1]), VerifyMode::None);
+        // Keys a plan does not use leave its fingerprint as it was before they existed.
+        // (The fingerprint hashes this canonical JSON.)
+        let hooked = format!("{TWO}\n[[on_success]]\ncommand = \"true\"\n");
+        let file: PlanFile = toml::from_str(&hooked).unwrap();
+        let canonical = serde_json::to_string(&file).unwrap();
+        for key in ["verify_mode", "webhook", "rsh", "remote_cutover"] {
+            assert!(!canonical.contains(key), "{key} in {canonical}");
+        }
+        assert!(
+            canonical.contains("\"on_success\":[{\"name\":null,\"command\":\"true\",\"timeout\""),
+            "{canonical}"
+        );
+        let w = parse(&format!(
+            "{TWO}\n[[on_success]]\nwebhook = \"https://hooks.example/T0/x\"\n"
+        ))
+        .unwrap();
+        assert_eq!(w.on_success[0].name, "webhook to https://hooks.example");
+        assert_eq!(
+            w.on_success[0].run,
+            HookRun::Webhook("https://hooks.example/T0/x".into())
         );
     }
 

@@ -1,13 +1,14 @@
-//! Hooks (`[[pre_final]]`, `[[post_final]]`): a shell command run in its own process group
-//! with a timeout, output appended to `hooks.log`; on timeout or Ctrl-C the whole group is
-//! killed, so whatever the command started (a `pg_dump`, a `sleep`) dies with it.
+//! Hooks (`[[pre_final]]`, `[[post_final]]`, notify hooks): a shell command run in its own
+//! process group with a timeout, output appended to `hooks.log`; on timeout or Ctrl-C the
+//! whole group is killed, so whatever the command started (a `pg_dump`, a `sleep`) dies with
+//! it. A notify hook may be a webhook instead: its input POSTed as JSON (ureq, rustls).
 
-use crate::file::Hook;
+use crate::file::{webhook_shown, Hook, HookRun};
 use crate::logs::stamp;
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Run `hook` in `dir` with `input` on its stdin; `log` receives its stdout and stderr.
@@ -22,6 +23,33 @@ pub async fn run_hook(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<f64, String> {
     let started = Instant::now();
+    let command = match &hook.run {
+        HookRun::Command(c) => c,
+        HookRun::Webhook(url) => {
+            let r = post_webhook(url, input.unwrap_or_default(), hook.timeout).await;
+            if let Some(path) = log {
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                {
+                    let _ = writeln!(
+                        f,
+                        "{} [{phase}] {}: POST {} ({} bytes): {}",
+                        stamp(state::now_ms()),
+                        hook.name,
+                        webhook_shown(url),
+                        input.map_or(0, |i| i.len()),
+                        match &r {
+                            Ok(status) => format!("answered {status}"),
+                            Err(e) => e.clone(),
+                        }
+                    );
+                }
+            }
+            return r.map(|_| started.elapsed().as_secs_f64());
+        }
+    };
     let (out, err) = match log {
         Some(path) => {
             let mut f = std::fs::OpenOptions::new()
@@ -34,7 +62,7 @@ pub async fn run_hook(
                 "{} [{phase}] {}: sh -c {:?}",
                 stamp(state::now_ms()),
                 hook.name,
-                hook.command
+                command
             );
             let e = f
                 .try_clone()
@@ -45,7 +73,7 @@ pub async fn run_hook(
     };
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
-        .arg(&hook.command)
+        .arg(command)
         .current_dir(dir)
         .env("CUTOVER_PLAN", plan_path)
         .env("CUTOVER_HOOK", phase)
@@ -115,15 +143,47 @@ pub async fn run_hook(
     r
 }
 
+/// POST `body` as JSON to `url` within `timeout` (connecting, sending and reading the answer
+/// together); returns the HTTP status. Any answer outside 2xx is a failure. The URL is shown
+/// in errors by scheme and host only: its path and query often hold the hook's secret.
+pub async fn post_webhook(url: &str, body: &[u8], timeout: Duration) -> Result<u16, String> {
+    let shown = webhook_shown(url);
+    let (url, body) = (url.to_string(), body.to_vec());
+    let post = tokio::task::spawn_blocking(move || {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(true)
+            .build()
+            .new_agent();
+        agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(&body[..])
+            .map(|r| r.status().as_u16())
+    });
+    // ureq's own timeout covers the request; this one also covers a resolver that hangs.
+    match tokio::time::timeout(timeout + Duration::from_secs(1), post).await {
+        Ok(Ok(Ok(status))) => Ok(status),
+        Ok(Ok(Err(ureq::Error::StatusCode(code)))) => {
+            Err(format!("POST {shown}: answered HTTP {code}"))
+        }
+        Ok(Ok(Err(e))) => Err(format!("POST {shown}: {e}")),
+        Ok(Err(e)) => Err(format!("POST {shown}: {e}")),
+        Err(_) => Err(format!(
+            "POST {shown}: no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn hook(command: &str, timeout: Duration) -> Hook {
         Hook {
             name: "t".into(),
-            command: command.into(),
+            run: HookRun::Command(command.into()),
             timeout,
             err_is_fatal: true,
         }
@@ -171,6 +231,57 @@ mod tests {
             .unwrap();
         let got = std::fs::read(dir.path().join("got")).unwrap();
         assert_eq!(got, input);
+    }
+
+    /// A listener on 127.0.0.1 that reads a request and answers `answer` (None: never).
+    fn http_listener(answer: Option<&'static str>) -> u16 {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut c, _)) = l.accept() {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                match answer {
+                    Some(a) => {
+                        let _ = c.write_all(a.as_bytes());
+                    }
+                    None => std::thread::sleep(Duration::from_secs(30)),
+                }
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn webhook_failures_are_one_line_without_the_secret_path() {
+        let port = http_listener(Some(
+            "HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ));
+        let url = format!("http://127.0.0.1:{port}/T0/secret");
+        let e = post_webhook(&url, b"{}", Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e,
+            format!("POST http://127.0.0.1:{port}: answered HTTP 500")
+        );
+        // A listener that never answers: the hook's timeout ends the wait.
+        let port = http_listener(None);
+        let started = Instant::now();
+        let e = post_webhook(
+            &format!("http://127.0.0.1:{port}/T0/secret"),
+            b"{}",
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{e}");
+        assert!(
+            e.starts_with(&format!("POST http://127.0.0.1:{port}: ")),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "{e}");
     }
 
     #[tokio::test]

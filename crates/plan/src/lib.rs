@@ -15,7 +15,10 @@ pub mod report;
 pub mod run;
 pub mod spool;
 
-pub use file::{parse_duration, Connections, Hook, KeyError, Kind, Plan, PlanError, TaskSpec};
+pub use file::{
+    parse_duration, Connections, Hook, HookRun, KeyError, Kind, Plan, PlanError, TaskSpec,
+    VerifyMode,
+};
 pub use logs::{Echo, Logs, TaskLog};
 pub use run::{PassOutcome, RunReport, TaskResult};
 
@@ -63,6 +66,17 @@ pub struct PassStats {
     pub changed_during_copy: Vec<String>,
     /// With `max_delete`: how many entries would have gone (nothing was deleted).
     pub delete_limit_hit: Option<u64>,
+    /// With [`PassContext::collect_sent`]: the paths whose content the pass sent (or whose
+    /// directory, link or node it created), as the engine names them.
+    pub sent: Vec<String>,
+}
+
+/// One difference `verify_mode` found between source and destination after a final pass.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Mismatch {
+    /// As the engine names it: relative to the task's source.
+    pub path: String,
+    pub reason: String,
 }
 
 /// How a pass is to be run.
@@ -77,6 +91,8 @@ pub struct PassContext {
     pub spool: PathBuf,
     /// Change nothing; report what would change.
     pub dry_run: bool,
+    /// Fill [`PassStats::sent`] (a final pass whose task verifies what it transferred).
+    pub collect_sent: bool,
     pub log: TaskLog,
     pub progress: ProgressSink,
 }
@@ -88,6 +104,15 @@ pub trait TaskRunner: Send + Sync + 'static {
     fn check(&self, task: &TaskSpec) -> Result<(), KeyError>;
     /// Run one pass. `Err` is a failure of the whole pass, with a one-line reason.
     fn run_pass(&self, task: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>>;
+    /// After a final pass: compare the content of source and destination (by hashes, on
+    /// both sides) and return every difference; `only` limits the result to these paths
+    /// (`verify_mode = "transferred"`). `Err` means the comparison itself could not run.
+    fn verify(
+        &self,
+        task: TaskSpec,
+        ctx: PassContext,
+        only: Option<Vec<String>>,
+    ) -> BoxFuture<Result<Vec<Mismatch>, String>>;
 }
 
 /// Where a running pass reports progress; writes reach the state store at most twice a

@@ -1,7 +1,9 @@
 //! The end-of-run report: one row per task (outcome, files, bytes, wire bytes, duration,
-//! verification) as a terminal table, and the same as JSON and Markdown files beside the logs.
+//! verification) as a terminal table, and the same as JSON and Markdown files beside the logs,
+//! with every mismatch verification found (path and reason).
 
 use crate::run::{human_bytes, PassOutcome, RunReport};
+use crate::Mismatch;
 use serde_json::json;
 
 /// One task's line of the report.
@@ -14,11 +16,17 @@ pub struct Row {
     pub bytes: u64,
     pub wire_bytes: u64,
     pub seconds: Option<f64>,
-    /// `ok`, `mismatch` (the `verify` outputs differ or a verify command failed), or `-`.
+    /// `ok`, `mismatch` (a `verify_mode` difference, the `verify` outputs differ, or the
+    /// check could not run), or `-`.
     pub verify: String,
     /// Why it did not succeed.
     pub detail: Option<String>,
+    /// Every difference `verify_mode` found.
+    pub mismatches: Vec<Mismatch>,
 }
+
+/// How many mismatches the terminal shows; the JSON and Markdown reports list them all.
+pub const TERMINAL_MISMATCHES: usize = 50;
 
 pub fn rows(report: &RunReport) -> Vec<Row> {
     report
@@ -45,8 +53,10 @@ pub fn rows(report: &RunReport) -> Vec<Row> {
                 verify: match &r.verify {
                     None => "-".into(),
                     Some(Ok(())) => "ok".into(),
-                    Some(Err(_)) => "mismatch".into(),
+                    Some(Err(_)) if r.mismatches.is_empty() => "mismatch".into(),
+                    Some(Err(_)) => format!("mismatch ({})", r.mismatches.len()),
                 },
+                mismatches: r.mismatches.clone(),
                 detail: match &r.verify {
                     Some(Err(m)) => Some(m.clone()),
                     _ => detail,
@@ -68,6 +78,27 @@ fn cells(r: &Row) -> [String; 7] {
         r.seconds.map_or("-".into(), |s| format!("{s:.2} s")),
         r.verify.clone(),
     ]
+}
+
+/// Mismatch lines for a terminal: `TASK: PATH: REASON`, at most [`TERMINAL_MISMATCHES`],
+/// then how many more the report files hold.
+pub fn mismatch_lines(rows: &[Row]) -> Vec<String> {
+    let all: Vec<String> = rows
+        .iter()
+        .flat_map(|r| {
+            r.mismatches
+                .iter()
+                .map(move |m| format!("mismatch: {}: {}: {}", r.task, m.path, m.reason))
+        })
+        .collect();
+    let more = all.len().saturating_sub(TERMINAL_MISMATCHES);
+    let mut lines: Vec<String> = all.into_iter().take(TERMINAL_MISMATCHES).collect();
+    if more > 0 {
+        lines.push(format!(
+            "... and {more} more mismatches (all of them are in the report files)"
+        ));
+    }
+    lines
 }
 
 /// The table for a terminal, one string a line.
@@ -110,6 +141,7 @@ pub fn to_json(rows: &[Row], header: serde_json::Value) -> serde_json::Value {
                 "duration_s": r.seconds,
                 "verify": r.verify,
                 "detail": r.detail,
+                "mismatches": r.mismatches,
             })
         })
         .collect();
@@ -145,6 +177,19 @@ pub fn to_markdown(title: &str, lines: &[String], rows: &[Row]) -> String {
             ));
         }
     }
+    if rows.iter().any(|r| !r.mismatches.is_empty()) {
+        md.push_str("\n## Mismatches\n\n");
+        for r in rows {
+            for m in &r.mismatches {
+                md.push_str(&format!(
+                    "- **{}** `{}`: {}\n",
+                    r.task,
+                    m.path.replace('`', "'"),
+                    m.reason
+                ));
+            }
+        }
+    }
     md
 }
 
@@ -169,6 +214,7 @@ mod tests {
                     started_ms: Some(1000),
                     ended_ms: Some(3500),
                     verify: Some(Ok(())),
+                    mismatches: Vec::new(),
                 },
                 TaskResult {
                     name: "db".into(),
@@ -176,6 +222,24 @@ mod tests {
                     started_ms: Some(1000),
                     ended_ms: Some(1100),
                     verify: None,
+                    mismatches: Vec::new(),
+                },
+                TaskResult {
+                    name: "imgs".into(),
+                    outcome: PassOutcome::Ok(PassStats::default()),
+                    started_ms: Some(1000),
+                    ended_ms: Some(2000),
+                    verify: Some(Err("verify_mode full: 2 mismatches".into())),
+                    mismatches: vec![
+                        Mismatch {
+                            path: "a/1.jpg".into(),
+                            reason: "content differs".into(),
+                        },
+                        Mismatch {
+                            path: "b`2.jpg".into(),
+                            reason: "missing on the destination".into(),
+                        },
+                    ],
                 },
             ],
             interrupted: false,
@@ -194,5 +258,21 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("- **db**: no \\| such"), "{md}");
+        // Every mismatch, with its path and reason, in all three forms.
+        assert!(t[3].ends_with("mismatch (2)"), "{}", t[3]);
+        assert_eq!(
+            mismatch_lines(&r),
+            vec![
+                "mismatch: imgs: a/1.jpg: content differs",
+                "mismatch: imgs: b`2.jpg: missing on the destination"
+            ]
+        );
+        assert_eq!(j["tasks"][2]["mismatches"][1]["path"], "b`2.jpg");
+        assert_eq!(j["tasks"][2]["mismatches"][0]["reason"], "content differs");
+        assert!(md.contains("## Mismatches"), "{md}");
+        assert!(
+            md.contains("- **imgs** `a/1.jpg`: content differs\n- **imgs** `b'2.jpg`: missing"),
+            "{md}"
+        );
     }
 }

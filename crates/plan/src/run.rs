@@ -4,10 +4,10 @@
 //! until the predicted final pass fits), `cutover` (pre_final hooks, final pass, post_final
 //! hooks, downtime against the prediction) and `rerun --failed`.
 
-use crate::file::Plan;
+use crate::file::{Plan, VerifyMode};
 use crate::logs::{stamp, Echo, Logs};
 use crate::predict::{predict, Prediction};
-use crate::{graph, Error, PassContext, PassStats, ProgressSink, TaskRunner};
+use crate::{graph, Error, Mismatch, PassContext, PassStats, ProgressSink, TaskRunner};
 use serde_json::json;
 use state::{now_ms, Millis, Outcome, PassRecord, Phase, RunId, SqliteStore, Store};
 use std::collections::HashMap;
@@ -33,9 +33,12 @@ pub struct TaskResult {
     pub outcome: PassOutcome,
     pub started_ms: Option<Millis>,
     pub ended_ms: Option<Millis>,
-    /// After a final pass, the task's `verify` pair: None when it has none or did not get
-    /// that far, else whether the outputs matched (Err says how they differ).
+    /// After a final pass, the task's verification (`verify_mode` and the `verify` pair):
+    /// None when it has none or did not get that far, else whether it passed (Err says how
+    /// it failed).
     pub verify: Option<Result<(), String>>,
+    /// Every difference `verify_mode` found (path and reason).
+    pub mismatches: Vec<Mismatch>,
 }
 
 /// The result of running the plan's tasks once.
@@ -183,6 +186,7 @@ async fn run_tasks(
             started_ms: None,
             ended_ms: None,
             verify: None,
+            mismatches: Vec::new(),
         })
         .collect();
     let selected: Vec<bool> = tasks
@@ -283,6 +287,9 @@ async fn run_tasks(
                     kind: kind.to_string(),
                     spool: ctx.plan.spool_path(&spec),
                     dry_run: ctx.dry_run,
+                    collect_sent: kind == "final"
+                        && !ctx.dry_run
+                        && ctx.plan.verify_mode(&spec) == VerifyMode::Transferred,
                     log: log.clone(),
                     progress: ProgressSink::new(ctx.store.clone(), &spec.name),
                 },
@@ -391,52 +398,107 @@ async fn run_tasks(
     }
 }
 
-/// Run the `verify` pair of every task whose final pass succeeded; a mismatch fails the
-/// task (its pass stays recorded: the data moved, but is not what the source has).
-async fn verify_tasks(ctx: &Ctx<'_>, report: &mut RunReport) -> Result<(), Error> {
+/// After a final pass, for every task whose pass succeeded: its `verify_mode` comparison
+/// (content hashes on both sides, through the runner), then its `verify` pair. A mismatch
+/// fails the task (its pass stays recorded: the data moved, but is not what the source
+/// has). Returns true when a stop request ended it (the task being verified is then
+/// interrupted).
+async fn verify_tasks(
+    ctx: &Ctx<'_>,
+    report: &mut RunReport,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
     for r in &mut report.results {
         let Some(spec) = ctx.plan.task(&r.name) else {
             continue;
         };
-        let (Some(v), PassOutcome::Ok(_)) = (&spec.verify, &r.outcome) else {
+        let PassOutcome::Ok(stats) = &r.outcome else {
             continue;
         };
+        let mode = ctx.plan.verify_mode(spec);
+        if mode == VerifyMode::None && spec.verify.is_none() {
+            continue;
+        }
         ctx.store.set_phase(ctx.run, &r.name, Phase::Verifying)?;
         ctx.logs.summary(&format!("{}: verify starts", r.name));
         let log = ctx.logs.task(&r.name).map_err(|source| Error::Log {
             path: ctx.plan.log_dir(),
             source,
         })?;
-        let dir = ctx.plan.log_dir();
-        let out = |side: &str| dir.join(format!("verify-{}.{side}.out", r.name));
-        let base = &ctx.plan.base_dir;
-        let a = crate::spool::fingerprint_output(
-            "verify source",
-            &v.source,
-            base,
-            &out("source"),
-            &log,
-        )
-        .await;
-        let b = crate::spool::fingerprint_output(
-            "verify destination",
-            &v.destination,
-            base,
-            &out("destination"),
-            &log,
-        )
-        .await;
-        let result = match (a, b) {
-            (Ok((ha, n)), Ok((hb, _))) if ha == hb => {
-                log.line(&format!("verify ok: both outputs are the same {n} bytes"));
-                Ok(())
+        let mut failures: Vec<String> = Vec::new();
+        let only = (mode == VerifyMode::Transferred).then(|| stats.sent.clone());
+        if mode == VerifyMode::None {
+            // Only the `verify` pair below.
+        } else if only.as_ref().is_some_and(|o| o.is_empty()) {
+            log.line("verify_mode transferred: the final pass sent nothing; nothing to compare");
+        } else {
+            let what = match &only {
+                Some(o) => format!("the {} entries the final pass sent", o.len()),
+                None => "every file".into(),
+            };
+            log.line(&format!(
+                "verify_mode {}: comparing content hashes of {what} on both sides",
+                mode.as_str()
+            ));
+            let check = ctx.runner.verify(
+                spec.clone(),
+                PassContext {
+                    base_dir: ctx.plan.base_dir.clone(),
+                    kind: "verify".into(),
+                    spool: ctx.plan.spool_path(spec),
+                    dry_run: true,
+                    collect_sent: false,
+                    log: log.clone(),
+                    progress: ProgressSink::discard(),
+                },
+                only,
+            );
+            let found = tokio::select! {
+                found = check => found,
+                _ = stopped(stop) => {
+                    let m = "interrupted during verification".to_string();
+                    ctx.store.set_phase(ctx.run, &r.name, Phase::Interrupted)?;
+                    log.line(&m);
+                    ctx.logs.summary(&format!("{}: {m}", r.name));
+                    r.verify = Some(Err(m));
+                    return Ok(true);
+                }
+            };
+            match found {
+                Ok(m) if m.is_empty() => log.line(&format!(
+                    "verify_mode {}: same content on both sides",
+                    mode.as_str()
+                )),
+                Ok(m) => {
+                    for x in &m {
+                        log.line(&format!("mismatch: {}: {}", x.path, x.reason));
+                    }
+                    failures.push(format!(
+                        "verify_mode {}: {} mismatch{} (first: {}: {})",
+                        mode.as_str(),
+                        m.len(),
+                        if m.len() == 1 { "" } else { "es" },
+                        m[0].path,
+                        m[0].reason
+                    ));
+                    r.mismatches = m;
+                }
+                Err(e) => failures.push(format!(
+                    "verify_mode {}: the comparison failed: {e}",
+                    mode.as_str()
+                )),
             }
-            (Ok((_, na)), Ok((_, nb))) => Err(format!(
-                "verify: the outputs differ (source {na} bytes, destination {nb} bytes); compare {} and {}",
-                out("source").display(),
-                out("destination").display()
-            )),
-            (Err(e), _) | (_, Err(e)) => Err(format!("verify: {e}")),
+        }
+        if let Some(v) = &spec.verify {
+            match verify_pair(ctx, &r.name, v, &log).await {
+                Ok(()) => {}
+                Err(m) => failures.push(m),
+            }
+        }
+        let result = if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
         };
         match &result {
             Ok(()) => {
@@ -452,7 +514,41 @@ async fn verify_tasks(ctx: &Ctx<'_>, report: &mut RunReport) -> Result<(), Error
         }
         r.verify = Some(result);
     }
-    Ok(())
+    Ok(false)
+}
+
+/// A task's `verify` pair: both commands' outputs must be identical.
+async fn verify_pair(
+    ctx: &Ctx<'_>,
+    name: &str,
+    v: &crate::file::VerifySpec,
+    log: &crate::TaskLog,
+) -> Result<(), String> {
+    let dir = ctx.plan.log_dir();
+    let out = |side: &str| dir.join(format!("verify-{name}.{side}.out"));
+    let base = &ctx.plan.base_dir;
+    let a = crate::spool::fingerprint_output("verify source", &v.source, base, &out("source"), log)
+        .await;
+    let b = crate::spool::fingerprint_output(
+        "verify destination",
+        &v.destination,
+        base,
+        &out("destination"),
+        log,
+    )
+    .await;
+    match (a, b) {
+        (Ok((ha, n)), Ok((hb, _))) if ha == hb => {
+            log.line(&format!("verify ok: both outputs are the same {n} bytes"));
+            Ok(())
+        }
+        (Ok((_, na)), Ok((_, nb))) => Err(format!(
+            "verify: the outputs differ (source {na} bytes, destination {nb} bytes); compare {} and {}",
+            out("source").display(),
+            out("destination").display()
+        )),
+        (Err(e), _) | (_, Err(e)) => Err(format!("verify: {e}")),
+    }
 }
 
 /// The JSON error log of a run.
@@ -578,6 +674,9 @@ async fn close(
     let rows = crate::report::rows(report);
     if !rows.iter().all(|r| r.outcome == "not run") {
         for line in crate::report::table(&rows) {
+            ctx.logs.say(&line);
+        }
+        for line in crate::report::mismatch_lines(&rows) {
             ctx.logs.say(&line);
         }
     }
@@ -900,8 +999,8 @@ pub async fn cutover(
     let final_started = std::time::Instant::now();
     ctx.logs.summary("final pass starts");
     out.report = run_tasks(&ctx, "final", None, &mut stop).await;
-    if !out.report.interrupted {
-        verify_tasks(&ctx, &mut out.report).await?;
+    if !out.report.interrupted && verify_tasks(&ctx, &mut out.report, &mut stop).await? {
+        out.report.interrupted = true;
     }
     let final_s = final_started.elapsed().as_secs_f64();
     out.final_pass_s = Some(final_s);
@@ -990,8 +1089,8 @@ pub async fn rerun_failed(
         }
     ));
     let mut report = run_tasks(&ctx, kind, Some(&failed), &mut stop).await;
-    if kind == "final" && !report.interrupted {
-        verify_tasks(&ctx, &mut report).await?;
+    if kind == "final" && !report.interrupted && verify_tasks(&ctx, &mut report, &mut stop).await? {
+        report.interrupted = true;
     }
     let outcome = if report.interrupted {
         "interrupted"

@@ -30,9 +30,22 @@ async fn run(
     what: &str,
     log: &TaskLog,
 ) -> Result<(), String> {
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
+    let mut sh = tokio::process::Command::new("sh");
+    sh.arg("-c").arg(command);
+    run_command(sh, dir, stdin, stdout, what, log).await
+}
+
+/// Run `cmd` in `dir` in its own process group, stderr line by line into the log.
+async fn run_command(
+    mut cmd: tokio::process::Command,
+    dir: &Path,
+    stdin: Stdio,
+    stdout: Stdio,
+    what: &str,
+    log: &TaskLog,
+) -> Result<(), String> {
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let mut child = cmd
         .current_dir(dir)
         .stdin(stdin)
         .stdout(stdout)
@@ -40,7 +53,7 @@ async fn run(
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("{what}: cannot start sh: {e}"))?;
+        .map_err(|e| format!("{what}: cannot start {program}: {e}"))?;
     let _guard = GroupGuard(
         child
             .id()
@@ -137,6 +150,31 @@ pub async fn feed(command: &str, dir: &Path, input: &Path, log: &TaskLog) -> Res
         command,
         dir,
         Stdio::from(file),
+        Stdio::null(),
+        "destination_command",
+        log,
+    )
+    .await?;
+    log.line("destination_command done");
+    Ok(())
+}
+
+/// Run the destination command on an ssh destination's host: `argv` is the ssh command,
+/// the host and the remote command line, which reads the transferred file there (nothing
+/// crosses the network again). ssh runs in its own process group, as local commands do, so
+/// Ctrl-C kills it; without a terminal, sshd does not signal the remote command, which
+/// runs on until it next reads or writes the closed session.
+pub async fn feed_remote(argv: &[String], dir: &Path, log: &TaskLog) -> Result<(), String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err("destination_command: empty ssh command".into());
+    };
+    log.line(&format!("destination_command starts: {}", argv.join(" ")));
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    run_command(
+        cmd,
+        dir,
+        Stdio::null(),
         Stdio::null(),
         "destination_command",
         log,

@@ -13,4 +13,5 @@ pub use frame::{
 pub use msg::*;
 
 /// Bumped on every incompatible change of `msg`; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Need::Compare` and `Msg::Differs` (an exact dry run with `checksum`).
+pub const PROTOCOL_VERSION: u32 = 3;

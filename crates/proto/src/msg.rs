@@ -144,6 +144,11 @@ pub enum Need {
     Chunks,
     /// The receiver cannot take this entry; the reason comes in a `FileDone`.
     Refused,
+    /// Only in a dry run with `checksum`: the receiver has a file of the same size; a
+    /// positional `Signature` of it follows, the sender compares it with its own content and
+    /// answers `Same` or `Differs`. `meta`: the metadata differs (so equal content still
+    /// means a metadata change).
+    Compare { meta: bool },
 }
 
 /// Hashes the receiver has of its basis file.
@@ -261,6 +266,11 @@ pub enum Msg {
     },
     /// The receiver's basis already holds exactly this content: apply metadata only.
     Same {
+        id: u64,
+    },
+    /// Answer to `Need::Compare` (dry run with `checksum`): the content of file `id` differs
+    /// from the receiver's. (`Same` is the answer when it does not.)
+    Differs {
         id: u64,
     },
     /// The sender gave up on file `id` (vanished, unreadable); discard its partial state.

@@ -140,3 +140,130 @@ fn checksum_sends_only_files_whose_content_differs() {
     assert!(literal > 0 && literal <= 64 << 10, "{fixed}");
     assert_same(&src, &dst);
 }
+
+/// Change one byte of `path` at `at`, keeping its size and mtime: a change only a content
+/// comparison can see.
+pub(crate) fn corrupt_behind_size_and_mtime(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0xff;
+    let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+    std::fs::write(path, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
+/// `(action, path)` of every item a dry run with `args` lists, sorted.
+fn dry_items(args: &[&str]) -> Vec<(String, String)> {
+    let mut all = vec!["-n"];
+    all.extend_from_slice(args);
+    let out = sync_json(&all);
+    out.ok();
+    let mut items: Vec<(String, String)> = out
+        .events("item")
+        .iter()
+        .map(|v| {
+            (
+                v["action"].as_str().unwrap_or_default().to_string(),
+                v["path"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    items.sort();
+    items
+}
+
+fn delta(path: &str) -> (String, String) {
+    ("delta".into(), path.into())
+}
+
+/// `-n -c` is exact: the receiver hashes its same-size files, the sender compares them with
+/// its own, and only files whose content differs are listed. Locally, pushing to a real
+/// daemon (the sender reports) and pulling from it (the receiver reports).
+#[test]
+fn dry_run_with_checksum_lists_exactly_the_files_whose_content_differs() {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&[
+        "tree",
+        s(&src),
+        "--files",
+        "40",
+        "--min-kb",
+        "1",
+        "--max-kb",
+        "64",
+    ]);
+    // More than one 1 MiB leaf, and a change in the last one.
+    write(&src.join("big.bin"), random_bytes(5, (3 << 20) + 100));
+    let local = t.path().join("local");
+    let module = t.path().join("module");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let url = d.url("m/copy/");
+    sync(&[&slash(&src), &slash(&local)]).ok();
+    sync(&[&slash(&src), &url]).ok();
+    let (src_, local_) = (slash(&src), slash(&local));
+
+    // Equal trees: nothing, in every direction.
+    assert_eq!(dry_items(&["-c", &src_, &local_]), vec![]);
+    assert_eq!(dry_items(&["-c", &src_, &url]), vec![]);
+    assert_eq!(dry_items(&["-c", &url, &local_]), vec![]);
+
+    let victim = std::fs::read_dir(src.join("d000/s00"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .min()
+        .expect("a file in d000/s00");
+    let victim_rel = victim
+        .strip_prefix(&src)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    corrupt_behind_size_and_mtime(&local.join(&victim_rel), 0);
+    corrupt_behind_size_and_mtime(&module.join("copy/big.bin"), (3 << 20) + 50);
+    let local_before = snapshot(&local);
+
+    // Size and mtime alone see nothing...
+    assert_eq!(dry_items(&[&src_, &local_]), vec![]);
+    // ...the comparison sees exactly the changed files.
+    assert_eq!(dry_items(&["-c", &src_, &local_]), vec![delta(&victim_rel)]);
+    assert_eq!(dry_items(&["-c", &src_, &url]), vec![delta("big.bin")]);
+    assert_eq!(
+        dry_items(&["-c", &url, &local_]),
+        vec![delta("big.bin"), delta(&victim_rel)]
+    );
+
+    // Same content with another mtime is a metadata change, not a content one.
+    std::fs::File::options()
+        .write(true)
+        .open(local.join("big.bin"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+        .unwrap();
+    assert_eq!(
+        dry_items(&["-c", &src_, &local_]),
+        vec![delta(&victim_rel), ("meta".into(), "big.bin".into())]
+    );
+    // A dry run changed nothing (the bytes differ still, the mtime is still the odd one).
+    let after = snapshot(&local);
+    assert_eq!(
+        after.len(),
+        local_before.len(),
+        "the dry runs created or removed entries"
+    );
+    assert_ne!(
+        hash_file(&local.join(&victim_rel)),
+        hash_file(&victim),
+        "a dry run repaired the file"
+    );
+
+    // And the real run repairs exactly what the dry run listed.
+    let fixed = sync_json(&["-c", &src_, &local_]);
+    fixed.ok();
+    assert_same(&src, &local);
+    assert_eq!(dry_items(&["-c", &src_, &local_]), vec![]);
+}

@@ -574,6 +574,7 @@ fn msg(h: Hostility, outside: &Path) -> BoxedStrategy<Msg> {
         3 => prop::collection::vec(small_file, 0..3).prop_map(|files| Msg::SmallFiles { files }),
         3 => file_end(h),
         1 => id(h).prop_map(|id| Msg::Same { id }),
+        1 => id(h).prop_map(|id| Msg::Differs { id }),
         1 => (id(h), ".{0,20}").prop_map(|(id, reason)| Msg::FileAbort { id, reason }),
     ];
     // Messages only a receiver sends, and `Fatal`: a receiver must refuse them, not act.

@@ -11,6 +11,7 @@ mod faults;
 mod hostile;
 mod metadata;
 mod plan;
+mod plan_verify;
 mod prop;
 mod resume;
 mod security;

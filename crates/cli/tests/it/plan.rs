@@ -9,24 +9,24 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// `cutover plan ARGS...`.
-fn plan_cmd(args: &[&str]) -> Command {
+pub(crate) fn plan_cmd(args: &[&str]) -> Command {
     let mut c = cutover_cmd();
     c.arg("plan").args(args);
     c
 }
 
-fn plan(args: &[&str]) -> Out {
+pub(crate) fn plan(args: &[&str]) -> Out {
     Running::start(plan_cmd(args)).wait()
 }
 
 /// `plan status --json PLAN`, parsed.
-fn status(plan_file: &Path) -> Value {
+pub(crate) fn status(plan_file: &Path) -> Value {
     let out = plan(&["status", "--json", s(plan_file)]);
     out.ok();
     serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"))
 }
 
-fn task<'a>(status: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn task<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["tasks"]
         .as_array()
         .and_then(|a| a.iter().find(|t| t["name"] == name))
@@ -43,7 +43,7 @@ fn span(status: &Value, name: &str) -> (i64, i64) {
 }
 
 /// A copy of the bundled example tree in `dir/src`, to change without touching the repo.
-fn example_copy(dir: &Path) -> PathBuf {
+pub(crate) fn example_copy(dir: &Path) -> PathBuf {
     let src = dir.join("src");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tree");
     let st = Command::new("cp")
@@ -58,7 +58,7 @@ fn example_copy(dir: &Path) -> PathBuf {
 
 /// A temporary directory with a copy of the example tree (`src`), an empty `dst` and the
 /// path of a plan file (`move.toml`) in it.
-fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+pub(crate) fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let dir = tmp();
     let src = example_copy(dir.path());
     let dst = dir.path().join("dst");
@@ -68,7 +68,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
 }
 
 /// The JSON error log of the plan's latest run.
-fn errors_json(dir: &Path) -> Value {
+pub(crate) fn errors_json(dir: &Path) -> Value {
     let path = dir.join("move.state/logs/errors-latest.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -95,7 +95,7 @@ fn wait_for_status(p: &Path, run: &mut Running, ready: impl Fn(&Value) -> bool) 
 }
 
 /// One `[[task]]` of a tree.
-fn tree_task(name: &str, source: &str, destination: &str, extra: &str) -> String {
+pub(crate) fn tree_task(name: &str, source: &str, destination: &str, extra: &str) -> String {
     format!(
         "[[task]]\nname = \"{name}\"\nkind = \"tree\"\nsource = \"{source}\"\ndestination = \"{destination}\"\n{extra}\n"
     )
@@ -567,7 +567,7 @@ fn ms_in(path: &Path) -> i64 {
     t.trim().parse().unwrap_or_else(|e| panic!("{t:?}: {e}"))
 }
 
-fn hook(section: &str, command: &str, extra: &str) -> String {
+pub(crate) fn hook(section: &str, command: &str, extra: &str) -> String {
     format!("[[{section}]]\ncommand = {command:?}\n{extra}\n")
 }
 
@@ -1229,6 +1229,8 @@ fn the_example_plan_runs_presync_and_cutover() {
     let out = plan(&["cutover", s(&p)]);
     out.ok();
     assert!(out.stdout.contains("downtime"), "{out}");
+    // Its verify_mode: docs compares every file, the others what the final pass sent.
+    assert!(out.stdout.contains("docs: verify ok"), "{out}");
     let tree = dir.path().join("tree");
     assert_same(&tree.join("docs"), &dir.path().join("out-docs"));
     assert_same(&tree.join("data"), &dir.path().join("out-data"));
