@@ -307,7 +307,7 @@ pub async fn run_job(
     let retry_for = Duration::from_secs(if remote { job.retry_for } else { 0 });
     let mut retry = Retry::new(retry_for);
     let mut wire_before = 0;
-    let mut ever_opened = false;
+    let mut ever_reached = false;
     loop {
         let outcome = sync(
             &src,
@@ -328,7 +328,7 @@ pub async fn run_job(
                     engine::BUSY_DESTINATION
                 ),
                 transport: true,
-                opened: true,
+                reached: true,
                 wire,
             },
             Ok((mut summary, wire)) => {
@@ -338,10 +338,11 @@ pub async fn run_job(
             Err(f) => f,
         };
         wire_before += failure.wire;
-        ever_opened |= failure.opened;
+        ever_reached |= failure.reached;
         // A peer that was never reached is a wrong address or a daemon that is not running,
-        // better said at once than after minutes; only a session that once opened is resumed.
-        if !failure.transport || retry_for.is_zero() || !ever_opened {
+        // better said at once than after minutes. One that answered and then broke or stalled
+        // (even in the middle of the first handshake) is tried again.
+        if !failure.transport || retry_for.is_zero() || !ever_reached {
             return Err(failure.message);
         }
         let made_progress = progress_mark(&stats) > 0;
@@ -428,8 +429,9 @@ struct Failure {
     /// A broken or stalled connection, or a peer that went away: opening the session
     /// again may succeed, and it resumes from the partial files.
     transport: bool,
-    /// The session had opened (the peer accepted it) before it failed.
-    opened: bool,
+    /// The peer was reached (a connection was made) before it failed: a refused or
+    /// unroutable first connection is a wrong address, not a break.
+    reached: bool,
     /// Bytes this session put on the wire before it failed.
     wire: u64,
 }
@@ -439,7 +441,7 @@ impl Failure {
         Failure {
             message: message.into(),
             transport: false,
-            opened: false,
+            reached: false,
             wire: 0,
         }
     }
@@ -448,7 +450,7 @@ impl Failure {
         Failure {
             transport: e.is_transport(),
             message: e.to_string(),
-            opened: true,
+            reached: true,
             wire: wire.total(),
         }
     }
@@ -594,8 +596,8 @@ async fn remote_session(
     let patience = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     let unopened = |e: ClientError, message: String| Failure {
         transport: e.is_transport(),
+        reached: !matches!(e, ClientError::Connect { .. }),
         message,
-        opened: false,
         wire: 0,
     };
     let dialed = match remote {

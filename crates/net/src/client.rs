@@ -153,16 +153,21 @@ impl Dialer {
         make_hello: impl FnOnce(Option<[u8; 32]>) -> Hello,
     ) -> Result<(Conn, u64, [u8; 16]), ClientError> {
         // A peer behind a stalled path accepts TCP (the kernel does) and then says nothing.
-        match self.patience {
-            Some(limit) => tokio::time::timeout(limit, self.greet_now(make_hello))
+        // Over TCP each step has its own patience (connect, TLS, hello), so a wrong address
+        // that never answers a SYN is told from a peer that answered and then stalled; an
+        // ssh login is one step.
+        let Some(limit) = self.patience else {
+            return self.greet_now(make_hello).await;
+        };
+        let stalled = || ClientError::Stalled {
+            addr: self.addr.clone(),
+            secs: limit.as_secs(),
+        };
+        match &self.route {
+            Route::Tcp(_) => self.greet_now(make_hello).await,
+            Route::Ssh(_) => tokio::time::timeout(limit, self.greet_now(make_hello))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(ClientError::Stalled {
-                        addr: self.addr.clone(),
-                        secs: limit.as_secs(),
-                    })
-                }),
-            None => self.greet_now(make_hello).await,
+                .unwrap_or_else(|_| Err(stalled())),
         }
     }
 
@@ -173,17 +178,44 @@ impl Dialer {
         let addr = self.addr.clone();
         match &self.route {
             Route::Tcp(tls) => {
-                let (mut conn, binding) =
-                    match connect(&self.addr, tls.clone(), self.wire.clone()).await {
-                        Ok(d) => (d.conn, d.binding),
-                        Err(ConnectError::Tcp(source)) => {
-                            return Err(ClientError::Connect { addr, source })
-                        }
-                        Err(ConnectError::Tls(source)) => {
-                            return Err(ClientError::Tls { addr, source })
-                        }
-                    };
-                let (session, secret) = hello(&addr, &mut conn, make_hello(binding)).await?;
+                let (mut conn, binding) = match connect(
+                    &self.addr,
+                    tls.clone(),
+                    self.wire.clone(),
+                    self.patience,
+                )
+                .await
+                {
+                    Ok(d) => (d.conn, d.binding),
+                    Err(ConnectError::Tcp(source)) => {
+                        return Err(ClientError::Connect { addr, source })
+                    }
+                    Err(ConnectError::Tls(source))
+                        if source.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        return Err(ClientError::Stalled {
+                            addr,
+                            secs: self.patience.map_or(0, |p| p.as_secs()),
+                        })
+                    }
+                    Err(ConnectError::Tls(source)) => {
+                        return Err(ClientError::Tls { addr, source })
+                    }
+                };
+                let said = hello(&addr, &mut conn, make_hello(binding));
+                let (session, secret) = match self.patience {
+                    Some(limit) => {
+                        tokio::time::timeout(limit, said)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ClientError::Stalled {
+                                    addr: addr.clone(),
+                                    secs: limit.as_secs(),
+                                })
+                            })?
+                    }
+                    None => said.await?,
+                };
                 Ok((conn, session, secret))
             }
             Route::Ssh(cmd) => {

@@ -67,13 +67,22 @@ pub async fn accept(
 }
 
 /// Dial `addr` and, with `tls`, complete a TLS 1.3 handshake (the config's verifier does the
-/// pinning).
+/// pinning). A TCP connection not made, or a handshake not done, within `patience` fails
+/// as timed out (`ConnectError::Tcp` or `::Tls`), like a connection the kernel gave up on.
 pub async fn connect(
     addr: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     wire: Arc<WireCounter>,
+    patience: Option<std::time::Duration>,
 ) -> Result<Dialled, ConnectError> {
-    let stream = TcpStream::connect(addr).await.map_err(ConnectError::Tcp)?;
+    let dial = TcpStream::connect(addr);
+    let stream = match patience {
+        Some(limit) => tokio::time::timeout(limit, dial)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => dial.await,
+    }
+    .map_err(ConnectError::Tcp)?;
     let Some(config) = tls else {
         return Ok(Dialled {
             conn: Conn::tcp(stream, wire),
@@ -84,10 +93,14 @@ pub async fn connect(
     let buffered = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
     let name = rustls::pki_types::ServerName::try_from("cutover")
         .map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, buffered)
-        .await
-        .map_err(ConnectError::Tls)?;
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, buffered);
+    let tls = match patience {
+        Some(limit) => tokio::time::timeout(limit, handshake)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => handshake.await,
+    }
+    .map_err(ConnectError::Tls)?;
     let binding =
         export_binding(tls.get_ref().1).map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
     let (r, w) = tokio::io::split(tls);

@@ -236,6 +236,41 @@ fn a_stalled_daemon_ends_the_client_with_a_clear_error_within_its_timeout() {
     );
 }
 
+/// A daemon frozen before the first handshake completes: TCP is accepted (by the kernel),
+/// then nothing. The run must not hang and must not give up as if the address were wrong:
+/// the peer was reached, so it retries until the daemon thaws.
+#[test]
+fn a_daemon_that_stalls_in_the_first_handshake_is_retried_until_it_answers() {
+    use rustix::process::Signal;
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&["mixed", s(&src), "--scale", "0.001"]);
+    let module = t.path().join("module");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    d.signal(Signal::STOP);
+    let client = spawn_sync(&[
+        "--json",
+        "--timeout",
+        "3",
+        "--retry-for",
+        "30",
+        &slash(&src),
+        &d.url("m/dst/"),
+    ]);
+    std::thread::sleep(Duration::from_secs(5));
+    d.signal(Signal::CONT);
+    let out = client.wait();
+    out.ok();
+    let retries = out.events("retry");
+    assert!(
+        retries.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("no answer for 3 s"))),
+        "{out}"
+    );
+    assert_same(&src, &module.join("dst"));
+}
+
 /// A push whose destination's parent is missing fails on the daemon before any data
 /// connection joins; the client must print the daemon's reason, not "unknown session" (what
 /// its late joins were told).
