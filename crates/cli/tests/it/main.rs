@@ -9,6 +9,7 @@ mod daemon;
 mod delta;
 mod faults;
 mod hostile;
+mod lying;
 mod metadata;
 mod plan;
 mod prop;
