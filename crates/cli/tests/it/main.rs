@@ -17,5 +17,6 @@ mod resume;
 mod security;
 mod select;
 mod ssh;
+mod state_damage;
 mod util;
 mod volume;
