@@ -9,6 +9,7 @@ mod daemon;
 mod delta;
 mod faults;
 mod hostile;
+mod live_writer;
 mod lying;
 mod metadata;
 mod plan;
