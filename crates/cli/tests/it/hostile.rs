@@ -1183,7 +1183,7 @@ const PUSHERS: usize = 50;
 const PULLERS: usize = 5;
 
 /// A small tree of `n` files (some empty, some in a subdirectory) with contents from `seed`.
-fn small_tree(dir: &Path, seed: u64, n: u64) {
+pub(crate) fn small_tree(dir: &Path, seed: u64, n: u64) {
     for i in 0..n {
         let name = if i % 4 == 3 {
             format!("sub/f{i:02}")

@@ -17,6 +17,7 @@ mod prop;
 mod resume;
 mod security;
 mod select;
+mod soak;
 mod ssh;
 mod state_damage;
 mod util;
