@@ -245,6 +245,10 @@ struct Shared {
     /// A dry run with `checksum`: files the sender is comparing (`Need::Compare`), with
     /// what to report when its answer comes: (path, size, metadata differs).
     compares: Mutex<HashMap<u64, (String, u64, bool)>>,
+    /// Files whose last attempt in this pass failed here, by wire path, with the reason. In
+    /// a pull this side reports the pass, and only it knows what it refused (a digest that
+    /// did not match, a write that failed); a sender's retry that succeeds clears the entry.
+    failed: Mutex<HashMap<Vec<u8>, String>>,
 }
 
 pub async fn run_receiver(
@@ -283,6 +287,7 @@ pub async fn run_receiver(
         report: Mutex::new(ReceiverReport::default()),
         stats: stats.clone(),
         compares: Mutex::new(HashMap::new()),
+        failed: Mutex::new(HashMap::new()),
     });
     let filter = Filter::new(&opts.filters)?;
     if !opts.dry_run {
@@ -351,9 +356,14 @@ pub async fn run_receiver(
                 }
                 for (i, entry) in entries.into_iter().enumerate() {
                     let id = first_id + i as u64;
+                    // A file listed again after it failed here may need nothing now.
+                    let again = rescan.then(|| entry.path.clone());
                     let decided = walk.decide(&shared, id, entry, rescan);
                     match decided {
                         Ok((need, sig, item)) => {
+                            if let (Some(path), Need::Skip | Need::Meta) = (&again, need) {
+                                lock(&shared.failed).remove(path);
+                            }
                             if let Some((path, action, size)) = item {
                                 events.event(Event::Item { path, action, size });
                             }
@@ -461,6 +471,7 @@ pub async fn run_receiver(
             Msg::Same { id } => {
                 let f = lock(&shared.files).remove(&id);
                 if let Some(f) = f {
+                    let path = f.entry.path.clone();
                     let s = shared.clone();
                     let r = tokio::task::spawn_blocking(move || commit_same(&s, f)).await;
                     let result = match r {
@@ -477,6 +488,7 @@ pub async fn run_receiver(
                             retry: false,
                         },
                     };
+                    note_outcome(&shared, path, &result);
                     let _ = shared.control.send(Msg::FileDone { id, result }).await;
                 }
             }
@@ -491,6 +503,13 @@ pub async fn run_receiver(
                     break Err(EngineError::Protocol(format!(
                         "the list ended with {open} comparisons unanswered"
                     )));
+                }
+                // Every file has its completion by now (the sender waits for them all).
+                let failed = std::mem::take(&mut *lock(&shared.failed));
+                let mut failed: Vec<(Vec<u8>, String)> = failed.into_iter().collect();
+                failed.sort();
+                for (_, reason) in failed {
+                    problems.error(&*events, reason);
                 }
                 let errors = !problems.errors.lock().map(|e| e.is_empty()).unwrap_or(true);
                 let s = shared.clone();
@@ -654,6 +673,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                 work.into_iter()
                     .map(|(rf, f)| {
                         let id = f.id;
+                        let path = rf.entry.path.clone();
                         let result = match write_small(&s, rf, f) {
                             Ok(n) => FileResult::Written {
                                 literal: n,
@@ -661,6 +681,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                             },
                             Err((reason, retry)) => FileResult::Failed { reason, retry },
                         };
+                        note_outcome(&s, path, &result);
                         (id, result)
                     })
                     .collect::<Vec<_>>()
@@ -696,6 +717,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                     Some(f) => match open_work(&shared.dest, f) {
                         Ok(()) => Ok((f.out.clone(), f.basis_file.clone(), f.fresh, f.in_place)),
                         Err(reason) => {
+                            note_failure(shared, &f.entry.path, &reason);
                             files.remove(&id);
                             Err(reason)
                         }
@@ -727,6 +749,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                     }
                     (Some(f), Err(e)) => {
                         let reason = format!("{}: {e}", f.shown.display());
+                        note_failure(shared, &f.entry.path, &reason);
                         files.remove(&id);
                         Err(reason)
                     }
@@ -952,6 +975,7 @@ fn copy_range(basis: &File, out: &File, op: CopyOp) -> std::io::Result<()> {
 async fn finish_file(shared: Arc<Shared>, id: u64) {
     let f = lock(&shared.files).remove(&id);
     let Some(f) = f else { return };
+    let path = f.entry.path.clone();
     let s = shared.clone();
     let r = tokio::task::spawn_blocking(move || commit(&s, f)).await;
     let result = match r {
@@ -962,7 +986,24 @@ async fn finish_file(shared: Arc<Shared>, id: u64) {
             retry: false,
         },
     };
+    note_outcome(&shared, path, &result);
     let _ = shared.control.send(Msg::FileDone { id, result }).await;
+}
+
+/// Record how a file ended here (see `Shared::failed`).
+fn note_outcome(shared: &Shared, path: Vec<u8>, result: &FileResult) {
+    match result {
+        FileResult::Written { .. } => {
+            lock(&shared.failed).remove(&path);
+        }
+        FileResult::Failed { reason, .. } => {
+            lock(&shared.failed).insert(path, reason.clone());
+        }
+    }
+}
+
+fn note_failure(shared: &Shared, path: &[u8], reason: &str) {
+    lock(&shared.failed).insert(path.to_vec(), reason.to_string());
 }
 
 fn digest_of(file: &File, size: u64) -> std::io::Result<[u8; 32]> {

@@ -69,6 +69,51 @@ struct BigFile {
     /// Segments not yet sent (full transfers only).
     remaining: AtomicU64,
     failed: AtomicBool,
+    /// Size, mtime and ctime by `fstat` when opened (None for volumes): compared after the
+    /// read to tell a consistent read from a torn one.
+    opened: Option<Stamp>,
+    /// A read came back short: the file shrank while it was read.
+    short: AtomicBool,
+}
+
+/// (size, mtime, mtime ns, ctime, ctime ns) of an open file.
+type Stamp = (u64, i64, i64, i64, i64);
+
+fn stamp(md: &std::fs::Metadata) -> Stamp {
+    (
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec(),
+    )
+}
+
+/// Why what was read of `big` is no version the file ever had, if it is not: the file
+/// changed (or shrank) between its opening and now. Such a read must not replace the
+/// receiver's complete previous version; a read that differs from the scan but stayed put
+/// while it was read is a real version and may.
+fn torn(big: &BigFile) -> Option<String> {
+    if big.short.load(Ordering::Acquire) {
+        return Some("shrank while it was read".into());
+    }
+    let opened = big.opened?;
+    let now = big.file.metadata().ok().map(|m| stamp(&m))?;
+    (now != opened).then(|| "changed while it was read".into())
+}
+
+/// Give up on a file that changed while it was read: the receiver keeps its previous
+/// version (and the partial file, the basis of the next attempt); the main loop lists the
+/// file again, or reports it as changed once its retries are spent.
+async fn abort_changed(ctx: &Ctx, id: u64, reason: String) {
+    let _ = ctx
+        .internal
+        .send(Internal::Changed {
+            id,
+            reason: reason.clone(),
+        })
+        .await;
+    let _ = ctx.control.send(Msg::FileAbort { id, reason }).await;
 }
 
 enum Internal {
@@ -368,6 +413,23 @@ pub async fn run_sender(
                         if let Some(w) = waiter { let _ = w.send(hashes); }
                     }
                     Msg::FileDone { id, result } => {
+                        // Notes about this file were queued before the frames that led to this
+                        // answer; `select!` may pick the answer first, so take them now.
+                        let mut fatal = None;
+                        while let Ok(note) = internal_rx.try_recv() {
+                            match take_note(&mut transfers, note) {
+                                Ok(None) => {}
+                                // A comparison's answer is not about this file: back in line.
+                                Ok(Some(other)) => {
+                                    let tx = ctx.internal.clone();
+                                    tokio::spawn(async move { let _ = tx.send(other).await; });
+                                }
+                                Err(e) => fatal = fatal.or(Some(e)),
+                            }
+                        }
+                        if let Some(e) = fatal {
+                            break Err(e);
+                        }
                         let Some(t) = transfers.remove(&id) else {
                             break Err(EngineError::Protocol(format!("completion for unknown file {id}")));
                         };
@@ -393,8 +455,19 @@ pub async fn run_sender(
                             FileResult::Failed { reason, retry } => {
                                 if let Some((why, vanished)) = t.failed {
                                     if vanished { problems.changed(&*events, path, why); } else { problems.error(&*events, why); }
+                                } else if let Some(changed) = t.changed {
+                                    // Aborted here because it changed while read (the receiver
+                                    // kept its previous version), or refused for what a change
+                                    // made of it: try again, then report it as changed.
+                                    if t.retries < LIVE_RETRIES {
+                                        rescans.push((t.item, t.retries + 1));
+                                    } else {
+                                        problems.changed(&*events, path, changed);
+                                    }
                                 } else if retry && t.retries < LIVE_RETRIES {
                                     rescans.push((t.item, t.retries + 1));
+                                } else if retry && source_moved(&t.item) {
+                                    problems.changed(&*events, path, format!("kept changing while it was sent ({reason})"));
                                 } else {
                                     problems.error(&*events, reason);
                                 }
@@ -419,23 +492,16 @@ pub async fn run_sender(
                 }
             }
             Some(note) = internal_rx.recv() => {
-                match note {
-                    Internal::Changed { id, reason } => {
-                        if let Some(t) = transfers.get_mut(&id) { t.changed = Some(reason); }
-                    }
-                    Internal::Failed { id, reason, vanished } => {
-                        if let Some(t) = transfers.get_mut(&id) { t.failed = Some((reason, vanished)); }
-                    }
-                    Internal::Fatal(message) => break Err(EngineError::Local(message)),
-                    Internal::Lost(message) => break Err(EngineError::Transport(message)),
-                    Internal::Compared { id, same, error } => {
+                match take_note(&mut transfers, note) {
+                    Ok(None) => {}
+                    Ok(Some(Internal::Compared { id, same, error })) => {
                         let Some((item, meta)) = comparing.remove(&id) else { continue };
                         in_flight -= 1;
                         if let Some(e) = error { problems.error(&*events, e); }
                         let (path, size) = (display(&item.entry.path), item.entry.size);
                         let answer = if same { Msg::Same { id } } else { Msg::Differs { id } };
                         if ctx.control.send(answer).await.is_err() {
-                            break Err(EngineError::Peer("control connection closed".into()));
+                            break Err(EngineError::Transport("the control connection closed".into()));
                         }
                         if !same {
                             events.event(Event::Item { path, action: Action::Delta, size });
@@ -446,6 +512,8 @@ pub async fn run_sender(
                             events.event(Event::Item { path, action: Action::Meta, size });
                         }
                     }
+                    Ok(Some(_)) => {}
+                    Err(e) => break Err(e),
                 }
             }
         }
@@ -477,6 +545,43 @@ pub async fn run_sender(
     summary.errors = errors;
     summary.changed = changed;
     Ok(summary)
+}
+
+/// Apply a note from this side's own tasks to the files in flight; a note that ends the session comes back as its error, and
+/// one this cannot apply (a comparison's answer) comes back as it is.
+fn take_note(
+    transfers: &mut HashMap<u64, Transfer>,
+    note: Internal,
+) -> Result<Option<Internal>, EngineError> {
+    match note {
+        Internal::Changed { id, reason } => {
+            if let Some(t) = transfers.get_mut(&id) {
+                t.changed = Some(reason);
+            }
+        }
+        Internal::Failed {
+            id,
+            reason,
+            vanished,
+        } => {
+            if let Some(t) = transfers.get_mut(&id) {
+                t.failed = Some((reason, vanished));
+            }
+        }
+        Internal::Fatal(message) => return Err(EngineError::Local(message)),
+        Internal::Lost(message) => return Err(EngineError::Transport(message)),
+        compared @ Internal::Compared { .. } => return Ok(Some(compared)),
+    }
+    Ok(None)
+}
+
+/// Whether a file's metadata moved since it was listed (for a retry that failed for good:
+/// a source that keeps changing is reported as changed, not as an error).
+fn source_moved(item: &ScanItem) -> bool {
+    match std::fs::symlink_metadata(&item.abs) {
+        Ok(md) => moved(&(item.entry.clone(), item.local), &md).is_some(),
+        Err(_) => true,
+    }
 }
 
 async fn fail(control: &mpsc::Sender<Msg>, e: EngineError) -> Result<Summary, EngineError> {
@@ -618,12 +723,18 @@ async fn abort(ctx: &Ctx, id: u64, reason: String, vanished: bool) {
 
 fn open_big(id: u64, item: &ScanItem) -> Result<BigFile, (String, bool)> {
     let file = open_source(item)?;
-    let size = if item.entry.kind == EntryKind::Volume {
-        item.entry.size
+    let volume = item.entry.kind == EntryKind::Volume;
+    let opened = if volume {
+        None
     } else {
-        file.metadata()
-            .map(|m| m.size())
-            .map_err(|e| (format!("{}: {e}", item.abs.display()), false))?
+        let md = file
+            .metadata()
+            .map_err(|e| (format!("{}: {e}", item.abs.display()), false))?;
+        Some(stamp(&md))
+    };
+    let size = match opened {
+        Some((size, ..)) => size,
+        None => item.entry.size,
     };
     Ok(BigFile {
         id,
@@ -634,6 +745,8 @@ fn open_big(id: u64, item: &ScanItem) -> Result<BigFile, (String, bool)> {
         leaves: Mutex::new(Vec::new()),
         remaining: AtomicU64::new(0),
         failed: AtomicBool::new(false),
+        opened,
+        short: AtomicBool::new(false),
     })
 }
 
@@ -669,6 +782,10 @@ fn spawn_full(ctx: Arc<Ctx>, id: u64, item: ScanItem) {
 
 /// After the last segment of a full transfer: check for live changes, send `FileEnd`.
 async fn finish_full(ctx: &Ctx, big: &BigFile) -> Result<(), EngineError> {
+    if let Some(reason) = torn(big) {
+        abort_changed(ctx, big.id, reason).await;
+        return Ok(());
+    }
     let leaves = big.leaves.lock().map(|l| l.clone()).unwrap_or_default();
     let digest = chunk::file_digest(big.size, &leaves);
     if let Ok(md) = big.file.metadata() {
@@ -782,6 +899,7 @@ async fn materialize(job: Job, ctx: &Arc<Ctx>) -> (Vec<Msg>, Option<Arc<BigFile>
                     SmallNote::Changed(id, reason) => {
                         let _ = ctx.internal.send(Internal::Changed { id, reason }).await;
                     }
+                    SmallNote::Torn(id, reason) => abort_changed(ctx, id, reason).await,
                     SmallNote::Failed(id, reason, vanished) => {
                         abort(ctx, id, reason, vanished).await
                     }
@@ -813,8 +931,9 @@ async fn materialize(job: Job, ctx: &Arc<Ctx>) -> (Vec<Msg>, Option<Arc<BigFile>
             match read {
                 Ok(Ok(data)) => {
                     if data.len() < len {
-                        // The file shrank under us: send what is there; the digest check and the
-                        // live-change check make the receiver refuse it and us resend it.
+                        // The file shrank under us: `finish_full` gives it up instead of ending
+                        // it (the receiver keeps its previous version), and it is listed again.
+                        file.short.store(true, Ordering::Release);
                         let _ = ctx
                             .internal
                             .send(Internal::Changed {
@@ -847,6 +966,19 @@ async fn materialize(job: Job, ctx: &Arc<Ctx>) -> (Vec<Msg>, Option<Arc<BigFile>
                 tokio::task::spawn_blocking(move || read_at(&big.file, offset, len as usize)).await;
             match read {
                 Ok(Ok(data)) => {
+                    if data.len() < len as usize {
+                        // The file shrank after its delta was planned (and `FileEnd` sent):
+                        // the receiver refuses the short file, and this note makes that a
+                        // change to retry, not an error.
+                        file.short.store(true, Ordering::Release);
+                        let _ = ctx
+                            .internal
+                            .send(Internal::Changed {
+                                id: file.id,
+                                reason: "shrank while it was read".into(),
+                            })
+                            .await;
+                    }
                     Stats::add(&ctx.stats.literal_bytes, data.len() as u64);
                     (vec![data_or_zero(file.id, offset, data)], None)
                 }
@@ -881,6 +1013,8 @@ fn data_or_zero(id: u64, offset: u64, data: Vec<u8>) -> Msg {
 
 enum SmallNote {
     Changed(u64, String),
+    /// Torn on every attempt: nothing of it is sent.
+    Torn(u64, String),
     Failed(u64, String, bool),
 }
 
@@ -919,20 +1053,24 @@ fn read_small(list: Vec<SmallJob>) -> (Vec<SmallFile>, Vec<SmallNote>) {
                 }
             };
             let scan = (job.item.entry.clone(), job.item.local);
-            let torn = moved(&scan, &before).is_some()
-                || before.mtime_nsec() != after.mtime_nsec()
+            // Unstable: the file moved while it was read, so the bytes are no version of it.
+            let unstable = before.mtime_nsec() != after.mtime_nsec()
                 || before.mtime() != after.mtime()
                 || before.size() != after.size()
                 || data.len() as u64 != after.size();
+            let torn = moved(&scan, &before).is_some() || unstable;
             if torn && attempt <= LIVE_RETRIES as usize {
                 continue;
             }
-            if torn {
-                notes.push(SmallNote::Changed(
+            if unstable {
+                // What was read never existed as such: the receiver keeps what it has.
+                notes.push(SmallNote::Torn(
                     job.id,
                     "kept changing while it was read".into(),
                 ));
-            } else if let Some(reason) = moved(&scan, &after) {
+                break;
+            }
+            if let Some(reason) = moved(&scan, &after) {
                 notes.push(SmallNote::Changed(job.id, reason));
             }
             let leaves: Vec<[u8; 32]> = data.chunks(LEAF).map(chunk::leaf_hash).collect();
@@ -977,6 +1115,10 @@ async fn run_delta(ctx: Arc<Ctx>, id: u64, item: ScanItem, signature: Signature)
         Ok(p) => p,
         Err(why) => return abort(&ctx, id, format!("{}: {why}", big.display), false).await,
     };
+    // The plan's digest and hashes come from a read that a writer crossed: not a version.
+    if let Some(reason) = torn(&big) {
+        return abort_changed(&ctx, id, reason).await;
+    }
     if let Some(reason) = plan.moved {
         let _ = ctx.internal.send(Internal::Changed { id, reason }).await;
     }
@@ -1080,6 +1222,7 @@ fn read_leaves(big: &BigFile) -> Result<(Vec<[u8; 32]>, Option<String>), String>
         let data = read_at(&big.file, off, len).map_err(|e| e.to_string())?;
         leaves.push(chunk::leaf_hash(&data));
         if data.len() < len {
+            big.short.store(true, Ordering::Release);
             break;
         }
         off += len as u64;
@@ -1270,6 +1413,7 @@ fn plan_cdc(big: &BigFile, avg: u32, basis: &[(u32, u64)]) -> Result<Plan, Strin
         chunker.push(&data, &mut chunks);
         emit(&mut chunks, &mut ops, &mut co);
         if data.len() < len {
+            big.short.store(true, Ordering::Release);
             break;
         }
         off += len as u64;

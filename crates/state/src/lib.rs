@@ -47,6 +47,12 @@ pub enum StateError {
     },
     #[error("state store {path}: no run has been recorded yet (run `cutover plan presync` first)")]
     NotFound { path: PathBuf },
+    /// SQLite found the file damaged (not a database, a malformed page, a failed integrity
+    /// check). Nothing in it is trusted: the fix is to set it aside and start a new one,
+    /// which costs the pass history (predictions) and nothing else, since every pass
+    /// compares content whatever the store says.
+    #[error("state store {path} is damaged ({reason}); move it aside (mv {path} {path}.damaged, with any -wal and -shm files beside it) and run `cutover plan presync` again: every task is compared by content, so nothing is skipped, only the pass history is lost")]
+    Damaged { path: PathBuf, reason: String },
     #[error("state store {path}: unknown {what} {value:?} in the database")]
     Corrupt {
         path: PathBuf,

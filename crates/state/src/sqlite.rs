@@ -104,6 +104,7 @@ impl SqliteStore {
             c.pragma_update(None, "synchronous", "FULL")
                 .map_err(db(path))?;
         }
+        store.check()?;
         store.migrate()?;
         Ok(store)
     }
@@ -121,6 +122,7 @@ impl SqliteStore {
         )
         .map_err(db(path))?;
         let store = SqliteStore::with(conn, path, None)?;
+        store.check()?;
         let found = store.user_version()?;
         if found > SCHEMA_VERSION {
             return Err(StateError::NewerSchema {
@@ -173,6 +175,34 @@ impl SqliteStore {
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
         db(&self.path)
+    }
+
+    /// `PRAGMA quick_check` before the store is used: damage in a page that the first
+    /// queries do not touch would otherwise surface in the middle of a run (a pass that
+    /// cannot be recorded). A plan's store is small, so reading it all costs milliseconds.
+    fn check(&self) -> Result<(), StateError> {
+        let c = self.conn();
+        let mut stmt = c.prepare("PRAGMA quick_check").map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        let mut problems = Vec::new();
+        for row in rows {
+            let line = row.map_err(self.err())?;
+            if line != "ok" {
+                problems.push(line);
+            }
+        }
+        match problems.first() {
+            None => Ok(()),
+            Some(first) => Err(StateError::Damaged {
+                path: self.path.clone(),
+                reason: format!(
+                    "integrity check: {first}{}",
+                    if problems.len() > 1 { " …" } else { "" }
+                ),
+            }),
+        }
     }
 
     fn user_version(&self) -> Result<i64, StateError> {
@@ -270,9 +300,18 @@ fn to_i64(v: u64) -> i64 {
 }
 
 fn db(path: &Path) -> impl Fn(rusqlite::Error) -> StateError + '_ {
-    move |source| StateError::Db {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match source.sqlite_error_code() {
+            Some(DatabaseCorrupt | NotADatabase) => StateError::Damaged {
+                path: path.to_path_buf(),
+                reason: source.to_string(),
+            },
+            _ => StateError::Db {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
     }
 }
 

@@ -22,16 +22,16 @@ type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// How long a session may take to end once its client hung up, and the daemon's descriptors
 /// to return to what they were.
-const SETTLE: Duration = Duration::from_secs(5);
+pub(crate) const SETTLE: Duration = Duration::from_secs(5);
 /// Descriptors the daemon may hold beyond its idle count (lazily opened, never per session).
-const FD_SLACK: usize = 2;
+pub(crate) const FD_SLACK: usize = 2;
 /// Address space the fuzzed daemon may use. A hostile frame that makes it allocate without
 /// bound must kill the daemon (which the test sees), not the machine's memory (and whichever
 /// process the OOM killer picks): a 2-core CI box shares its 24 GiB with the build.
 const DAEMON_ADDRESS_SPACE: u64 = 4 << 30;
 
 /// Open file descriptors of a process.
-fn open_fds(pid: u32) -> usize {
+pub(crate) fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("/proc/PID/fd (Linux)")
         .count()
@@ -56,7 +56,7 @@ fn fd_targets(pid: u32) -> Vec<String> {
 }
 
 /// Wait until the daemon holds at most `limit` descriptors; panics with what it still holds.
-fn await_fds_at_most(d: &Daemon, limit: usize, context: &str) {
+pub(crate) fn await_fds_at_most(d: &Daemon, limit: usize, context: &str) {
     let started = Instant::now();
     loop {
         let n = open_fds(d.pid());
@@ -105,7 +105,11 @@ async fn dial(port: u16, make: impl FnOnce([u8; 32]) -> Hello) -> (Tls, Welcome)
 
 /// An authenticated push session (the daemon is the receiver) at the module root, with an
 /// optional data connection joined to it.
-async fn open_push(port: u16, options: SyncOptions, with_data: bool) -> (Tls, Option<Tls>) {
+pub(crate) async fn open_push(
+    port: u16,
+    options: SyncOptions,
+    with_data: bool,
+) -> (Tls, Option<Tls>) {
     let (control, welcome) = dial(port, |binding| {
         Hello::New(NewSession {
             version: PROTOCOL_VERSION,
@@ -134,7 +138,7 @@ async fn open_push(port: u16, options: SyncOptions, with_data: bool) -> (Tls, Op
 
 /// Read and drop everything until the peer hangs up (so the daemon never blocks on sending
 /// `Needs` or `FileDone` to a client that does not listen).
-async fn drain(mut r: impl AsyncRead + Unpin) {
+pub(crate) async fn drain(mut r: impl AsyncRead + Unpin) {
     let mut buf = vec![0u8; 64 << 10];
     while let Ok(n) = r.read(&mut buf).await {
         if n == 0 {
@@ -320,7 +324,7 @@ fn zeros_digest(size: u64) -> [u8; 32] {
 }
 
 /// The digest the receiver checks a `SmallFile` against.
-fn small_digest(data: &[u8]) -> [u8; 32] {
+pub(crate) fn small_digest(data: &[u8]) -> [u8; 32] {
     let leaves: Vec<[u8; 32]> = data
         .chunks(chunk::hash::LEAF)
         .map(chunk::leaf_hash)
@@ -969,7 +973,7 @@ fn replay(escape_link: bool, msgs: Vec<Msg>) {
     Arena::new(h).run(&rt, &case);
 }
 
-fn file(path: &str, kind: EntryKind, size: u64) -> Entry {
+pub(crate) fn file(path: &str, kind: EntryKind, size: u64) -> Entry {
     Entry {
         path: path.as_bytes().to_vec(),
         kind,
@@ -1180,7 +1184,7 @@ const PUSHERS: usize = 50;
 const PULLERS: usize = 5;
 
 /// A small tree of `n` files (some empty, some in a subdirectory) with contents from `seed`.
-fn small_tree(dir: &Path, seed: u64, n: u64) {
+pub(crate) fn small_tree(dir: &Path, seed: u64, n: u64) {
     for i in 0..n {
         let name = if i % 4 == 3 {
             format!("sub/f{i:02}")
