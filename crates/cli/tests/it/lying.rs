@@ -401,6 +401,10 @@ fn a_lying_daemon_cannot_replace_good_files_on_a_pulling_client() {
             "1",
             "--timeout",
             "10",
+            // The fake daemon serves one session: a hang-up mid-frame looks like a network
+            // cut, which a real run would retry; here the one session must show the lie.
+            "--retry-for",
+            "0",
             &url,
             &slash(&dst),
         ]);
