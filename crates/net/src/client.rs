@@ -3,6 +3,7 @@
 //! aggregate rate keeps rising, so a link whose single flows are capped gets filled without
 //! the user knowing its round-trip time or window.
 
+use crate::conn::within;
 use crate::secure::{connect, ConnectError};
 use crate::ssh::{self, SshCommand};
 use crate::tls::{client_config, token_proof, Fingerprint, Identity, TlsError};
@@ -152,92 +153,68 @@ impl Dialer {
         &self,
         make_hello: impl FnOnce(Option<[u8; 32]>) -> Hello,
     ) -> Result<(Conn, u64, [u8; 16]), ClientError> {
-        // A peer behind a stalled path accepts TCP (the kernel does) and then says nothing.
-        // Over TCP each step has its own patience (connect, TLS, hello), so a wrong address
-        // that never answers a SYN is told from a peer that answered and then stalled; an
-        // ssh login is one step.
-        let Some(limit) = self.patience else {
-            return self.greet_now(make_hello).await;
-        };
-        let stalled = || ClientError::Stalled {
-            addr: self.addr.clone(),
-            secs: limit.as_secs(),
-        };
-        match &self.route {
-            Route::Tcp(_) => self.greet_now(make_hello).await,
-            Route::Ssh(_) => tokio::time::timeout(limit, self.greet_now(make_hello))
-                .await
-                .unwrap_or_else(|_| Err(stalled())),
-        }
-    }
-
-    async fn greet_now(
-        &self,
-        make_hello: impl FnOnce(Option<[u8; 32]>) -> Hello,
-    ) -> Result<(Conn, u64, [u8; 16]), ClientError> {
+        // Each step is bounded by the patience: over TCP the connect, the TLS handshake and
+        // the hello apart, so that a wrong address that never answers a SYN (`Connect`) is
+        // told from a peer that answered and then stalled (`Stalled`); an ssh login is one
+        // step.
         let addr = self.addr.clone();
+        let stalled = || ClientError::Stalled {
+            addr: addr.clone(),
+            secs: self.patience.map_or(0, |p| p.as_secs()),
+        };
         match &self.route {
             Route::Tcp(tls) => {
-                let (mut conn, binding) = match connect(
-                    &self.addr,
-                    tls.clone(),
-                    self.wire.clone(),
-                    self.patience,
-                )
-                .await
-                {
+                let dialled = connect(&addr, tls.clone(), self.wire.clone(), self.patience).await;
+                let (mut conn, binding) = match dialled {
                     Ok(d) => (d.conn, d.binding),
                     Err(ConnectError::Tcp(source)) => {
-                        return Err(ClientError::Connect { addr, source })
+                        return Err(ClientError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        })
                     }
                     Err(ConnectError::Tls(source))
                         if source.kind() == std::io::ErrorKind::TimedOut =>
                     {
-                        return Err(ClientError::Stalled {
-                            addr,
-                            secs: self.patience.map_or(0, |p| p.as_secs()),
-                        })
+                        return Err(stalled())
                     }
                     Err(ConnectError::Tls(source)) => {
-                        return Err(ClientError::Tls { addr, source })
+                        return Err(ClientError::Tls {
+                            addr: addr.clone(),
+                            source,
+                        })
                     }
                 };
                 let said = hello(&addr, &mut conn, make_hello(binding));
-                let (session, secret) = match self.patience {
-                    Some(limit) => {
-                        tokio::time::timeout(limit, said)
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(ClientError::Stalled {
-                                    addr: addr.clone(),
-                                    secs: limit.as_secs(),
-                                })
-                            })?
-                    }
-                    None => said.await?,
-                };
+                let (session, secret) = within(self.patience, said, stalled).await?;
                 Ok((conn, session, secret))
             }
-            Route::Ssh(cmd) => {
-                let (mut conn, child) =
-                    ssh::spawn(cmd, &self.addr, self.wire.clone()).map_err(|source| {
-                        ClientError::Connect {
-                            addr: addr.clone(),
-                            source,
-                        }
-                    })?;
-                match hello(&addr, &mut conn, make_hello(None)).await {
-                    Ok((session, secret)) => Ok((conn, session, secret)),
-                    Err(e @ ClientError::Refused { .. }) => Err(e),
-                    // The process died or never spoke our protocol: its exit code and stderr
-                    // say why (no remote binary, ssh refused, old version).
-                    Err(_) => Err(ClientError::Ssh(
-                        child
-                            .diagnose(&addr, cmd, std::time::Duration::from_secs(5))
-                            .await,
-                    )),
-                }
-            }
+            Route::Ssh(cmd) => within(self.patience, self.login(cmd, make_hello), stalled).await,
+        }
+    }
+
+    /// Start `ssh DEST cutover serve --stdio` and say hello on it.
+    async fn login(
+        &self,
+        cmd: &SshCommand,
+        make_hello: impl FnOnce(Option<[u8; 32]>) -> Hello,
+    ) -> Result<(Conn, u64, [u8; 16]), ClientError> {
+        let addr = &self.addr;
+        let (mut conn, child) =
+            ssh::spawn(cmd, addr, self.wire.clone()).map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        match hello(addr, &mut conn, make_hello(None)).await {
+            Ok((session, secret)) => Ok((conn, session, secret)),
+            Err(e @ ClientError::Refused { .. }) => Err(e),
+            // The process died or never spoke our protocol: its exit code and stderr say why
+            // (no remote binary, ssh refused, old version).
+            Err(_) => Err(ClientError::Ssh(
+                child
+                    .diagnose(addr, cmd, std::time::Duration::from_secs(5))
+                    .await,
+            )),
         }
     }
 }

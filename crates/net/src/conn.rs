@@ -33,6 +33,22 @@ impl ConnError {
     }
 }
 
+/// `step` within `limit` (None: no limit); one that takes longer fails with `timed_out()`.
+/// Opening a connection is bounded step by step with this, since a stalled peer's kernel
+/// still accepts TCP and then nothing comes.
+pub(crate) async fn within<T, E>(
+    limit: Option<std::time::Duration>,
+    step: impl std::future::Future<Output = Result<T, E>>,
+    timed_out: impl FnOnce() -> E,
+) -> Result<T, E> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, step)
+            .await
+            .unwrap_or_else(|_| Err(timed_out())),
+        None => step.await,
+    }
+}
+
 /// I/O errors of a socket that a broken or vanished path causes (as opposed to a TLS alert
 /// or a certificate the peer rejected, which a retry would only repeat).
 pub fn io_is_transport(e: &std::io::Error) -> bool {

@@ -2,7 +2,7 @@
 //! allows it) without: the dialling side's `connect` and the listening side's `accept`, which
 //! tells a TLS client from a plaintext one by the first byte it sends.
 
-use crate::conn::tune_socket;
+use crate::conn::{tune_socket, within};
 use crate::tls::{export_binding, Fingerprint};
 use crate::Conn;
 use proto::WireCounter;
@@ -75,14 +75,10 @@ pub async fn connect(
     wire: Arc<WireCounter>,
     patience: Option<std::time::Duration>,
 ) -> Result<Dialled, ConnectError> {
-    let dial = TcpStream::connect(addr);
-    let stream = match patience {
-        Some(limit) => tokio::time::timeout(limit, dial)
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-        None => dial.await,
-    }
-    .map_err(ConnectError::Tcp)?;
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    let stream = within(patience, TcpStream::connect(addr), timed_out)
+        .await
+        .map_err(ConnectError::Tcp)?;
     let Some(config) = tls else {
         return Ok(Dialled {
             conn: Conn::tcp(stream, wire),
@@ -94,13 +90,9 @@ pub async fn connect(
     let name = rustls::pki_types::ServerName::try_from("cutover")
         .map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
     let handshake = tokio_rustls::TlsConnector::from(config).connect(name, buffered);
-    let tls = match patience {
-        Some(limit) => tokio::time::timeout(limit, handshake)
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-        None => handshake.await,
-    }
-    .map_err(ConnectError::Tls)?;
+    let tls = within(patience, handshake, timed_out)
+        .await
+        .map_err(ConnectError::Tls)?;
     let binding =
         export_binding(tls.get_ref().1).map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
     let (r, w) = tokio::io::split(tls);

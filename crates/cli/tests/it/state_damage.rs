@@ -207,6 +207,28 @@ fn set_aside(db: &Path) {
     }
 }
 
+/// `dir/src` (an mkdata tree of `files` files), an empty `dir/dst`, and `dir/move.toml`: one
+/// tree task `t` from `src/` into `dst/t/`, with `extra` task keys.
+fn one_tree_task(
+    dir: &std::path::Path,
+    files: &str,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let src = dir.join("src");
+    mkdata(&["tree", s(&src), "--files", files]);
+    let dst = dir.join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let p = dir.join("move.toml");
+    write(
+        &p,
+        format!(
+            "[[task]]\nname = \"t\"\nkind = \"tree\"\nsource = \"src/\"\ndestination = \"{}\"\n{extra}",
+            slash(&dst.join("t"))
+        ),
+    );
+    (src, dst, p)
+}
+
 /// A plan with one tree task; presync; then for each kind of damage: change the source,
 /// damage `state.db`, and check that `status` and `presync` refuse with one line naming the
 /// file and the fix, without touching the destination; set it aside as told, presync again,
@@ -214,18 +236,7 @@ fn set_aside(db: &Path) {
 #[test]
 fn a_damaged_state_database_is_refused_clearly_and_costs_no_data() {
     let dir = tmp();
-    let src = dir.path().join("src");
-    mkdata(&["tree", s(&src), "--files", "40"]);
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
-    let p = dir.path().join("move.toml");
-    write(
-        &p,
-        format!(
-            "[[task]]\nname = \"t\"\nkind = \"tree\"\nsource = \"src/\"\ndestination = \"{}\"\n",
-            slash(&dst.join("t"))
-        ),
-    );
+    let (src, dst, p) = one_tree_task(dir.path(), "40", "");
     let db = dir.path().join("move.state/state.db");
     plan(&["presync", s(&p)]).ok();
     assert_same(&src, &dst.join("t"));
@@ -269,18 +280,7 @@ fn a_damaged_state_database_is_refused_clearly_and_costs_no_data() {
 #[test]
 fn garbage_in_the_write_ahead_log_of_a_killed_runner_costs_no_data() {
     let dir = tmp();
-    let src = dir.path().join("src");
-    mkdata(&["tree", s(&src), "--files", "20"]);
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
-    let p = dir.path().join("move.toml");
-    write(
-        &p,
-        format!(
-            "[[task]]\nname = \"t\"\nkind = \"tree\"\nsource = \"src/\"\ndestination = \"{}\"\nbwlimit = \"1M\"\n",
-            slash(&dst.join("t"))
-        ),
-    );
+    let (src, dst, p) = one_tree_task(dir.path(), "20", "bwlimit = \"1M\"\n");
     let db = dir.path().join("move.state/state.db");
     let wal = dir.path().join("move.state/state.db-wal");
     plan(&["presync", s(&p)]).ok();
