@@ -7,6 +7,7 @@ pub mod client;
 pub mod conn;
 pub mod known_hosts;
 pub mod limit;
+pub mod record;
 pub mod secure;
 pub mod ssh;
 pub mod tls;

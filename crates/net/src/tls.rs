@@ -247,6 +247,11 @@ pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, T
         .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // `secure` protects records itself once the handshake is done (see `record`), which
+    // needs the keys; and no tickets, since they would arrive after the handshake and
+    // cutover does not resume sessions.
+    config.enable_secret_extraction = true;
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -273,6 +278,8 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN.to_vec()];
     // The verifier ignores names; do not announce one.
     config.enable_sni = false;
+    // `secure` protects records itself once the handshake is done (see `record`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
