@@ -28,7 +28,7 @@ const HEADER: usize = 5;
 /// AEAD tag of every suite we allow.
 const TAG: usize = 16;
 /// Largest plaintext of one record (2^14).
-pub(crate) const MAX_PLAINTEXT: usize = 1 << 14;
+const MAX_PLAINTEXT: usize = 1 << 14;
 /// Largest record length a peer may announce: plaintext, content type, padding and tag may
 /// not exceed 2^14 + 256 (RFC 8446 §5.2).
 const MAX_PROTECTED: usize = MAX_PLAINTEXT + 256;
@@ -248,11 +248,10 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// needed. Application data lands in `plain`; a close_notify sets `closed`.
     fn open_next(&mut self) -> io::Result<bool> {
         let held = &self.buf[self.start..self.end];
-        let Some(header) = held.get(..HEADER) else {
+        let Some(header) = record_header(held) else {
             return Ok(false);
         };
-        let header: [u8; HEADER] = [header[0], header[1], header[2], header[3], header[4]];
-        let protected = u16::from_be_bytes([header[3], header[4]]) as usize;
+        let protected = record_size(&header) - HEADER;
         if header[0] != CONTENT_APPLICATION_DATA || !(TAG + 1..=MAX_PROTECTED).contains(&protected)
         {
             return Err(invalid(format!(
@@ -355,6 +354,16 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
             this.end += got;
         }
     }
+}
+
+/// The header at the start of `held`, once all of it has arrived.
+pub(crate) fn record_header(held: &[u8]) -> Option<[u8; HEADER]> {
+    held.get(..HEADER)?.try_into().ok()
+}
+
+/// Bytes on the wire of the record with this header, header included.
+pub(crate) fn record_size(header: &[u8; HEADER]) -> usize {
+    HEADER + u16::from_be_bytes([header[3], header[4]]) as usize
 }
 
 /// One read from `io` into `space`; how many bytes came (0: the end of the stream).

@@ -6,7 +6,9 @@
 //! are then protected by `record` with the keys rustls hands over, see there for why.
 
 use crate::conn::{tune_socket, within};
-use crate::record::{read_into, Keys, RecordReader, RecordWriter, MAX_RECORD};
+use crate::record::{
+    read_into, record_header, record_size, Keys, RecordReader, RecordWriter, MAX_RECORD,
+};
 use crate::tls::{export_binding, Fingerprint};
 use crate::Conn;
 use proto::WireCounter;
@@ -189,10 +191,8 @@ impl AsyncRead for HandshakeIo {
                 return Poll::Ready(Ok(()));
             }
             let held = this.end - this.start;
-            if held >= 5 {
-                let len =
-                    5 + u16::from_be_bytes([this.buf[this.start + 3], this.buf[this.start + 4]])
-                        as usize;
+            if let Some(header) = record_header(&this.buf[this.start..this.end]) {
+                let len = record_size(&header);
                 if held >= len {
                     this.give = len;
                     continue;
