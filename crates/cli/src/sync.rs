@@ -645,7 +645,7 @@ async fn remote_session(
         control: dialed.control,
         data: dialed.data,
         limiter,
-        idle_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
+        idle_timeout: patience,
     };
     Ok((session, dialed.wire))
 }

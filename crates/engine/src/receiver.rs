@@ -437,7 +437,7 @@ pub async fn run_receiver(
                     }
                 };
                 if ready {
-                    finish_file(shared.clone(), id).await;
+                    finish_file(shared.clone(), id, commit).await;
                 }
             }
             Msg::Same { id } | Msg::Differs { id } if opts.dry_run => {
@@ -469,28 +469,12 @@ pub async fn run_receiver(
                 )));
             }
             Msg::Same { id } => {
-                let f = lock(&shared.files).remove(&id);
-                if let Some(f) = f {
-                    let path = f.entry.path.clone();
-                    let s = shared.clone();
-                    let r = tokio::task::spawn_blocking(move || commit_same(&s, f)).await;
-                    let result = match r {
-                        Ok(Ok(())) => FileResult::Written {
-                            literal: 0,
-                            copied: 0,
-                        },
-                        Ok(Err(e)) => FileResult::Failed {
-                            reason: e,
-                            retry: false,
-                        },
-                        Err(e) => FileResult::Failed {
-                            reason: e.to_string(),
-                            retry: false,
-                        },
-                    };
-                    note_outcome(&shared, path, &result);
-                    let _ = shared.control.send(Msg::FileDone { id, result }).await;
-                }
+                finish_file(shared.clone(), id, |s, f| {
+                    commit_same(s, f)
+                        .map(|()| (0, 0))
+                        .map_err(|reason| (reason, false))
+                })
+                .await;
             }
             Msg::FileAbort { id, reason } => {
                 // A partial file, if any was written, stays: it is the next run's basis.
@@ -760,7 +744,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                 Err(reason) => return fail_file(shared, id, reason).await,
             };
             if ready {
-                finish_file(shared.clone(), id).await;
+                finish_file(shared.clone(), id, commit).await;
             }
             Ok(())
         }
@@ -971,8 +955,10 @@ fn copy_range(basis: &File, out: &File, op: CopyOp) -> std::io::Result<()> {
     Ok(())
 }
 
-/// All frames of a file arrived: verify, set metadata, rename, report.
-async fn finish_file(shared: Arc<Shared>, id: u64) {
+/// A file is complete here: `commit` it (verify, set metadata, rename; or, for a file the
+/// sender found the same, settle the existing copy), then record and report the outcome.
+/// `commit` answers the bytes written and copied, or why not and whether a retry may help.
+async fn finish_file(shared: Arc<Shared>, id: u64, commit: fn(&Shared, RFile) -> Committed) {
     let f = lock(&shared.files).remove(&id);
     let Some(f) = f else { return };
     let path = f.entry.path.clone();
@@ -996,9 +982,7 @@ fn note_outcome(shared: &Shared, path: Vec<u8>, result: &FileResult) {
         FileResult::Written { .. } => {
             lock(&shared.failed).remove(&path);
         }
-        FileResult::Failed { reason, .. } => {
-            lock(&shared.failed).insert(path, reason.clone());
-        }
+        FileResult::Failed { reason, .. } => note_failure(shared, &path, reason),
     }
 }
 
@@ -1019,7 +1003,11 @@ fn digest_of(file: &File, size: u64) -> std::io::Result<[u8; 32]> {
     Ok(chunk::file_digest(size, &leaves))
 }
 
-fn commit(shared: &Shared, mut f: RFile) -> Result<(u64, u64), (String, bool)> {
+/// How committing a file went: bytes written and copied, or why not and whether a retry may
+/// help.
+type Committed = Result<(u64, u64), (String, bool)>;
+
+fn commit(shared: &Shared, mut f: RFile) -> Committed {
     let (_, size, digest) = f
         .end
         .ok_or(("file ended without FileEnd".to_string(), true))?;

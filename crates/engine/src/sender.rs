@@ -933,14 +933,7 @@ async fn materialize(job: Job, ctx: &Arc<Ctx>) -> (Vec<Msg>, Option<Arc<BigFile>
                     if data.len() < len {
                         // The file shrank under us: `finish_full` gives it up instead of ending
                         // it (the receiver keeps its previous version), and it is listed again.
-                        file.short.store(true, Ordering::Release);
-                        let _ = ctx
-                            .internal
-                            .send(Internal::Changed {
-                                id: file.id,
-                                reason: "shrank while it was read".into(),
-                            })
-                            .await;
+                        note_shrank(ctx, &file).await;
                     }
                     Stats::add(&ctx.stats.literal_bytes, data.len() as u64);
                     (vec![data_or_zero(file.id, offset, data)], Some(file))
@@ -970,14 +963,7 @@ async fn materialize(job: Job, ctx: &Arc<Ctx>) -> (Vec<Msg>, Option<Arc<BigFile>
                         // The file shrank after its delta was planned (and `FileEnd` sent):
                         // the receiver refuses the short file, and this note makes that a
                         // change to retry, not an error.
-                        file.short.store(true, Ordering::Release);
-                        let _ = ctx
-                            .internal
-                            .send(Internal::Changed {
-                                id: file.id,
-                                reason: "shrank while it was read".into(),
-                            })
-                            .await;
+                        note_shrank(ctx, &file).await;
                     }
                     Stats::add(&ctx.stats.literal_bytes, data.len() as u64);
                     (vec![data_or_zero(file.id, offset, data)], None)
@@ -997,6 +983,19 @@ async fn materialize(job: Job, ctx: &Arc<Ctx>) -> (Vec<Msg>, Option<Arc<BigFile>
             }
         }
     }
+}
+
+/// `file` gave fewer bytes than its size promised: mark it short (so it is given up, not
+/// ended) and report it as changed, to be listed again.
+async fn note_shrank(ctx: &Ctx, file: &BigFile) {
+    file.short.store(true, Ordering::Release);
+    let _ = ctx
+        .internal
+        .send(Internal::Changed {
+            id: file.id,
+            reason: "shrank while it was read".into(),
+        })
+        .await;
 }
 
 fn data_or_zero(id: u64, offset: u64, data: Vec<u8>) -> Msg {

@@ -96,13 +96,10 @@ pub(crate) async fn forward(
     idle_timeout: Option<Duration>,
 ) {
     loop {
-        let next = match idle_timeout {
-            Some(t) => match tokio::time::timeout(t, reader.recv()).await {
-                Ok(r) => r,
-                Err(_) => Err(ConnError::Idle { secs: t.as_secs() }),
-            },
-            None => reader.recv().await,
+        let idle = || ConnError::Idle {
+            secs: idle_timeout.map_or(0, |t| t.as_secs()),
         };
+        let next = net::conn::within(idle_timeout, reader.recv(), idle).await;
         match next {
             Ok(Some(Msg::KeepAlive)) => {}
             Ok(Some(m)) => {

@@ -79,9 +79,10 @@ impl ClientError {
     /// wrong certificate or token, or a missing remote binary is not: it needs a fix.
     pub fn is_transport(&self) -> bool {
         match self {
-            ClientError::Connect { source, .. } => crate::conn::io_is_transport(source),
+            ClientError::Connect { source, .. } | ClientError::Tls { source, .. } => {
+                crate::conn::io_is_transport(source)
+            }
             ClientError::Conn { source, .. } => source.is_transport(),
-            ClientError::Tls { source, .. } => crate::conn::io_is_transport(source),
             // The daemon closed the connection before answering: restarting, or at its
             // connection limit.
             ClientError::Handshake { .. } | ClientError::Stalled { .. } => true,

@@ -36,7 +36,7 @@ impl ConnError {
 /// `step` within `limit` (None: no limit); one that takes longer fails with `timed_out()`.
 /// Opening a connection is bounded step by step with this, since a stalled peer's kernel
 /// still accepts TCP and then nothing comes.
-pub(crate) async fn within<T, E>(
+pub async fn within<T, E>(
     limit: Option<std::time::Duration>,
     step: impl std::future::Future<Output = Result<T, E>>,
     timed_out: impl FnOnce() -> E,
