@@ -100,28 +100,12 @@ pub async fn run_hook(
             let _ = stdin.write_all(&data).await;
         });
     }
-    let kill_group = || {
-        if let Some(pid) = pid {
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-        }
-    };
-    let stopped = async {
-        loop {
-            if *stop.borrow_and_update() {
-                return;
-            }
-            if stop.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    let kill_group = || crate::spool::kill_group(pid);
+    let stopped = crate::run::stopped(stop);
     let r = tokio::select! {
         st = child.wait() => match st {
             Ok(st) if st.success() => Ok(started.elapsed().as_secs_f64()),
-            Ok(st) => Err(match st.code() {
-                Some(c) => format!("exited with status {c}"),
-                None => format!("was killed ({st})"),
-            }),
+            Ok(st) => Err(crate::spool::exit_reason(st)),
             Err(e) => Err(format!("cannot wait for it: {e}")),
         },
         _ = tokio::time::sleep(hook.timeout) => {

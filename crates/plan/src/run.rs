@@ -94,7 +94,7 @@ struct Ctx<'a> {
 }
 
 /// Resolves when `stop` becomes true (never, if its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     loop {
         if *stop.borrow_and_update() {
             return;
@@ -364,7 +364,7 @@ async fn run_tasks(
             ctx.logs
                 .summary(&format!("{name}: cannot record the pass: {e}"));
         }
-        let secs = (ended - started).max(0) as f64 / 1000.0;
+        let secs = record.duration_s();
         let line = match &outcome {
             PassOutcome::Ok(s) => format!(
                 "{kind} pass ok: {} files, {} changed ({} on the wire), {} deleted, {} scanned, in {secs:.2} s{}",

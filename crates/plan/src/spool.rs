@@ -13,10 +13,23 @@ struct GroupGuard(Option<rustix::process::Pid>);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // Already gone is fine: the group is empty once every member exited.
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-        }
+        kill_group(self.0);
+    }
+}
+
+/// SIGKILL the process group led by `pid`, if there is one.
+pub(crate) fn kill_group(pid: Option<rustix::process::Pid>) {
+    if let Some(pid) = pid {
+        // Already gone is fine: the group is empty once every member exited.
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// How a process that did not succeed ended, for a one-line error.
+pub(crate) fn exit_reason(status: std::process::ExitStatus) -> String {
+    match status.code() {
+        Some(c) => format!("exited with status {c}"),
+        None => format!("was killed ({status})"),
     }
 }
 
@@ -74,10 +87,7 @@ async fn run_command(
     if status.success() {
         return Ok(());
     }
-    let how = match status.code() {
-        Some(c) => format!("exited with status {c}"),
-        None => format!("was killed ({status})"),
-    };
+    let how = exit_reason(status);
     Err(if last.is_empty() {
         format!("{what} {how}")
     } else {
