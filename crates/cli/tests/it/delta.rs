@@ -121,16 +121,7 @@ fn checksum_sends_only_files_whose_content_differs() {
         .min()
         .unwrap();
     let theirs = dst.join(victim.strip_prefix(&src).unwrap());
-    let mut bytes = std::fs::read(&theirs).unwrap();
-    bytes[0] ^= 0xff;
-    let mtime = std::fs::metadata(&theirs).unwrap().modified().unwrap();
-    std::fs::write(&theirs, &bytes).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&theirs)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    corrupt_behind_size_and_mtime(&theirs, 0);
     assert!(
         rsync_diff_with(&src, &dst, &[]).contains(victim.file_name().unwrap().to_str().unwrap())
     );

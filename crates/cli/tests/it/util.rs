@@ -578,7 +578,6 @@ impl Daemon {
         }
     }
 
-    /// `cutover://127.0.0.1:PORT/<module_path>`.
     /// Send a signal to the daemon (SIGSTOP makes it a peer that stalls without closing).
     pub fn signal(&self, sig: rustix::process::Signal) {
         let id = self.child.as_ref().expect("daemon running").id();
@@ -598,6 +597,7 @@ impl Daemon {
         false
     }
 
+    /// `cutover://127.0.0.1:PORT/<module_path>`.
     pub fn url(&self, module_path: &str) -> String {
         format!("cutover://127.0.0.1:{}/{module_path}", self.port)
     }
