@@ -68,8 +68,10 @@ struct Dest {
     jail: Option<PathBuf>,
     /// Fixed by the first entry.
     layout: OnceLock<Layout>,
-    /// Set when another sync holds the destination's lock: the session ends with it.
-    busy: OnceLock<String>,
+    /// Set when the destination cannot be written at all (another sync holds its lock, or it
+    /// is not what the source needs, such as a file where a tree should go): every later
+    /// entry is refused unseen and the session ends with this reason.
+    halted: OnceLock<String>,
     /// Held for the session: one writer per destination.
     lock: OnceLock<cofs::DirLock>,
 }
@@ -94,6 +96,18 @@ impl Dest {
         };
         let mut created = false;
         let layout = if first.kind == EntryKind::Dir {
+            // A directory never goes where something else stands: `sync dir/ afile` refuses
+            // before writing anything, as rsync does (the root may be a symlink to a
+            // directory: the user named it).
+            if let Ok(md) = std::fs::symlink_metadata(&self.root) {
+                if !self.root.is_dir() {
+                    return Err(format!(
+                        "{}: the destination is {}, and the source is a directory; name a directory or a path that does not exist yet",
+                        self.root.display(),
+                        meta::kind_name(&md)
+                    ));
+                }
+            }
             // `sync src dst/` with `dst` missing: create it, as rsync does.
             if !dry && !self.root.is_dir() {
                 self.open_dir(&self.root, true)
@@ -140,7 +154,6 @@ impl Dest {
                     self.root.display(),
                     crate::BUSY_DESTINATION
                 );
-                let _ = self.busy.set(why.clone());
                 Err(why)
             }
             Some(Err(e)) => Err(format!("{}: cannot lock: {e}", self.root.display())),
@@ -272,7 +285,7 @@ pub async fn run_receiver(
             is_dir_hint: dest.is_dir_hint,
             jail: dest.jail.clone(),
             layout: OnceLock::new(),
-            busy: OnceLock::new(),
+            halted: OnceLock::new(),
             lock: OnceLock::new(),
         },
         apply: ApplyOpts {
@@ -376,7 +389,10 @@ pub async fn run_receiver(
                             needs.push(need);
                         }
                         Err((need, message)) => {
-                            problems.error(&*events, message.clone());
+                            // A halted destination is one error, the session's, not one per entry.
+                            if shared.dest.halted.get().is_none() {
+                                problems.error(&*events, message.clone());
+                            }
                             needs.push(need);
                             if need == Need::Refused {
                                 refused.push((id, message));
@@ -384,7 +400,7 @@ pub async fn run_receiver(
                         }
                     }
                 }
-                if let Some(why) = shared.dest.busy.get() {
+                if let Some(why) = shared.dest.halted.get() {
                     break Err(EngineError::Local(why.clone()));
                 }
                 if shared
@@ -1471,11 +1487,17 @@ impl WalkState {
         let dest = &shared.dest;
         // Another sync holds the destination: touch nothing (the session ends after this
         // batch), not even the directories and links that deciding would create.
-        if let Some(why) = dest.busy.get() {
+        if let Some(why) = dest.halted.get() {
             return Err((Need::Refused, why.clone()));
         }
         if dest.layout.get().is_none() {
-            self.created_root = dest.settle(&entry, dry).map_err(|e| (Need::Refused, e))?;
+            // A destination that cannot take this source takes nothing: a later entry must
+            // never settle it differently (a file of the tree written over a file named as
+            // the destination of a directory).
+            self.created_root = dest.settle(&entry, dry).map_err(|e| {
+                let _ = dest.halted.set(e.clone());
+                (Need::Refused, e)
+            })?;
         }
         if !rescan {
             self.track(dest, &entry.path, entry.kind == EntryKind::Dir);

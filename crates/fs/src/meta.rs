@@ -19,6 +19,28 @@ pub struct ApplyOpts {
     pub xattrs: bool,
 }
 
+/// What kind of object `md` (from `lstat`) describes, with its article, for error messages.
+pub fn kind_name(md: &Metadata) -> &'static str {
+    let ft = md.file_type();
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symlink"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "an object of unknown type"
+    }
+}
+
 /// Build the wire entry for `abs` from its `lstat` metadata.
 pub fn capture(rel: Vec<u8>, abs: &Path, md: &Metadata, xattrs: bool) -> Result<Entry, FsError> {
     let ft = md.file_type();
