@@ -26,6 +26,7 @@ use proto::{
     SyncOptions,
 };
 use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -1390,6 +1391,9 @@ struct WalkState {
     /// (first, link): wire paths of a hard link's first name and of the link.
     hard_links: Vec<(Vec<u8>, Vec<u8>)>,
     doomed: Vec<Vec<u8>>,
+    /// With `delete`: cutover's own partial and temporary files that no listed name claims
+    /// (their source is gone), removed at the end with the doomed entries.
+    litter: Vec<Vec<u8>>,
 }
 
 type Decided = (Need, Option<SigJob>, Option<(String, Action, u64)>);
@@ -1405,6 +1409,7 @@ impl WalkState {
             dirs: Vec::new(),
             hard_links: Vec::new(),
             doomed: Vec::new(),
+            litter: Vec::new(),
         }
     }
 
@@ -1453,21 +1458,45 @@ impl WalkState {
         else {
             return;
         };
-        for e in listed {
-            if is_internal(&e.name) || seen.contains(e.name.as_bytes()) {
-                continue;
-            }
+        let in_dir = |name: &[u8]| {
             let mut rel = dir.to_vec();
             if !rel.is_empty() {
                 rel.push(b'/');
             }
-            rel.extend_from_slice(e.name.as_bytes());
+            rel.extend_from_slice(name);
+            rel
+        };
+        // Our own files beside a name the source lists, or beside a protected (excluded)
+        // name, may still serve (a resume, a transfer in flight); any other is litter that
+        // no later run will claim.
+        let mut claimed: HashSet<OsString> = seen
+            .iter()
+            .flat_map(|n| own_names(OsStr::from_bytes(n)))
+            .collect();
+        let mut ours = Vec::new();
+        for e in listed {
+            if is_internal(&e.name) {
+                if !e.is_dir {
+                    ours.push(e.name);
+                }
+                continue;
+            }
+            if seen.contains(e.name.as_bytes()) {
+                continue;
+            }
+            let rel = in_dir(e.name.as_bytes());
             // Excluded files are protected from deletion, as in rsync.
             if self.filter.excluded(&rel, e.is_dir) {
+                claimed.extend(own_names(&e.name));
                 continue;
             }
             self.doomed.push(rel);
         }
+        self.litter.extend(
+            ours.into_iter()
+                .filter(|n| !claimed.contains(n))
+                .map(|n| in_dir(n.as_bytes())),
+        );
     }
 
     fn decide(
@@ -1589,6 +1618,17 @@ impl WalkState {
                     ));
                 }
                 self.hard_links.push((first.clone(), entry.path.clone()));
+                // Already a link of the first name's object: nothing to do, unless the first
+                // name is replaced by a new file later in this pass (then `finish` links again).
+                let linked = existing.as_ref().is_some_and(|md| {
+                    dest.place(first)
+                        .ok()
+                        .and_then(|f| f.metadata().ok().flatten())
+                        .is_some_and(|f| f.identity() == md.identity())
+                });
+                if linked {
+                    return Ok((Need::Skip, None, None));
+                }
                 return Ok((Need::Created, None, item(Action::Create)));
             }
             EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } if !shared.devices => {
@@ -1771,13 +1811,7 @@ impl WalkState {
         if !dry {
             for (first, link) in &self.hard_links {
                 let r = dest.place(first).and_then(|first| {
-                    let link = dest.place(link)?;
-                    let tmp = link.sibling(&temp_name(link.name()));
-                    let _ = tmp.remove_file();
-                    first
-                        .hard_link_as(&tmp)
-                        .and_then(|_| tmp.rename_to(&link))
-                        .map_err(|e| e.to_string())
+                    link_as(&first, &dest.place(link)?).map_err(|e| e.to_string())
                 });
                 if let Err(e) = r {
                     report.errors.push(format!(
@@ -1785,6 +1819,16 @@ impl WalkState {
                         dest.shown(link).display(),
                         dest.shown(first).display()
                     ));
+                }
+            }
+        }
+        if !dry && !had_errors {
+            for rel in std::mem::take(&mut self.litter) {
+                let r = dest
+                    .place(&rel)
+                    .and_then(|p| p.remove_file().map_err(|e| e.to_string()));
+                if let Err(e) = r {
+                    tracing::debug!(path = %dest.shown(&rel).display(), "stale partial stays: {e}");
                 }
             }
         }
@@ -1870,6 +1914,32 @@ impl WalkState {
         }
         Ok(())
     }
+}
+
+/// The names of cutover's own files that may stand beside `name`.
+fn own_names(name: &OsStr) -> [OsString; 2] {
+    [partial_name(name), temp_name(name)]
+}
+
+/// Make `link` a hard link of `first`'s object, atomically replacing whatever stands there,
+/// unless it already is one. The check matters beyond saving work: `rename` of two names of
+/// one object does nothing and succeeds, which would leave the temporary name behind.
+fn link_as(first: &Place, link: &Place) -> std::io::Result<()> {
+    let target = first
+        .metadata()?
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+    if link
+        .metadata()?
+        .is_some_and(|md| md.identity() == target.identity())
+    {
+        return Ok(());
+    }
+    let tmp = link.sibling(&temp_name(link.name()));
+    let _ = tmp.remove_file();
+    first.hard_link_as(&tmp)?;
+    tmp.rename_to(link).inspect_err(|_| {
+        let _ = tmp.remove_file();
+    })
 }
 
 /// The content is already there: set metadata where it differs (`Meta`), else `Skip`.

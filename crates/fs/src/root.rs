@@ -98,6 +98,11 @@ impl Stat {
     pub fn size(&self) -> u64 {
         self.0.st_size as u64
     }
+    /// Device and inode: two names with the same identity are hard links of one object.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn identity(&self) -> (u64, u64) {
+        (self.0.st_dev as u64, self.0.st_ino as u64)
+    }
     /// Permission bits (with setuid, setgid, sticky).
     pub fn mode(&self) -> u32 {
         self.0.st_mode & 0o7777

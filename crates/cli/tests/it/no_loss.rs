@@ -94,3 +94,112 @@ pub fn inodes(root: &Path) -> Vec<(String, u64, u64)> {
         })
         .collect()
 }
+
+/// `-H`: a second run with nothing changed changes nothing (no item, same inodes and link
+/// counts), and no `.cutover.*.tmp` link is left; a changed first name relinks the group.
+/// Locally and through a daemon.
+#[test]
+fn hard_link_groups_are_left_alone_when_nothing_changed() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("a"), "hello\n");
+    std::fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    std::fs::create_dir(src.join("sub")).unwrap();
+    std::fs::hard_link(src.join("a"), src.join("sub/c")).unwrap();
+    write(&src.join("x"), "x\n");
+    let module = t.path().join("module");
+    std::fs::create_dir(&module).unwrap();
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let local = t.path().join("dst");
+    for (dst, url) in [
+        (local.clone(), slash(&local)),
+        (module.join("h"), d.url("m/h/")),
+    ] {
+        sync(&["-H", &slash(&src), &url]).ok();
+        assert_same_with(&src, &dst, &["-H"]);
+        let before = inodes(&dst);
+        for _ in 0..2 {
+            let again = sync_json(&["-H", "--delete", &slash(&src), &url]);
+            again.ok();
+            assert!(
+                again.events("item").is_empty(),
+                "a no-change run itemised\n{again}"
+            );
+            assert_eq!(
+                before,
+                inodes(&dst),
+                "a no-change run touched the link group"
+            );
+            assert_eq!(leftovers(&dst), Vec::<String>::new());
+        }
+        assert_eq!(std::fs::metadata(dst.join("a")).unwrap().nlink(), 3);
+        // A new version of the first name: the whole group follows it.
+        write(&src.join("a"), "changed\n");
+        std::fs::hard_link(src.join("a"), src.join("b2")).unwrap();
+        std::fs::remove_file(src.join("b")).unwrap();
+        std::fs::rename(src.join("b2"), src.join("b")).unwrap();
+        std::fs::remove_file(src.join("sub/c")).unwrap();
+        std::fs::hard_link(src.join("a"), src.join("sub/c")).unwrap();
+        sync(&["-H", "--delete", &slash(&src), &url]).ok();
+        assert_same_with(&src, &dst, &["-H"]);
+        assert_eq!(std::fs::read(dst.join("sub/c")).unwrap(), b"changed\n");
+        assert_eq!(std::fs::metadata(dst.join("a")).unwrap().nlink(), 3);
+        assert_eq!(leftovers(&dst), Vec::<String>::new());
+        write(&src.join("a"), "hello\n");
+    }
+}
+
+/// A partial file whose source is gone (Ctrl-C, then the source file deleted) is removed by
+/// `--delete`; one whose source is still listed, or whose name is excluded, stays.
+#[test]
+fn delete_removes_partial_files_no_source_file_claims() {
+    use rustix::process::Signal;
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&["big", s(&src), "--count", "1", "--mb", "8"]);
+    write(&src.join("keep.txt"), "keep\n");
+    let dst = t.path().join("dst");
+    let client = spawn_sync(&["--bwlimit", "2M", &slash(&src), &slash(&dst)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while partials_in(&dst).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    client.signal(Signal::INT);
+    client.wait().expect_code(130);
+    let left = partials_in(&dst);
+    assert_eq!(
+        left.len(),
+        1,
+        "the interrupted run should leave one partial"
+    );
+    // A stale partial of a name the source excludes is protected, as the file would be.
+    let excluded = dst.join("excluded.bin");
+    write(&excluded, "old\n");
+    let protected = dst.join(cofs::partial::partial_name(std::ffi::OsStr::new(
+        "excluded.bin",
+    )));
+    write(&protected, "partial of an excluded file\n");
+    // The big file goes away at the source.
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() && p.file_name().unwrap() != "keep.txt" {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let out = sync(&[
+        "--delete",
+        "--exclude",
+        "excluded.bin",
+        &slash(&src),
+        &slash(&dst),
+    ]);
+    out.ok();
+    assert_same_with(&src, &dst, &["--exclude", "excluded.bin"]);
+    assert!(!left[0].exists(), "the orphaned partial stayed\n{out}");
+    assert!(
+        protected.exists(),
+        "the excluded file's partial was removed"
+    );
+    assert!(excluded.exists());
+}
