@@ -8,6 +8,7 @@
 //! whole-file digest, sets metadata and renames. Delta transfers use the receiver's
 //! `Signature` (positional block hashes or FastCDC chunks).
 
+mod apply;
 mod events;
 mod receiver;
 mod sender;

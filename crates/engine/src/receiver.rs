@@ -6,6 +6,7 @@
 //! next one, so only the pieces that never arrived are sent again, and it only ever becomes
 //! the target after its digest matched.
 
+use crate::apply::{copy_range, data_bytes, is_block_device, write_frame, Unwritten};
 use crate::events::{Action, Event, Events, Problems, Stats, Summary};
 use crate::sender::{display, hash_ranges};
 use crate::session::{close_within, spawn_control, Session, CLOSE_AFTER_ERROR};
@@ -29,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, Semaphore};
@@ -832,146 +833,6 @@ fn open_work(dest: &Dest, f: &mut RFile) -> Result<(), String> {
     Ok(())
 }
 
-fn is_block_device(f: &File) -> bool {
-    f.metadata()
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false)
-}
-
-/// Write one frame; returns (literal bytes, bytes copied from the basis).
-fn write_frame(
-    out: &File,
-    basis: Option<&File>,
-    fresh: bool,
-    in_place: bool,
-    msg: Msg,
-) -> std::io::Result<(u64, u64)> {
-    match msg {
-        Msg::Data { offset, data, .. } => {
-            if fresh {
-                write_sparse(out, &data, offset)?;
-            } else {
-                out.write_all_at(&data, offset)?;
-            }
-            Ok((data.len() as u64, 0))
-        }
-        Msg::Zero { offset, len, .. } => {
-            if !fresh {
-                write_zeros(out, offset, len, in_place)?;
-            }
-            Ok((0, 0))
-        }
-        Msg::Copy { ops, .. } => {
-            let mut copied = 0;
-            let Some(basis) = basis else {
-                return Err(std::io::Error::other("copy frame but no basis file"));
-            };
-            let same_file = same_inode(out, basis);
-            for op in ops {
-                if same_file && op.src == op.dst {
-                    continue;
-                }
-                copy_range(basis, out, op)?;
-                copied += op.len;
-            }
-            Ok((0, copied))
-        }
-        _ => Ok((0, 0)),
-    }
-}
-
-/// Granularity at which runs of zeros stay holes in a new file.
-const HOLE_BLOCK: usize = 4096;
-
-/// Write `data` at `offset` into a file that was created empty (all holes), skipping 4 KiB
-/// blocks of zeros so that they stay holes.
-fn write_sparse(out: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
-    let mut run_start: Option<usize> = None;
-    let mut at = 0;
-    while at < data.len() {
-        let end = (at + HOLE_BLOCK).min(data.len());
-        let zero = chunk::is_zero(&data[at..end]);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(at),
-            (true, Some(s)) => {
-                out.write_all_at(&data[s..at], offset + s as u64)?;
-                run_start = None;
-            }
-            _ => {}
-        }
-        at = end;
-    }
-    if let Some(s) = run_start {
-        out.write_all_at(&data[s..], offset + s as u64)?;
-    }
-    Ok(())
-}
-
-fn same_inode(a: &File, b: &File) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (a.metadata(), b.metadata()) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-/// Punch a hole (or write zeros where holes cannot be punched, as on block devices).
-fn write_zeros(out: &File, offset: u64, len: u64, in_place: bool) -> std::io::Result<()> {
-    use rustix::fs::FallocateFlags;
-    if !in_place || !is_block_device(out) {
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        if rustix::fs::fallocate(out, flags, offset, len).is_ok() {
-            return Ok(());
-        }
-    }
-    let zeros = vec![0u8; len.min(LEAF as u64) as usize];
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(zeros.len() as u64) as usize;
-        out.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
-}
-
-/// Copy a range of the basis into the work file, in the kernel where it can.
-fn copy_range(basis: &File, out: &File, op: CopyOp) -> std::io::Result<()> {
-    let mut src = op.src;
-    let mut dst = op.dst;
-    let mut left = op.len as usize;
-    while left > 0 {
-        let mut s = src;
-        let mut d = dst;
-        match rustix::fs::copy_file_range(basis, Some(&mut s), out, Some(&mut d), left) {
-            Ok(0) => break,
-            Ok(n) => {
-                src += n as u64;
-                dst += n as u64;
-                left -= n;
-            }
-            Err(_) => {
-                // Different file systems, or no kernel support: copy through memory.
-                let mut buf = vec![0u8; left.min(LEAF)];
-                while left > 0 {
-                    let n = left.min(buf.len());
-                    basis.read_exact_at(&mut buf[..n], src)?;
-                    out.write_all_at(&buf[..n], dst)?;
-                    src += n as u64;
-                    dst += n as u64;
-                    left -= n;
-                }
-            }
-        }
-    }
-    if left > 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "basis shorter than expected",
-        ));
-    }
-    Ok(())
-}
-
 /// A file is complete here: `commit` it (verify, set metadata, rename; or, for a file the
 /// sender found the same, settle the existing copy), then record and report the outcome.
 /// `commit` answers the bytes written and copied, or why not and whether a retry may help.
@@ -1231,31 +1092,11 @@ fn fill_partial_from_target(dest: &Dest, rel: &[u8], upto: u64) -> std::io::Resu
                 len: data - hole,
                 dst: hole,
             },
+            Unwritten::Hole,
         )?;
         at = data;
     }
     Ok(())
-}
-
-/// Bytes of a file that hold data (not holes): what an interrupted run wrote into a partial
-/// file created empty. A file system that reports no holes counts as all data.
-fn data_bytes(file: &File) -> std::io::Result<u64> {
-    use rustix::fs::SeekFrom;
-    let size = file.metadata()?.len();
-    let mut held = 0;
-    let mut at = 0;
-    while at < size {
-        let Ok(data) = rustix::fs::seek(file, SeekFrom::Data(at)) else {
-            break; // ENXIO: only a hole is left
-        };
-        let hole = rustix::fs::seek(file, SeekFrom::Hole(data)).unwrap_or(size);
-        if hole <= at {
-            break; // the file changed under us: count no further
-        }
-        held += hole.min(size) - data.min(size);
-        at = hole;
-    }
-    Ok(held)
 }
 
 fn signature(dest: &Dest, job: &SigJob) -> std::io::Result<Signature> {

@@ -149,24 +149,30 @@ fn hard_link_groups_are_left_alone_when_nothing_changed() {
     }
 }
 
+/// Start a rate-limited copy of `src/` into `dst/` and stop it with Ctrl-C once a partial
+/// file has taken some data.
+fn interrupted_copy(src: &Path, dst: &Path) {
+    use std::time::{Duration, Instant};
+    let client = spawn_sync(&["--bwlimit", "2M", &slash(src), &slash(dst)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while partials_in(dst).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    client.signal(rustix::process::Signal::INT);
+    client.wait().expect_code(130);
+}
+
 /// A partial file whose source is gone (Ctrl-C, then the source file deleted) is removed by
 /// `--delete`; one whose source is still listed, or whose name is excluded, stays.
 #[test]
 fn delete_removes_partial_files_no_source_file_claims() {
-    use rustix::process::Signal;
     let t = tmp();
     let src = t.path().join("src");
     mkdata(&["big", s(&src), "--count", "1", "--mb", "8"]);
     write(&src.join("keep.txt"), "keep\n");
     let dst = t.path().join("dst");
-    let client = spawn_sync(&["--bwlimit", "2M", &slash(&src), &slash(&dst)]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while partials_in(&dst).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    client.signal(Signal::INT);
-    client.wait().expect_code(130);
+    interrupted_copy(&src, &dst);
     let left = partials_in(&dst);
     assert_eq!(
         left.len(),
@@ -202,4 +208,99 @@ fn delete_removes_partial_files_no_source_file_claims() {
         "the excluded file's partial was removed"
     );
     assert!(excluded.exists());
+}
+
+/// Bytes a file takes on disk.
+fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// A 64 MiB image holding 640 KiB of data in ten places (a thin-provisioned disk).
+fn sparse_image(p: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(p).unwrap();
+    f.set_len(64 << 20).unwrap();
+    for i in 0..10u64 {
+        f.write_all_at(&random_bytes(i, 64 << 10), i * (6 << 20) + (1 << 20))
+            .unwrap();
+    }
+}
+
+/// Write `data` at `offset` of an existing file (an edit in place).
+fn poke(p: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+/// Replace `p` with `data`, leaving 4 KiB blocks of zeros as holes.
+fn write_sparsely(p: &Path, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(p).unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    for (i, block) in data.chunks(4096).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            f.write_all_at(block, i as u64 * 4096).unwrap();
+        }
+    }
+}
+
+/// The destination's copy takes about what the source's does (10%, plus 256 KiB for
+/// file-system rounding), and has the same bytes.
+fn assert_as_sparse(src: &Path, dst: &Path, what: &str) {
+    let (a, b) = (allocated(src), allocated(dst));
+    assert!(
+        b <= a + a / 10 + (256 << 10),
+        "{what}: {} takes {b} bytes on disk, the source {a}",
+        dst.display()
+    );
+    assert_eq!(hash_file(src), hash_file(dst), "{what}: content differs");
+}
+
+/// Holes stay holes on every path: first copy, positional delta (same size), content-defined
+/// delta (an insert changes the size), `--inplace`, a resumed partial, and through a daemon.
+#[test]
+fn sparse_files_stay_sparse_on_every_path() {
+    let t = tmp();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let img = src.join("disk.img");
+    sparse_image(&img);
+    let module = t.path().join("module");
+    std::fs::create_dir(&module).unwrap();
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let local = t.path().join("dst");
+    for (dst, url) in [
+        (local.clone(), slash(&local)),
+        (module.join("v"), d.url("m/v/")),
+    ] {
+        sparse_image(&img);
+        let out = dst.join("disk.img");
+        sync(&[&slash(&src), &url]).ok();
+        assert_as_sparse(&img, &out, "first copy");
+        poke(&img, 5 << 20, b"positional edit");
+        sync(&[&slash(&src), &url]).ok();
+        assert_as_sparse(&img, &out, "positional delta");
+        // Grow by an insert in the middle: content-defined chunks.
+        let mut data = std::fs::read(&img).unwrap();
+        data.splice(3 << 20..3 << 20, random_bytes(7, 4096));
+        write_sparsely(&img, &data);
+        sync(&[&slash(&src), &url]).ok();
+        assert_as_sparse(&img, &out, "content-defined delta");
+        poke(&img, 9 << 20, b"in place");
+        sync(&["--inplace", &slash(&src), &url]).ok();
+        assert_as_sparse(&img, &out, "--inplace");
+    }
+
+    // Resume: a first copy interrupted, then finished from its partial.
+    let fresh = t.path().join("resumed");
+    let big = t.path().join("bigsrc");
+    std::fs::create_dir(&big).unwrap();
+    let bimg = big.join("disk.img");
+    sparse_image(&bimg);
+    poke(&bimg, 40 << 20, &random_bytes(99, 6 << 20));
+    interrupted_copy(&big, &fresh);
+    assert_eq!(partials_in(&fresh).len(), 1, "no partial to resume from");
+    sync(&[&slash(&big), &slash(&fresh)]).ok();
+    assert_as_sparse(&bimg, &fresh.join("disk.img"), "resume");
 }
