@@ -242,6 +242,9 @@ struct RFile {
     /// cover the whole file, so a `FileEnd` claiming more is refused rather than read back
     /// (a terabyte of holes would otherwise cost a terabyte of hashing).
     covered: u64,
+    /// Answered `Need::Verify { meta }`: whether the metadata differs, for the item reported
+    /// when the sender finds the content the same.
+    verify: Option<bool>,
 }
 
 struct Shared {
@@ -264,6 +267,8 @@ struct Shared {
     /// a pull this side reports the pass, and only it knows what it refused (a digest that
     /// did not match, a write that failed); a sender's retry that succeeds clears the entry.
     failed: Mutex<HashMap<Vec<u8>, String>>,
+    /// Where this side reports (in a pull, the user's terminal).
+    events: Arc<dyn Events>,
 }
 
 pub async fn run_receiver(
@@ -303,6 +308,7 @@ pub async fn run_receiver(
         stats: stats.clone(),
         compares: Mutex::new(HashMap::new()),
         failed: Mutex::new(HashMap::new()),
+        events: events.clone(),
     });
     let filter = Filter::new(&opts.filters)?;
     if !opts.dry_run {
@@ -487,6 +493,18 @@ pub async fn run_receiver(
                 )));
             }
             Msg::Same { id } => {
+                // A verified file whose content is the same changed at most its metadata.
+                let verified = lock(&shared.files)
+                    .get(&id)
+                    .and_then(|f| Some((f.verify?, display(&f.entry.path), f.entry.size)));
+                if let Some((true, path, size)) = verified {
+                    summary.files_meta_only += 1;
+                    events.event(Event::Item {
+                        path,
+                        action: Action::Meta,
+                        size,
+                    });
+                }
                 finish_file(shared.clone(), id, |s, f| {
                     commit_same(s, f)
                         .map(|()| (0, 0))
@@ -840,6 +858,9 @@ async fn finish_file(shared: Arc<Shared>, id: u64, commit: fn(&Shared, RFile) ->
     let f = lock(&shared.files).remove(&id);
     let Some(f) = f else { return };
     let path = f.entry.path.clone();
+    // A verified file that got data (not `Same`) changed: only now is it itemised.
+    let verified_change = (f.verify.is_some() && f.end.is_some())
+        .then(|| (display(&f.entry.path), f.entry.size));
     let s = shared.clone();
     let r = tokio::task::spawn_blocking(move || commit(&s, f)).await;
     let result = match r {
@@ -850,6 +871,13 @@ async fn finish_file(shared: Arc<Shared>, id: u64, commit: fn(&Shared, RFile) ->
             retry: false,
         },
     };
+    if let (Some((path, size)), FileResult::Written { .. }) = (verified_change, &result) {
+        shared.events.event(Event::Item {
+            path,
+            action: Action::Delta,
+            size,
+        });
+    }
     note_outcome(&shared, path, &result);
     let _ = shared.control.send(Msg::FileDone { id, result }).await;
 }
@@ -978,9 +1006,10 @@ fn commit_same(shared: &Shared, f: RFile) -> Result<(), String> {
         partial
             .rename_to(&target)
             .map_err(|e| format!("{}: cannot rename into place: {e}", f.shown.display()))?;
+        // A partial became the file: it was sent (by an earlier run).
+        Stats::add(&shared.stats.files_done, 1);
+        Stats::add(&shared.stats.bytes_done, f.entry.size);
     }
-    Stats::add(&shared.stats.files_done, 1);
-    Stats::add(&shared.stats.bytes_done, f.entry.size);
     Ok(())
 }
 
@@ -1565,9 +1594,11 @@ impl WalkState {
             // --checksum: a same-size file is compared by its hashes (the sender answers
             // `Same` when they match) rather than sent again, however small.
             Some(_) if shared.opts.checksum && basis_size == entry.size && !has_partial => {
-                Need::Positional
+                Need::Verify { meta: false }
             }
             Some(_) if entry.size <= SMALL_FILE && !in_place && !has_partial => Need::Full,
+            // The target has the new size: compare before anything is said to change.
+            Some(Basis::Target) if basis_size == entry.size => Need::Verify { meta: false },
             Some(_) if in_place || has_partial || volume || basis_size == entry.size => {
                 Need::Positional
             }
@@ -1597,20 +1628,38 @@ impl WalkState {
             }
             let (need, action) = match need {
                 Need::Full => (Need::Full, Action::Send),
+                Need::Verify { .. } => (Need::Positional, Action::Delta),
                 // Positional means "a signature follows" in a dry run with --checksum.
                 _ if shared.opts.checksum => (Need::Chunks, Action::Delta),
                 other => (other, Action::Delta),
             };
             return Ok((need, None, item(action)));
         }
+        // Whether a file of the same content would still change (its metadata).
+        let need = match (need, &existing) {
+            (Need::Verify { .. }, Some(md)) if md.is_file() => Need::Verify {
+                meta: meta_only(md, here()?, &entry, apply, true)? == Need::Meta,
+            },
+            (other, _) => other,
+        };
         let sig = match (need, basis) {
-            (Need::Positional | Need::Chunks, Some(b)) => Some(SigJob {
+            (Need::Positional | Need::Chunks | Need::Verify { .. }, Some(b)) => Some(SigJob {
                 id,
                 rel: entry.path.clone(),
                 basis: b,
-                positional: need == Need::Positional,
+                positional: need != Need::Chunks,
                 source_size: size,
             }),
+            _ => None,
+        };
+        let verify = match need {
+            Need::Verify { meta } => Some(meta),
+            _ => None,
+        };
+        // What the sender will send, itemised here too: in a pull this side reports.
+        let action = match need {
+            Need::Full => Some(Action::Send),
+            Need::Positional | Need::Chunks => Some(Action::Delta),
             _ => None,
         };
         let rf = RFile {
@@ -1631,9 +1680,10 @@ impl WalkState {
             copied: 0,
             basis_size,
             covered: 0,
+            verify,
         };
         lock(&shared.files).insert(id, rf);
-        Ok((need, sig, None))
+        Ok((need, sig, action.and_then(item)))
     }
 
     /// End of the pass: hard links, deletions (guarded), directory metadata, file-system sync.

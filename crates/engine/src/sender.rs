@@ -121,6 +121,10 @@ enum Internal {
         id: u64,
         reason: String,
     },
+    /// The delta found the receiver's file identical (`Same` is on its way).
+    Unchanged {
+        id: u64,
+    },
     Failed {
         id: u64,
         reason: String,
@@ -151,6 +155,24 @@ struct Transfer {
     retries: u32,
     changed: Option<String>,
     failed: Option<(String, bool)>,
+    /// `Need::Verify { meta }`: itemised only at completion, as a change of content or of
+    /// metadata (`meta`) or not at all.
+    verify: Option<bool>,
+    /// The delta found nothing to send.
+    unchanged: bool,
+}
+
+impl Transfer {
+    fn new(item: ScanItem, retries: u32, verify: Option<bool>) -> Self {
+        Transfer {
+            item,
+            retries,
+            changed: None,
+            failed: None,
+            verify,
+            unchanged: false,
+        }
+    }
 }
 
 enum ScanMsg {
@@ -354,18 +376,21 @@ pub async fn run_sender(
                                     in_flight -= 1;
                                 }
                                 Need::Refused => {
-                                    transfers.insert(id, Transfer { item, retries, changed: None, failed: None });
+                                    transfers.insert(id, Transfer::new(item, retries, None));
                                 }
-                                Need::Full | Need::Positional | Need::Chunks => {
+                                Need::Full | Need::Positional | Need::Chunks | Need::Verify { .. } => {
+                                    let verify = match need { Need::Verify { meta } => Some(meta), _ => None };
                                     let action = if need == Need::Full { Action::Send } else { Action::Delta };
-                                    events.event(Event::Item { path, action, size });
+                                    if verify.is_none() {
+                                        events.event(Event::Item { path, action, size });
+                                    }
                                     Stats::add(&stats.files_to_send, 1);
                                     Stats::add(&stats.bytes_to_send, size);
                                     if opts.dry_run {
                                         in_flight -= 1;
                                         continue;
                                     }
-                                    let t = Transfer { item, retries, changed: None, failed: None };
+                                    let t = Transfer::new(item, retries, verify);
                                     if need != Need::Full {
                                         awaiting_sig.insert(id, t);
                                     } else if size <= SMALL_FILE {
@@ -436,7 +461,23 @@ pub async fn run_sender(
                         in_flight -= 1;
                         let path = display(&t.item.entry.path);
                         match result {
+                            FileResult::Written { .. } if t.unchanged && t.verify.is_some() => {
+                                if t.verify == Some(true) {
+                                    summary.files_meta_only += 1;
+                                    events.event(Event::Item { path: path.clone(), action: Action::Meta, size: t.item.entry.size });
+                                }
+                                if let Some(reason) = t.changed {
+                                    if t.retries < LIVE_RETRIES {
+                                        rescans.push((t.item, t.retries + 1));
+                                    } else {
+                                        problems.changed(&*events, path, reason);
+                                    }
+                                }
+                            }
                             FileResult::Written { literal, copied } => {
+                                if t.verify.is_some() {
+                                    events.event(Event::Item { path: path.clone(), action: Action::Delta, size: t.item.entry.size });
+                                }
                                 summary.files_sent += 1;
                                 summary.bytes_logical += t.item.entry.size;
                                 summary.bytes_literal += literal;
@@ -557,6 +598,11 @@ fn take_note(
         Internal::Changed { id, reason } => {
             if let Some(t) = transfers.get_mut(&id) {
                 t.changed = Some(reason);
+            }
+        }
+        Internal::Unchanged { id } => {
+            if let Some(t) = transfers.get_mut(&id) {
+                t.unchanged = true;
             }
         }
         Internal::Failed {
@@ -1122,6 +1168,8 @@ async fn run_delta(ctx: Arc<Ctx>, id: u64, item: ScanItem, signature: Signature)
         let _ = ctx.internal.send(Internal::Changed { id, reason }).await;
     }
     if plan.same {
+        // Noted before the answer, so the completion finds it (see the `FileDone` arm).
+        let _ = ctx.internal.send(Internal::Unchanged { id }).await;
         let _ = ctx.control.send(Msg::Same { id }).await;
         return;
     }

@@ -14,4 +14,5 @@ pub use msg::*;
 
 /// Bumped on every incompatible change of `msg`; checked in the handshake.
 /// 3: `Need::Compare` and `Msg::Differs` (an exact dry run with `checksum`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Need::Verify` (a same-size file is itemised only once it is known to differ).
+pub const PROTOCOL_VERSION: u32 = 4;

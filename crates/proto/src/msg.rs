@@ -149,6 +149,11 @@ pub enum Need {
     /// answers `Same` or `Differs`. `meta`: the metadata differs (so equal content still
     /// means a metadata change).
     Compare { meta: bool },
+    /// The receiver's file has the new size: a positional `Signature` of it follows, and the
+    /// sender sends what differs, or `Same` when nothing does. Only then is it known whether
+    /// the file changes, so neither side itemises or counts it before. `meta`: the metadata
+    /// differs (an unchanged content is then a metadata change).
+    Verify { meta: bool },
 }
 
 /// Hashes the receiver has of its basis file.

@@ -147,7 +147,10 @@ impl Liar {
         match self.next().await {
             Some(Msg::Needs { needs, .. }) => {
                 assert!(
-                    matches!(needs[..], [Need::Full | Need::Chunks | Need::Positional]),
+                    matches!(
+                        needs[..],
+                        [Need::Full | Need::Chunks | Need::Positional | Need::Verify { .. }]
+                    ),
                     "{lie:?}: the receiver needs {needs:?}"
                 );
             }

@@ -304,3 +304,80 @@ fn sparse_files_stay_sparse_on_every_path() {
     sync(&[&slash(&big), &slash(&fresh)]).ok();
     assert_as_sparse(&bimg, &fresh.join("disk.img"), "resume");
 }
+
+/// `-c` with nothing changed sends, counts and itemises nothing; a touched file is a metadata
+/// change, an edited one a delta. Locally, pushed and pulled (a pull itemises on this side).
+#[test]
+fn checksum_counts_and_itemises_only_what_changed() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("small.txt"), "small\n");
+    write(&src.join("big.bin"), random_bytes(3, 600_000));
+    write(&src.join("other.bin"), random_bytes(4, 300_000));
+    let module = t.path().join("module");
+    std::fs::create_dir(&module).unwrap();
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let local = t.path().join("dst");
+    let pulled = t.path().join("pulled");
+    let runs = [
+        (slash(&src), slash(&local), local.clone(), src.clone()),
+        (slash(&src), d.url("m/c/"), module.join("c"), src.clone()),
+        (
+            d.url("m/c/"),
+            slash(&pulled),
+            pulled.clone(),
+            module.join("c"),
+        ),
+    ];
+    for (n, (from, to, dst, origin)) in runs.into_iter().enumerate() {
+        sync(&[&from, &to]).ok();
+        assert_same(&origin, &dst);
+        let items = |out: &Out| -> Vec<(String, String)> {
+            out.events("item")
+                .iter()
+                .map(|e| {
+                    (
+                        e["action"].as_str().unwrap().to_string(),
+                        e["path"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        };
+        let quiet = sync_json(&["-c", &from, &to]);
+        quiet.ok();
+        assert_eq!(items(&quiet), vec![], "{to}: nothing changed\n{quiet}");
+        assert_eq!(quiet.stat("files_sent"), 0, "{to}\n{quiet}");
+        // Metadata only.
+        let t0 = std::time::SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(1_000_000_000 + n as u64);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(origin.join("big.bin"))
+            .unwrap();
+        f.set_modified(t0).unwrap();
+        let touched = sync_json(&["-c", &from, &to]);
+        touched.ok();
+        assert_eq!(
+            items(&touched),
+            vec![("meta".into(), "big.bin".into())],
+            "{to}\n{touched}"
+        );
+        assert_eq!(touched.stat("files_sent"), 0, "{to}\n{touched}");
+        assert_eq!(touched.stat("files_meta_only"), 1, "{to}\n{touched}");
+        // Content.
+        poke(
+            &origin.join("other.bin"),
+            1000,
+            &random_bytes(n as u64 + 10, 100),
+        );
+        let edited = sync_json(&["-c", &from, &to]);
+        edited.ok();
+        assert_eq!(
+            items(&edited),
+            vec![("delta".into(), "other.bin".into())],
+            "{to}\n{edited}"
+        );
+        assert_eq!(edited.stat("files_sent"), 1, "{to}\n{edited}");
+        assert_same(&origin, &dst);
+    }
+}
