@@ -500,6 +500,7 @@ async fn sync(
                     data: srx,
                     limiter: None,
                     idle_timeout: None,
+                    public_name: None,
                 },
                 Destination::local(d.clone(), *trailing_slash),
                 opts.clone(),
@@ -512,6 +513,7 @@ async fn sync(
                     data: crx,
                     limiter,
                     idle_timeout: None,
+                    public_name: None,
                 },
                 Source::local(s.clone()),
                 opts,
@@ -646,6 +648,7 @@ async fn remote_session(
         data: dialed.data,
         limiter,
         idle_timeout: patience,
+        public_name: None,
     };
     Ok((session, dialed.wire))
 }

@@ -367,6 +367,7 @@ async fn run_engine(
         data,
         limiter: opts.bwlimit.and_then(RateLimiter::new).map(Arc::new),
         idle_timeout: Some(idle_timeout),
+        public_name: place.public_name.clone(),
     };
     let stats = Arc::new(Stats::default());
     let result = match new.server_role {
@@ -420,6 +421,9 @@ pub(crate) struct SessionPlace {
     /// Device nodes and block devices may be written (module `allow_devices`; always for an
     /// ssh session, whose login could make them itself).
     pub(crate) devices: bool,
+    /// The module directory's real path and the name the client knows it by: messages to
+    /// the client never show the daemon's own paths.
+    pub(crate) public_name: Option<engine::PublicName>,
 }
 
 /// Everything a new session must pass before it opens: version, module, credentials,
@@ -494,5 +498,9 @@ fn resolve(module: &Module, new: &NewSession) -> Result<SessionPlace, String> {
         root: cofs::join(&module.path, rel.as_bytes()),
         jail: Some(module.path.clone()),
         devices: module.allow_devices,
+        public_name: Some(engine::PublicName {
+            real: module.path.clone(),
+            shown: module.name.clone(),
+        }),
     })
 }

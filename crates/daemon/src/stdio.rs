@@ -155,6 +155,8 @@ async fn open(mut conn: Conn, new: NewSession) -> Result<(), String> {
             root,
             jail: None,
             devices: true,
+            // The ssh login's own paths: the user named them.
+            public_name: None,
         };
         let idle = std::time::Duration::from_secs(crate::config::DEFAULT_IDLE_TIMEOUT_SECS);
         run_engine(conn, rx, &new, place, idle).await

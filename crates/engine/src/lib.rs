@@ -17,7 +17,7 @@ mod session;
 pub use events::{Action, Event, Events, NoEvents, Stats, Summary};
 pub use receiver::{run_receiver, Destination};
 pub use sender::{run_sender, Source};
-pub use session::{Session, KEEPALIVE, MIN_IDLE_TIMEOUT};
+pub use session::{PublicName, Session, KEEPALIVE, MIN_IDLE_TIMEOUT};
 
 /// Files up to this size travel whole inside `SmallFiles` frames.
 pub const SMALL_FILE: u64 = 256 << 10;

@@ -9,7 +9,9 @@
 use crate::apply::{copy_range, data_bytes, is_block_device, write_frame, Unwritten};
 use crate::events::{Action, Event, Events, Problems, Stats, Summary};
 use crate::sender::{display, hash_ranges};
-use crate::session::{close_within, spawn_control, Session, CLOSE_AFTER_ERROR};
+use crate::session::{
+    close_within, peer_reason, spawn_control, Session, CLOSE_AFTER_ERROR, CONTROL_CLOSED,
+};
 use crate::{EngineError, IN_FLIGHT_ENTRIES, SMALL_FILE};
 
 /// Files a receiver tracks at once before it calls the sender broken: twice what an honest
@@ -134,6 +136,29 @@ impl Dest {
                 None => Layout::Absent,
             }
         };
+        // A destination this process cannot write is one error, not one per file.
+        let dir = match &layout {
+            Layout::Tree(_) => Some(self.root.clone()),
+            Layout::File(place) => place.shown().parent().map(Path::to_path_buf),
+            Layout::Absent => None,
+        };
+        if let Some(dir) = dir.filter(|_| !dry) {
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
+            let access = rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK;
+            if let Err(e) =
+                rustix::fs::accessat(rustix::fs::CWD, &dir, access, rustix::fs::AtFlags::EACCESS)
+            {
+                return Err(format!(
+                    "{}: cannot write into this directory ({}); check its permissions (or the mount) and run again",
+                    dir.display(),
+                    std::io::Error::from(e)
+                ));
+            }
+        }
         // One writer per destination: a second sync would interleave with the first (and
         // each would delete what the other just wrote). A single-file destination locks its
         // directory.
@@ -282,9 +307,10 @@ pub async fn run_receiver(
         control,
         data,
         idle_timeout,
+        public_name,
         ..
     } = session;
-    let mut control = spawn_control(control, idle_timeout);
+    let mut control = spawn_control(control, idle_timeout, public_name);
     let owners = opts.owners;
     let shared = Arc::new(Shared {
         dest: Dest {
@@ -335,6 +361,11 @@ pub async fn run_receiver(
     let mut summary = Summary::default();
 
     let result: Result<(), EngineError> = loop {
+        // A destination that cannot go on (its file system is full) ends the session at once,
+        // with that one reason, instead of failing every file still on its way.
+        if let Some(why) = shared.dest.halted.get() {
+            break Err(EngineError::Local(why.clone()));
+        }
         let msg = tokio::select! {
             m = control.rx.recv() => m,
             Some(f) = fatal_rx.recv() => break Err(f),
@@ -417,7 +448,7 @@ pub async fn run_receiver(
                     .await
                     .is_err()
                 {
-                    break Err(EngineError::Peer("control connection closed".into()));
+                    break Err(EngineError::Peer(CONTROL_CLOSED.into()));
                 }
                 // Completions of refused entries only after the needs that list them.
                 for (id, reason) in refused {
@@ -562,6 +593,10 @@ pub async fn run_receiver(
                 }
             }
         }
+    };
+    let result = match result {
+        Err(e) => Err(peer_reason(&mut control.rx, e).await),
+        ok => ok,
     };
     if let Err(e) = &result {
         let _ = shared
@@ -709,9 +744,11 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
             .await
             .map_err(|e| EngineError::Local(e.to_string()))?;
             for (id, result) in done {
-                let _ = shared.control.send(Msg::FileDone { id, result }).await;
+                if shared.dest.halted.get().is_none() {
+                    let _ = shared.control.send(Msg::FileDone { id, result }).await;
+                }
             }
-            Ok(())
+            halted(shared)
         }
         Msg::Data { .. } | Msg::Zero { .. } | Msg::Copy { .. } => {
             let Some(id) = msg.counted_file() else {
@@ -767,10 +804,13 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                         Stats::add(&shared.stats.copied_bytes, cop);
                         Ok(matches!(f.end, Some((frames, _, _)) if frames == f.seen))
                     }
-                    (Some(f), Err(e)) => {
-                        let reason = format!("{}: {e}", f.shown.display());
-                        note_failure(shared, &f.entry.path, &reason);
-                        files.remove(&id);
+                    (Some(_), Err(e)) => {
+                        let pending = pending_bytes(&files);
+                        let f = files.remove(&id);
+                        let (shown, path) = f.map(|f| (f.shown, f.entry.path)).unwrap_or_default();
+                        let reason = halt_if_full(shared, &e, || pending)
+                            .unwrap_or_else(|| format!("{}: {e}", shown.display()));
+                        note_failure(shared, &path, &reason);
                         Err(reason)
                     }
                 }
@@ -782,7 +822,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
             if ready {
                 finish_file(shared.clone(), id, commit).await;
             }
-            Ok(())
+            halted(shared)
         }
         other => Err(EngineError::Protocol(format!(
             "unexpected message on a data connection: {:?}",
@@ -792,6 +832,7 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
 }
 
 async fn fail_file(shared: &Shared, id: u64, reason: String) -> Result<(), EngineError> {
+    halted(shared)?;
     let _ = shared
         .control
         .send(Msg::FileDone {
@@ -824,12 +865,12 @@ fn open_work(dest: &Dest, f: &mut RFile) -> Result<(), String> {
     let (target, work) = places(dest, f)?;
     let out = work
         .open_write(f.fresh && !f.in_place)
-        .map_err(|e| format!("{}: cannot open for writing: {e}", work.shown().display()))?;
+        .map_err(|e| format!("{}: cannot open for writing: {e}", f.shown.display()))?;
     if !f.in_place || !is_block_device(&out) {
         out.set_len(f.entry.size).map_err(|e| {
             format!(
                 "{}: cannot size to {} bytes: {e}",
-                work.shown().display(),
+                f.shown.display(),
                 f.entry.size
             )
         })?;
@@ -859,8 +900,8 @@ async fn finish_file(shared: Arc<Shared>, id: u64, commit: fn(&Shared, RFile) ->
     let Some(f) = f else { return };
     let path = f.entry.path.clone();
     // A verified file that got data (not `Same`) changed: only now is it itemised.
-    let verified_change = (f.verify.is_some() && f.end.is_some())
-        .then(|| (display(&f.entry.path), f.entry.size));
+    let verified_change =
+        (f.verify.is_some() && f.end.is_some()).then(|| (display(&f.entry.path), f.entry.size));
     let s = shared.clone();
     let r = tokio::task::spawn_blocking(move || commit(&s, f)).await;
     let result = match r {
@@ -879,7 +920,67 @@ async fn finish_file(shared: Arc<Shared>, id: u64, commit: fn(&Shared, RFile) ->
         });
     }
     note_outcome(&shared, path, &result);
-    let _ = shared.control.send(Msg::FileDone { id, result }).await;
+    if shared.dest.halted.get().is_none() {
+        let _ = shared.control.send(Msg::FileDone { id, result }).await;
+    }
+}
+
+/// Bytes of the files still being received.
+fn pending_bytes(files: &HashMap<u64, RFile>) -> u64 {
+    files.values().map(|f| f.entry.size).sum()
+}
+
+/// The session's end when the destination has halted (see `Dest::halted`).
+fn halted(shared: &Shared) -> Result<(), EngineError> {
+    match shared.dest.halted.get() {
+        Some(why) => Err(EngineError::Local(why.clone())),
+        None => Ok(()),
+    }
+}
+
+/// When `e` says the destination's file system (or the user's quota) is full: halt the
+/// destination with one reason that names it, the space free and the space this pass still
+/// needs, and return that reason. Every file after this one would fail the same way.
+/// `pending`: the sizes of the files still being received (see `pending_bytes`), from the
+/// caller, which may hold the lock of `Shared::files`.
+fn halt_if_full(
+    shared: &Shared,
+    e: &std::io::Error,
+    pending: impl FnOnce() -> u64,
+) -> Option<String> {
+    let quota = match e.raw_os_error() {
+        Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => false,
+        Some(code) if code == rustix::io::Errno::DQUOT.raw_os_error() => true,
+        Some(code) if code == rustix::io::Errno::ROFS.raw_os_error() => {
+            let why = format!(
+                "{}: the destination's file system is read-only; remount it read-write and run again",
+                shared.dest.root.display()
+            );
+            let _ = shared.dest.halted.set(why);
+            return shared.dest.halted.get().cloned();
+        }
+        _ => return None,
+    };
+    let dest = &shared.dest;
+    let free = rustix::fs::statvfs(&dest.root)
+        .or_else(|_| rustix::fs::statvfs(dest.root.parent().unwrap_or(Path::new("."))))
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .ok();
+    let pending = pending();
+    let mib = |n: u64| format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64);
+    let what = if quota {
+        "your disk quota on the destination is used up"
+    } else {
+        "the destination's file system is full"
+    };
+    let free = free.map_or(String::new(), |f| format!(" ({} free)", mib(f)));
+    let why = format!(
+        "{}: {what}{free}; this pass needs at least {} more: free some space (or pick another destination) and run again to resume",
+        dest.root.display(),
+        mib(pending)
+    );
+    let _ = dest.halted.set(why);
+    dest.halted.get().cloned()
 }
 
 /// Record how a file ended here (see `Shared::failed`).
@@ -934,7 +1035,14 @@ fn commit(shared: &Shared, mut f: RFile) -> Committed {
         return Err(("no output file".into(), false));
     };
     let (target, work) = places(&shared.dest, &f).map_err(|e| (e, false))?;
-    let io = |e: std::io::Error| (format!("{}: {e}", work.shown().display()), false);
+    // Errors name the user's file, never the partial file beside it.
+    let io = |e: std::io::Error| {
+        let why = halt_if_full(shared, &e, || pending_bytes(&lock(&shared.files)));
+        (
+            why.unwrap_or_else(|| format!("{}: {e}", f.shown.display())),
+            false,
+        )
+    };
     let block_dev = is_block_device(&out);
     if !block_dev {
         out.set_len(size).map_err(io)?;
@@ -966,7 +1074,13 @@ fn install(
     set_meta: bool,
     rename: Option<(&Place, &Place)>,
 ) -> Result<(), (String, bool)> {
-    let io = |e: std::io::Error| (format!("{}: {e}", f.shown.display()), false);
+    let io = |e: std::io::Error| {
+        let why = halt_if_full(shared, &e, || pending_bytes(&lock(&shared.files)));
+        (
+            why.unwrap_or_else(|| format!("{}: {e}", f.shown.display())),
+            false,
+        )
+    };
     if shared.opts.fsync {
         out.sync_all().map_err(io)?;
     }
@@ -998,9 +1112,9 @@ fn commit_same(shared: &Shared, f: RFile) -> Result<(), String> {
     };
     let file = from
         .open_read()
-        .map_err(|e| format!("{}: {e}", from.shown().display()))?;
+        .map_err(|e| format!("{}: {e}", f.shown.display()))?;
     if !is_block_device(&file) {
-        meta::apply_file(&file, from.shown(), &f.entry, shared.apply).map_err(|e| e.to_string())?;
+        meta::apply_file(&file, &f.shown, &f.entry, shared.apply).map_err(|e| e.to_string())?;
     }
     if f.basis == Some(Basis::Partial) {
         partial
@@ -1026,7 +1140,14 @@ fn write_small(shared: &Shared, f: RFile, data: SmallFile) -> Result<u64, (Strin
         ));
     }
     let (target, work) = places(&shared.dest, &f).map_err(|e| (e, false))?;
-    let io = |e: std::io::Error| (format!("{}: {e}", work.shown().display()), false);
+    // Errors name the user's file, never the partial file beside it.
+    let io = |e: std::io::Error| {
+        let why = halt_if_full(shared, &e, || pending_bytes(&lock(&shared.files)));
+        (
+            why.unwrap_or_else(|| format!("{}: {e}", f.shown.display())),
+            false,
+        )
+    };
     let out = work.open_write(true).map_err(io)?;
     out.write_all_at(&data.data, 0).map_err(io)?;
     let size = data.data.len() as u64;

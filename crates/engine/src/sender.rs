@@ -2,7 +2,9 @@
 //! jobs on the shared queue, run delta descents, detect files that change while read.
 
 use crate::events::{Action, Event, Events, Problems, Stats, Summary};
-use crate::session::{close_within, forward, spawn_control, Session, CLOSE_AFTER_ERROR};
+use crate::session::{
+    close_within, forward, peer_reason, spawn_control, Session, CLOSE_AFTER_ERROR, CONTROL_CLOSED,
+};
 use crate::{
     EngineError, IN_FLIGHT_ENTRIES, LIST_BATCH, LIVE_RETRIES, SMALL_BATCH_BYTES, SMALL_FILE,
 };
@@ -192,8 +194,9 @@ pub async fn run_sender(
         data,
         limiter,
         idle_timeout,
+        public_name,
     } = session;
-    let mut control = spawn_control(control, idle_timeout);
+    let mut control = spawn_control(control, idle_timeout, public_name);
     let filter = match Filter::new(&opts.filters) {
         Ok(f) => Arc::new(f),
         Err(e) => return fail(&control.tx, e.into()).await,
@@ -337,7 +340,7 @@ pub async fn run_sender(
                         let first_id = listed.first().map(|(id, _)| *id).unwrap_or(next_id);
                         batches.insert(batch, listed);
                         if ctx.control.send(Msg::FileList { batch, first_id, entries, rescan: false }).await.is_err() {
-                            break Err(EngineError::Peer("control connection closed".into()));
+                            break Err(EngineError::Peer(CONTROL_CLOSED.into()));
                         }
                     }
                 }
@@ -542,7 +545,7 @@ pub async fn run_sender(
                         let (path, size) = (display(&item.entry.path), item.entry.size);
                         let answer = if same { Msg::Same { id } } else { Msg::Differs { id } };
                         if ctx.control.send(answer).await.is_err() {
-                            break Err(EngineError::Transport("the control connection closed".into()));
+                            break Err(EngineError::Transport(format!("the {CONTROL_CLOSED}")));
                         }
                         if !same {
                             events.event(Event::Item { path, action: Action::Delta, size });
@@ -561,6 +564,10 @@ pub async fn run_sender(
     };
 
     ctx.jobs.close();
+    let result = match result {
+        Err(e) => Err(peer_reason(&mut control.rx, e).await),
+        ok => ok,
+    };
     if let Err(e) = &result {
         let _ = ctx
             .control
@@ -851,7 +858,7 @@ async fn finish_full(ctx: &Ctx, big: &BigFile) -> Result<(), EngineError> {
             digest,
         })
         .await
-        .map_err(|_| EngineError::Local("control connection closed".into()))
+        .map_err(|_| EngineError::Local(CONTROL_CLOSED.into()))
 }
 
 /// Accept data connections as they come and run a writer on each.
@@ -1327,7 +1334,7 @@ async fn positional(
                 ranges: diff.clone(),
             })
             .await
-            .map_err(|_| "control connection closed".to_string())?;
+            .map_err(|_| CONTROL_CLOSED.to_string())?;
         let b = big.clone();
         let ranges = diff.clone();
         let ours =

@@ -128,42 +128,105 @@ fn push_to_read_only_module_is_refused_and_pull_works() {
     assert_same(&ro, &pulled);
 }
 
+/// A full destination ends the run at once with one line that names the destination (as the
+/// client knows it: never the daemon's own paths nor a partial file's name), the space free
+/// and the space needed, exit 1; complete files keep their content; the next run, with space freed, finishes exact. Locally and pushed.
 #[test]
 fn full_disk_fails_cleanly_keeps_complete_files_and_the_next_run_finishes() {
     let t = tmp();
-    let mnt = t.path().join("small_fs");
-    let fs = Tmpfs::mount(&mnt, "2m");
-    let keep = random_bytes(31, 100 << 10);
-    write(&fs.path.join("keep.bin"), &keep);
     let src = t.path().join("src");
     write(&src.join("keep.bin"), random_bytes(32, 3 << 20));
     write(&src.join("sibling.bin"), random_bytes(33, 4 << 20));
-    let d = Daemon::start(&t.path().join("d"), &[Module::rw("small", &fs.path)]);
-    let out = sync(&["-j", "2", &slash(&src), &d.url("small/")]);
-    assert_ne!(out.code(), 0, "a 7 MiB push into 2 MiB succeeded?\n{out}");
-    let lines = out.err_lines();
-    assert!(!lines.is_empty(), "{out}");
-    for l in &lines {
-        assert!(l.starts_with("cutover"), "stray stderr line {l:?}\n{out}");
+    for i in 0..30 {
+        write(
+            &src.join(format!("small/{i}.bin")),
+            random_bytes(40 + i, 200 << 10),
+        );
     }
-    assert!(
-        lines.iter().any(|l| l.contains("No space left")
-            && (l.contains("keep.bin") || l.contains("sibling.bin"))),
-        "no line names the file and 'No space left'\n{out}"
-    );
-    assert_eq!(
-        std::fs::read(fs.path.join("keep.bin")).unwrap(),
-        keep,
-        "keep.bin lost its complete old content"
-    );
-    assert!(
-        !fs.path.join("sibling.bin").exists(),
-        "an incomplete sibling.bin appeared"
-    );
-    // Space freed: the next run finishes, exact.
-    fs.resize("32m");
-    sync(&["-j", "2", &slash(&src), &d.url("small/")]).ok();
-    assert_same(&src, &fs.path);
+    let keep = random_bytes(31, 100 << 10);
+    let local = Tmpfs::mount(&t.path().join("local_fs"), "2m");
+    let remote = Tmpfs::mount(&t.path().join("remote_fs"), "2m");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("small", &remote.path)]);
+    for (fs, url, shown) in [
+        (&local, slash(&local.path), s(&local.path).to_string()),
+        (&remote, d.url("small/"), "small".to_string()),
+    ] {
+        write(&fs.path.join("keep.bin"), &keep);
+        let out = sync_json(&["-j", "2", &slash(&src), &url]);
+        out.expect_code(1);
+        let fatal = out.events("fatal");
+        assert_eq!(fatal.len(), 1, "{out}");
+        let line = fatal[0]["message"].as_str().unwrap().to_string();
+        for needle in [
+            shown.as_str(),
+            "file system is full",
+            "free",
+            "needs at least",
+        ] {
+            assert!(
+                line.contains(needle),
+                "{needle:?} missing in {line:?}\n{out}"
+            );
+        }
+        assert!(
+            !line.contains(".cutover."),
+            "a partial file's name shown\n{out}"
+        );
+        assert!(
+            !line.contains(s(&remote.path)),
+            "the daemon's own path shown\n{out}"
+        );
+        assert!(out.events("error").is_empty(), "an error per file\n{out}");
+        // Without --json: exactly one line.
+        fs.resize("2m");
+        let plain = sync(&["-j", "2", &slash(&src), &url]);
+        plain.expect_code(1);
+        assert_one_line_error(&plain, &[&shown, "file system is full"]);
+        assert_eq!(
+            std::fs::read(fs.path.join("keep.bin")).unwrap(),
+            keep,
+            "keep.bin lost its complete old content"
+        );
+        assert!(
+            !fs.path.join("sibling.bin").exists(),
+            "an incomplete sibling.bin appeared"
+        );
+        // Space freed: the next run finishes, exact.
+        fs.resize("32m");
+        sync(&["-j", "2", &slash(&src), &url]).ok();
+        assert_same(&src, &fs.path);
+        std::fs::remove_dir_all(fs.path.join("small")).unwrap();
+        for f in ["keep.bin", "sibling.bin"] {
+            std::fs::remove_file(fs.path.join(f)).unwrap();
+        }
+        fs.resize("2m");
+    }
+}
+
+/// A destination on a read-only file system is one line and exit 1, locally and pushed.
+#[test]
+fn a_read_only_destination_is_one_line_and_exit_1() {
+    let t = tmp();
+    let src = t.path().join("src");
+    for i in 0..10 {
+        write(&src.join(format!("f{i}")), format!("{i}\n"));
+    }
+    let ro = Tmpfs::mount(&t.path().join("ro"), "1m");
+    let out = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&ro.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("ro", &ro.path)]);
+    for (url, shown) in [
+        (slash(&ro.path), s(&ro.path).to_string()),
+        (d.url("ro/"), "ro".to_string()),
+    ] {
+        let out = sync(&[&slash(&src), &url]);
+        out.expect_code(1);
+        assert_one_line_error(&out, &[&shown, "Read-only file system"]);
+    }
 }
 
 #[test]
@@ -269,4 +332,23 @@ fn an_unreadable_source_file_is_reported_and_the_rest_is_copied() {
         b"readable too"
     );
     assert!(!dst.join("secret.txt").exists());
+}
+
+/// A daemon names a file in its errors as the client knows it (module/path), never by its
+/// own absolute path.
+#[test]
+fn daemon_errors_name_files_by_module_not_by_the_daemons_path() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("sub/x"), "a file\n");
+    let module = t.path().join("module");
+    write(&module.join("sub/x/inside"), "a directory here\n");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let out = sync(&[&slash(&src), &d.url("m/")]);
+    out.expect_code(3);
+    assert!(out.stderr.contains("m/sub/x"), "{out}");
+    assert!(
+        !out.stderr.contains(s(&module)),
+        "the daemon's path shown\n{out}"
+    );
 }

@@ -451,10 +451,11 @@ async fn drain_frames(mut r: FrameReader<Reader>) {
 }
 
 /// The same gap with an honest daemon: a pull whose own side cannot write a file (its disk is
-/// full) reported success before, because only the receiver knew. It must name the file with
-/// "No space left", exit 3, keep the good file, skip `--delete`, and finish after space is freed.
+/// full) reported success before, because only the receiver knew. It must end with one line
+/// naming the destination and "file system is full", exit 1, keep the good file, skip
+/// `--delete`, and finish after space is freed.
 #[test]
-fn a_pull_into_a_full_disk_reports_the_file_and_exits_3() {
+fn a_pull_into_a_full_disk_ends_with_one_line_and_exit_1() {
     let t = tmp();
     let module = t.path().join("module");
     write(&module.join("keep.bin"), random_bytes(41, 3 << 20));
@@ -467,14 +468,9 @@ fn a_pull_into_a_full_disk_reports_the_file_and_exits_3() {
         &fs.path.join("extra"),
         b"deleted only by a pass without errors",
     );
-    let out = sync_json(&["--delete", "-j", "2", &d.url("m/"), &slash(&fs.path)]);
-    out.expect_code(3);
-    let errors = out.summary()["errors"].to_string();
-    assert!(
-        errors.contains("No space left")
-            && (errors.contains("keep.bin") || errors.contains("sibling.bin")),
-        "the summary's errors do not name the file and 'No space left'\n{out}"
-    );
+    let out = sync(&["--delete", "-j", "2", &d.url("m/"), &slash(&fs.path)]);
+    out.expect_code(1);
+    assert_one_line_error(&out, &[s(&fs.path), "file system is full"]);
     assert_eq!(std::fs::read(fs.path.join("keep.bin")).unwrap(), keep);
     assert!(!fs.path.join("sibling.bin").exists(), "{out}");
     assert!(
