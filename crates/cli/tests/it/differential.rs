@@ -440,11 +440,12 @@ impl Case {
         self.check_sparse(step);
     }
 
-    /// Whether an oracle line is a metadata-only difference (`.f` + attributes) of a file
+    /// Whether an oracle line is a metadata-only difference (`.f`/`hf` + attributes) of a file
     /// that is still hard-linked at the destination while its source is not linked the same
     /// way (the source broke a link group).
     fn stale_link(&self, line: &str) -> bool {
-        if !self.opts.hard_links || !line.starts_with(".f") || line.len() < 13 {
+        let meta_only = line.starts_with(".f") || line.starts_with("hf");
+        if !self.opts.hard_links || !meta_only || line.len() < 13 {
             return false;
         }
         let rel = unescape_rsync(&line[12..]);
