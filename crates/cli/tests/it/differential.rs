@@ -502,7 +502,8 @@ impl Case {
             // `path` is lossy for names that are not UTF-8 (issue 13 item 11): count those
             // as files, which nearly all items are.
             let file = src.as_ref().is_some_and(|m| m.is_file()) || path.contains('\u{FFFD}');
-            let class = if self.opts.hard_links && linked {
+            let lossy = path.contains('\u{FFFD}');
+            let class = if self.opts.hard_links && (linked || lossy && v["action"] == "create") {
                 "rerun-items-hardlink"
             } else if self.opts.checksum
                 && file
