@@ -7,6 +7,8 @@ mod basic;
 mod confine;
 mod daemon;
 mod delta;
+mod differential;
+mod difftree;
 mod faults;
 mod hostile;
 mod live_writer;
