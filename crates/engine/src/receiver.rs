@@ -1113,8 +1113,17 @@ fn commit_same(shared: &Shared, f: RFile) -> Result<(), String> {
     let file = from
         .open_read()
         .map_err(|e| format!("{}: {e}", f.shown.display()))?;
-    if !is_block_device(&file) {
-        meta::apply_file(&file, &f.shown, &f.entry, shared.apply).map_err(|e| e.to_string())?;
+    let shared_inode = {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata().is_ok_and(|m| m.nlink() > 1)
+    };
+    // A verified file whose metadata matches is left alone (its ctime too).
+    if f.verify != Some(false) && !is_block_device(&file) {
+        if shared_inode && f.basis != Some(Basis::Partial) {
+            detach(&target, &f.entry, shared.apply)?;
+        } else {
+            meta::apply_file(&file, &f.shown, &f.entry, shared.apply).map_err(|e| e.to_string())?;
+        }
     }
     if f.basis == Some(Basis::Partial) {
         partial
@@ -1608,6 +1617,9 @@ impl WalkState {
                         format!("{path}: refused: bad hard link target"),
                     ));
                 }
+                if existing.as_ref().is_some_and(|md| md.is_dir()) {
+                    replace_dir(here()?, "a hard link", shared.opts.delete, dry)?;
+                }
                 self.hard_links.push((first.clone(), entry.path.clone()));
                 // Already a link of the first name's object: nothing to do, unless the first
                 // name is replaced by a new file later in this pass (then `finish` links again).
@@ -1626,14 +1638,27 @@ impl WalkState {
                 return Err((Need::Refused, devices_refused(path)));
             }
             EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
-                if existing.is_some() {
-                    return Ok((Need::Skip, None, None));
+                if let Some(md) = &existing {
+                    if same_node(md, &entry.kind) {
+                        let need = meta_only(md, here()?, &entry, apply, dry)?;
+                        let item = (need == Need::Meta).then(|| item(Action::Meta)).flatten();
+                        return Ok((need, None, item));
+                    }
+                    if md.is_dir() {
+                        replace_dir(here()?, "a special file", shared.opts.delete, dry)?;
+                    }
                 }
                 if !dry {
-                    make_node(here()?, &entry)
+                    // Made under a temporary name and renamed over whatever stands there.
+                    let target = here()?;
+                    let tmp = target.sibling(&temp_name(target.name()));
+                    let _ = tmp.remove_file();
+                    make_node(&tmp, &entry)
                         .map_err(|e| (Need::Refused, format!("{}: {e}", shown.display())))?;
-                    meta::apply_place(here()?, &entry, apply)
+                    meta::apply_place(&tmp, &entry, apply)
                         .map_err(|e| (Need::Refused, e.to_string()))?;
+                    tmp.rename_to(target)
+                        .map_err(|e| err(e, "cannot rename into place"))?;
                 }
                 return Ok((Need::Created, None, item(Action::Create)));
             }
@@ -1648,7 +1673,10 @@ impl WalkState {
         if device && !shared.devices {
             return Err((Need::Refused, devices_refused(path)));
         }
-        let in_place = volume || shared.opts.inplace;
+        // In place only into a regular file: a symlink, FIFO or other node where the source
+        // now has a file is replaced through a partial file and a rename.
+        let in_place = volume
+            || (shared.opts.inplace && existing.as_ref().is_none_or(|m| m.is_file() || m.is_dir()));
         if let Some(md) = &existing {
             if md.is_dir() {
                 replace_dir(here()?, "a file", shared.opts.delete, dry)?;
@@ -1710,13 +1738,15 @@ impl WalkState {
         }
         .unwrap_or(0);
         let need = match &basis {
-            _ if shared.opts.whole_file && !has_partial && !in_place => Need::Full,
             None => Need::Full,
             // --checksum: a same-size file is compared by its hashes (the sender answers
-            // `Same` when they match) rather than sent again, however small.
+            // `Same` when they match) rather than sent again, however small; with -W too,
+            // since the comparison is what -c asks for (a file that differs then travels as
+            // a positional delta).
             Some(_) if shared.opts.checksum && basis_size == entry.size && !has_partial => {
                 Need::Verify { meta: false }
             }
+            _ if shared.opts.whole_file && !has_partial && !in_place => Need::Full,
             Some(_) if entry.size <= SMALL_FILE && !in_place && !has_partial => Need::Full,
             // The target has the new size: compare before anything is said to change.
             Some(Basis::Target) if basis_size == entry.size => Need::Verify { meta: false },
@@ -1900,8 +1930,13 @@ impl WalkState {
         if !dry {
             // Children first, so a parent's mtime is set after everything inside it changed.
             for entry in self.dirs.iter().rev() {
+                // Only where it differs: a no-change pass leaves every directory (and its
+                // ctime) alone.
                 let r = dest.place(&entry.path).and_then(|p| {
-                    meta::apply_place(&p, entry, shared.apply).map_err(|e| e.to_string())
+                    match p.metadata().map_err(|e| e.to_string())? {
+                        Some(md) if !meta::differs(&md, &p, entry, shared.apply) => Ok(()),
+                        _ => meta::apply_place(&p, entry, shared.apply).map_err(|e| e.to_string()),
+                    }
                 });
                 if let Err(e) = r {
                     report.errors.push(e);
@@ -1966,9 +2001,51 @@ fn meta_only(
         return Ok(Need::Skip);
     }
     if !dry {
-        meta::apply_place(target, entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
+        let applied = if md.is_file() && md.nlink() > 1 {
+            detach(target, entry, apply)
+        } else {
+            meta::apply_place(target, entry, apply).map_err(|e| e.to_string())
+        };
+        applied.map_err(|e| (Need::Refused, e))?;
     }
     Ok(Need::Meta)
+}
+
+/// Give `target`, a file with other names (hard links), the entry's metadata on a copy of its
+/// own, renamed over it: changing the shared object would change every other name too, which
+/// the source did not ask for (a link it broke). Where the source keeps the group, the pass
+/// links the other names to this copy at its end.
+fn detach(target: &Place, entry: &Entry, apply: ApplyOpts) -> Result<(), String> {
+    let shown = target.shown().display().to_string();
+    let io = |e: std::io::Error| format!("{shown}: {e}");
+    let from = target.open_read().map_err(io)?;
+    let size = from.metadata().map_err(io)?.len();
+    let work = target.sibling(&partial_name(target.name()));
+    let out = work.open_write(true).map_err(io)?;
+    out.set_len(size).map_err(io)?;
+    let whole = CopyOp {
+        src: 0,
+        len: size,
+        dst: 0,
+    };
+    copy_range(&from, &out, whole, Unwritten::Hole).map_err(io)?;
+    meta::apply_file(&out, target.shown(), entry, apply).map_err(|e| e.to_string())?;
+    work.rename_to(target).map_err(io)
+}
+
+/// Whether an existing object is the special file an entry describes (kind and device).
+fn same_node(md: &cofs::root::Stat, kind: &EntryKind) -> bool {
+    use rustix::fs::FileType;
+    match kind {
+        EntryKind::Fifo => md.file_type() == FileType::Fifo,
+        EntryKind::CharDevice { rdev } => {
+            md.file_type() == FileType::CharacterDevice && md.rdev() == *rdev
+        }
+        EntryKind::BlockDevice { rdev } => {
+            md.file_type() == FileType::BlockDevice && md.rdev() == *rdev
+        }
+        _ => false,
+    }
 }
 
 /// A directory stands where the source has a non-directory: with `--delete` it goes (the

@@ -98,6 +98,16 @@ impl Stat {
     pub fn size(&self) -> u64 {
         self.0.st_size as u64
     }
+    /// Names of this object (hard links).
+    #[allow(clippy::unnecessary_cast)]
+    pub fn nlink(&self) -> u64 {
+        self.0.st_nlink as u64
+    }
+    /// Device number of a device node.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn rdev(&self) -> u64 {
+        self.0.st_rdev as u64
+    }
     /// Device and inode: two names with the same identity are hard links of one object.
     #[allow(clippy::unnecessary_cast)]
     pub fn identity(&self) -> (u64, u64) {

@@ -26,63 +26,7 @@ const LONG_CASES: u64 = 2000;
 
 /// Known bugs (tag, what it is). A failed check whose tag is listed is reported as a warning
 /// and does not fail the test; remove a tag once its bug is fixed.
-const KNOWN: &[(&str, &str)] = &[
-    // Issue 13 item 3: -H leaves `.cutover.<hash>.tmp` hard links and re-links the members
-    // of a group on every run.
-    (
-        "leftover-tmp",
-        "issue 13 item 3 (-H leaves .cutover.*.tmp links)",
-    ),
-    (
-        "oracle-leftover",
-        "issue 13 items 3/7 (rsync --delete sees .cutover.* files)",
-    ),
-    (
-        "rerun-items-hardlink",
-        "issue 13 item 3 (-H re-creates link members every run)",
-    ),
-    (
-        "rerun-inode-hardlink",
-        "issue 13 item 3 (-H re-links members every run)",
-    ),
-    // Issue 13 item 4: holes written out after a delta pass.
-    ("sparse", "issue 13 item 4 (sparse file densified)"),
-    // Issue 13 item 7: partials of deleted sources survive --delete.
-    (
-        "leftover-part",
-        "issue 13 item 7 (partial left after its source was deleted)",
-    ),
-    // Issue 13 item 9: -c with nothing changed itemises (and rewrites) every file.
-    (
-        "rerun-items-checksum",
-        "issue 13 item 9 (-c itemises unchanged files)",
-    ),
-    (
-        "rerun-rewrite-checksum",
-        "issue 13 item 9 (-c rewrites unchanged files)",
-    ),
-    // Found by this harness.
-    (
-        "oracle-special-meta",
-        "new: mode/owner/mtime changes of an existing FIFO are not applied",
-    ),
-    (
-        "exit-inplace-type",
-        "new: --inplace fails (exit 3) where a symlink or FIFO becomes a file",
-    ),
-    (
-        "rerun-ctime-dir",
-        "new: every run re-applies every directory's metadata (ctime moves)",
-    ),
-    (
-        "exit-hardlink-over-dir",
-        "new: -H cannot put a hard link where a directory was (exit 3)",
-    ),
-    (
-        "oracle-hardlink-split",
-        "new: -H keeps a link the source broke; meta of one applies to both",
-    ),
-];
+const KNOWN: &[(&str, &str)] = &[];
 
 /// The options of one case.
 #[derive(Debug, Clone, Default)]

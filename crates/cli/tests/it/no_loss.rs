@@ -381,3 +381,95 @@ fn checksum_counts_and_itemises_only_what_changed() {
         assert_same(&origin, &dst);
     }
 }
+
+/// Change time of every entry beneath `root` (a no-change pass must not move any).
+fn ctimes(root: &Path) -> Vec<(String, i64, i64)> {
+    snapshot(root)
+        .keys()
+        .map(|p| {
+            let md = std::fs::symlink_metadata(root.join(p)).unwrap();
+            (p.display().to_string(), md.ctime(), md.ctime_nsec())
+        })
+        .collect()
+}
+
+/// Found by the differential harness: a FIFO's new mode and mtime were never applied, nor a
+/// FIFO put where a file stood; `--inplace` failed where a symlink or FIFO became a file; `-H`
+/// could not put a link where a directory was; a no-change pass re-applied every directory's
+/// metadata (moving its ctime).
+#[test]
+fn special_files_type_changes_and_no_change_passes() {
+    let t = tmp();
+    let src = t.path().join("src");
+    let dst = t.path().join("dst");
+    let fifo = |p: &Path| {
+        rustix::fs::mkfifoat(rustix::fs::CWD, p, rustix::fs::Mode::from_raw_mode(0o644)).unwrap()
+    };
+    write(&src.join("d/sub/f"), "f\n");
+    fifo(&src.join("p"));
+    write(&src.join("becomes_fifo"), "a file\n");
+    std::os::unix::fs::symlink("nowhere", src.join("link_then_file")).unwrap();
+    fifo(&src.join("fifo_then_file"));
+    std::fs::create_dir(src.join("dir_then_link")).unwrap();
+    sync(&["-H", &slash(&src), &slash(&dst)]).ok();
+    assert_same_with(&src, &dst, &["-H"]);
+    // A pass with nothing changed moves no ctime, of directories either.
+    let before = ctimes(&dst);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let quiet = sync_json(&["-H", &slash(&src), &slash(&dst)]);
+    quiet.ok();
+    assert!(quiet.events("item").is_empty(), "{quiet}");
+    assert_eq!(
+        before,
+        ctimes(&dst),
+        "a no-change pass touched the destination"
+    );
+
+    chmod(&src.join("p"), 0o600);
+    std::fs::remove_file(src.join("becomes_fifo")).unwrap();
+    fifo(&src.join("becomes_fifo"));
+    std::fs::remove_file(src.join("link_then_file")).unwrap();
+    write(&src.join("link_then_file"), "now a file\n");
+    std::fs::remove_file(src.join("fifo_then_file")).unwrap();
+    write(&src.join("fifo_then_file"), "now a file too\n");
+    std::fs::remove_dir(src.join("dir_then_link")).unwrap();
+    std::fs::hard_link(src.join("d/sub/f"), src.join("dir_then_link")).unwrap();
+    sync(&["-H", "--delete", "--inplace", &slash(&src), &slash(&dst)]).ok();
+    assert_same_with(&src, &dst, &["-H", "--delete"]);
+    assert_eq!(leftovers(&dst), Vec::<String>::new());
+}
+
+/// Found by the differential harness: with `-H`, a link the source broke stayed at the
+/// destination, and the metadata of one name was applied to the object both shared.
+#[test]
+fn a_hard_link_the_source_broke_is_broken_at_the_destination() {
+    let t = tmp();
+    let src = t.path().join("src");
+    let dst = t.path().join("dst");
+    write(&src.join("f"), "data\n");
+    std::fs::hard_link(src.join("f"), src.join("h")).unwrap();
+    chmod(&src.join("f"), 0o640);
+    sync(&["-H", &slash(&src), &slash(&dst)]).ok();
+    assert_eq!(std::fs::metadata(dst.join("f")).unwrap().nlink(), 2);
+    // `f` becomes a file of its own with other metadata; `h` keeps the old object.
+    std::fs::copy(src.join("f"), src.join("t")).unwrap();
+    let mtime = std::fs::metadata(src.join("f"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let t_file = std::fs::File::options()
+        .write(true)
+        .open(src.join("t"))
+        .unwrap();
+    t_file.set_modified(mtime).unwrap();
+    chmod(&src.join("t"), 0o600);
+    std::fs::rename(src.join("t"), src.join("f")).unwrap();
+    sync(&["-H", &slash(&src), &slash(&dst)]).ok();
+    assert_same_with(&src, &dst, &["-H"]);
+    let (f, h) = (
+        std::fs::metadata(dst.join("f")).unwrap(),
+        std::fs::metadata(dst.join("h")).unwrap(),
+    );
+    assert_ne!(f.ino(), h.ino(), "the link the source broke is still there");
+    assert_eq!((f.mode() & 0o777, h.mode() & 0o777), (0o600, 0o640));
+}
