@@ -13,7 +13,7 @@ use std::process::ExitCode;
 /// Threads for blocking file I/O (reads, writes, hashing) in one process.
 const BLOCKING_THREADS: usize = 16;
 
-/// Exit codes (also documented in the README).
+/// Exit codes (also documented in docs/sync.md).
 pub mod exit {
     pub const OK: u8 = 0;
     pub const FATAL: u8 = 1;
