@@ -16,6 +16,7 @@ mod plan;
 mod plan_verify;
 mod prop;
 mod resume;
+mod rsync_flags;
 mod security;
 mod select;
 mod soak;
