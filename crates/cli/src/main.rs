@@ -1,6 +1,7 @@
 //! The `cutover` command: parses arguments, runs `sync`, `serve` or `plan`, maps outcomes to exit codes.
 
 mod endpoint;
+mod names;
 mod output;
 mod plan;
 mod rsync;

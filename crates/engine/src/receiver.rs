@@ -6,7 +6,7 @@
 //! next one, so only the pieces that never arrived are sent again, and it only ever becomes
 //! the target after its digest matched.
 
-use crate::events::{Action, Event, Events, Problems, Stats, Summary};
+use crate::events::{Action, Event, Events, ItemPath, Problems, Stats, Summary};
 use crate::sender::{display, hash_ranges};
 use crate::session::{close_within, spawn_control, Session, CLOSE_AFTER_ERROR};
 use crate::{EngineError, IN_FLIGHT_ENTRIES, SMALL_FILE};
@@ -244,7 +244,7 @@ struct Shared {
     stats: Arc<Stats>,
     /// A dry run with `checksum`: files the sender is comparing (`Need::Compare`), with
     /// what to report when its answer comes: (path, size, metadata differs).
-    compares: Mutex<HashMap<u64, (String, u64, bool)>>,
+    compares: Mutex<HashMap<u64, (ItemPath, u64, bool)>>,
     /// Files whose last attempt in this pass failed here, by wire path, with the reason. In
     /// a pull this side reports the pass, and only it knows what it refused (a digest that
     /// did not match, a write that failed); a sender's retry that succeeds clears the entry.
@@ -1376,7 +1376,7 @@ struct WalkState {
     doomed: Vec<Vec<u8>>,
 }
 
-type Decided = (Need, Option<SigJob>, Option<(String, Action, u64)>);
+type Decided = (Need, Option<SigJob>, Option<(ItemPath, Action, u64)>);
 
 impl WalkState {
     fn new(delete: bool, filter: Filter) -> Self {
@@ -1481,7 +1481,7 @@ impl WalkState {
             self.track(dest, &entry.path, entry.kind == EntryKind::Dir);
         }
         let shown = dest.shown(&entry.path);
-        let path = display(&entry.path);
+        let path = ItemPath::new(&entry.path);
         let size = entry.size;
         let item = |a: Action| Some((path.clone(), a, size));
         let err = |e: std::io::Error, what: &str| {
@@ -1806,7 +1806,7 @@ impl WalkState {
                     }
                     report.entries_deleted += n;
                     events.event(Event::Item {
-                        path: display(&rel),
+                        path: ItemPath::new(&rel),
                         action: Action::Delete,
                         size: 0,
                     });

@@ -1,7 +1,7 @@
 //! The sending side: walk the source, stream the file list, turn the receiver's needs into
 //! jobs on the shared queue, run delta descents, detect files that change while read.
 
-use crate::events::{Action, Event, Events, Problems, Stats, Summary};
+use crate::events::{Action, Event, Events, ItemPath, Problems, Stats, Summary};
 use crate::session::{close_within, forward, spawn_control, Session, CLOSE_AFTER_ERROR};
 use crate::{
     EngineError, IN_FLIGHT_ENTRIES, LIST_BATCH, LIVE_RETRIES, SMALL_BATCH_BYTES, SMALL_FILE,
@@ -337,7 +337,7 @@ pub async fn run_sender(
                         let mut violation = None;
                         for ((id, item), need) in listed.into_iter().zip(needs) {
                             let retries = retries_by_id.remove(&id).unwrap_or(0);
-                            let path = display(&item.entry.path);
+                            let path = ItemPath::new(&item.entry.path);
                             let size = item.entry.size;
                             match need {
                                 Need::Skip => in_flight -= 1,
@@ -477,7 +477,7 @@ pub async fn run_sender(
                     Msg::Progress { received } => stats.peer_received.store(received, Ordering::Relaxed),
                     Msg::Deleted { paths } => {
                         for p in paths {
-                            events.event(Event::Item { path: display(&p), action: Action::Delete, size: 0 });
+                            events.event(Event::Item { path: ItemPath::new(&p), action: Action::Delete, size: 0 });
                         }
                     }
                     Msg::Report(r) => {
@@ -498,7 +498,7 @@ pub async fn run_sender(
                         let Some((item, meta)) = comparing.remove(&id) else { continue };
                         in_flight -= 1;
                         if let Some(e) = error { problems.error(&*events, e); }
-                        let (path, size) = (display(&item.entry.path), item.entry.size);
+                        let (path, size) = (ItemPath::new(&item.entry.path), item.entry.size);
                         let answer = if same { Msg::Same { id } } else { Msg::Differs { id } };
                         if ctx.control.send(answer).await.is_err() {
                             break Err(EngineError::Transport("the control connection closed".into()));

@@ -12,6 +12,7 @@ mod hostile;
 mod live_writer;
 mod lying;
 mod metadata;
+mod odd_names;
 mod plan;
 mod plan_verify;
 mod prop;
