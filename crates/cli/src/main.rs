@@ -1,6 +1,7 @@
 //! The `cutover` command: parses arguments, runs `sync`, `serve` or `plan`, maps outcomes to exit codes.
 
 mod endpoint;
+mod manual;
 mod names;
 mod output;
 mod plan;
@@ -73,6 +74,16 @@ enum Command {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Print a shell completion script, e.g. `cutover completions bash > /etc/bash_completion.d/cutover`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page (roff): cutover(1), or cutover-COMMAND(1), e.g. `cutover man sync | man -l -`.
+    Man {
+        /// A command (sync, serve, plan, identity, completions); none for cutover(1).
+        command: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -142,6 +153,8 @@ fn main() -> ExitCode {
                 exit::USAGE
             }
             Command::Identity { file } => identity(file),
+            Command::Completions { shell } => manual::completions(Cli::command(), shell),
+            Command::Man { command } => manual::man(Cli::command(), command.as_deref()),
             Command::Plan { command } => plan::run(command).await,
         }
     });

@@ -11,6 +11,7 @@ mod faults;
 mod hostile;
 mod live_writer;
 mod lying;
+mod manual;
 mod metadata;
 mod odd_names;
 mod plan;
