@@ -1,8 +1,11 @@
 //! The `cutover` command: parses arguments, runs `sync`, `serve` or `plan`, maps outcomes to exit codes.
 
 mod endpoint;
+mod manual;
+mod names;
 mod output;
 mod plan;
+mod rsync;
 mod security;
 mod sync;
 
@@ -13,7 +16,7 @@ use std::process::ExitCode;
 /// Threads for blocking file I/O (reads, writes, hashing) in one process.
 const BLOCKING_THREADS: usize = 16;
 
-/// Exit codes (also documented in the README).
+/// Exit codes (also documented in docs/sync.md).
 pub mod exit {
     pub const OK: u8 = 0;
     pub const FATAL: u8 = 1;
@@ -38,12 +41,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Synchronise SRC to DST (local paths or cutover://host[:port]/module/path).
+    /// Synchronise SRC to DST: local paths, [user@]host:PATH (ssh) or cutover://host[:port]/module/path.
+    // `-h` is rsync's --human-readable here (alone it still prints help: see rsync::precheck).
+    #[command(disable_help_flag = true, args_override_self = true)]
     Sync(Box<sync::SyncArgs>),
     /// Run the daemon that serves modules to `cutover sync`.
+    #[command(
+        override_usage = "cutover serve --config FILE [--listen ADDR] [--port-file FILE]\n       cutover serve --stdio"
+    )]
     Serve {
-        /// Configuration file (TOML) with `listen` and `[[module]]` entries.
-        #[arg(long, required_unless_present = "stdio")]
+        /// Configuration file (TOML) with `listen` and `[[module]]` entries. Required, unless --stdio.
+        #[arg(long, value_name = "FILE", required_unless_present = "stdio")]
         config: Option<PathBuf>,
         /// Serve one connection on stdin/stdout (what `cutover sync` starts over ssh).
         #[arg(long, conflicts_with_all = ["config", "listen", "port_file"])]
@@ -66,10 +74,23 @@ enum Command {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Print a shell completion script, e.g. `cutover completions bash > /etc/bash_completion.d/cutover`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page (roff): cutover(1), or cutover-COMMAND(1), e.g. `cutover man sync | man -l -`.
+    Man {
+        /// A command (sync, serve, plan, identity, completions); none for cutover(1).
+        command: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = match parse_args() {
+        Ok(m) => m,
+        Err(code) => return ExitCode::from(code),
+    };
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -132,12 +153,62 @@ fn main() -> ExitCode {
                 exit::USAGE
             }
             Command::Identity { file } => identity(file),
+            Command::Completions { shell } => manual::completions(Cli::command(), shell),
+            Command::Man { command } => manual::man(Cli::command(), command.as_deref()),
             Command::Plan { command } => plan::run(command).await,
         }
     });
     // Do not wait for blocking tasks of an interrupted session.
     runtime.shutdown_background();
     ExitCode::from(code)
+}
+
+/// Parse the command line: rsync's flags first (`rsync::precheck`), then clap, whose
+/// unknown-argument errors become one line without its hints (`use '-- -a'`, "a similar
+/// argument exists"), which are wrong for rsync users' flags.
+fn parse_args() -> Result<clap::ArgMatches, u8> {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    let takes_value = |name: &str| {
+        cmd.find_subcommand("sync").is_some_and(|sync| {
+            sync.get_arguments().any(|a| {
+                !a.is_positional()
+                    && a.get_action().takes_values()
+                    && (a.get_long() == Some(name)
+                        || a.get_short().is_some_and(|c| name.chars().eq([c])))
+            })
+        })
+    };
+    match rsync::precheck(&argv, &takes_value) {
+        rsync::Precheck::Parse => {}
+        rsync::Precheck::Help => argv[2] = "--help".into(),
+        rsync::Precheck::Refused(line) => {
+            eprintln!("{line}");
+            return Err(exit::USAGE);
+        }
+    }
+    match cmd.try_get_matches_from_mut(&argv) {
+        Ok(m) => Ok(m),
+        Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
+            let sub = argv
+                .get(1)
+                .and_then(|a| a.to_str())
+                .filter(|a| cmd.find_subcommand(a).is_some())
+                .map(|a| format!(" {a}"))
+                .unwrap_or_default();
+            let arg = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(a)) => a.clone(),
+                _ => String::new(),
+            };
+            if arg.starts_with('-') {
+                eprintln!("cutover{sub}: unknown option '{arg}' ('cutover{sub} --help' lists the options)");
+            } else {
+                eprintln!("cutover{sub}: unexpected argument '{arg}' ('cutover{sub} --help' shows the usage)");
+            }
+            Err(exit::USAGE)
+        }
+        Err(e) => e.exit(),
+    }
 }
 
 async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBuf>) -> u8 {

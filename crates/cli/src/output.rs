@@ -2,6 +2,7 @@
 //! object per line), the end-of-pass report, and the exit code that goes with it.
 
 use crate::exit;
+use crate::names;
 use engine::{Event, Events, Stats, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -163,7 +164,7 @@ impl Reporter {
                 s.changed.len()
             );
             for p in s.changed.iter().take(20) {
-                eprintln!("  {p}");
+                eprintln!("  {}", names::escape(p.as_bytes()));
             }
         }
         if !s.errors.is_empty() {
@@ -181,10 +182,15 @@ impl Events for Reporter {
     fn event(&self, ev: Event) {
         match ev {
             Event::Item { path, action, size } => {
+                let bytes = path.as_bytes();
                 if self.json {
-                    out(json!({"event": "item", "action": action.as_str(), "path": path, "size": size}).to_string());
+                    let mut item = json!({"event": "item", "action": action.as_str(), "path": path.lossy(), "size": size});
+                    if let Some(b64) = names::b64_unless_utf8(bytes) {
+                        item["path_b64"] = b64.into();
+                    }
+                    out(item.to_string());
                 } else if self.itemize && !self.quiet {
-                    out(format!("{:<7}{path}", action.as_str()));
+                    out(format!("{:<7}{}", action.as_str(), names::escape(bytes)));
                 }
             }
             Event::FileDone {
@@ -200,7 +206,7 @@ impl Events for Reporter {
                 if self.json {
                     out(json!({"event": "changed", "path": path, "reason": reason}).to_string());
                 } else {
-                    eprintln!("cutover: {path}: {reason}");
+                    eprintln!("cutover: {}: {reason}", names::escape(path.as_bytes()));
                 }
             }
             Event::Error { message } => {

@@ -5,6 +5,7 @@
 
 use crate::endpoint::Endpoint;
 use crate::exit;
+use crate::names;
 use crate::security::SecurityArgs;
 use crate::sync::{parse_rate, run_job, SyncJob};
 use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
@@ -363,7 +364,7 @@ impl Events for TaskEvents {
                 {
                     sent.lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push(path.clone());
+                        .push(names::escape(path.as_bytes()));
                 }
                 if self.dry_run {
                     let mut w = self.would.lock().unwrap_or_else(|p| p.into_inner());
@@ -377,13 +378,15 @@ impl Events for TaskEvents {
                         _ => {}
                     }
                 }
+                let path = names::escape(path.as_bytes());
                 self.log
                     .line(&format!("{would}{} {path} ({size} bytes)", action.as_str()));
             }
             Event::FileDone { .. } => {}
-            Event::Changed { path, reason } => self
-                .log
-                .line(&format!("changed while read: {path}: {reason}")),
+            Event::Changed { path, reason } => self.log.line(&format!(
+                "changed while read: {}: {reason}",
+                names::escape(path.as_bytes())
+            )),
             Event::Error { message } => self.log.line(&format!("error: {message}")),
             Event::Retry {
                 attempt,
@@ -408,6 +411,7 @@ impl Events for CheckEvents {
     fn event(&self, ev: Event) {
         match ev {
             Event::Item { path, action, .. } => {
+                let path = names::escape(path.as_bytes());
                 let reason = match action {
                     Action::Delta => "content differs",
                     Action::Send => "missing on the destination, or of another size",
@@ -431,9 +435,10 @@ impl Events for CheckEvents {
                     });
             }
             Event::Error { message } => self.log.line(&format!("verify: error: {message}")),
-            Event::Changed { path, reason } => self
-                .log
-                .line(&format!("verify: changed while read: {path}: {reason}")),
+            Event::Changed { path, reason } => self.log.line(&format!(
+                "verify: changed while read: {}: {reason}",
+                names::escape(path.as_bytes())
+            )),
             Event::FileDone { .. } => {}
             // The comparison starts over in a new session, which lists every difference again.
             Event::Retry {

@@ -4,6 +4,7 @@
 use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::output::Reporter;
+use crate::rsync::RsyncArgs;
 use crate::security::{client_trust, SecurityArgs};
 use engine::{Destination, Event, Events, NoEvents, Session, Source, Stats, Summary};
 use net::client::{open_session, ClientError, Connections, Delivered, Remote};
@@ -30,10 +31,10 @@ const LOCAL_AUTO: usize = 4;
 
 #[derive(clap::Args, Debug)]
 pub struct SyncArgs {
-    /// Source: a local path or cutover://host[:port]/module/path. A trailing slash copies the
-    /// directory's contents; without it, the directory itself.
+    /// Source: a local path, [user@]host:PATH (ssh) or cutover://host[:port]/module/path. A
+    /// trailing slash copies the directory's contents; without it, the directory itself.
     pub src: String,
-    /// Destination: a local path or cutover://host[:port]/module/path.
+    /// Destination: a local path, [user@]host:PATH (ssh) or cutover://host[:port]/module/path.
     pub dst: String,
     /// Data connections: a number, or auto (start with 16, double every 0.5-1 s while the delivered rate rises by 20%, up to 64).
     #[arg(short = 'j', long = "connections", default_value = "auto", value_parser = parse_connections)]
@@ -115,6 +116,8 @@ pub struct SyncArgs {
     /// The cutover program on the remote side of an ssh endpoint.
     #[arg(long, value_name = "PATH", default_value = "cutover")]
     pub remote_cutover: String,
+    #[command(flatten)]
+    pub rsync: RsyncArgs,
     /// Filters in command-line order (filled by main from the raw matches).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,
@@ -226,7 +229,7 @@ impl SyncArgs {
             dst: self.dst.clone(),
             connections: self.connections,
             options: SyncOptions {
-                delete: self.delete,
+                delete: self.delete || self.rsync.delete_after,
                 max_delete: self.max_delete,
                 dry_run: self.dry_run,
                 whole_file: self.whole_file,
@@ -234,7 +237,7 @@ impl SyncArgs {
                 inplace: self.inplace,
                 fsync: self.fsync,
                 hard_links: self.hard_links,
-                xattrs: self.xattrs,
+                xattrs: self.xattrs || self.rsync.acls,
                 compress: self.compress,
                 filters: self.filters.clone(),
                 bwlimit: self.bwlimit,
@@ -252,7 +255,7 @@ impl SyncArgs {
 pub async fn run(args: SyncArgs) -> u8 {
     let reporter = Arc::new(Reporter::new(
         args.json,
-        args.verbose || args.dry_run,
+        args.verbose || args.rsync.itemize() || args.dry_run,
         args.quiet,
     ));
     let job = args.job();

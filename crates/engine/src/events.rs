@@ -26,10 +26,40 @@ impl Action {
     }
 }
 
+/// An entry's path below the transfer root, as the exact bytes of its name (which need not
+/// be UTF-8); the root itself is ".". `Display` shows it lossily.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemPath(Vec<u8>);
+
+impl ItemPath {
+    pub fn new(rel: &[u8]) -> Self {
+        ItemPath(if rel.is_empty() {
+            b".".to_vec()
+        } else {
+            rel.to_vec()
+        })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The path with bytes that are not UTF-8 replaced by U+FFFD.
+    pub fn lossy(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl std::fmt::Display for ItemPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Event {
     Item {
-        path: String,
+        path: ItemPath,
         action: Action,
         size: u64,
     },

@@ -14,7 +14,7 @@ mod receiver;
 mod sender;
 mod session;
 
-pub use events::{Action, Event, Events, NoEvents, Stats, Summary};
+pub use events::{Action, Event, Events, ItemPath, NoEvents, Stats, Summary};
 pub use receiver::{run_receiver, Destination};
 pub use sender::{run_sender, Source};
 pub use session::{PublicName, Session, KEEPALIVE, MIN_IDLE_TIMEOUT};

@@ -7,7 +7,7 @@
 //! the target after its digest matched.
 
 use crate::apply::{copy_range, data_bytes, is_block_device, write_frame, Unwritten};
-use crate::events::{Action, Event, Events, Problems, Stats, Summary};
+use crate::events::{Action, Event, Events, ItemPath, Problems, Stats, Summary};
 use crate::sender::{display, hash_ranges};
 use crate::session::{
     close_within, peer_reason, spawn_control, Session, CLOSE_AFTER_ERROR, CONTROL_CLOSED,
@@ -287,7 +287,7 @@ struct Shared {
     stats: Arc<Stats>,
     /// A dry run with `checksum`: files the sender is comparing (`Need::Compare`), with
     /// what to report when its answer comes: (path, size, metadata differs).
-    compares: Mutex<HashMap<u64, (String, u64, bool)>>,
+    compares: Mutex<HashMap<u64, (ItemPath, u64, bool)>>,
     /// Files whose last attempt in this pass failed here, by wire path, with the reason. In
     /// a pull this side reports the pass, and only it knows what it refused (a digest that
     /// did not match, a write that failed); a sender's retry that succeeds clears the entry.
@@ -527,7 +527,7 @@ pub async fn run_receiver(
                 // A verified file whose content is the same changed at most its metadata.
                 let verified = lock(&shared.files)
                     .get(&id)
-                    .and_then(|f| Some((f.verify?, display(&f.entry.path), f.entry.size)));
+                    .and_then(|f| Some((f.verify?, ItemPath::new(&f.entry.path), f.entry.size)));
                 if let Some((true, path, size)) = verified {
                     summary.files_meta_only += 1;
                     events.event(Event::Item {
@@ -900,8 +900,8 @@ async fn finish_file(shared: Arc<Shared>, id: u64, commit: fn(&Shared, RFile) ->
     let Some(f) = f else { return };
     let path = f.entry.path.clone();
     // A verified file that got data (not `Same`) changed: only now is it itemised.
-    let verified_change =
-        (f.verify.is_some() && f.end.is_some()).then(|| (display(&f.entry.path), f.entry.size));
+    let verified_change = (f.verify.is_some() && f.end.is_some())
+        .then(|| (ItemPath::new(&f.entry.path), f.entry.size));
     let s = shared.clone();
     let r = tokio::task::spawn_blocking(move || commit(&s, f)).await;
     let result = match r {
@@ -1396,7 +1396,7 @@ struct WalkState {
     litter: Vec<Vec<u8>>,
 }
 
-type Decided = (Need, Option<SigJob>, Option<(String, Action, u64)>);
+type Decided = (Need, Option<SigJob>, Option<(ItemPath, Action, u64)>);
 
 impl WalkState {
     fn new(delete: bool, filter: Filter) -> Self {
@@ -1532,7 +1532,7 @@ impl WalkState {
             self.track(dest, &entry.path, entry.kind == EntryKind::Dir);
         }
         let shown = dest.shown(&entry.path);
-        let path = display(&entry.path);
+        let path = ItemPath::new(&entry.path);
         let size = entry.size;
         let item = |a: Action| Some((path.clone(), a, size));
         let err = |e: std::io::Error, what: &str| {
@@ -1914,7 +1914,7 @@ impl WalkState {
                     }
                     report.entries_deleted += n;
                     events.event(Event::Item {
-                        path: display(&rel),
+                        path: ItemPath::new(&rel),
                         action: Action::Delete,
                         size: 0,
                     });

@@ -1,7 +1,7 @@
 //! The sending side: walk the source, stream the file list, turn the receiver's needs into
 //! jobs on the shared queue, run delta descents, detect files that change while read.
 
-use crate::events::{Action, Event, Events, Problems, Stats, Summary};
+use crate::events::{Action, Event, Events, ItemPath, Problems, Stats, Summary};
 use crate::session::{
     close_within, forward, peer_reason, spawn_control, Session, CLOSE_AFTER_ERROR, CONTROL_CLOSED,
 };
@@ -362,7 +362,7 @@ pub async fn run_sender(
                         let mut violation = None;
                         for ((id, item), need) in listed.into_iter().zip(needs) {
                             let retries = retries_by_id.remove(&id).unwrap_or(0);
-                            let path = display(&item.entry.path);
+                            let path = ItemPath::new(&item.entry.path);
                             let size = item.entry.size;
                             match need {
                                 Need::Skip => in_flight -= 1,
@@ -467,7 +467,7 @@ pub async fn run_sender(
                             FileResult::Written { .. } if t.unchanged && t.verify.is_some() => {
                                 if t.verify == Some(true) {
                                     summary.files_meta_only += 1;
-                                    events.event(Event::Item { path: path.clone(), action: Action::Meta, size: t.item.entry.size });
+                                    events.event(Event::Item { path: ItemPath::new(&t.item.entry.path), action: Action::Meta, size: t.item.entry.size });
                                 }
                                 if let Some(reason) = t.changed {
                                     if t.retries < LIVE_RETRIES {
@@ -479,7 +479,7 @@ pub async fn run_sender(
                             }
                             FileResult::Written { literal, copied } => {
                                 if t.verify.is_some() {
-                                    events.event(Event::Item { path: path.clone(), action: Action::Delta, size: t.item.entry.size });
+                                    events.event(Event::Item { path: ItemPath::new(&t.item.entry.path), action: Action::Delta, size: t.item.entry.size });
                                 }
                                 summary.files_sent += 1;
                                 summary.bytes_logical += t.item.entry.size;
@@ -521,7 +521,7 @@ pub async fn run_sender(
                     Msg::Progress { received } => stats.peer_received.store(received, Ordering::Relaxed),
                     Msg::Deleted { paths } => {
                         for p in paths {
-                            events.event(Event::Item { path: display(&p), action: Action::Delete, size: 0 });
+                            events.event(Event::Item { path: ItemPath::new(&p), action: Action::Delete, size: 0 });
                         }
                     }
                     Msg::Report(r) => {
@@ -542,7 +542,7 @@ pub async fn run_sender(
                         let Some((item, meta)) = comparing.remove(&id) else { continue };
                         in_flight -= 1;
                         if let Some(e) = error { problems.error(&*events, e); }
-                        let (path, size) = (display(&item.entry.path), item.entry.size);
+                        let (path, size) = (ItemPath::new(&item.entry.path), item.entry.size);
                         let answer = if same { Msg::Same { id } } else { Msg::Differs { id } };
                         if ctx.control.send(answer).await.is_err() {
                             break Err(EngineError::Transport(format!("the {CONTROL_CLOSED}")));
