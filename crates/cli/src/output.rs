@@ -14,6 +14,8 @@ pub struct Reporter {
     json: bool,
     itemize: bool,
     quiet: bool,
+    /// The run changes nothing (`-n`): its report says so.
+    dry_run: bool,
 }
 
 pub struct Progress {
@@ -43,7 +45,14 @@ impl Reporter {
             json,
             itemize,
             quiet,
+            dry_run: false,
         }
+    }
+
+    /// Mark the report as a dry run's.
+    pub fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
     }
 
     /// A progress bar on stderr when it is a terminal (not with --json or --quiet).
@@ -110,6 +119,7 @@ impl Reporter {
         if self.json {
             out(json!({
                 "event": "summary",
+                "dry_run": self.dry_run,
                 "entries_scanned": s.entries_scanned,
                 "files_sent": s.files_sent,
                 "files_meta_only": s.files_meta_only,
@@ -136,6 +146,9 @@ impl Reporter {
             } else {
                 0.0
             };
+            if self.dry_run {
+                out("dry run             nothing was changed; the items above are what a run would do".into());
+            }
             out(format!("entries scanned     {}", s.entries_scanned));
             out(format!(
                 "files sent          {} ({} metadata only)",

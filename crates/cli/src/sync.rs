@@ -253,11 +253,14 @@ impl SyncArgs {
 }
 
 pub async fn run(args: SyncArgs) -> u8 {
-    let reporter = Arc::new(Reporter::new(
-        args.json,
-        args.verbose || args.rsync.itemize() || args.dry_run,
-        args.quiet,
-    ));
+    let reporter = Arc::new(
+        Reporter::new(
+            args.json,
+            args.verbose || args.rsync.itemize() || args.dry_run,
+            args.quiet,
+        )
+        .dry_run(args.dry_run),
+    );
     let job = args.job();
     let stats = Arc::new(Stats::default());
     let started = Instant::now();

@@ -473,3 +473,21 @@ fn a_hard_link_the_source_broke_is_broken_at_the_destination() {
     assert_ne!(f.ino(), h.ino(), "the link the source broke is still there");
     assert_eq!((f.mode() & 0o777, h.mode() & 0o777), (0o600, 0o640));
 }
+
+/// A dry run says it is one in its report, in text and in `--json`.
+#[test]
+fn a_dry_run_says_so_in_its_report() {
+    let t = tmp();
+    let src = t.path().join("src");
+    small_tree(&src);
+    let dst = t.path().join("dst");
+    let text = sync(&["-n", &slash(&src), &slash(&dst)]);
+    text.ok();
+    assert!(text.stdout.contains("dry run"), "{text}");
+    let json = sync_json(&["-n", &slash(&src), &slash(&dst)]);
+    json.ok();
+    assert_eq!(json.summary()["dry_run"], true, "{json}");
+    assert!(!dst.exists());
+    let real = sync_json(&[&slash(&src), &slash(&dst)]);
+    assert_eq!(real.summary()["dry_run"], false, "{real}");
+}
