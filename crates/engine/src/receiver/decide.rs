@@ -1,0 +1,727 @@
+//! Deciding, entry by entry, what the destination needs (skip, metadata, a signature, the
+//! whole file, or a refusal), making directories, links and nodes on the way; and the end of
+//! a pass: hard links, deletes (guarded), directory metadata, the file-system sync.
+
+use super::*;
+
+/// Directory bookkeeping of a pass: the stack of open directories (for deletes), the
+/// directories whose metadata is set at the end, and deferred hard links. All by wire path,
+/// resolved when used.
+pub(super) struct WalkState {
+    delete: bool,
+    filter: Filter,
+    /// The first entry created the destination directory (so the root entry is new).
+    created_root: bool,
+    /// For the entries of one directory, listed together.
+    parents: ParentCache,
+    open_dirs: Vec<(Vec<u8>, HashSet<Vec<u8>>)>,
+    dirs: Vec<Entry>,
+    /// (first, link): wire paths of a hard link's first name and of the link.
+    hard_links: Vec<(Vec<u8>, Vec<u8>)>,
+    doomed: Vec<Vec<u8>>,
+    /// With `delete`: cutover's own partial and temporary files that no listed name claims
+    /// (their source is gone), removed at the end with the doomed entries.
+    litter: Vec<Vec<u8>>,
+}
+
+pub(super) type Decided = (Need, Option<SigJob>, Option<(ItemPath, Action, u64)>);
+
+impl WalkState {
+    pub(super) fn new(delete: bool, filter: Filter) -> Self {
+        WalkState {
+            delete,
+            filter,
+            created_root: false,
+            parents: ParentCache::default(),
+            open_dirs: Vec::new(),
+            dirs: Vec::new(),
+            hard_links: Vec::new(),
+            doomed: Vec::new(),
+            litter: Vec::new(),
+        }
+    }
+
+    pub(super) fn empty() -> Self {
+        WalkState::new(false, Filter::default())
+    }
+
+    /// Track the directory walk for deletes: close directories the walk has left.
+    fn track(&mut self, dest: &Dest, rel: &[u8], is_dir: bool) {
+        if !self.delete {
+            return;
+        }
+        let parent = match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => &rel[..i],
+            None if rel.is_empty() => {
+                self.open_dirs.push((Vec::new(), HashSet::new()));
+                return;
+            }
+            None => &rel[..0],
+        };
+        while let Some((top, _)) = self.open_dirs.last() {
+            if top.as_slice() == parent {
+                break;
+            }
+            let closed = self.open_dirs.pop();
+            if let Some((dir, seen)) = closed {
+                self.close_dir(dest, &dir, &seen);
+            }
+        }
+        let name = rel[parent.len()..]
+            .strip_prefix(b"/")
+            .unwrap_or(&rel[parent.len()..]);
+        if let Some((_, seen)) = self.open_dirs.last_mut() {
+            seen.insert(name.to_vec());
+        }
+        if is_dir {
+            self.open_dirs.push((rel.to_vec(), HashSet::new()));
+        }
+    }
+
+    /// Everything in `dir` on the destination that the source did not list is doomed.
+    fn close_dir(&mut self, dest: &Dest, dir: &[u8], seen: &HashSet<Vec<u8>>) {
+        let Ok(listed) = dest
+            .place(dir)
+            .and_then(|p| p.list().map_err(|e| e.to_string()))
+        else {
+            return;
+        };
+        let in_dir = |name: &[u8]| {
+            let mut rel = dir.to_vec();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(name);
+            rel
+        };
+        // Our own files beside a name the source lists, or beside a protected (excluded)
+        // name, may still serve (a resume, a transfer in flight); any other is litter that
+        // no later run will claim.
+        let mut claimed: HashSet<OsString> = seen
+            .iter()
+            .flat_map(|n| own_names(OsStr::from_bytes(n)))
+            .collect();
+        let mut ours = Vec::new();
+        for e in listed {
+            if is_internal(&e.name) {
+                if !e.is_dir {
+                    ours.push(e.name);
+                }
+                continue;
+            }
+            if seen.contains(e.name.as_bytes()) {
+                continue;
+            }
+            let rel = in_dir(e.name.as_bytes());
+            // Excluded files are protected from deletion, as in rsync.
+            if self.filter.excluded(&rel, e.is_dir) {
+                claimed.extend(own_names(&e.name));
+                continue;
+            }
+            self.doomed.push(rel);
+        }
+        self.litter.extend(
+            ours.into_iter()
+                .filter(|n| !claimed.contains(n))
+                .map(|n| in_dir(n.as_bytes())),
+        );
+    }
+
+    pub(super) fn decide(
+        &mut self,
+        shared: &Shared,
+        id: u64,
+        entry: Entry,
+        rescan: bool,
+    ) -> Result<Decided, (Need, String)> {
+        let dry = shared.opts.dry_run;
+        if let Err(why) = validate_rel(&entry.path) {
+            return Err((
+                Need::Refused,
+                format!("{:?}: refused: {why}", display(&entry.path)),
+            ));
+        }
+        let dest = &shared.dest;
+        // Another sync holds the destination: touch nothing (the session ends after this
+        // batch), not even the directories and links that deciding would create.
+        if let Some(why) = dest.halted.get() {
+            return Err((Need::Refused, why.clone()));
+        }
+        if dest.layout.get().is_none() {
+            // A destination that cannot take this source takes nothing: a later entry must
+            // never settle it differently (a file of the tree written over a file named as
+            // the destination of a directory).
+            self.created_root = dest.settle(&entry, dry).map_err(|e| {
+                let _ = dest.halted.set(e.clone());
+                (Need::Refused, e)
+            })?;
+        }
+        if !rescan {
+            self.track(dest, &entry.path, entry.kind == EntryKind::Dir);
+        }
+        let shown = dest.shown(&entry.path);
+        let path = ItemPath::new(&entry.path);
+        let size = entry.size;
+        let item = |a: Action| Some((path.clone(), a, size));
+        let err = |e: std::io::Error, what: &str| {
+            (Need::Refused, format!("{}: {what}: {e}", shown.display()))
+        };
+        // Directories are made, removed and replaced below: never reuse a parent across one.
+        if matches!(entry.kind, EntryKind::Dir) {
+            self.parents.forget();
+        }
+        // In a dry run a missing parent only means nothing is there yet.
+        let place = match dest.place_cached(&entry.path, &mut self.parents) {
+            Ok(p) => Ok(p),
+            Err(e) if !dry => return Err((Need::Refused, e)),
+            Err(e) => Err(e),
+        };
+        let here = || place.as_ref().map_err(|e| (Need::Refused, e.clone()));
+        let existing = match &place {
+            Ok(_) if entry.path.is_empty() && self.created_root => None,
+            Ok(p) => p.metadata().map_err(|e| err(e, "cannot inspect"))?,
+            Err(_) => None,
+        };
+        let apply = shared.apply;
+        match &entry.kind {
+            EntryKind::Dir => {
+                let fresh = match &existing {
+                    Some(md) if md.is_dir() => false,
+                    Some(_) => {
+                        if !dry {
+                            here()?
+                                .remove_file()
+                                .map_err(|e| err(e, "cannot replace with a directory"))?;
+                        }
+                        true
+                    }
+                    None => true,
+                };
+                // The root itself was made by `settle`.
+                if fresh && !dry && !entry.path.is_empty() {
+                    here()?
+                        .create_dir()
+                        .map_err(|e| err(e, "cannot create directory"))?;
+                }
+                self.dirs.push(entry);
+                if fresh {
+                    return Ok((Need::Created, None, item(Action::Create)));
+                }
+                return Ok((Need::Skip, None, None));
+            }
+            EntryKind::Symlink { target: link } => {
+                if let Some(md) = &existing {
+                    if md.is_symlink() {
+                        let same = here()?.read_link().is_ok_and(|t| t == *link);
+                        if same {
+                            let need = meta_only(md, here()?, &entry, apply, dry)?;
+                            return Ok((
+                                need,
+                                None,
+                                (need == Need::Meta).then(|| item(Action::Meta)).flatten(),
+                            ));
+                        }
+                    } else if md.is_dir() {
+                        replace_dir(here()?, "a symlink", shared.opts.delete, dry)?;
+                    }
+                }
+                if !dry {
+                    let target = here()?;
+                    let tmp = target.sibling(&temp_name(target.name()));
+                    let _ = tmp.remove_file();
+                    tmp.symlink(link)
+                        .map_err(|e| err(e, "cannot create symlink"))?;
+                    meta::apply_place(&tmp, &entry, apply)
+                        .map_err(|e| (Need::Refused, e.to_string()))?;
+                    tmp.rename_to(target)
+                        .map_err(|e| err(e, "cannot rename symlink into place"))?;
+                }
+                return Ok((Need::Created, None, item(Action::Create)));
+            }
+            EntryKind::HardLink { first } => {
+                if validate_rel(first).is_err() {
+                    return Err((
+                        Need::Refused,
+                        format!("{path}: refused: bad hard link target"),
+                    ));
+                }
+                if existing.as_ref().is_some_and(|md| md.is_dir()) {
+                    replace_dir(here()?, "a hard link", shared.opts.delete, dry)?;
+                }
+                self.hard_links.push((first.clone(), entry.path.clone()));
+                // Already a link of the first name's object: nothing to do, unless the first
+                // name is replaced by a new file later in this pass (then `finish` links again).
+                let linked = existing.as_ref().is_some_and(|md| {
+                    dest.place(first)
+                        .ok()
+                        .and_then(|f| f.metadata().ok().flatten())
+                        .is_some_and(|f| f.identity() == md.identity())
+                });
+                if linked {
+                    return Ok((Need::Skip, None, None));
+                }
+                return Ok((Need::Created, None, item(Action::Create)));
+            }
+            EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } if !shared.devices => {
+                return Err((Need::Refused, devices_refused(path)));
+            }
+            EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
+                if let Some(md) = &existing {
+                    if same_node(md, &entry.kind) {
+                        let need = meta_only(md, here()?, &entry, apply, dry)?;
+                        let item = (need == Need::Meta).then(|| item(Action::Meta)).flatten();
+                        return Ok((need, None, item));
+                    }
+                    if md.is_dir() {
+                        replace_dir(here()?, "a special file", shared.opts.delete, dry)?;
+                    }
+                }
+                if !dry {
+                    // Made under a temporary name and renamed over whatever stands there.
+                    let target = here()?;
+                    let tmp = target.sibling(&temp_name(target.name()));
+                    let _ = tmp.remove_file();
+                    make_node(&tmp, &entry)
+                        .map_err(|e| (Need::Refused, format!("{}: {e}", shown.display())))?;
+                    meta::apply_place(&tmp, &entry, apply)
+                        .map_err(|e| (Need::Refused, e.to_string()))?;
+                    tmp.rename_to(target)
+                        .map_err(|e| err(e, "cannot rename into place"))?;
+                }
+                return Ok((Need::Created, None, item(Action::Create)));
+            }
+            EntryKind::File | EntryKind::Volume => {}
+        }
+        let volume = entry.kind == EntryKind::Volume
+            || existing
+                .as_ref()
+                .map(|m| m.is_block_device())
+                .unwrap_or(false);
+        let device = existing.as_ref().is_some_and(|m| m.is_block_device());
+        if device && !shared.devices {
+            return Err((Need::Refused, devices_refused(path)));
+        }
+        // In place only into a regular file: a symlink, FIFO or other node where the source
+        // now has a file is replaced through a partial file and a rename.
+        let in_place = volume
+            || (shared.opts.inplace && existing.as_ref().is_none_or(|m| m.is_file() || m.is_dir()));
+        if let Some(md) = &existing {
+            if md.is_dir() {
+                replace_dir(here()?, "a file", shared.opts.delete, dry)?;
+            }
+            if !volume && md.is_file() && !shared.opts.checksum && meta::quick_match(md, &entry) {
+                let need = meta_only(md, here()?, &entry, apply, dry)?;
+                return Ok((
+                    need,
+                    None,
+                    (need == Need::Meta).then(|| item(Action::Meta)).flatten(),
+                ));
+            }
+        }
+        let partial = match &place {
+            Ok(p) if !in_place => p
+                .sibling(&partial_name(p.name()))
+                .metadata()
+                .ok()
+                .flatten()
+                .filter(|m| m.is_file()),
+            _ => None,
+        };
+        // A partial left by a content-defined delta (the target's size differs from the new
+        // one, so content may have shifted) can resume worse than the target it was rebuilt
+        // from: its unwritten ranges cannot be filled from the target at the same offsets,
+        // so a positional delta against it resends them all. When it holds less data than
+        // the target, the file starts over from the target (only the literals the
+        // interrupted run sent are lost); otherwise (most of it was new) from the partial.
+        let shifted = existing
+            .as_ref()
+            .filter(|m| m.is_file() && m.size() > 0 && m.size() != entry.size)
+            .map(|m| m.size());
+        let rebuild_from_target = match (shifted, &place) {
+            (Some(target_size), Ok(p)) if partial.is_some() && !shared.opts.whole_file => {
+                let work = p.sibling(&partial_name(p.name()));
+                work.open_read()
+                    .and_then(|f| data_bytes(&f))
+                    .is_ok_and(|held| held < target_size)
+            }
+            _ => false,
+        };
+        let has_partial = partial.is_some() && !rebuild_from_target;
+        let target_usable = existing
+            .as_ref()
+            .map(|m| m.is_file() || m.is_block_device())
+            .unwrap_or(false);
+        // `fresh`: the work file starts empty in this run, so unwritten ranges read as zeros.
+        let (basis, fresh) = if in_place {
+            (target_usable.then_some(Basis::Target), !target_usable)
+        } else if has_partial {
+            (Some(Basis::Partial), false)
+        } else {
+            (target_usable.then_some(Basis::Target), true)
+        };
+        let basis_size = match basis {
+            Some(Basis::Partial) => partial.as_ref().map(|m| m.size()),
+            Some(Basis::Target) => existing.as_ref().map(|m| m.size()),
+            None => None,
+        }
+        .unwrap_or(0);
+        let need = match &basis {
+            None => Need::Full,
+            // --checksum: a same-size file is compared by its hashes (the sender answers
+            // `Same` when they match) rather than sent again, however small; with -W too,
+            // since the comparison is what -c asks for (a file that differs then travels as
+            // a positional delta).
+            Some(_) if shared.opts.checksum && basis_size == entry.size && !has_partial => {
+                Need::Verify { meta: false }
+            }
+            _ if shared.opts.whole_file && !has_partial && !in_place => Need::Full,
+            Some(_) if entry.size <= SMALL_FILE && !in_place && !has_partial => Need::Full,
+            // The target has the new size: compare before anything is said to change.
+            Some(Basis::Target) if basis_size == entry.size => Need::Verify { meta: false },
+            Some(_) if in_place || has_partial || volume || basis_size == entry.size => {
+                Need::Positional
+            }
+            Some(_) if basis_size == 0 && !volume => Need::Full,
+            Some(_) => Need::Chunks,
+        };
+        if dry {
+            // With --checksum a dry run is exact: a file of the same size is compared by its
+            // hashes (the sender reads its copy and answers `Same` or `Differs`), so only
+            // files whose content differs are listed. Other cases need no hashes to know.
+            if shared.opts.checksum {
+                let comparable = existing
+                    .as_ref()
+                    .filter(|m| (m.is_file() && m.size() == entry.size) || (device && volume));
+                if let Some(md) = comparable {
+                    let meta = meta_only(md, here()?, &entry, apply, true)? == Need::Meta;
+                    lock(&shared.compares).insert(id, (path.clone(), size, meta));
+                    let sig = SigJob {
+                        id,
+                        rel: entry.path.clone(),
+                        basis: Basis::Target,
+                        positional: true,
+                        source_size: size,
+                    };
+                    return Ok((Need::Compare { meta }, Some(sig), None));
+                }
+            }
+            let (need, action) = match need {
+                Need::Full => (Need::Full, Action::Send),
+                Need::Verify { .. } => (Need::Positional, Action::Delta),
+                // Positional means "a signature follows" in a dry run with --checksum.
+                _ if shared.opts.checksum => (Need::Chunks, Action::Delta),
+                other => (other, Action::Delta),
+            };
+            return Ok((need, None, item(action)));
+        }
+        // Whether a file of the same content would still change (its metadata).
+        let need = match (need, &existing) {
+            (Need::Verify { .. }, Some(md)) if md.is_file() => Need::Verify {
+                meta: meta_only(md, here()?, &entry, apply, true)? == Need::Meta,
+            },
+            (other, _) => other,
+        };
+        let sig = match (need, basis) {
+            (Need::Positional | Need::Chunks | Need::Verify { .. }, Some(b)) => Some(SigJob {
+                id,
+                rel: entry.path.clone(),
+                basis: b,
+                positional: need != Need::Chunks,
+                source_size: size,
+            }),
+            _ => None,
+        };
+        let verify = match need {
+            Need::Verify { meta } => Some(meta),
+            _ => None,
+        };
+        // What the sender will send, itemised here too: in a pull this side reports.
+        let action = match need {
+            Need::Full => Some(Action::Send),
+            Need::Positional | Need::Chunks => Some(Action::Delta),
+            _ => None,
+        };
+        let rf = RFile {
+            entry,
+            shown,
+            basis: if need == Need::Full && !in_place {
+                None
+            } else {
+                basis
+            },
+            in_place,
+            fresh,
+            out: None,
+            basis_file: None,
+            seen: 0,
+            end: None,
+            literal: 0,
+            copied: 0,
+            basis_size,
+            covered: 0,
+            verify,
+        };
+        lock(&shared.files).insert(id, rf);
+        Ok((need, sig, action.and_then(item)))
+    }
+
+    /// End of the pass: hard links, deletions (guarded), directory metadata, file-system sync.
+    pub(super) fn finish(
+        mut self,
+        shared: &Shared,
+        events: &dyn Events,
+        had_errors: bool,
+    ) -> Result<(), String> {
+        let dry = shared.opts.dry_run;
+        let dest = &shared.dest;
+        while let Some((dir, seen)) = self.open_dirs.pop() {
+            self.close_dir(dest, &dir, &seen);
+        }
+        let mut report = lock(&shared.report);
+        if !dry {
+            for (first, link) in &self.hard_links {
+                let r = dest.place(first).and_then(|first| {
+                    link_as(&first, &dest.place(link)?).map_err(|e| e.to_string())
+                });
+                if let Err(e) = r {
+                    report.errors.push(format!(
+                        "{}: cannot hard-link to {}: {e}",
+                        dest.shown(link).display(),
+                        dest.shown(first).display()
+                    ));
+                }
+            }
+        }
+        if !dry && !had_errors {
+            for rel in std::mem::take(&mut self.litter) {
+                let r = dest
+                    .place(&rel)
+                    .and_then(|p| p.remove_file().map_err(|e| e.to_string()));
+                if let Err(e) = r {
+                    tracing::debug!(path = %dest.shown(&rel).display(), "stale partial stays: {e}");
+                }
+            }
+        }
+        if !self.doomed.is_empty() {
+            // Each doomed tree is counted once; places are resolved again to delete rather
+            // than held, so thousands of doomed entries do not hold thousands of descriptors.
+            let mut parents = ParentCache::default();
+            let doomed: Vec<(Vec<u8>, u64)> = std::mem::take(&mut self.doomed)
+                .into_iter()
+                .map(|rel| {
+                    let place = dest.place_cached(&rel, &mut parents);
+                    let n = place.map_or(0, |p| p.count_tree());
+                    (rel, n)
+                })
+                .collect();
+            let count: u64 = doomed.iter().map(|(_, n)| n).sum();
+            if had_errors && !dry {
+                report.errors.push(format!(
+                    "{count} deletions skipped because of errors in this pass"
+                ));
+            } else if shared.opts.max_delete.is_some_and(|max| count > max) {
+                report.delete_limit_hit = Some(count);
+                report.errors.push(format!(
+                    "--max-delete {} exceeded: {count} entries would be deleted; nothing was deleted",
+                    shared.opts.max_delete.unwrap_or(0)
+                ));
+            } else {
+                let mut notices = Vec::new();
+                for (rel, n) in doomed {
+                    if !dry {
+                        let r = dest
+                            .place_cached(&rel, &mut parents)
+                            .and_then(|p| p.remove_tree().map_err(|e| e.to_string()));
+                        if let Err(e) = r {
+                            report.errors.push(format!(
+                                "{}: cannot delete: {e}",
+                                dest.shown(&rel).display()
+                            ));
+                            continue;
+                        }
+                    }
+                    report.entries_deleted += n;
+                    events.event(Event::Item {
+                        path: ItemPath::new(&rel),
+                        action: Action::Delete,
+                        size: 0,
+                    });
+                    notices.push(serde_bytes::ByteBuf::from(rel));
+                }
+                if !notices.is_empty() {
+                    let _ = shared
+                        .control
+                        .blocking_send(Msg::Deleted { paths: notices });
+                }
+            }
+        }
+        if !dry {
+            // Children first, so a parent's mtime is set after everything inside it changed.
+            for entry in self.dirs.iter().rev() {
+                // Only where it differs: a no-change pass leaves every directory (and its
+                // ctime) alone.
+                let r = dest.place(&entry.path).and_then(|p| {
+                    match p.metadata().map_err(|e| e.to_string())? {
+                        Some(md) if !meta::differs(&md, &p, entry, shared.apply) => Ok(()),
+                        _ => meta::apply_place(&p, entry, shared.apply).map_err(|e| e.to_string()),
+                    }
+                });
+                if let Err(e) = r {
+                    report.errors.push(e);
+                }
+            }
+            if !shared.opts.fsync {
+                if let Ok(d) = File::open(&dest.root)
+                    .or_else(|_| File::open(dest.root.parent().unwrap_or(Path::new("."))))
+                {
+                    let started = std::time::Instant::now();
+                    if let Err(e) = rustix::fs::syncfs(&d) {
+                        report
+                            .errors
+                            .push(format!("{}: syncfs failed: {e}", dest.root.display()));
+                    }
+                    tracing::debug!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "end-of-pass syncfs"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The names of cutover's own files that may stand beside `name`.
+pub(super) fn own_names(name: &OsStr) -> [OsString; 2] {
+    [partial_name(name), temp_name(name)]
+}
+
+/// Make `link` a hard link of `first`'s object, atomically replacing whatever stands there,
+/// unless it already is one. The check matters beyond saving work: `rename` of two names of
+/// one object does nothing and succeeds, which would leave the temporary name behind.
+pub(super) fn link_as(first: &Place, link: &Place) -> std::io::Result<()> {
+    let target = first
+        .metadata()?
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+    if link
+        .metadata()?
+        .is_some_and(|md| md.identity() == target.identity())
+    {
+        return Ok(());
+    }
+    let tmp = link.sibling(&temp_name(link.name()));
+    let _ = tmp.remove_file();
+    first.hard_link_as(&tmp)?;
+    tmp.rename_to(link).inspect_err(|_| {
+        let _ = tmp.remove_file();
+    })
+}
+
+/// The content is already there: set metadata where it differs (`Meta`), else `Skip`.
+pub(super) fn meta_only(
+    md: &cofs::root::Stat,
+    target: &Place,
+    entry: &Entry,
+    apply: ApplyOpts,
+    dry: bool,
+) -> Result<Need, (Need, String)> {
+    if !meta::differs(md, target, entry, apply) {
+        return Ok(Need::Skip);
+    }
+    if !dry {
+        let applied = if md.is_file() && md.nlink() > 1 {
+            detach(target, entry, apply)
+        } else {
+            meta::apply_place(target, entry, apply).map_err(|e| e.to_string())
+        };
+        applied.map_err(|e| (Need::Refused, e))?;
+    }
+    Ok(Need::Meta)
+}
+
+/// Give `target`, a file with other names (hard links), the entry's metadata on a copy of its
+/// own, renamed over it: changing the shared object would change every other name too, which
+/// the source did not ask for (a link it broke). Where the source keeps the group, the pass
+/// links the other names to this copy at its end.
+pub(super) fn detach(target: &Place, entry: &Entry, apply: ApplyOpts) -> Result<(), String> {
+    let shown = target.shown().display().to_string();
+    let io = |e: std::io::Error| format!("{shown}: {e}");
+    let from = target.open_read().map_err(io)?;
+    let size = from.metadata().map_err(io)?.len();
+    let work = target.sibling(&partial_name(target.name()));
+    let out = work.open_write(true).map_err(io)?;
+    out.set_len(size).map_err(io)?;
+    let whole = CopyOp {
+        src: 0,
+        len: size,
+        dst: 0,
+    };
+    copy_range(&from, &out, whole, Unwritten::Hole).map_err(io)?;
+    meta::apply_file(&out, target.shown(), entry, apply).map_err(|e| e.to_string())?;
+    work.rename_to(target).map_err(io)
+}
+
+/// Whether an existing object is the special file an entry describes (kind and device).
+pub(super) fn same_node(md: &cofs::root::Stat, kind: &EntryKind) -> bool {
+    use rustix::fs::FileType;
+    match kind {
+        EntryKind::Fifo => md.file_type() == FileType::Fifo,
+        EntryKind::CharDevice { rdev } => {
+            md.file_type() == FileType::CharacterDevice && md.rdev() == *rdev
+        }
+        EntryKind::BlockDevice { rdev } => {
+            md.file_type() == FileType::BlockDevice && md.rdev() == *rdev
+        }
+        _ => false,
+    }
+}
+
+/// A directory stands where the source has a non-directory: with `--delete` it goes (the
+/// source no longer has anything below it), otherwise the entry is refused.
+pub(super) fn replace_dir(
+    target: &Place,
+    what: &str,
+    delete: bool,
+    dry: bool,
+) -> Result<(), (Need, String)> {
+    let shown = target.shown().display();
+    if !delete {
+        return Err((
+            Need::Refused,
+            format!(
+                "{shown}: is a directory, the source has {what} here (use --delete to replace it)"
+            ),
+        ));
+    }
+    if !dry {
+        target.remove_tree().map_err(|e| {
+            (
+                Need::Refused,
+                format!("{shown}: cannot remove directory to replace it: {e}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Make a fifo or, as root, a device node. A device node from a peer when not root is
+/// refused: only root could make one, and it would be a hole in the destination's permissions.
+pub(super) fn devices_refused(path: impl std::fmt::Display) -> String {
+    format!("{path}: refused: this destination does not accept device nodes or writes to block devices (a daemon module needs allow_devices = true)")
+}
+
+pub(super) fn make_node(place: &Place, e: &Entry) -> std::io::Result<()> {
+    use rustix::fs::FileType;
+    let (ft, rdev) = match e.kind {
+        EntryKind::Fifo => (FileType::Fifo, 0),
+        EntryKind::CharDevice { rdev } => (FileType::CharacterDevice, rdev),
+        EntryKind::BlockDevice { rdev } => (FileType::BlockDevice, rdev),
+        _ => return Err(std::io::Error::other("not a special file")),
+    };
+    if ft != FileType::Fifo && !rustix::process::geteuid().is_root() {
+        return Err(std::io::Error::other(
+            "device nodes can only be created as root; skipped",
+        ));
+    }
+    place.make_node(ft, e.mode & 0o7777, rdev)
+}
