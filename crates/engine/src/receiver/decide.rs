@@ -24,6 +24,33 @@ pub(super) struct WalkState {
     litter: Vec<Vec<u8>>,
 }
 
+/// What deciding an entry found at the destination, handed to the decision of its kind.
+pub(super) struct Found {
+    dry: bool,
+    path: ItemPath,
+    size: u64,
+    /// The path as people read it (never used for access).
+    shown: PathBuf,
+    /// Where the entry goes (in a dry run, an error only means nothing is there yet).
+    place: Result<Place, String>,
+    existing: Option<cofs::root::Stat>,
+}
+
+impl Found {
+    fn here(&self) -> Result<&Place, (Need, String)> {
+        self.place.as_ref().map_err(|e| (Need::Refused, e.clone()))
+    }
+    fn item(&self, a: Action) -> Option<(ItemPath, Action, u64)> {
+        Some((self.path.clone(), a, self.size))
+    }
+    fn err(&self, e: std::io::Error, what: &str) -> (Need, String) {
+        (
+            Need::Refused,
+            format!("{}: {what}: {e}", self.shown.display()),
+        )
+    }
+}
+
 pub(super) type Decided = (Need, Option<SigJob>, Option<(ItemPath, Action, u64)>);
 
 impl WalkState {
@@ -160,9 +187,6 @@ impl WalkState {
             self.track(dest, &entry.path, entry.kind == EntryKind::Dir);
         }
         let shown = dest.shown(&entry.path);
-        let path = ItemPath::new(&entry.path);
-        let size = entry.size;
-        let item = |a: Action| Some((path.clone(), a, size));
         let err = |e: std::io::Error, what: &str| {
             (Need::Refused, format!("{}: {what}: {e}", shown.display()))
         };
@@ -176,122 +200,207 @@ impl WalkState {
             Err(e) if !dry => return Err((Need::Refused, e)),
             Err(e) => Err(e),
         };
-        let here = || place.as_ref().map_err(|e| (Need::Refused, e.clone()));
         let existing = match &place {
             Ok(_) if entry.path.is_empty() && self.created_root => None,
             Ok(p) => p.metadata().map_err(|e| err(e, "cannot inspect"))?,
             Err(_) => None,
         };
-        let apply = shared.apply;
+        let found = Found {
+            dry,
+            path: ItemPath::new(&entry.path),
+            size: entry.size,
+            shown,
+            place,
+            existing,
+        };
         match &entry.kind {
-            EntryKind::Dir => {
-                let fresh = match &existing {
-                    Some(md) if md.is_dir() => false,
-                    Some(_) => {
-                        if !dry {
-                            here()?
-                                .remove_file()
-                                .map_err(|e| err(e, "cannot replace with a directory"))?;
-                        }
-                        true
-                    }
-                    None => true,
-                };
-                // The root itself was made by `settle`.
-                if fresh && !dry && !entry.path.is_empty() {
-                    here()?
-                        .create_dir()
-                        .map_err(|e| err(e, "cannot create directory"))?;
-                }
-                self.dirs.push(entry);
-                if fresh {
-                    return Ok((Need::Created, None, item(Action::Create)));
-                }
-                return Ok((Need::Skip, None, None));
-            }
-            EntryKind::Symlink { target: link } => {
-                if let Some(md) = &existing {
-                    if md.is_symlink() {
-                        let same = here()?.read_link().is_ok_and(|t| t == *link);
-                        if same {
-                            let need = meta_only(md, here()?, &entry, apply, dry)?;
-                            return Ok((
-                                need,
-                                None,
-                                (need == Need::Meta).then(|| item(Action::Meta)).flatten(),
-                            ));
-                        }
-                    } else if md.is_dir() {
-                        replace_dir(here()?, "a symlink", shared.opts.delete, dry)?;
-                    }
-                }
-                if !dry {
-                    let target = here()?;
-                    let tmp = target.sibling(&temp_name(target.name()));
-                    let _ = tmp.remove_file();
-                    tmp.symlink(link)
-                        .map_err(|e| err(e, "cannot create symlink"))?;
-                    meta::apply_place(&tmp, &entry, apply)
-                        .map_err(|e| (Need::Refused, e.to_string()))?;
-                    tmp.rename_to(target)
-                        .map_err(|e| err(e, "cannot rename symlink into place"))?;
-                }
-                return Ok((Need::Created, None, item(Action::Create)));
-            }
-            EntryKind::HardLink { first } => {
-                if validate_rel(first).is_err() {
-                    return Err((
-                        Need::Refused,
-                        format!("{path}: refused: bad hard link target"),
-                    ));
-                }
-                if existing.as_ref().is_some_and(|md| md.is_dir()) {
-                    replace_dir(here()?, "a hard link", shared.opts.delete, dry)?;
-                }
-                self.hard_links.push((first.clone(), entry.path.clone()));
-                // Already a link of the first name's object: nothing to do, unless the first
-                // name is replaced by a new file later in this pass (then `finish` links again).
-                let linked = existing.as_ref().is_some_and(|md| {
-                    dest.place(first)
-                        .ok()
-                        .and_then(|f| f.metadata().ok().flatten())
-                        .is_some_and(|f| f.identity() == md.identity())
-                });
-                if linked {
-                    return Ok((Need::Skip, None, None));
-                }
-                return Ok((Need::Created, None, item(Action::Create)));
-            }
+            EntryKind::Dir => self.decide_dir(entry, found),
+            EntryKind::Symlink { .. } => self.decide_symlink(shared, entry, found),
+            EntryKind::HardLink { .. } => self.decide_hard_link(shared, entry, found),
             EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } if !shared.devices => {
-                return Err((Need::Refused, devices_refused(path)));
+                Err((Need::Refused, devices_refused(&found.path)))
             }
             EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
-                if let Some(md) = &existing {
-                    if same_node(md, &entry.kind) {
-                        let need = meta_only(md, here()?, &entry, apply, dry)?;
-                        let item = (need == Need::Meta).then(|| item(Action::Meta)).flatten();
-                        return Ok((need, None, item));
-                    }
-                    if md.is_dir() {
-                        replace_dir(here()?, "a special file", shared.opts.delete, dry)?;
-                    }
-                }
-                if !dry {
-                    // Made under a temporary name and renamed over whatever stands there.
-                    let target = here()?;
-                    let tmp = target.sibling(&temp_name(target.name()));
-                    let _ = tmp.remove_file();
-                    make_node(&tmp, &entry)
-                        .map_err(|e| (Need::Refused, format!("{}: {e}", shown.display())))?;
-                    meta::apply_place(&tmp, &entry, apply)
-                        .map_err(|e| (Need::Refused, e.to_string()))?;
-                    tmp.rename_to(target)
-                        .map_err(|e| err(e, "cannot rename into place"))?;
-                }
-                return Ok((Need::Created, None, item(Action::Create)));
+                self.decide_node(shared, entry, found)
             }
-            EntryKind::File | EntryKind::Volume => {}
+            EntryKind::File | EntryKind::Volume => self.decide_file(shared, id, entry, found),
         }
+    }
+
+    /// A directory: made (or put where a non-directory stood); its metadata waits for the end.
+    fn decide_dir(&mut self, entry: Entry, f: Found) -> Result<Decided, (Need, String)> {
+        let here = || f.here();
+        let item = |a: Action| f.item(a);
+        let err = |e: std::io::Error, what: &str| f.err(e, what);
+        let dry = f.dry;
+        let existing = &f.existing;
+        let fresh = match &existing {
+            Some(md) if md.is_dir() => false,
+            Some(_) => {
+                if !dry {
+                    here()?
+                        .remove_file()
+                        .map_err(|e| err(e, "cannot replace with a directory"))?;
+                }
+                true
+            }
+            None => true,
+        };
+        // The root itself was made by `settle`.
+        if fresh && !dry && !entry.path.is_empty() {
+            here()?
+                .create_dir()
+                .map_err(|e| err(e, "cannot create directory"))?;
+        }
+        self.dirs.push(entry);
+        if fresh {
+            return Ok((Need::Created, None, item(Action::Create)));
+        }
+        Ok((Need::Skip, None, None))
+    }
+
+    /// A symlink: kept when its target matches, else made under a temporary name and renamed.
+    fn decide_symlink(
+        &mut self,
+        shared: &Shared,
+        entry: Entry,
+        f: Found,
+    ) -> Result<Decided, (Need, String)> {
+        let here = || f.here();
+        let item = |a: Action| f.item(a);
+        let err = |e: std::io::Error, what: &str| f.err(e, what);
+        let dry = f.dry;
+        let apply = shared.apply;
+        let existing = &f.existing;
+        let EntryKind::Symlink { target: link } = &entry.kind else {
+            return Err((Need::Refused, "not a symlink".into()));
+        };
+        let link = &link.clone();
+        if let Some(md) = &existing {
+            if md.is_symlink() {
+                let same = here()?.read_link().is_ok_and(|t| t == *link);
+                if same {
+                    let need = meta_only(md, here()?, &entry, apply, dry)?;
+                    return Ok((
+                        need,
+                        None,
+                        (need == Need::Meta).then(|| item(Action::Meta)).flatten(),
+                    ));
+                }
+            } else if md.is_dir() {
+                replace_dir(here()?, "a symlink", shared.opts.delete, dry)?;
+            }
+        }
+        if !dry {
+            let target = here()?;
+            let tmp = target.sibling(&temp_name(target.name()));
+            let _ = tmp.remove_file();
+            tmp.symlink(link)
+                .map_err(|e| err(e, "cannot create symlink"))?;
+            meta::apply_place(&tmp, &entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
+            tmp.rename_to(target)
+                .map_err(|e| err(e, "cannot rename symlink into place"))?;
+        }
+        Ok((Need::Created, None, item(Action::Create)))
+    }
+
+    /// A hard link: made at the end of the pass, unless the name already links the group.
+    fn decide_hard_link(
+        &mut self,
+        shared: &Shared,
+        entry: Entry,
+        f: Found,
+    ) -> Result<Decided, (Need, String)> {
+        let here = || f.here();
+        let item = |a: Action| f.item(a);
+        let dry = f.dry;
+        let existing = &f.existing;
+        let path = &f.path;
+        let EntryKind::HardLink { first } = &entry.kind else {
+            return Err((Need::Refused, "not a hard link".into()));
+        };
+        let first = &first.clone();
+        let dest = &shared.dest;
+        if validate_rel(first).is_err() {
+            return Err((
+                Need::Refused,
+                format!("{path}: refused: bad hard link target"),
+            ));
+        }
+        if existing.as_ref().is_some_and(|md| md.is_dir()) {
+            replace_dir(here()?, "a hard link", shared.opts.delete, dry)?;
+        }
+        self.hard_links.push((first.clone(), entry.path.clone()));
+        // Already a link of the first name's object: nothing to do, unless the first
+        // name is replaced by a new file later in this pass (then `finish` links again).
+        let linked = existing.as_ref().is_some_and(|md| {
+            dest.place(first)
+                .ok()
+                .and_then(|f| f.metadata().ok().flatten())
+                .is_some_and(|f| f.identity() == md.identity())
+        });
+        if linked {
+            return Ok((Need::Skip, None, None));
+        }
+        Ok((Need::Created, None, item(Action::Create)))
+    }
+
+    /// A FIFO or device node: its metadata when it stands already, else made and renamed.
+    fn decide_node(
+        &mut self,
+        shared: &Shared,
+        entry: Entry,
+        f: Found,
+    ) -> Result<Decided, (Need, String)> {
+        let here = || f.here();
+        let item = |a: Action| f.item(a);
+        let err = |e: std::io::Error, what: &str| f.err(e, what);
+        let dry = f.dry;
+        let apply = shared.apply;
+        let existing = &f.existing;
+        let shown = &f.shown;
+        if let Some(md) = &existing {
+            if same_node(md, &entry.kind) {
+                let need = meta_only(md, here()?, &entry, apply, dry)?;
+                let item = (need == Need::Meta).then(|| item(Action::Meta)).flatten();
+                return Ok((need, None, item));
+            }
+            if md.is_dir() {
+                replace_dir(here()?, "a special file", shared.opts.delete, dry)?;
+            }
+        }
+        if !dry {
+            // Made under a temporary name and renamed over whatever stands there.
+            let target = here()?;
+            let tmp = target.sibling(&temp_name(target.name()));
+            let _ = tmp.remove_file();
+            make_node(&tmp, &entry)
+                .map_err(|e| (Need::Refused, format!("{}: {e}", shown.display())))?;
+            meta::apply_place(&tmp, &entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
+            tmp.rename_to(target)
+                .map_err(|e| err(e, "cannot rename into place"))?;
+        }
+        Ok((Need::Created, None, item(Action::Create)))
+    }
+
+    /// A regular file or volume: what to send (whole, positional, chunks, or compare first)
+    /// against which basis (the target, or a partial file to resume).
+    fn decide_file(
+        &mut self,
+        shared: &Shared,
+        id: u64,
+        entry: Entry,
+        f: Found,
+    ) -> Result<Decided, (Need, String)> {
+        let here = || f.here();
+        let item = |a: Action| f.item(a);
+        let dry = f.dry;
+        let apply = shared.apply;
+        let existing = &f.existing;
+        let shown = &f.shown;
+        let path = &f.path;
+        let size = f.size;
+        let place = &f.place;
         let volume = entry.kind == EntryKind::Volume
             || existing
                 .as_ref()
@@ -385,34 +494,7 @@ impl WalkState {
             Some(_) => Need::Chunks,
         };
         if dry {
-            // With --checksum a dry run is exact: a file of the same size is compared by its
-            // hashes (the sender reads its copy and answers `Same` or `Differs`), so only
-            // files whose content differs are listed. Other cases need no hashes to know.
-            if shared.opts.checksum {
-                let comparable = existing
-                    .as_ref()
-                    .filter(|m| (m.is_file() && m.size() == entry.size) || (device && volume));
-                if let Some(md) = comparable {
-                    let meta = meta_only(md, here()?, &entry, apply, true)? == Need::Meta;
-                    lock(&shared.compares).insert(id, (path.clone(), size, meta));
-                    let sig = SigJob {
-                        id,
-                        rel: entry.path.clone(),
-                        basis: Basis::Target,
-                        positional: true,
-                        source_size: size,
-                    };
-                    return Ok((Need::Compare { meta }, Some(sig), None));
-                }
-            }
-            let (need, action) = match need {
-                Need::Full => (Need::Full, Action::Send),
-                Need::Verify { .. } => (Need::Positional, Action::Delta),
-                // Positional means "a signature follows" in a dry run with --checksum.
-                _ if shared.opts.checksum => (Need::Chunks, Action::Delta),
-                other => (other, Action::Delta),
-            };
-            return Ok((need, None, item(action)));
+            return dry_answer(shared, id, &entry, &f, need, device && volume);
         }
         // Whether a file of the same content would still change (its metadata).
         let need = match (need, &existing) {
@@ -443,7 +525,7 @@ impl WalkState {
         };
         let rf = RFile {
             entry,
-            shown,
+            shown: shown.clone(),
             basis: if need == Need::Full && !in_place {
                 None
             } else {
@@ -589,6 +671,47 @@ impl WalkState {
         }
         Ok(())
     }
+}
+
+/// What a dry run answers for a file: with `--checksum` a same-size file is compared first
+/// (`Need::Compare`), so the run is exact; otherwise the decision itself, itemised.
+fn dry_answer(
+    shared: &Shared,
+    id: u64,
+    entry: &Entry,
+    f: &Found,
+    need: Need,
+    volume_device: bool,
+) -> Result<Decided, (Need, String)> {
+    let (existing, path, size) = (&f.existing, &f.path, f.size);
+    // With --checksum a dry run is exact: a file of the same size is compared by its
+    // hashes (the sender reads its copy and answers `Same` or `Differs`), so only
+    // files whose content differs are listed. Other cases need no hashes to know.
+    if shared.opts.checksum {
+        let comparable = existing
+            .as_ref()
+            .filter(|m| (m.is_file() && m.size() == entry.size) || volume_device);
+        if let Some(md) = comparable {
+            let meta = meta_only(md, f.here()?, entry, shared.apply, true)? == Need::Meta;
+            lock(&shared.compares).insert(id, (path.clone(), size, meta));
+            let sig = SigJob {
+                id,
+                rel: entry.path.clone(),
+                basis: Basis::Target,
+                positional: true,
+                source_size: size,
+            };
+            return Ok((Need::Compare { meta }, Some(sig), None));
+        }
+    }
+    let (need, action) = match need {
+        Need::Full => (Need::Full, Action::Send),
+        Need::Verify { .. } => (Need::Positional, Action::Delta),
+        // Positional means "a signature follows" in a dry run with --checksum.
+        _ if shared.opts.checksum => (Need::Chunks, Action::Delta),
+        other => (other, Action::Delta),
+    };
+    Ok((need, None, f.item(action)))
 }
 
 /// The names of cutover's own files that may stand beside `name`.
