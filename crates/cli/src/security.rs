@@ -120,7 +120,11 @@ pub fn client_trust(args: &SecurityArgs, addr: &str) -> Result<ClientTrust, Stri
                 Lookup::Pinned { line, fingerprint } => {
                     (Some(fingerprint), Pin::Known { file, line })
                 }
-                Lookup::Unknown => (None, Pin::FirstUse(file)),
+                Lookup::Unknown => {
+                    // Trust on first use will write the file: refuse now, before connecting.
+                    file.check_writable().map_err(|e| e.to_string())?;
+                    (None, Pin::FirstUse(file))
+                }
             }
         }
     };

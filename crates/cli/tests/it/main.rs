@@ -8,6 +8,7 @@ mod confine;
 mod daemon;
 mod delta;
 mod faults;
+mod files;
 mod hostile;
 mod live_writer;
 mod lying;
