@@ -208,8 +208,8 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
                 Err(_) => return std::future::pending().await,
             };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
         }
     };
     daemon::serve(listener, cfg, tls, shutdown).await;

@@ -1,6 +1,7 @@
 //! Files cutover writes for itself where the user pointed it (`--port-file`, known-hosts, a
 //! plan's logs and reports): only a regular file or nothing is replaced or appended to; a
-//! symlink, FIFO, directory or device is refused with one line and left as it was.
+//! symlink, FIFO, directory or device is refused with one line and left as it was. And a
+//! token file others can read is warned about.
 
 use crate::plan::{setup, tree_task};
 use crate::util::*;
@@ -240,4 +241,47 @@ fn plan_reports_are_not_renamed_over_a_symlink_or_device() {
         );
         assert!(is_dev_null(&latest));
     }
+}
+
+#[test]
+fn a_token_file_readable_by_others_gets_a_warning() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("f"), "data\n");
+    let module = t.path().join("module");
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let token = t.path().join("token");
+    write(&token, format!("{TOKEN}\n"));
+    chmod(&token, 0o644);
+    let out = sync(&["--token-file", s(&token), &slash(&src), &d.url("m/dst/")]);
+    out.ok();
+    let warnings: Vec<_> = out
+        .err_lines()
+        .into_iter()
+        .filter(|l| l.contains("chmod 600"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(warnings[0].contains(s(&token)), "{out}");
+    chmod(&token, 0o600);
+    let out = sync(&["--token-file", s(&token), &slash(&src), &d.url("m/dst2/")]);
+    out.ok();
+    assert!(!out.stderr.contains("chmod 600"), "{out}");
+}
+
+/// The daemon refuses (stronger than a warning: the token grants write access) to start with
+/// a `token_file` its group or others can read. Already so before issue 13; kept covered.
+#[test]
+fn a_daemon_refuses_a_token_file_others_can_read() {
+    let t = tmp();
+    let module = t.path().join("module");
+    let top = format!("state_dir = \"{}\"\n", s(&t.path().join("state")));
+    let d = t.path().join("d");
+    let config = Daemon::write_config(&d, &[Module::rw("m", &module)], &top, "");
+    chmod(&d.join("token"), 0o640);
+    let mut cmd = cutover_cmd();
+    cmd.args(["serve", "--config", s(&config)]);
+    let out = finish_within(Running::start(cmd), Duration::from_secs(20));
+    let token = d.join("token");
+    assert_one_line_error(&out, &[s(&token), "mode 0640", "chmod 600"]);
+    assert_eq!(out.code(), 1, "{out}");
 }
