@@ -219,6 +219,14 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
             return exit::FATAL;
         }
     };
+    // Refuse a port file that could not be written before anything is made or bound.
+    if let Some(Err(e)) = port_file
+        .as_deref()
+        .map(cofs::safe_write::check_replaceable)
+    {
+        eprintln!("cutover serve: --port-file {e}");
+        return exit::FATAL;
+    }
     let Some(state_dir) = cfg.state_dir() else {
         eprintln!(
             "cutover serve: {}: set state_dir (no HOME to keep the key in)",
@@ -258,11 +266,8 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
     if let Some(pf) = port_file {
         let port = local.rsplit(':').next().unwrap_or("").to_string();
-        let tmp = pf.with_extension("tmp");
-        if let Err(e) =
-            std::fs::write(&tmp, format!("{port}\n")).and_then(|_| std::fs::rename(&tmp, &pf))
-        {
-            eprintln!("cutover serve: {}: {e}", pf.display());
+        if let Err(e) = cofs::safe_write::replace(&pf, format!("{port}\n").as_bytes(), 0o644) {
+            eprintln!("cutover serve: --port-file {e}");
             return exit::FATAL;
         }
     }
@@ -274,8 +279,8 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
                 Err(_) => return std::future::pending().await,
             };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
         }
     };
     daemon::serve(listener, cfg, tls, shutdown).await;

@@ -6,7 +6,7 @@
 use net::client::{ClientError, Security, TlsClient};
 use net::known_hosts::{KnownHosts, Lookup};
 use net::tls::{Fingerprint, Identity, IDENTITY_FILE};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Environment variable a token may come from (never a command-line argument: those show
@@ -64,6 +64,7 @@ fn read_token(args: &SecurityArgs) -> Result<Option<Arc<Vec<u8>>>, String> {
     if let Some(path) = &args.token_file {
         let bytes =
             std::fs::read(path).map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+        warn_if_readable_by_others(path);
         let token = bytes.trim_ascii().to_vec();
         if token.is_empty() {
             return Err(format!(
@@ -76,6 +77,27 @@ fn read_token(args: &SecurityArgs) -> Result<Option<Arc<Vec<u8>>>, String> {
     match std::env::var(TOKEN_ENV) {
         Ok(v) if !v.trim().is_empty() => Ok(Some(Arc::new(v.trim().as_bytes().to_vec()))),
         _ => Ok(None),
+    }
+}
+
+/// Warn (once per file and process: sessions retry) when a token file is readable by its
+/// group or by others, as ssh does for a private key.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.permissions().mode() & 0o044 == 0 {
+        return;
+    }
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if !warned.iter().any(|p| p == path) {
+        warned.push(path.to_path_buf());
+        eprintln!(
+            "cutover: warning: token file {0} is readable by group or others; run chmod 600 {0}",
+            path.display()
+        );
     }
 }
 
@@ -120,7 +142,11 @@ pub fn client_trust(args: &SecurityArgs, addr: &str) -> Result<ClientTrust, Stri
                 Lookup::Pinned { line, fingerprint } => {
                     (Some(fingerprint), Pin::Known { file, line })
                 }
-                Lookup::Unknown => (None, Pin::FirstUse(file)),
+                Lookup::Unknown => {
+                    // Trust on first use will write the file: refuse now, before connecting.
+                    file.check_writable().map_err(|e| e.to_string())?;
+                    (None, Pin::FirstUse(file))
+                }
             }
         }
     };

@@ -157,10 +157,12 @@ fn load_grant(spec: &AllowSpec) -> Result<Grant, String> {
         (Some(file), None, None) => {
             let meta = std::fs::metadata(file)
                 .map_err(|e| format!("token_file {}: {e}", file.display()))?;
-            if meta.permissions().mode() & 0o077 != 0 {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                // Refused, not just warned about: anyone who can read it can write to the
+                // module, and anyone who can change it can lock its owner out.
                 return Err(format!(
-                    "token_file {} is readable by others; run chmod 600 {}",
-                    file.display(),
+                    "token_file {0} has mode {mode:04o}: its group or others can read or change it; run chmod 600 {0}",
                     file.display()
                 ));
             }

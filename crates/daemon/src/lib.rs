@@ -84,14 +84,15 @@ pub async fn bind(addr: &str, plaintext_allowed: bool) -> Result<TcpListener, Da
     Ok(listener)
 }
 
-/// Serve until `shutdown` completes; then stop accepting and give sessions in flight up to
+/// Serve until `shutdown` completes (its output, e.g. `SIGTERM`, is the reason logged with
+/// the shutdown); then stop accepting and give sessions in flight up to
 /// `shutdown_grace_secs` to finish. Whatever is still running after that is dropped: its
 /// partial files stay beside their targets and the client's next run resumes from them.
-pub async fn serve(
+pub async fn serve<R: std::fmt::Display>(
     listener: TcpListener,
     config: Config,
     tls: Arc<rustls::ServerConfig>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = R>,
 ) {
     let server = Arc::new(Server {
         config,
@@ -100,9 +101,9 @@ pub async fn serve(
         failed_auth: AtomicU64::new(0),
     });
     tokio::pin!(shutdown);
-    loop {
+    let reason = loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            r = &mut shutdown => break r,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     tokio::spawn(handle(server.clone(), stream, peer.to_string()));
@@ -113,14 +114,14 @@ pub async fn serve(
                 }
             }
         }
-    }
+    };
     drop(listener);
     let grace = Duration::from_secs(server.config.shutdown_grace_secs);
     let running = server.sessions().len();
     if running > 0 {
         tracing::info!(
             running,
-            "shutting down: waiting up to {grace:?} for sessions to finish"
+            "shutting down on {reason}: waiting up to {grace:?} for sessions to finish"
         );
     }
     let deadline = tokio::time::Instant::now() + grace;
@@ -134,6 +135,8 @@ pub async fn serve(
             "shutting down with sessions still running; their partial files stay for resuming"
         );
     }
+    let drained = running.saturating_sub(left);
+    tracing::info!("stopped on {reason}: {drained} session(s) drained, {left} cut off");
 }
 
 /// Welcome a joining data connection into its session (`to`), or refuse it with the reason

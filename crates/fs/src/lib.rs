@@ -1,5 +1,6 @@
 //! File-system side of cutover: the streaming walker, include/exclude filters, metadata
-//! capture and apply, partial-file naming, and volume (block device) sizing.
+//! capture and apply, partial-file naming, volume (block device) sizing, and writing the
+//! files cutover keeps for itself (`safe_write`) without replacing what is not a regular file.
 //!
 //! Knows nothing about the network; the engine drives it.
 
@@ -7,6 +8,7 @@ pub mod filter;
 pub mod meta;
 pub mod partial;
 pub mod root;
+pub mod safe_write;
 pub mod volume;
 pub mod walk;
 

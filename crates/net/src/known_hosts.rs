@@ -6,7 +6,6 @@
 //! lose each other's lines and a crash never leaves half a file.
 
 use crate::tls::Fingerprint;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +16,9 @@ pub enum KnownHostsError {
         #[source]
         source: std::io::Error,
     },
+    /// Something other than a regular file stands where the file (or its lock) would be.
+    #[error(transparent)]
+    File(#[from] cofs::safe_write::SafeWriteError),
     #[error("{path}:{line}: {why}; fix or delete that line")]
     Malformed {
         path: PathBuf,
@@ -34,6 +36,9 @@ pub enum Lookup {
     },
     Unknown,
 }
+
+/// A known-hosts file larger than this is not one.
+const MAX_SIZE: u64 = 64 << 20;
 
 pub struct KnownHosts {
     path: PathBuf,
@@ -56,10 +61,16 @@ impl KnownHosts {
     }
 
     fn read(&self) -> Result<String, KnownHostsError> {
-        match std::fs::read_to_string(&self.path) {
-            Ok(t) => Ok(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-            Err(e) => Err(self.io(e)),
+        use cofs::safe_write::{read_regular, SafeWriteError};
+        match read_regular(&self.path, MAX_SIZE) {
+            Ok(t) => String::from_utf8(t)
+                .map_err(|e| self.io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
+            Err(SafeWriteError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(String::new())
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -99,6 +110,13 @@ impl KnownHosts {
         Ok(Lookup::Unknown)
     }
 
+    /// Whether a pin could be recorded: the file is a regular file or absent (never a
+    /// symlink, FIFO or device, which [`record`](Self::record) refuses to replace). Lets a
+    /// client refuse before it connects.
+    pub fn check_writable(&self) -> Result<(), KnownHostsError> {
+        Ok(cofs::safe_write::check_replaceable(&self.path)?)
+    }
+
     /// Pin `fingerprint` for `host` unless the file already names the host.
     pub fn record(&self, host: &str, fingerprint: Fingerprint) -> Result<(), KnownHostsError> {
         self.rewrite(|this, text| {
@@ -133,21 +151,15 @@ impl KnownHosts {
         &self,
         change: impl FnOnce(&Self, &mut String) -> Result<bool, KnownHostsError>,
     ) -> Result<(), KnownHostsError> {
+        // Refuse a symlink, FIFO or device before making the directory or the lock file.
+        self.check_writable()?;
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&dir).map_err(|e| self.io(e))?;
         let lock_path = self.path.with_extension("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| KnownHostsError::Io {
-                path: lock_path.clone(),
-                source,
-            })?;
+        let lock = cofs::safe_write::open_lock(&lock_path, 0o644)?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
             KnownHostsError::Io {
                 path: lock_path.clone(),
@@ -158,19 +170,8 @@ impl KnownHosts {
         if !change(self, &mut text)? {
             return Ok(());
         }
-        let tmp = self
-            .path
-            .with_extension(format!("{}.tmp", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.io(e)
-        })
+        cofs::safe_write::replace(&self.path, text.as_bytes(), 0o644)?;
+        Ok(())
         // The lock is released when `lock` is dropped.
     }
 }

@@ -15,7 +15,6 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::fmt;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -35,12 +34,24 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    /// A FIFO, device, directory or (to make one) a symlink where the identity file is.
+    #[error(transparent)]
+    File(#[from] cofs::safe_write::SafeWriteError),
     #[error("{path}: not a cutover identity ({why}); move it away to make a new one")]
     BadIdentity { path: PathBuf, why: String },
     #[error("cannot make a key pair: {0}")]
     KeyGen(String),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+}
+
+/// Read an identity file: a regular file (or a symlink to one) of at most 1 MiB.
+fn read_identity(path: &Path) -> Result<Vec<u8>, TlsError> {
+    use cofs::safe_write::SafeWriteError;
+    cofs::safe_write::read_regular(path, 1 << 20).map_err(|e| match e {
+        SafeWriteError::Io { path, source } => TlsError::Io { path, source },
+        other => TlsError::File(other),
+    })
 }
 
 /// SHA-256 of a certificate's DER bytes, written `sha256:<64 hex digits>`.
@@ -111,60 +122,40 @@ impl Identity {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        match std::fs::read(&path) {
+        match read_identity(&path) {
             Ok(pem) => return Ok((Identity::from_pem(&pem, &path)?, false)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(TlsError::Io { path, source }),
+            Err(TlsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        let io = |source| TlsError::Io {
+        // Nothing is there: refuse a dangling symlink before making the directory.
+        cofs::safe_write::check_replaceable(&path)?;
+        std::fs::create_dir_all(&dir).map_err(|source| TlsError::Io {
             path: dir.clone(),
             source,
-        };
-        std::fs::create_dir_all(&dir).map_err(io)?;
+        })?;
         let made = rcgen::generate_simple_self_signed(vec!["cutover".to_string()])
             .map_err(|e| TlsError::KeyGen(e.to_string()))?;
         let pem = format!("{}{}", made.cert.pem(), made.signing_key.serialize_pem());
-        let tmp = dir.join(format!(".identity.{:016x}.tmp", rand_u64()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(pem.as_bytes())?;
-            f.sync_all()
-        };
-        if let Err(source) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(TlsError::Io { path: tmp, source });
-        }
-        // A hard link never replaces an existing file: the first process to get here wins.
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                if let Ok(d) = std::fs::File::open(&dir) {
-                    let _ = d.sync_all();
-                }
-                Ok((Identity::from_pem(pem.as_bytes(), &path)?, true))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let pem = std::fs::read(&path).map_err(|source| TlsError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                Ok((Identity::from_pem(&pem, &path)?, false))
-            }
-            Err(source) => Err(TlsError::Io { path, source }),
+        let new = cofs::safe_write::Replacement::begin(&path, 0o600)?;
+        new.file()
+            .write_all(pem.as_bytes())
+            .map_err(|source| TlsError::Io {
+                path: new.temp_path().to_path_buf(),
+                source,
+            })?;
+        // A hard link never replaces an existing file: the first process to get here wins,
+        // and the loser loads the winner's.
+        if new.commit_new()? {
+            Ok((Identity::from_pem(pem.as_bytes(), &path)?, true))
+        } else {
+            let pem = read_identity(&path)?;
+            Ok((Identity::from_pem(&pem, &path)?, false))
         }
     }
 
-    /// Load an existing identity file (no creation).
+    /// Load an existing identity file.
     pub fn load(path: &Path) -> Result<Identity, TlsError> {
-        let pem = std::fs::read(path).map_err(|source| TlsError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let pem = read_identity(path)?;
         Identity::from_pem(&pem, path)
     }
 
@@ -185,15 +176,6 @@ impl Identity {
             fingerprint,
         })
     }
-}
-
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // The name only has to differ from a concurrent writer's; fall back to the pid.
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
-        return std::process::id() as u64;
-    }
-    u64::from_le_bytes(b)
 }
 
 /// ring, TLS 1.3 suites only, AES-128-GCM first: on CPUs with AES instructions it is the
@@ -441,6 +423,23 @@ mod tests {
             e.contains("identity.pem") && e.contains("move it away"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn identity_is_not_made_through_a_symlink_nor_read_from_a_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(IDENTITY_FILE);
+        let elsewhere = dir.path().join("elsewhere.pem");
+        std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+        let e = Identity::load_or_create(&file).err().unwrap().to_string();
+        assert!(e.contains("identity.pem: is a symlink"), "{e}");
+        assert!(!elsewhere.exists());
+        std::fs::remove_file(&file).unwrap();
+        let fifo = rustix::fs::FileType::Fifo;
+        let mode = rustix::fs::Mode::from_raw_mode(0o600);
+        rustix::fs::mknodat(rustix::fs::CWD, &file, fifo, mode, 0).unwrap();
+        let e = Identity::load(&file).err().unwrap().to_string();
+        assert!(e.contains("identity.pem: is a FIFO"), "{e}");
     }
 
     #[test]

@@ -28,11 +28,7 @@ pub async fn run_hook(
         HookRun::Webhook(url) => {
             let r = post_webhook(url, input.unwrap_or_default(), hook.timeout).await;
             if let Some(path) = log {
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                {
+                if let Ok(mut f) = crate::logs::open_append(path) {
                     let _ = writeln!(
                         f,
                         "{} [{phase}] {}: POST {} ({} bytes): {}",
@@ -52,11 +48,7 @@ pub async fn run_hook(
     };
     let (out, err) = match log {
         Some(path) => {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut f = cofs::safe_write::open_append(path, 0o644).map_err(|e| e.to_string())?;
             let _ = writeln!(
                 f,
                 "{} [{phase}] {}: sh -c {:?}",

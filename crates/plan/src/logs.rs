@@ -79,10 +79,7 @@ impl Logs {
         std::fs::create_dir_all(dir)?;
         let started_ms = state::now_ms();
         let path = dir.join(format!("summary-{}-run{run}.log", file_stamp(started_ms)));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let file = open_append(&path)?;
         Ok(Logs {
             dir: Some(dir.to_path_buf()),
             summary: Some(Mutex::new(file)),
@@ -126,10 +123,7 @@ impl Logs {
     pub fn task(&self, name: &str) -> std::io::Result<TaskLog> {
         match &self.dir {
             Some(dir) => {
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.join(format!("{name}.log")))?;
+                let f = open_append(&dir.join(format!("{name}.log")))?;
                 Ok(TaskLog {
                     file: Some(Arc::new(Mutex::new(f))),
                     echo: None,
@@ -190,15 +184,25 @@ impl Logs {
     }
 }
 
-/// Write via a temporary file and rename, so a reader (or a crash) never sees half a file.
+/// Write via a temporary file and rename, so a reader (or a crash) never sees half a file;
+/// only a regular file (or nothing) at `path` is replaced.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    cofs::safe_write::replace(path, data, 0o644).map_err(in_log_dir)
+}
+
+/// Open a log file to append to, only if it is a regular file (or absent).
+pub fn open_append(path: &Path) -> std::io::Result<File> {
+    cofs::safe_write::open_append(path, 0o644).map_err(in_log_dir)
+}
+
+/// The error as an `io::Error` naming the file only: callers prefix the log directory.
+fn in_log_dir(e: cofs::safe_write::SafeWriteError) -> std::io::Error {
+    let name = e.path().file_name().unwrap_or_default().to_string_lossy();
+    let kind = match &e {
+        cofs::safe_write::SafeWriteError::Io { source, .. } => source.kind(),
+        cofs::safe_write::SafeWriteError::NotRegular { .. } => std::io::ErrorKind::InvalidInput,
+    };
+    std::io::Error::new(kind, format!("{name}: {}", e.reason()))
 }
 
 #[cfg(test)]

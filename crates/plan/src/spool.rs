@@ -128,22 +128,18 @@ async fn spool_as(
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
-    let mut tmp = out.as_os_str().to_owned();
-    tmp.push(".spooling");
-    let tmp = std::path::PathBuf::from(tmp);
-    let file = std::fs::File::create(&tmp).map_err(err)?;
-    let keep = file.try_clone().map_err(err)?;
+    // Only a regular file (or nothing) at `out` is replaced; the temporary file beside it
+    // is removed if the command fails or the pass is dropped.
+    let spooled =
+        cofs::safe_write::Replacement::begin(out, 0o644).map_err(|e| format!("spool {e}"))?;
+    let file = spooled.file().try_clone().map_err(err)?;
     log.line(&format!(
         "{what} starts: sh -c {command:?} > {}",
         out.display()
     ));
-    if let Err(e) = run(command, dir, Stdio::null(), Stdio::from(file), what, log).await {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    keep.sync_all().map_err(err)?;
-    let size = keep.metadata().map_err(err)?.len();
-    std::fs::rename(&tmp, out).map_err(err)?;
+    run(command, dir, Stdio::null(), Stdio::from(file), what, log).await?;
+    let size = spooled.file().metadata().map_err(err)?.len();
+    spooled.commit().map_err(|e| format!("spool {e}"))?;
     log.line(&format!("{what} done: {size} bytes spooled"));
     Ok(size)
 }
@@ -219,9 +215,35 @@ mod tests {
         .unwrap_err();
         assert_eq!(e, "command exited with status 2: no such table");
         assert_eq!(std::fs::read(&out).unwrap(), b"abc");
-        assert!(!dir.path().join("sub/out.spooling").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["out"], "only the spooled output is left");
         feed("cat > copy", dir.path(), &out, &log).await.unwrap();
         assert_eq!(std::fs::read(dir.path().join("copy")).unwrap(), b"abc");
+    }
+
+    #[tokio::test]
+    async fn spooling_never_writes_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let log = TaskLog::discard();
+        // The output itself a symlink: refused, the link and its target kept.
+        let out = dir.path().join("out");
+        std::os::unix::fs::symlink(&victim, &out).unwrap();
+        let e = spool("printf dump", dir.path(), &out, &log)
+            .await
+            .unwrap_err();
+        assert!(e.contains("out: is a symlink, not a regular file"), "{e}");
+        assert!(std::fs::symlink_metadata(&out).unwrap().is_symlink());
+        // A symlink planted where the old fixed temporary name was is not followed.
+        let out = dir.path().join("db.dump");
+        std::os::unix::fs::symlink(&victim, dir.path().join("db.dump.spooling")).unwrap();
+        spool("printf dump", dir.path(), &out, &log).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"dump");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 
     #[tokio::test]

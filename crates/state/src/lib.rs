@@ -37,6 +37,9 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// Something other than a regular file stands where the database or its lock would be.
+    #[error("state store {0}")]
+    File(#[from] cofs::safe_write::SafeWriteError),
     #[error("state store {path}: another runner ({holder}) is using this plan; wait for it to end or stop it")]
     Busy { path: PathBuf, holder: String },
     #[error("state store {path}: written by a newer cutover (schema {found}, this one knows up to {known}); use that version")]

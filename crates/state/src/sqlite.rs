@@ -93,6 +93,13 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let lock = take_lock(path)?;
+        // SQLite follows symlinks and writes into whatever it opens: the database and its
+        // companions must be regular files or absent.
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            cofs::safe_write::check(Path::new(&p), cofs::safe_write::Purpose::Write)?;
+        }
         let conn = Connection::open(path).map_err(db(path))?;
         let store = SqliteStore::with(conn, path, Some(lock))?;
         {
@@ -323,13 +330,7 @@ fn take_lock(path: &Path) -> Result<std::fs::File, StateError> {
         path: lock_path.clone(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(io)?;
+    let mut file = cofs::safe_write::open_lock(&lock_path, 0o644)?;
     if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
@@ -634,6 +635,29 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_and_database_are_never_opened_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious\n").unwrap();
+        let path = dir.path().join("state.db");
+        std::os::unix::fs::symlink(&victim, dir.path().join("state.lock")).unwrap();
+        let e = SqliteStore::open(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("state.lock: is a symlink, not a regular file"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+        std::fs::remove_file(dir.path().join("state.lock")).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let e = SqliteStore::open(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("state.db: is a symlink, not a regular file"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+    }
 
     fn pass(run: RunId, task: &str, outcome: Outcome, files: u64) -> PassRecord {
         PassRecord {

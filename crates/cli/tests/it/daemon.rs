@@ -114,6 +114,8 @@ fn sigterm_lets_sessions_in_flight_finish_then_stops_accepting() {
     let status = daemon.wait().unwrap();
     assert!(status.success(), "daemon exit {status:?}: {}", d.log());
     assert!(d.log().contains("waiting up to"), "{}", d.log());
+    let stopped = "stopped on SIGTERM: 1 session(s) drained, 0 cut off";
+    assert!(d.log().contains(stopped), "{}", d.log());
 }
 
 #[test]

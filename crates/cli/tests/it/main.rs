@@ -10,6 +10,7 @@ mod delta;
 mod differential;
 mod difftree;
 mod faults;
+mod files;
 mod hostile;
 mod live_writer;
 mod lying;
