@@ -677,10 +677,13 @@ fn run_line(s: &Status) -> String {
         (None, true) => format!("running (pid {})", r.pid),
         (None, false) => format!("runner (pid {}) is gone without recording an end", r.pid),
     };
+    let mode = match &r.repeats {
+        Some(m) => format!("{} (of a {m})", r.mode),
+        None => r.mode.clone(),
+    };
     format!(
-        "run {}: {}, started {}, {state}",
+        "run {}: {mode}, started {}, {state}",
         r.id,
-        r.mode,
         ::plan::logs::stamp(r.started_ms)
     )
 }
@@ -830,6 +833,7 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
         "run": s.run.as_ref().map(|r| json!({
             "id": r.id,
             "mode": r.mode,
+            "repeats": r.repeats,
             "pid": r.pid,
             "started_ms": r.started_ms,
             "ended_ms": r.ended_ms,

@@ -1308,3 +1308,93 @@ fn verify_pairs_must_match_and_a_mismatch_stops_post_final() {
         "{md}"
     );
 }
+
+#[test]
+fn rerun_repeats_the_mode_of_the_run_it_resumes() {
+    let (dir, _src, dst, p) = setup();
+    // `gate` takes long only while the file `slow` exists; `db` waits for it, so a presync
+    // interrupted during `gate` leaves `db` interrupted without a pass of its own: its last
+    // pass is still the cutover's final one.
+    write(
+        &p,
+        format!(
+            "[[task]]\nname = \"gate\"\nkind = \"command\"\n\
+             command = \"if [ -e slow ]; then sleep 30; fi; echo gate\"\ndestination = \"{}\"\n\
+             [[task]]\nname = \"db\"\nkind = \"command\"\ncommand = \"if [ -e fail ]; then exit 1; fi; cat src/docs/note0*.txt\"\n\
+             destination = \"{}\"\ndestination_command = \"cat > restored; echo restore >> restores\"\n\
+             depends_on = [\"gate\"]\n",
+            s(&dst.join("gate.out")),
+            s(&dst.join("db.dump")),
+        ),
+    );
+    let restores = || {
+        std::fs::read_to_string(dir.path().join("restores"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    plan(&["presync", s(&p)]).ok(); // run 1
+    assert_eq!(restores(), 0);
+    plan(&["cutover", s(&p)]).ok(); // run 2
+    assert_eq!(restores(), 1);
+    let st = status(&p);
+    assert_eq!(task(&st, "db")["last_pass"]["kind"], "final");
+
+    // Run 3: a presync, interrupted while `gate` runs.
+    write(&dir.path().join("slow"), "");
+    let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
+    wait_for_status(&p, &mut run, |st| task(st, "gate")["phase"] == "running");
+    run.signal(rustix::process::Signal::INT);
+    run.wait().expect_code(130);
+    let st = status(&p);
+    assert_eq!(task(&st, "db")["phase"], "interrupted", "{st}");
+    assert_eq!(task(&st, "db")["last_pass"]["kind"], "final", "{st}");
+    std::fs::remove_file(dir.path().join("slow")).unwrap();
+
+    // The rerun finishes that presync: no final pass, no restore.
+    let out = plan(&["rerun", "--failed", s(&p)]);
+    out.ok();
+    let first = out.stdout.lines().next().unwrap_or_default();
+    assert_eq!(
+        first, "cutover: rerunning the failed tasks of run 3 (presync)",
+        "{out}"
+    );
+    assert!(!out.stdout.contains("final pass"), "{out}");
+    assert_eq!(restores(), 1, "the destination_command ran again\n{out}");
+    let st = status(&p);
+    for name in ["gate", "db"] {
+        assert_eq!(task(&st, name)["phase"], "done", "{st}");
+        assert_eq!(task(&st, name)["last_pass"]["kind"], "rerun", "{st}");
+    }
+    assert_eq!(st["run"]["repeats"], "presync", "{st}");
+
+    // A cutover whose final pass failed is finished by a final pass (with the restore), and
+    // a rerun of that rerun is still one.
+    write(&dir.path().join("fail"), "");
+    plan(&["cutover", s(&p)]).expect_code(3); // run 5
+    let out = plan(&["rerun", "--failed", s(&p)]); // run 6, fails again
+    out.expect_code(3);
+    assert!(
+        out.stdout
+            .starts_with("cutover: rerunning the failed tasks of run 5 (cutover)\n"),
+        "{out}"
+    );
+    assert_eq!(restores(), 1);
+    std::fs::remove_file(dir.path().join("fail")).unwrap();
+    let out = plan(&["rerun", "--failed", s(&p)]); // run 7
+    out.ok();
+    assert!(
+        out.stdout
+            .starts_with("cutover: rerunning the failed tasks of run 6 (cutover)\n"),
+        "{out}"
+    );
+    assert!(
+        out.stdout
+            .contains("re-running db (as the final pass of the cutover)"),
+        "{out}"
+    );
+    assert_eq!(restores(), 2);
+    let st = status(&p);
+    assert_eq!(task(&st, "db")["last_pass"]["kind"], "final", "{st}");
+    assert_eq!(st["run"]["repeats"], "cutover", "{st}");
+}
