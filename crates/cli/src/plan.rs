@@ -5,6 +5,7 @@
 
 use crate::endpoint::Endpoint;
 use crate::exit;
+use crate::print::{errln, outln};
 use crate::security::SecurityArgs;
 use crate::sync::{parse_rate, run_job, SyncJob};
 use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
@@ -82,11 +83,11 @@ pub async fn run(cmd: PlanCommand) -> u8 {
         Err(e) => return fail(&e),
     };
     let runner: Arc<dyn TaskRunner> = Arc::new(CliRunner);
-    let echo: Echo = Arc::new(|line: &str| println!("{line}"));
+    let echo: Echo = Arc::new(|line: &str| outln!("{line}"));
     match cmd {
         PlanCommand::Check { .. } => match ::plan::run::check(&plan, runner.as_ref()) {
             Ok(()) => {
-                println!(
+                outln!(
                     "{}: ok: {} tasks, at most {} at once; state in {}",
                     path.display(),
                     plan.tasks.len(),
@@ -137,7 +138,7 @@ pub async fn run(cmd: PlanCommand) -> u8 {
         PlanCommand::Status { json, .. } => match ::plan::run::status(&plan) {
             Ok(s) => {
                 if json {
-                    println!("{}", status_json(&plan, &s));
+                    outln!("{}", status_json(&plan, &s));
                 } else {
                     print_status(&plan, &s);
                 }
@@ -157,7 +158,7 @@ pub async fn run(cmd: PlanCommand) -> u8 {
 }
 
 fn fail(e: &dyn std::fmt::Display) -> u8 {
-    eprintln!("cutover plan: {e}");
+    errln!("cutover plan: {e}");
     exit::FATAL
 }
 
@@ -184,7 +185,7 @@ fn stop_on_signal() -> watch::Receiver<bool> {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        eprintln!("cutover plan: stopping every task; run the same command again to resume");
+        errln!("cutover plan: stopping every task; run the same command again to resume");
         let _ = tx.send(true);
         // Keep the sender alive: a dropped sender reads as "never stop".
         std::future::pending::<()>().await;
@@ -203,7 +204,7 @@ fn print_order(plan: &Plan) {
             .filter(|(_, &tl)| tl == l)
             .map(|(t, _)| t.name.as_str())
             .collect();
-        println!("  step {}: {}", l + 1, names.join(", "));
+        outln!("  step {}: {}", l + 1, names.join(", "));
     }
 }
 
@@ -689,18 +690,18 @@ fn run_line(s: &Status) -> String {
 }
 
 fn print_status(plan: &Plan, s: &Status) {
-    println!(
+    outln!(
         "plan {} ({}), state in {}",
         plan.name,
         plan.path.display(),
         plan.state_db().display()
     );
-    println!("{}", run_line(s));
+    outln!("{}", run_line(s));
     if s.plan_changed {
-        println!("note: the plan file changed since that run");
+        outln!("note: the plan file changed since that run");
     }
     let predicted = s.prediction.as_ref().and_then(|p| p.total_s);
-    println!(
+    outln!(
         "predicted final pass: {}",
         predicted
             .map(::plan::run::human_duration)
@@ -764,7 +765,7 @@ fn print_status(plan: &Plan, s: &Status) {
         }
     }
     for r in std::iter::once(&head).chain(&rows) {
-        println!(
+        outln!(
             "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
             r[0],
             r[1],

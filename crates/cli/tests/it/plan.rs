@@ -1309,6 +1309,114 @@ fn verify_pairs_must_match_and_a_mismatch_stops_post_final() {
     );
 }
 
+/// Run `cmd` as `cmd | head -1` would: its stdout is read up to the first line, then closed.
+/// Returns the exit status, that line and everything on stderr.
+pub(crate) fn stdout_closed_after_first_line(
+    mut cmd: Command,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let mut stderr = child.stderr.take().expect("stderr");
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut first = String::new();
+    {
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        out.read_line(&mut first).expect("first line");
+        // Dropped here: the pipe's read end is closed, every later write gets EPIPE.
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("{what} did not finish within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status, first, err.join().unwrap_or_default())
+}
+
+#[test]
+fn a_closed_stdout_stops_printing_not_the_run() {
+    let (dir, _src, dst, p) = setup();
+    // The command task prints nothing for a second, so its pass ends (and is printed) after
+    // the reader is gone; it fails until `ok` exists, so that rerun has something to do.
+    write(
+        &p,
+        format!(
+            "{}[[task]]\nname = \"db\"\nkind = \"command\"\n\
+             command = \"sleep 1; test -e ok && cat src/docs/note0*.txt\"\ndestination = \"{}\"\n",
+            tree_task("docs", "src/docs/", &slash(&dst.join("docs")), ""),
+            s(&dst.join("db.dump"))
+        ),
+    );
+    let no_task_running = |st: &Value| {
+        for t in st["tasks"].as_array().expect("tasks") {
+            assert!(
+                t["phase"] != "running" && t["phase"] != "verifying",
+                "a task is left {}: {st}",
+                t["phase"]
+            );
+        }
+    };
+    let (code, first, stderr) = stdout_closed_after_first_line(plan_cmd(&["presync", s(&p)]));
+    assert!(first.starts_with("presync of plan"), "{first}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(code.code(), Some(3), "{stderr}");
+    let st = status(&p);
+    no_task_running(&st);
+    assert_eq!(st["run"]["outcome"], "failed", "{st}");
+    assert_eq!(task(&st, "db")["phase"], "failed", "{st}");
+    assert_eq!(st["runner_alive"], false);
+
+    // The issue's `cutover plan rerun --failed x.toml | head -3`, with a pass to finish.
+    write(&dir.path().join("ok"), "");
+    let (code, first, stderr) =
+        stdout_closed_after_first_line(plan_cmd(&["rerun", "--failed", s(&p)]));
+    assert!(
+        first.contains("rerunning the failed tasks of run 1"),
+        "{first}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(code.code(), Some(0), "{stderr}");
+    let st = status(&p);
+    no_task_running(&st);
+    assert_eq!(st["run"]["mode"], "rerun", "{st}");
+    assert_eq!(st["run"]["outcome"], "ok", "{st}");
+    assert_eq!(task(&st, "db")["phase"], "done", "{st}");
+    assert!(dst.join("db.dump").exists());
+
+    // Commands that print and end: status (a table), check, and a sync that itemises.
+    for args in [
+        vec!["plan", "status", s(&p)],
+        vec!["plan", "check", s(&p)],
+        vec!["sync", "-v", "--delete"],
+    ] {
+        let mut cmd = cutover_cmd();
+        cmd.args(&args);
+        if args[0] == "sync" {
+            cmd.arg(slash(&dir.path().join("src")))
+                .arg(s(&dir.path().join("copy")));
+        }
+        let (code, _, stderr) = stdout_closed_after_first_line(cmd);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(code.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn rerun_repeats_the_mode_of_the_run_it_resumes() {
     let (dir, _src, dst, p) = setup();
