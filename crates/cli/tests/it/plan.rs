@@ -131,7 +131,10 @@ fn bad_plans_get_one_line_naming_line_and_key() {
         format!("parallel = 2\n{}{}", t("a", ""), t("b", "bwlimt = \"1M\"")),
     );
     let out = plan(&["check", s(&p)]);
-    assert_one_line_error(&out, &["move.toml:13:", "unknown key `bwlimt`"]);
+    assert_one_line_error(
+        &out,
+        &["move.toml:13: unknown key \"bwlimt\" in task \"b\"; did you mean \"bwlimit\"?"],
+    );
     assert_eq!(out.code(), 1);
 
     write(
@@ -1505,4 +1508,69 @@ fn rerun_repeats_the_mode_of_the_run_it_resumes() {
     let st = status(&p);
     assert_eq!(task(&st, "db")["last_pass"]["kind"], "final", "{st}");
     assert_eq!(st["run"]["repeats"], "cutover", "{st}");
+}
+
+#[test]
+fn check_looks_at_local_paths_and_suggests_the_nearest_key() {
+    let dir = tmp();
+    let d = dir.path();
+    let p = d.join("move.toml");
+    std::fs::create_dir(d.join("src")).unwrap();
+    let check = || plan(&["check", s(&p)]);
+
+    // A local source that is not there: the task, the key, and where the plan's directory
+    // put the relative path.
+    write(&p, tree_task("db", "pg/", "dst/", ""));
+    assert_one_line_error(
+        &check(),
+        &[
+            "move.toml:4: task \"db\": source:",
+            &format!("{} does not exist", slash(&d.join("pg"))),
+        ],
+    );
+    // A local destination whose parent is missing (cutover sync would refuse it).
+    write(&p, tree_task("db", "src/", "new/db/", ""));
+    assert_one_line_error(
+        &check(),
+        &[
+            "move.toml:5: task \"db\": destination:",
+            &format!("its parent directory {} does not exist", s(&d.join("new"))),
+        ],
+    );
+    // Every such problem, one line each; and the check created nothing.
+    write(
+        &p,
+        format!(
+            "{}{}",
+            tree_task("a", "pg/", "dst/", ""),
+            tree_task("b", "src/", "new/b/", "")
+        ),
+    );
+    let out = check();
+    out.expect_code(1);
+    assert_eq!(out.err_lines().len(), 2, "{out}");
+    assert!(out.stderr.contains("task \"a\": source:"), "{out}");
+    assert!(out.stderr.contains("task \"b\": destination:"), "{out}");
+    assert!(!d.join("new").exists() && !d.join("dst").exists());
+    assert!(!d.join("move.state").exists());
+
+    // What a task it depends on makes is not looked for; remote paths are not looked at.
+    let b = |deps: &str| tree_task("b", "stage/sub/", "stage/out/b/", deps);
+    let a = tree_task("a", "src/", "stage/", "");
+    write(&p, format!("{a}{}", b("depends_on = [\"a\"]")));
+    check().ok();
+    write(&p, format!("{a}{}", b("")));
+    let out = check();
+    assert_eq!(out.err_lines().len(), 2, "{out}");
+    write(&p, tree_task("db", "src/", "host:/nowhere/db/", ""));
+    check().ok();
+
+    // A misspelt key: the nearest known one, not the list of all.
+    write(&p, tree_task("db", "src/", "dst/", "destinaton = \"x\""));
+    let out = check();
+    assert_one_line_error(
+        &out,
+        &["move.toml:6: unknown key \"destinaton\" in task \"db\"; did you mean \"destination\"?"],
+    );
+    assert!(!out.stderr.contains("bwlimit"), "{out}");
 }
