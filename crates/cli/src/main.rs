@@ -6,10 +6,12 @@ mod names;
 mod output;
 mod plan;
 mod rsync;
+mod print;
 mod security;
 mod sync;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use print::{errln, outln};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -99,7 +101,7 @@ fn main() -> ExitCode {
         match sync::ordered_filters(m) {
             Ok(f) => args.filters = f,
             Err(e) => {
-                eprintln!("cutover: {e}");
+                errln!("cutover: {e}");
                 return ExitCode::from(exit::USAGE);
             }
         }
@@ -117,7 +119,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(print::err_writer)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         // Blocking file I/O needs few threads on few cores; tokio's default of 512 lets a
@@ -128,7 +130,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("cutover: cannot start: {e}");
+            errln!("cutover: cannot start: {e}");
             return ExitCode::from(exit::FATAL);
         }
     };
@@ -138,7 +140,7 @@ fn main() -> ExitCode {
             Command::Serve { stdio: true, .. } => match daemon::stdio::serve_stdio().await {
                 Ok(()) => exit::OK,
                 Err(e) => {
-                    eprintln!("cutover serve --stdio: {e}");
+                    errln!("cutover serve --stdio: {e}");
                     exit::FATAL
                 }
             },
@@ -149,7 +151,7 @@ fn main() -> ExitCode {
                 ..
             } => serve(config, listen, port_file).await,
             Command::Serve { config: None, .. } => {
-                eprintln!("cutover serve: --config FILE is required (or --stdio)");
+                errln!("cutover serve: --config FILE is required (or --stdio)");
                 exit::USAGE
             }
             Command::Identity { file } => identity(file),
@@ -183,7 +185,7 @@ fn parse_args() -> Result<clap::ArgMatches, u8> {
         rsync::Precheck::Parse => {}
         rsync::Precheck::Help => argv[2] = "--help".into(),
         rsync::Precheck::Refused(line) => {
-            eprintln!("{line}");
+            errln!("{line}");
             return Err(exit::USAGE);
         }
     }
@@ -201,9 +203,9 @@ fn parse_args() -> Result<clap::ArgMatches, u8> {
                 _ => String::new(),
             };
             if arg.starts_with('-') {
-                eprintln!("cutover{sub}: unknown option '{arg}' ('cutover{sub} --help' lists the options)");
+                errln!("cutover{sub}: unknown option '{arg}' ('cutover{sub} --help' lists the options)");
             } else {
-                eprintln!("cutover{sub}: unexpected argument '{arg}' ('cutover{sub} --help' shows the usage)");
+                errln!("cutover{sub}: unexpected argument '{arg}' ('cutover{sub} --help' shows the usage)");
             }
             Err(exit::USAGE)
         }
@@ -215,7 +217,7 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
     let cfg = match daemon::Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("cutover serve: {e}");
+            errln!("cutover serve: {e}");
             return exit::FATAL;
         }
     };
@@ -224,11 +226,11 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
         .as_deref()
         .map(cofs::safe_write::check_replaceable)
     {
-        eprintln!("cutover serve: --port-file {e}");
+        errln!("cutover serve: --port-file {e}");
         return exit::FATAL;
     }
     let Some(state_dir) = cfg.state_dir() else {
-        eprintln!(
+        errln!(
             "cutover serve: {}: set state_dir (no HOME to keep the key in)",
             config.display()
         );
@@ -238,18 +240,18 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
         match net::tls::Identity::load_or_create(&state_dir.join(net::tls::IDENTITY_FILE)) {
             Ok(i) => i,
             Err(e) => {
-                eprintln!("cutover serve: {e}");
+                errln!("cutover serve: {e}");
                 return exit::FATAL;
             }
         };
     let tls = match net::tls::server_config(&identity) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("cutover serve: {e}");
+            errln!("cutover serve: {e}");
             return exit::FATAL;
         }
     };
-    eprintln!(
+    errln!(
         "cutover serve: certificate {} ({} {})",
         identity.fingerprint,
         if made { "made now in" } else { "from" },
@@ -259,7 +261,7 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
     let listener = match daemon::bind(&addr, cfg.insecure_plaintext).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cutover serve: {e}");
+            errln!("cutover serve: {e}");
             return exit::FATAL;
         }
     };
@@ -267,11 +269,11 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
     if let Some(pf) = port_file {
         let port = local.rsplit(':').next().unwrap_or("").to_string();
         if let Err(e) = cofs::safe_write::replace(&pf, format!("{port}\n").as_bytes(), 0o644) {
-            eprintln!("cutover serve: --port-file {e}");
+            errln!("cutover serve: --port-file {e}");
             return exit::FATAL;
         }
     }
-    eprintln!("cutover serve: listening on {local}");
+    errln!("cutover serve: listening on {local}");
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -292,19 +294,19 @@ fn identity(file: Option<PathBuf>) -> u8 {
     let Some(path) =
         file.or_else(|| security::config_dir().map(|d| d.join(net::tls::IDENTITY_FILE)))
     else {
-        eprintln!("cutover identity: no HOME to keep the identity in; pass --file");
+        errln!("cutover identity: no HOME to keep the identity in; pass --file");
         return exit::FATAL;
     };
     match net::tls::Identity::load_or_create(&path) {
         Ok((id, made)) => {
-            println!("{}", id.fingerprint);
+            outln!("{}", id.fingerprint);
             if made {
-                eprintln!("cutover identity: made {}", path.display());
+                errln!("cutover identity: made {}", path.display());
             }
             exit::OK
         }
         Err(e) => {
-            eprintln!("cutover identity: {e}");
+            errln!("cutover identity: {e}");
             exit::FATAL
         }
     }

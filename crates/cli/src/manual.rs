@@ -3,6 +3,7 @@
 //! stdout for the user to install where their shell and `man` look.
 
 use crate::exit;
+use crate::print::errln;
 use std::io::Write;
 
 /// Print the completion script for `shell`.
@@ -27,7 +28,7 @@ pub fn man(mut cmd: clap::Command, command: Option<&str>) -> u8 {
                     .map(|s| s.get_name())
                     .filter(|n| *n != "help")
                     .collect();
-                eprintln!(
+                errln!(
                     "cutover man: no command {name:?}; there are {}",
                     known.join(", ")
                 );
@@ -37,7 +38,7 @@ pub fn man(mut cmd: clap::Command, command: Option<&str>) -> u8 {
     };
     let mut buf = Vec::new();
     if let Err(e) = clap_mangen::Man::new(page).render(&mut buf) {
-        eprintln!("cutover man: {e}");
+        errln!("cutover man: {e}");
         return exit::FATAL;
     }
     print(&buf, "man")
@@ -50,7 +51,7 @@ fn print(bytes: &[u8], what: &str) -> u8 {
         // A closed pipe (`| head`) is the reader's choice, not a failure.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
         Err(e) => {
-            eprintln!("cutover {what}: cannot write: {e}");
+            errln!("cutover {what}: cannot write: {e}");
             exit::FATAL
         }
     }

@@ -3,10 +3,11 @@
 
 use crate::exit;
 use crate::names;
+use crate::print::{errln, outln};
 use engine::{Event, Events, Stats, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +36,7 @@ impl Progress {
 }
 
 fn out(line: String) {
-    let mut o = std::io::stdout().lock();
-    let _ = writeln!(o, "{line}");
+    outln!("{line}");
 }
 
 impl Reporter {
@@ -99,7 +99,7 @@ impl Reporter {
         if self.json {
             out(json!({"event": "fatal", "message": message}).to_string());
         }
-        eprintln!("cutover: {message}");
+        errln!("cutover: {message}");
         exit::FATAL
     }
 
@@ -172,16 +172,16 @@ impl Reporter {
             ));
         }
         if !s.changed.is_empty() {
-            eprintln!(
+            errln!(
                 "cutover: {} file(s) changed while they were copied; the copy is not consistent (run again when the source is quiet):",
                 s.changed.len()
             );
             for p in s.changed.iter().take(20) {
-                eprintln!("  {}", names::escape(p.as_bytes()));
+                errln!("  {}", names::escape(p.as_bytes()));
             }
         }
         if !s.errors.is_empty() {
-            eprintln!("cutover: {} error(s); see above", s.errors.len());
+            errln!("cutover: {} error(s); see above", s.errors.len());
         }
         code
     }
@@ -219,14 +219,14 @@ impl Events for Reporter {
                 if self.json {
                     out(json!({"event": "changed", "path": path, "reason": reason}).to_string());
                 } else {
-                    eprintln!("cutover: {}: {reason}", names::escape(path.as_bytes()));
+                    errln!("cutover: {}: {reason}", names::escape(path.as_bytes()));
                 }
             }
             Event::Error { message } => {
                 if self.json {
                     out(json!({"event": "error", "message": message}).to_string());
                 } else {
-                    eprintln!("cutover: {message}");
+                    errln!("cutover: {message}");
                 }
             }
             Event::Retry {
@@ -237,7 +237,7 @@ impl Events for Reporter {
                 if self.json {
                     out(json!({"event": "retry", "attempt": attempt, "wait_s": wait.as_secs_f64(), "reason": reason}).to_string());
                 } else {
-                    eprintln!(
+                    errln!(
                         "cutover: {reason}; resuming in {:.0} s (retry {attempt})",
                         wait.as_secs_f64().ceil()
                     );

@@ -6,6 +6,7 @@
 use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::names;
+use crate::print::{errln, outln};
 use crate::security::SecurityArgs;
 use crate::sync::{parse_rate, run_job, SyncJob};
 use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
@@ -83,22 +84,29 @@ pub async fn run(cmd: PlanCommand) -> u8 {
         Err(e) => return fail(&e),
     };
     let runner: Arc<dyn TaskRunner> = Arc::new(CliRunner);
-    let echo: Echo = Arc::new(|line: &str| println!("{line}"));
+    let echo: Echo = Arc::new(|line: &str| outln!("{line}"));
     match cmd {
-        PlanCommand::Check { .. } => match ::plan::run::check(&plan, runner.as_ref()) {
-            Ok(()) => {
-                println!(
-                    "{}: ok: {} tasks, at most {} at once; state in {}",
-                    path.display(),
-                    plan.tasks.len(),
-                    plan.parallel,
-                    plan.state_dir.display()
-                );
-                print_order(&plan);
-                exit::OK
+        PlanCommand::Check { .. } => {
+            if let Err(e) = ::plan::run::check(&plan, runner.as_ref()) {
+                return fail(&e);
             }
-            Err(e) => fail(&e),
-        },
+            let missing = check_local_paths(&plan);
+            if !missing.is_empty() {
+                for e in &missing {
+                    errln!("cutover plan: {e}");
+                }
+                return exit::FATAL;
+            }
+            outln!(
+                "{}: ok: {} tasks, at most {} at once; state in {}",
+                path.display(),
+                plan.tasks.len(),
+                plan.parallel,
+                plan.state_dir.display()
+            );
+            print_order(&plan);
+            exit::OK
+        }
         PlanCommand::DryRun { .. } => {
             print_order(&plan);
             match ::plan::run::dry_run(&plan, runner, echo, stop_on_signal()).await {
@@ -138,7 +146,7 @@ pub async fn run(cmd: PlanCommand) -> u8 {
         PlanCommand::Status { json, .. } => match ::plan::run::status(&plan) {
             Ok(s) => {
                 if json {
-                    println!("{}", status_json(&plan, &s));
+                    outln!("{}", status_json(&plan, &s));
                 } else {
                     print_status(&plan, &s);
                 }
@@ -158,7 +166,7 @@ pub async fn run(cmd: PlanCommand) -> u8 {
 }
 
 fn fail(e: &dyn std::fmt::Display) -> u8 {
-    eprintln!("cutover plan: {e}");
+    errln!("cutover plan: {e}");
     exit::FATAL
 }
 
@@ -185,7 +193,7 @@ fn stop_on_signal() -> watch::Receiver<bool> {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        eprintln!("cutover plan: stopping every task; run the same command again to resume");
+        errln!("cutover plan: stopping every task; run the same command again to resume");
         let _ = tx.send(true);
         // Keep the sender alive: a dropped sender reads as "never stop".
         std::future::pending::<()>().await;
@@ -204,8 +212,80 @@ fn print_order(plan: &Plan) {
             .filter(|(_, &tl)| tl == l)
             .map(|(t, _)| t.name.as_str())
             .collect();
-        println!("  step {}: {}", l + 1, names.join(", "));
+        outln!("  step {}: {}", l + 1, names.join(", "));
     }
+}
+
+/// `plan check`'s look at the local paths of every task, read-only (nothing is created): a
+/// local source must exist, and a local destination's parent directory must be one (as
+/// `cutover sync` needs). A path at or beneath the local destination of a task it depends
+/// on (directly or not) is not looked at: that task makes it. Relative paths are taken from
+/// the plan's directory, and the errors show where that put them.
+fn check_local_paths(plan: &Plan) -> Vec<::plan::PlanError> {
+    let local = |endpoint: &str| match Endpoint::parse(endpoint) {
+        Ok(Endpoint::Local { .. }) => Some(PathBuf::from(resolve(endpoint, &plan.base_dir))),
+        _ => None,
+    };
+    let mut errors = Vec::new();
+    for (i, t) in plan.tasks.iter().enumerate() {
+        let made: Vec<PathBuf> = all_dependencies(plan, i)
+            .into_iter()
+            .filter_map(|d| local(&plan.tasks[d].destination))
+            .collect();
+        let made_before = |p: &Path| made.iter().any(|m| p.starts_with(m));
+        let mut problem = |key, message| {
+            errors.push(plan.error_at_task_key(i, KeyError { key, message }));
+        };
+        if let Some(src) = t.source.as_deref().and_then(local) {
+            if !made_before(&src) {
+                match std::fs::metadata(&src) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        problem("source", format!("{} does not exist", src.display()))
+                    }
+                    Err(e) => problem("source", format!("{}: {e}", src.display())),
+                }
+            }
+        }
+        let Some(dst) = local(&t.destination) else {
+            continue;
+        };
+        let Some(parent) = dst.parent().filter(|p| !made_before(p)) else {
+            continue;
+        };
+        match std::fs::metadata(parent) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => problem(
+                "destination",
+                format!("{}: {} is not a directory", dst.display(), parent.display()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => problem(
+                "destination",
+                format!(
+                    "{}: its parent directory {} does not exist; create it first",
+                    dst.display(),
+                    parent.display()
+                ),
+            ),
+            Err(e) => problem(
+                "destination",
+                format!("{}: {}: {e}", dst.display(), parent.display()),
+            ),
+        }
+    }
+    errors
+}
+
+/// Every task that task `i` depends on, directly or through others.
+fn all_dependencies(plan: &Plan, i: usize) -> Vec<usize> {
+    let mut seen = vec![false; plan.tasks.len()];
+    let mut todo = ::plan::graph::dependencies(&plan.tasks, i);
+    while let Some(d) = todo.pop() {
+        if !std::mem::replace(&mut seen[d], true) {
+            todo.extend(::plan::graph::dependencies(&plan.tasks, d));
+        }
+    }
+    (0..plan.tasks.len()).filter(|&d| seen[d]).collect()
 }
 
 /// Runs plan tasks through the same function as `cutover sync`.
@@ -682,27 +762,30 @@ fn run_line(s: &Status) -> String {
         (None, true) => format!("running (pid {})", r.pid),
         (None, false) => format!("runner (pid {}) is gone without recording an end", r.pid),
     };
+    let mode = match &r.repeats {
+        Some(m) => format!("{} (of a {m})", r.mode),
+        None => r.mode.clone(),
+    };
     format!(
-        "run {}: {}, started {}, {state}",
+        "run {}: {mode}, started {}, {state}",
         r.id,
-        r.mode,
         ::plan::logs::stamp(r.started_ms)
     )
 }
 
 fn print_status(plan: &Plan, s: &Status) {
-    println!(
+    outln!(
         "plan {} ({}), state in {}",
         plan.name,
         plan.path.display(),
         plan.state_db().display()
     );
-    println!("{}", run_line(s));
+    outln!("{}", run_line(s));
     if s.plan_changed {
-        println!("note: the plan file changed since that run");
+        outln!("note: the plan file changed since that run");
     }
     let predicted = s.prediction.as_ref().and_then(|p| p.total_s);
-    println!(
+    outln!(
         "predicted final pass: {}",
         predicted
             .map(::plan::run::human_duration)
@@ -766,7 +849,7 @@ fn print_status(plan: &Plan, s: &Status) {
         }
     }
     for r in std::iter::once(&head).chain(&rows) {
-        println!(
+        outln!(
             "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
             r[0],
             r[1],
@@ -835,6 +918,7 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
         "run": s.run.as_ref().map(|r| json!({
             "id": r.id,
             "mode": r.mode,
+            "repeats": r.repeats,
             "pid": r.pid,
             "started_ms": r.started_ms,
             "ended_ms": r.ended_ms,

@@ -3,6 +3,7 @@
 //! (`--token-file` or `CUTOVER_TOKEN`), the client certificate to show, and the messages
 //! that tell the user what to fix when any of it does not match.
 
+use crate::print::errln;
 use net::client::{ClientError, Security, TlsClient};
 use net::known_hosts::{KnownHosts, Lookup};
 use net::tls::{Fingerprint, Identity, IDENTITY_FILE};
@@ -94,7 +95,7 @@ fn warn_if_readable_by_others(path: &Path) {
     let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
     if !warned.iter().any(|p| p == path) {
         warned.push(path.to_path_buf());
-        eprintln!(
+        errln!(
             "cutover: warning: token file {0} is readable by group or others; run chmod 600 {0}",
             path.display()
         );
@@ -164,7 +165,7 @@ impl ClientTrust {
     pub fn remember(&self, addr: &str, seen: Option<Fingerprint>) -> Result<(), String> {
         if let (Pin::FirstUse(file), Some(fp)) = (&self.pin, seen) {
             file.record(addr, fp).map_err(|e| e.to_string())?;
-            eprintln!(
+            errln!(
                 "cutover: trusting the daemon at {addr} with certificate {fp} (first use; recorded in {})",
                 file.path().display()
             );

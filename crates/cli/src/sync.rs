@@ -5,6 +5,7 @@ use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::output::Reporter;
 use crate::rsync::RsyncArgs;
+use crate::print::errln;
 use crate::security::{client_trust, SecurityArgs};
 use engine::{Destination, Event, Events, NoEvents, Session, Source, Stats, Summary};
 use net::client::{open_session, ClientError, Connections, Delivered, Remote};
@@ -270,7 +271,7 @@ pub async fn run(args: SyncArgs) -> u8 {
         r = work => r,
         _ = tokio::signal::ctrl_c() => {
             progress.finish();
-            eprintln!("cutover: interrupted; partial files are kept, run the same command again to resume");
+            errln!("cutover: interrupted; partial files are kept, run the same command again to resume");
             return exit::INTERRUPTED;
         }
     };

@@ -1073,11 +1073,17 @@ pub async fn rerun_failed(
         close(&ctx, "rerun", &report, "ok", &[]).await?;
         return Ok((report, failed));
     }
-    // Re-running what a cutover's final pass left undone is still a final pass (strict about
-    // files that change, and followed by destination commands).
-    let after_cutover = states.iter().any(|s| {
-        failed.contains(&s.name) && s.last_pass.as_ref().is_some_and(|p| p.kind == "final")
-    });
+    // Repeat the mode of the run that left them undone: re-running what a cutover's final
+    // pass left undone is still a final pass (strict about files that change, and followed
+    // by destination commands); what a presync left undone is not.
+    let (from, repeats) = repeated_mode(ctx.store.as_ref(), &states, &failed)?;
+    ctx.store.set_repeats(ctx.run, repeats)?;
+    ctx.logs.summary(&format!(
+        "cutover: rerunning the failed tasks of {} ({repeats})",
+        from.map(|r| format!("run {r}"))
+            .unwrap_or_else(|| "an earlier run".into())
+    ));
+    let after_cutover = repeats == "cutover";
     let kind = if after_cutover { "final" } else { "rerun" };
     ctx.logs.summary(&format!(
         "re-running {}{}",
@@ -1101,6 +1107,52 @@ pub async fn rerun_failed(
     };
     close(&ctx, "rerun", &report, outcome, &[]).await?;
     Ok((report, failed))
+}
+
+/// The run a `rerun --failed` repeats and its mode (`presync` or `cutover`): the most recent
+/// run that left one of `failed` failed, blocked or interrupted (the store keeps, per task,
+/// the run that set its phase). A rerun repeats what its own run repeated. A run without
+/// a recorded mode (a rerun recorded before schema 2) is a cutover when a pass it made of
+/// one of `failed` was a final pass.
+fn repeated_mode(
+    store: &dyn Store,
+    states: &[state::TaskState],
+    failed: &[String],
+) -> Result<(Option<RunId>, &'static str), Error> {
+    let from = states
+        .iter()
+        .filter(|s| failed.contains(&s.name))
+        .filter_map(|s| s.run)
+        .max();
+    let recorded = match from {
+        Some(id) => store.run(id)?.and_then(|r| {
+            if r.mode == "rerun" {
+                r.repeats
+            } else {
+                Some(r.mode)
+            }
+        }),
+        None => None,
+    };
+    let mode = match recorded.as_deref() {
+        Some("cutover") => "cutover",
+        Some("presync") => "presync",
+        _ => {
+            let mut final_pass = false;
+            for name in failed {
+                final_pass |= store
+                    .passes(name)?
+                    .iter()
+                    .any(|p| from == Some(p.run) && p.kind == "final");
+            }
+            if final_pass {
+                "cutover"
+            } else {
+                "presync"
+            }
+        }
+    };
+    Ok((from, mode))
 }
 
 /// What `status` shows, read from the state store without taking the runner's lock.

@@ -198,6 +198,9 @@ pub struct RunInfo {
     pub outcome: Option<String>,
     /// The latest prediction of the final pass's duration, in seconds.
     pub predicted_final_s: Option<f64>,
+    /// A `rerun`: the mode of the run whose failed tasks it re-ran (`presync` or
+    /// `cutover`), which is what a rerun of this one repeats in turn.
+    pub repeats: Option<String>,
 }
 
 /// Everything the plan runner and `status` need from persistent state. Implementations
@@ -212,6 +215,8 @@ pub trait Store: Send + Sync {
         -> Result<RunId, StateError>;
     fn end_run(&self, run: RunId, outcome: &str) -> Result<(), StateError>;
     fn set_prediction(&self, run: RunId, predicted_final_s: f64) -> Result<(), StateError>;
+    /// Record that `run` (a rerun) repeats the mode `mode` (see [`RunInfo::repeats`]).
+    fn set_repeats(&self, run: RunId, mode: &str) -> Result<(), StateError>;
     fn set_phase(&self, run: RunId, task: &str, phase: Phase) -> Result<(), StateError>;
     fn set_progress(&self, task: &str, progress: Progress) -> Result<(), StateError>;
     /// Record a finished pass (see the trait's note on atomicity); returns its row id.
@@ -222,4 +227,6 @@ pub trait Store: Send + Sync {
     /// Every recorded pass of `task`, oldest first.
     fn passes(&self, task: &str) -> Result<Vec<PassRecord>, StateError>;
     fn last_run(&self) -> Result<Option<RunInfo>, StateError>;
+    /// The run `id`, if the store has it.
+    fn run(&self, id: RunId) -> Result<Option<RunInfo>, StateError>;
 }

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// The schema this code writes. Bump it and add a step to `migrate` for every change.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,6 +65,10 @@ CREATE TABLE errors (
     message TEXT NOT NULL
 );
 ";
+
+/// Version 2: a rerun records which mode it repeats (`presync` or `cutover`), so that a
+/// rerun of that rerun repeats the same mode.
+const SCHEMA_V2: &str = "ALTER TABLE runs ADD COLUMN repeats TEXT;";
 
 /// The store in SQLite. One connection behind a mutex: the runner's writes are few (phase
 /// changes, a progress row a second per task, one row per pass), so a pool would buy nothing.
@@ -232,6 +236,9 @@ impl SqliteStore {
         if found < 1 {
             tx.execute_batch(SCHEMA_V1).map_err(db(&self.path))?;
         }
+        if found < 2 {
+            tx.execute_batch(SCHEMA_V2).map_err(db(&self.path))?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(db(&self.path))?;
         tx.commit().map_err(db(&self.path))
@@ -247,6 +254,7 @@ impl SqliteStore {
             ended_ms: r.get(5)?,
             outcome: r.get(6)?,
             predicted_final_s: r.get(7)?,
+            repeats: r.get(8)?,
         })
     }
 
@@ -292,6 +300,9 @@ impl SqliteStore {
         Ok(p)
     }
 }
+
+const RUN_COLUMNS: &str =
+    "id, mode, fingerprint, pid, started_ms, ended_ms, outcome, predicted_final_s, repeats";
 
 const PASS_COLUMNS: &str = "run_id, task, kind, started_ms, ended_ms, files_changed, \
     bytes_changed, bytes_literal, wire_bytes, entries_scanned, deleted, outcome, error";
@@ -423,6 +434,16 @@ impl Store for SqliteStore {
             .execute(
                 "UPDATE runs SET predicted_final_s = ?1 WHERE id = ?2",
                 params![predicted_final_s, run],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn set_repeats(&self, run: RunId, mode: &str) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE runs SET repeats = ?1 WHERE id = ?2",
+                params![mode, run],
             )
             .map(drop)
             .map_err(self.err())
@@ -622,9 +643,19 @@ impl Store for SqliteStore {
     fn last_run(&self) -> Result<Option<RunInfo>, StateError> {
         self.conn()
             .query_row(
-                "SELECT id, mode, fingerprint, pid, started_ms, ended_ms, outcome, predicted_final_s
-                 FROM runs ORDER BY id DESC LIMIT 1",
+                &format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT 1"),
                 [],
+                SqliteStore::run_row,
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    fn run(&self, id: RunId) -> Result<Option<RunInfo>, StateError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                params![id],
                 SqliteStore::run_row,
             )
             .optional()
@@ -814,5 +845,31 @@ mod tests {
             .query_row("SELECT outcome FROM runs WHERE id = 1", [], |r| r.get(0))
             .unwrap();
         assert_eq!(outcome, "interrupted");
+    }
+
+    #[test]
+    fn a_schema_1_store_gains_the_repeated_mode_of_reruns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute(
+                "INSERT INTO runs (mode, fingerprint, pid, started_ms) VALUES ('presync', 'fp', 1, 1)",
+                [],
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.user_version().unwrap(), SCHEMA_VERSION);
+        let old = s.run(1).unwrap().unwrap();
+        assert_eq!((old.mode.as_str(), old.repeats), ("presync", None));
+        let rerun = s.begin_run("rerun", "fp", &["a"]).unwrap();
+        s.set_repeats(rerun, "presync").unwrap();
+        let r = s.run(rerun).unwrap().unwrap();
+        assert_eq!(r.repeats.as_deref(), Some("presync"));
+        assert_eq!(s.last_run().unwrap(), Some(r));
+        assert_eq!(s.run(rerun + 1).unwrap(), None);
     }
 }

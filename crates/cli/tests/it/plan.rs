@@ -131,7 +131,10 @@ fn bad_plans_get_one_line_naming_line_and_key() {
         format!("parallel = 2\n{}{}", t("a", ""), t("b", "bwlimt = \"1M\"")),
     );
     let out = plan(&["check", s(&p)]);
-    assert_one_line_error(&out, &["move.toml:13:", "unknown key `bwlimt`"]);
+    assert_one_line_error(
+        &out,
+        &["move.toml:13: unknown key \"bwlimt\" in task \"b\"; did you mean \"bwlimit\"?"],
+    );
     assert_eq!(out.code(), 1);
 
     write(
@@ -1307,4 +1310,267 @@ fn verify_pairs_must_match_and_a_mismatch_stops_post_final() {
         md.contains("- **data**: verify: the outputs differ"),
         "{md}"
     );
+}
+
+/// Run `cmd` as `cmd | head -1` would: its stdout is read up to the first line, then closed.
+/// Returns the exit status, that line and everything on stderr.
+pub(crate) fn stdout_closed_after_first_line(
+    mut cmd: Command,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let mut stderr = child.stderr.take().expect("stderr");
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut first = String::new();
+    {
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        out.read_line(&mut first).expect("first line");
+        // Dropped here: the pipe's read end is closed, every later write gets EPIPE.
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("{what} did not finish within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status, first, err.join().unwrap_or_default())
+}
+
+#[test]
+fn a_closed_stdout_stops_printing_not_the_run() {
+    let (dir, _src, dst, p) = setup();
+    // The command task prints nothing for a second, so its pass ends (and is printed) after
+    // the reader is gone; it fails until `ok` exists, so that rerun has something to do.
+    write(
+        &p,
+        format!(
+            "{}[[task]]\nname = \"db\"\nkind = \"command\"\n\
+             command = \"sleep 1; test -e ok && cat src/docs/note0*.txt\"\ndestination = \"{}\"\n",
+            tree_task("docs", "src/docs/", &slash(&dst.join("docs")), ""),
+            s(&dst.join("db.dump"))
+        ),
+    );
+    let no_task_running = |st: &Value| {
+        for t in st["tasks"].as_array().expect("tasks") {
+            assert!(
+                t["phase"] != "running" && t["phase"] != "verifying",
+                "a task is left {}: {st}",
+                t["phase"]
+            );
+        }
+    };
+    let (code, first, stderr) = stdout_closed_after_first_line(plan_cmd(&["presync", s(&p)]));
+    assert!(first.starts_with("presync of plan"), "{first}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(code.code(), Some(3), "{stderr}");
+    let st = status(&p);
+    no_task_running(&st);
+    assert_eq!(st["run"]["outcome"], "failed", "{st}");
+    assert_eq!(task(&st, "db")["phase"], "failed", "{st}");
+    assert_eq!(st["runner_alive"], false);
+
+    // The issue's `cutover plan rerun --failed x.toml | head -3`, with a pass to finish.
+    write(&dir.path().join("ok"), "");
+    let (code, first, stderr) =
+        stdout_closed_after_first_line(plan_cmd(&["rerun", "--failed", s(&p)]));
+    assert!(
+        first.contains("rerunning the failed tasks of run 1"),
+        "{first}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(code.code(), Some(0), "{stderr}");
+    let st = status(&p);
+    no_task_running(&st);
+    assert_eq!(st["run"]["mode"], "rerun", "{st}");
+    assert_eq!(st["run"]["outcome"], "ok", "{st}");
+    assert_eq!(task(&st, "db")["phase"], "done", "{st}");
+    assert!(dst.join("db.dump").exists());
+
+    // Commands that print and end: status (a table), check, and a sync that itemises.
+    for args in [
+        vec!["plan", "status", s(&p)],
+        vec!["plan", "check", s(&p)],
+        vec!["sync", "-v", "--delete"],
+    ] {
+        let mut cmd = cutover_cmd();
+        cmd.args(&args);
+        if args[0] == "sync" {
+            cmd.arg(slash(&dir.path().join("src")))
+                .arg(s(&dir.path().join("copy")));
+        }
+        let (code, _, stderr) = stdout_closed_after_first_line(cmd);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(code.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn rerun_repeats_the_mode_of_the_run_it_resumes() {
+    let (dir, _src, dst, p) = setup();
+    // `gate` takes long only while the file `slow` exists; `db` waits for it, so a presync
+    // interrupted during `gate` leaves `db` interrupted without a pass of its own: its last
+    // pass is still the cutover's final one.
+    write(
+        &p,
+        format!(
+            "[[task]]\nname = \"gate\"\nkind = \"command\"\n\
+             command = \"if [ -e slow ]; then sleep 30; fi; echo gate\"\ndestination = \"{}\"\n\
+             [[task]]\nname = \"db\"\nkind = \"command\"\ncommand = \"if [ -e fail ]; then exit 1; fi; cat src/docs/note0*.txt\"\n\
+             destination = \"{}\"\ndestination_command = \"cat > restored; echo restore >> restores\"\n\
+             depends_on = [\"gate\"]\n",
+            s(&dst.join("gate.out")),
+            s(&dst.join("db.dump")),
+        ),
+    );
+    let restores = || {
+        std::fs::read_to_string(dir.path().join("restores"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    plan(&["presync", s(&p)]).ok(); // run 1
+    assert_eq!(restores(), 0);
+    plan(&["cutover", s(&p)]).ok(); // run 2
+    assert_eq!(restores(), 1);
+    let st = status(&p);
+    assert_eq!(task(&st, "db")["last_pass"]["kind"], "final");
+
+    // Run 3: a presync, interrupted while `gate` runs.
+    write(&dir.path().join("slow"), "");
+    let mut run = Running::start(plan_cmd(&["presync", s(&p)]));
+    wait_for_status(&p, &mut run, |st| task(st, "gate")["phase"] == "running");
+    run.signal(rustix::process::Signal::INT);
+    run.wait().expect_code(130);
+    let st = status(&p);
+    assert_eq!(task(&st, "db")["phase"], "interrupted", "{st}");
+    assert_eq!(task(&st, "db")["last_pass"]["kind"], "final", "{st}");
+    std::fs::remove_file(dir.path().join("slow")).unwrap();
+
+    // The rerun finishes that presync: no final pass, no restore.
+    let out = plan(&["rerun", "--failed", s(&p)]);
+    out.ok();
+    let first = out.stdout.lines().next().unwrap_or_default();
+    assert_eq!(
+        first, "cutover: rerunning the failed tasks of run 3 (presync)",
+        "{out}"
+    );
+    assert!(!out.stdout.contains("final pass"), "{out}");
+    assert_eq!(restores(), 1, "the destination_command ran again\n{out}");
+    let st = status(&p);
+    for name in ["gate", "db"] {
+        assert_eq!(task(&st, name)["phase"], "done", "{st}");
+        assert_eq!(task(&st, name)["last_pass"]["kind"], "rerun", "{st}");
+    }
+    assert_eq!(st["run"]["repeats"], "presync", "{st}");
+
+    // A cutover whose final pass failed is finished by a final pass (with the restore), and
+    // a rerun of that rerun is still one.
+    write(&dir.path().join("fail"), "");
+    plan(&["cutover", s(&p)]).expect_code(3); // run 5
+    let out = plan(&["rerun", "--failed", s(&p)]); // run 6, fails again
+    out.expect_code(3);
+    assert!(
+        out.stdout
+            .starts_with("cutover: rerunning the failed tasks of run 5 (cutover)\n"),
+        "{out}"
+    );
+    assert_eq!(restores(), 1);
+    std::fs::remove_file(dir.path().join("fail")).unwrap();
+    let out = plan(&["rerun", "--failed", s(&p)]); // run 7
+    out.ok();
+    assert!(
+        out.stdout
+            .starts_with("cutover: rerunning the failed tasks of run 6 (cutover)\n"),
+        "{out}"
+    );
+    assert!(
+        out.stdout
+            .contains("re-running db (as the final pass of the cutover)"),
+        "{out}"
+    );
+    assert_eq!(restores(), 2);
+    let st = status(&p);
+    assert_eq!(task(&st, "db")["last_pass"]["kind"], "final", "{st}");
+    assert_eq!(st["run"]["repeats"], "cutover", "{st}");
+}
+
+#[test]
+fn check_looks_at_local_paths_and_suggests_the_nearest_key() {
+    let dir = tmp();
+    let d = dir.path();
+    let p = d.join("move.toml");
+    std::fs::create_dir(d.join("src")).unwrap();
+    let check = || plan(&["check", s(&p)]);
+
+    // A local source that is not there: the task, the key, and where the plan's directory
+    // put the relative path.
+    write(&p, tree_task("db", "pg/", "dst/", ""));
+    assert_one_line_error(
+        &check(),
+        &[
+            "move.toml:4: task \"db\": source:",
+            &format!("{} does not exist", slash(&d.join("pg"))),
+        ],
+    );
+    // A local destination whose parent is missing (cutover sync would refuse it).
+    write(&p, tree_task("db", "src/", "new/db/", ""));
+    assert_one_line_error(
+        &check(),
+        &[
+            "move.toml:5: task \"db\": destination:",
+            &format!("its parent directory {} does not exist", s(&d.join("new"))),
+        ],
+    );
+    // Every such problem, one line each; and the check created nothing.
+    write(
+        &p,
+        format!(
+            "{}{}",
+            tree_task("a", "pg/", "dst/", ""),
+            tree_task("b", "src/", "new/b/", "")
+        ),
+    );
+    let out = check();
+    out.expect_code(1);
+    assert_eq!(out.err_lines().len(), 2, "{out}");
+    assert!(out.stderr.contains("task \"a\": source:"), "{out}");
+    assert!(out.stderr.contains("task \"b\": destination:"), "{out}");
+    assert!(!d.join("new").exists() && !d.join("dst").exists());
+    assert!(!d.join("move.state").exists());
+
+    // What a task it depends on makes is not looked for; remote paths are not looked at.
+    let b = |deps: &str| tree_task("b", "stage/sub/", "stage/out/b/", deps);
+    let a = tree_task("a", "src/", "stage/", "");
+    write(&p, format!("{a}{}", b("depends_on = [\"a\"]")));
+    check().ok();
+    write(&p, format!("{a}{}", b("")));
+    let out = check();
+    assert_eq!(out.err_lines().len(), 2, "{out}");
+    write(&p, tree_task("db", "src/", "host:/nowhere/db/", ""));
+    check().ok();
+
+    // A misspelt key: the nearest known one, not the list of all.
+    write(&p, tree_task("db", "src/", "dst/", "destinaton = \"x\""));
+    let out = check();
+    assert_one_line_error(
+        &out,
+        &["move.toml:6: unknown key \"destinaton\" in task \"db\"; did you mean \"destination\"?"],
+    );
+    assert!(!out.stderr.contains("bwlimit"), "{out}");
 }
