@@ -377,7 +377,11 @@ pub fn job_for(
             ..SecurityArgs::default()
         },
         rsh: rsh_of(t),
-        remote_cutover: t.remote_cutover.clone().unwrap_or_else(|| "cutover".into()),
+        remote_cutover: t
+            .remote_cutover
+            .clone()
+            .unwrap_or_else(|| crate::sync::DEFAULT_REMOTE_CUTOVER.into()),
+        remote_install: t.remote_cutover.is_none(),
     })
 }
 

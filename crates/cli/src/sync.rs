@@ -9,6 +9,7 @@ use crate::print::errln;
 use crate::security::{client_trust, SecurityArgs};
 use engine::{Destination, Event, Events, NoEvents, Session, Source, Stats, Summary};
 use net::client::{open_session, ClientError, Connections, Delivered, Remote};
+use net::remote_install::Installed;
 use net::ssh::SshCommand;
 use net::{memory_pair, RateLimiter};
 use proto::WireCounter;
@@ -122,6 +123,10 @@ pub struct SyncArgs {
     /// Filters in command-line order (filled by main from the raw matches).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,
+    /// Never copy this cutover to an ssh remote that has none (or another version) in its
+    /// user's cache (~/.cache/cutover); fail instead, as --remote-cutover PATH does.
+    #[arg(long)]
+    pub no_remote_install: bool,
 }
 
 fn parse_timeout(s: &str) -> Result<u64, String> {
@@ -221,7 +226,13 @@ pub struct SyncJob {
     pub security: SecurityArgs,
     pub rsh: String,
     pub remote_cutover: String,
+    /// Install this binary on an ssh remote whose `remote_cutover` is missing or of another
+    /// version (`net::remote_install`).
+    pub remote_install: bool,
 }
+
+/// The remote program unless named otherwise: `cutover` in the remote `PATH`.
+pub const DEFAULT_REMOTE_CUTOVER: &str = "cutover";
 
 impl SyncArgs {
     pub fn job(&self) -> SyncJob {
@@ -249,6 +260,9 @@ impl SyncArgs {
             security: self.security.clone(),
             rsh: self.rsh.clone(),
             remote_cutover: self.remote_cutover.clone(),
+            // A program named on purpose is the one to run, not ours.
+            remote_install: !self.no_remote_install
+                && self.remote_cutover == DEFAULT_REMOTE_CUTOVER,
         }
     }
 }
@@ -632,14 +646,28 @@ async fn remote_session(
         }
         Endpoint::Ssh { dest, path } => {
             let new = new_session(String::new(), path.clone(), server_role, opts);
-            let command =
+            let mut command =
                 SshCommand::new(&args.rsh, &args.remote_cutover).map_err(Failure::fatal)?;
+            command.install = args.remote_install;
             let remote = Remote::Ssh {
                 dest,
                 command: &command,
             };
             match open_session(remote, new, args.connections, delivered, patience).await {
-                Ok(d) => d,
+                Ok(d) => {
+                    if let Some(Installed {
+                        path,
+                        uploaded: Some(bytes),
+                    }) = &d.installed
+                    {
+                        let mb = (bytes + 500_000) / 1_000_000;
+                        eprintln!(
+                            "cutover: installed this cutover on {dest} at {path} ({} MB, once)",
+                            mb.max(1)
+                        );
+                    }
+                    d
+                }
                 Err(e) => {
                     let message = e.to_string();
                     return Err(unopened(e, message));

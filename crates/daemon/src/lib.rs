@@ -403,7 +403,8 @@ async fn run_engine(
 fn version_mismatch(new: &NewSession) -> Option<String> {
     (new.version != PROTOCOL_VERSION).then(|| {
         format!(
-            "protocol version {} is not supported (this side speaks {PROTOCOL_VERSION}); use the same cutover version on both sides",
+            "{}{} is not supported (this side speaks {PROTOCOL_VERSION}); use the same cutover version on both sides",
+            proto::VERSION_REFUSAL,
             new.version
         )
     })

@@ -4,6 +4,7 @@
 //! the user knowing its round-trip time or window.
 
 use crate::conn::within;
+use crate::remote_install::{self, InstallError, Installed};
 use crate::secure::{connect, ConnectError};
 use crate::ssh::{self, SshCommand};
 use crate::tls::{client_config, token_proof, Fingerprint, Identity, TlsError};
@@ -69,6 +70,11 @@ pub enum ClientError {
     Config(#[from] TlsError),
     #[error("{0}")]
     Ssh(String),
+    /// The remote shell could not find or not run the remote cutover.
+    #[error("{0}")]
+    NoRemoteCutover(String),
+    #[error(transparent)]
+    Install(#[from] InstallError),
     #[error("{addr}: no answer for {secs} s while connecting (the peer or the path stalled)")]
     Stalled { addr: String, secs: u64 },
 }
@@ -86,6 +92,16 @@ impl ClientError {
             // The daemon closed the connection before answering: restarting, or at its
             // connection limit.
             ClientError::Handshake { .. } | ClientError::Stalled { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The remote cutover is missing, cannot run, or speaks another protocol version: what
+    /// installing this binary there fixes.
+    pub fn wants_remote_install(&self) -> bool {
+        match self {
+            ClientError::NoRemoteCutover(_) => true,
+            ClientError::Refused { reason, .. } => reason.starts_with(proto::VERSION_REFUSAL),
             _ => false,
         }
     }
@@ -114,6 +130,8 @@ pub struct Dialed {
     pub wire: Arc<WireCounter>,
     /// The fingerprint the daemon showed (None over plaintext).
     pub server_fingerprint: Option<Fingerprint>,
+    /// This cutover, put on an ssh remote that had none (`SshCommand::install`).
+    pub installed: Option<Installed>,
 }
 
 /// Where a session's connections go.
@@ -211,11 +229,15 @@ impl Dialer {
             Err(e @ ClientError::Refused { .. }) => Err(e),
             // The process died or never spoke our protocol: its exit code and stderr say why
             // (no remote binary, ssh refused, old version).
-            Err(_) => Err(ClientError::Ssh(
-                child
+            Err(_) => {
+                let failure = child
                     .diagnose(addr, cmd, std::time::Duration::from_secs(5))
-                    .await,
-            )),
+                    .await;
+                Err(match failure.no_remote_cutover {
+                    true => ClientError::NoRemoteCutover(failure.message),
+                    false => ClientError::Ssh(failure.message),
+                })
+            }
         }
     }
 }
@@ -299,7 +321,7 @@ async fn join_many(
 /// secret and are pinned to the certificate the control connection saw.
 pub async fn open_session(
     remote: Remote<'_>,
-    mut new: NewSession,
+    new: NewSession,
     connections: Connections,
     delivered: Delivered,
     patience: Option<Duration>,
@@ -315,7 +337,17 @@ pub async fn open_session(
             };
             (addr, Route::Tcp(tls), Some(security))
         }
-        Remote::Ssh { dest, command } => (dest, Route::Ssh(Arc::new(command.clone())), None),
+        Remote::Ssh { dest, command } => {
+            let mut command = command.clone();
+            if let Some(path) = command
+                .install
+                .then(|| remote_install::remembered(&command, dest))
+                .flatten()
+            {
+                command.remote_cutover = path;
+            }
+            (dest, Route::Ssh(Arc::new(command)), None)
+        }
     };
     let mut dialer = Dialer {
         addr: addr.to_string(),
@@ -324,14 +356,26 @@ pub async fn open_session(
         patience,
     };
     let token = security.and_then(|s| s.token.clone());
-    let greeted = dialer
-        .greet(|binding| {
-            // Over plaintext there is no keying material; the proof then binds to nothing
-            // (such a daemon only listens on loopback).
-            new.token_proof = token.map(|t| token_proof(&t, &binding.unwrap_or([0; 32])));
-            Hello::New(new)
-        })
-        .await;
+    let hello_new = |binding: Option<[u8; 32]>| {
+        let mut new = new.clone();
+        // Over plaintext there is no keying material; the proof then binds to nothing
+        // (such a daemon only listens on loopback).
+        new.token_proof = token
+            .as_ref()
+            .map(|t| token_proof(t, &binding.unwrap_or([0; 32])));
+        Hello::New(new)
+    };
+    let mut installed = None;
+    let greeted = match dialer.greet(hello_new).await {
+        Err(e) => match install_on_remote(&mut dialer, e).await {
+            Ok(i) => {
+                installed = Some(i);
+                dialer.greet(hello_new).await
+            }
+            Err(e) => Err(e),
+        },
+        ok => ok,
+    };
     let (control, session, secret) = match greeted {
         Ok(g) => g,
         Err(e) => {
@@ -388,7 +432,28 @@ pub async fn open_session(
         data: rx,
         wire,
         server_fingerprint,
+        installed,
     })
+}
+
+/// After the first ssh connection found no usable remote cutover: put this one on the
+/// remote (or find it there) and dial every connection of the session with it. Any other
+/// failure, or a command without `install`, is handed back as it was.
+async fn install_on_remote(
+    dialer: &mut Dialer,
+    first: ClientError,
+) -> Result<Installed, ClientError> {
+    let Route::Ssh(cmd) = &dialer.route else {
+        return Err(first);
+    };
+    if !cmd.install || !first.wants_remote_install() {
+        return Err(first);
+    }
+    let installed = remote_install::ensure(cmd, &dialer.addr, dialer.patience).await?;
+    let mut cmd = (**cmd).clone();
+    cmd.remote_cutover = installed.path.clone();
+    dialer.route = Route::Ssh(Arc::new(cmd));
+    Ok(installed)
 }
 
 /// The reason a daemon gave on the control connection for ending a session, if it gives
@@ -467,5 +532,27 @@ async fn grow(
         count += more;
         settling = true;
         tracing::debug!(count, rate, "auto connections: opened more");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_missing_remote_cutover_or_another_version_asks_for_an_install() {
+        let missing = ClientError::NoRemoteCutover("h: the remote has no \"cutover\"".into());
+        assert!(missing.wants_remote_install());
+        let other_version = ClientError::Refused {
+            addr: "h".into(),
+            reason: format!("{}3 is not supported", proto::VERSION_REFUSAL),
+        };
+        assert!(other_version.wants_remote_install());
+        let other_refusal = ClientError::Refused {
+            addr: "h".into(),
+            reason: "unknown session".into(),
+        };
+        assert!(!other_refusal.wants_remote_install());
+        assert!(!ClientError::Ssh("h: ssh failed: refused".into()).wants_remote_install());
     }
 }

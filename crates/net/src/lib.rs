@@ -1,13 +1,15 @@
 //! Transports: a `Conn` carries `Msg`s both ways, either framed over a byte stream (TLS over
 //! TCP, plaintext TCP on loopback, ssh stdio later) or as values over in-process channels
 //! (local-to-local sync, so the very same engine runs with no serialisation cost). Also TLS
-//! identities and pinning, known-hosts files, and the session-wide rate limiter.
+//! identities and pinning, known-hosts files, the session-wide rate limiter, and installing
+//! this binary on an ssh remote that has none.
 
 pub mod client;
 pub mod conn;
 pub mod known_hosts;
 pub mod limit;
 pub mod record;
+pub mod remote_install;
 pub mod secure;
 pub mod ssh;
 pub mod tls;

@@ -22,6 +22,10 @@ pub struct SshCommand {
     pub program: Vec<String>,
     /// The remote `cutover` (`--remote-cutover`), run through the remote shell.
     pub remote_cutover: String,
+    /// When the remote has no usable `remote_cutover` (missing, or another protocol
+    /// version), copy this binary into the remote user's cache and run that instead
+    /// (`crate::remote_install`). Off unless the caller turns it on.
+    pub install: bool,
 }
 
 impl SshCommand {
@@ -36,6 +40,7 @@ impl SshCommand {
         Ok(SshCommand {
             program,
             remote_cutover: remote_cutover.to_string(),
+            install: false,
         })
     }
 
@@ -57,24 +62,13 @@ pub struct SshChild {
 
 impl SshChild {
     /// Wait up to `limit` for the process to end, then say what went wrong in one line.
-    pub async fn diagnose(&self, dest: &str, cmd: &SshCommand, limit: Duration) -> String {
+    pub async fn diagnose(&self, dest: &str, cmd: &SshCommand, limit: Duration) -> SshFailure {
         let mut status = self.status.clone();
         let _ = tokio::time::timeout(limit, status.wait_for(|s| s.is_some())).await;
         let code = status.borrow().and_then(|s| s.code());
-        let stderr = self
-            .stderr
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_string();
+        let last = last_line(&self.stderr);
         let ssh = &cmd.program[0];
-        match code {
+        let message = match code {
             Some(127) => format!(
                 "{dest}: the remote has no {:?} ({last}); install cutover there or pass --remote-cutover PATH",
                 cmd.remote_cutover
@@ -88,8 +82,22 @@ impl SshChild {
             Some(c) => format!("{dest}: {ssh} exited with {c} before the handshake finished"),
             None if !last.is_empty() => format!("{dest}: {last}"),
             None => format!("{dest}: the remote end closed the connection during the handshake"),
+        };
+        SshFailure {
+            message,
+            // The shell's codes for a command it could not find (127) or not execute (126).
+            no_remote_cutover: matches!(code, Some(126 | 127)),
         }
     }
+}
+
+/// Why an ssh connection failed before the handshake finished.
+#[derive(Debug, Clone)]
+pub struct SshFailure {
+    /// One line for the user.
+    pub message: String,
+    /// The remote shell could not find or not run the remote cutover.
+    pub no_remote_cutover: bool,
 }
 
 /// Start `ssh DEST cutover serve --stdio` and wrap its pipes as a connection.
@@ -111,31 +119,12 @@ pub fn spawn(
         .map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot run {:?}: {e}", cmd.program[0]))
         })?;
-    let (Some(stdin), Some(stdout), Some(mut err)) =
+    let (Some(stdin), Some(stdout), Some(err)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return Err(std::io::Error::other("ssh pipes missing"));
     };
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let kept = stderr.clone();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1024];
-        while let Ok(n) = err.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            // Kept for the error message if the handshake fails; visible with CUTOVER_LOG=ssh=debug.
-            tracing::debug!(target: "ssh", "{}", text.trim_end());
-            let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
-            k.push_str(&text);
-            if k.len() > STDERR_KEEP {
-                let cut = k.len() - STDERR_KEEP;
-                let cut = (cut..k.len()).find(|i| k.is_char_boundary(*i)).unwrap_or(0);
-                k.drain(..cut);
-            }
-        }
-    });
+    let stderr = keep_stderr(err);
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let status = child.wait().await.ok();
@@ -147,6 +136,42 @@ pub fn spawn(
         wire,
     );
     Ok((conn, SshChild { status: rx, stderr }))
+}
+
+/// Collect the last few KiB of a child's stderr, for error messages (visible as they come
+/// with `CUTOVER_LOG=ssh=debug`).
+pub(crate) fn keep_stderr(mut err: tokio::process::ChildStderr) -> Arc<Mutex<String>> {
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let kept = stderr.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = err.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            tracing::debug!(target: "ssh", "{}", text.trim_end());
+            let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
+            k.push_str(&text);
+            if k.len() > STDERR_KEEP {
+                let cut = k.len() - STDERR_KEEP;
+                let cut = (cut..k.len()).find(|i| k.is_char_boundary(*i)).unwrap_or(0);
+                k.drain(..cut);
+            }
+        }
+    });
+    stderr
+}
+
+/// The last non-blank line of what [`keep_stderr`] kept.
+pub(crate) fn last_line(kept: &Mutex<String>) -> String {
+    let text = kept.lock().unwrap_or_else(|p| p.into_inner());
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 #[cfg(test)]

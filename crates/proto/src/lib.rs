@@ -16,3 +16,7 @@ pub use msg::*;
 /// 3: `Need::Compare` and `Msg::Differs` (an exact dry run with `checksum`).
 /// 4: `Need::Verify` (a same-size file is itemised only once it is known to differ).
 pub const PROTOCOL_VERSION: u32 = 4;
+
+/// How a refusal for another protocol version begins, so that a client can tell it from
+/// other refusals (an ssh client then installs its own binary on the remote).
+pub const VERSION_REFUSAL: &str = "protocol version ";
