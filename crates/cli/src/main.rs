@@ -5,8 +5,8 @@ mod manual;
 mod names;
 mod output;
 mod plan;
-mod rsync;
 mod print;
+mod rsync;
 mod security;
 mod sync;
 

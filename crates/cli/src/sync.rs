@@ -4,8 +4,8 @@
 use crate::endpoint::Endpoint;
 use crate::exit;
 use crate::output::Reporter;
-use crate::rsync::RsyncArgs;
 use crate::print::errln;
+use crate::rsync::RsyncArgs;
 use crate::security::{client_trust, SecurityArgs};
 use engine::{Destination, Event, Events, NoEvents, Session, Source, Stats, Summary};
 use net::client::{open_session, ClientError, Connections, Delivered, Remote};
