@@ -116,7 +116,7 @@ impl Dest {
                     return Err(format!(
                         "{}: the destination is {}, and the source is a directory; name a directory or a path that does not exist yet",
                         self.root.display(),
-                        meta::kind_name(&md)
+                        meta::kind_name(md.file_type())
                     ));
                 }
             }

@@ -19,9 +19,8 @@ pub struct ApplyOpts {
     pub xattrs: bool,
 }
 
-/// What kind of object `md` (from `lstat`) describes, with its article, for error messages.
-pub fn kind_name(md: &Metadata) -> &'static str {
-    let ft = md.file_type();
+/// What kind of object a file type (from `lstat`) is, with its article, for messages.
+pub fn kind_name(ft: std::fs::FileType) -> &'static str {
     if ft.is_file() {
         "a regular file"
     } else if ft.is_dir() {

@@ -10,7 +10,6 @@
 use rustix::fs::{Mode, OFlags};
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -97,25 +96,6 @@ impl SafeWriteError {
     }
 }
 
-/// What a non-regular file type is called in messages.
-fn describe(ft: std::fs::FileType) -> &'static str {
-    if ft.is_symlink() {
-        "a symlink"
-    } else if ft.is_dir() {
-        "a directory"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_socket() {
-        "a socket"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_block_device() {
-        "a block device"
-    } else {
-        "not a plain file"
-    }
-}
-
 /// Ok when nothing stands at `path` or a regular file does (never following a symlink);
 /// otherwise the error that says what stands there. Checks only: changes nothing.
 pub fn check_replaceable(path: &Path) -> Result<(), SafeWriteError> {
@@ -128,7 +108,7 @@ pub fn check(path: &Path, purpose: Purpose) -> Result<(), SafeWriteError> {
         Ok(m) if m.file_type().is_file() => Ok(()),
         Ok(m) => Err(SafeWriteError::NotRegular {
             path: path.to_path_buf(),
-            what: describe(m.file_type()),
+            what: crate::meta::kind_name(m.file_type()),
             purpose,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -302,7 +282,7 @@ fn open_regular(
     if !meta.file_type().is_file() {
         return Err(SafeWriteError::NotRegular {
             path: path.to_path_buf(),
-            what: describe(meta.file_type()),
+            what: crate::meta::kind_name(meta.file_type()),
             purpose,
         });
     }
@@ -324,7 +304,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SafeWriteError> 
     if !meta.file_type().is_file() {
         return Err(SafeWriteError::NotRegular {
             path: path.to_path_buf(),
-            what: describe(meta.file_type()),
+            what: crate::meta::kind_name(meta.file_type()),
             purpose: Purpose::Read,
         });
     }
@@ -344,7 +324,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SafeWriteError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 
     fn mkfifo(p: &Path) {
         rustix::fs::mknodat(

@@ -292,14 +292,8 @@ impl WalkState {
             }
         }
         if !dry {
-            let target = here()?;
-            let tmp = target.sibling(&temp_name(target.name()));
-            let _ = tmp.remove_file();
-            tmp.symlink(link)
-                .map_err(|e| err(e, "cannot create symlink"))?;
-            meta::apply_place(&tmp, &entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
-            tmp.rename_to(target)
-                .map_err(|e| err(e, "cannot rename symlink into place"))?;
+            put_in_place(here()?, &entry, apply, |tmp| tmp.symlink(link))
+                .map_err(|(e, what)| err(e, &format!("cannot {what} symlink")))?;
         }
         Ok((Need::Created, None, item(Action::Create)))
     }
@@ -358,7 +352,6 @@ impl WalkState {
         let dry = f.dry;
         let apply = shared.apply;
         let existing = &f.existing;
-        let shown = &f.shown;
         if let Some(md) = &existing {
             if same_node(md, &entry.kind) {
                 let need = meta_only(md, here()?, &entry, apply, dry)?;
@@ -370,15 +363,8 @@ impl WalkState {
             }
         }
         if !dry {
-            // Made under a temporary name and renamed over whatever stands there.
-            let target = here()?;
-            let tmp = target.sibling(&temp_name(target.name()));
-            let _ = tmp.remove_file();
-            make_node(&tmp, &entry)
-                .map_err(|e| (Need::Refused, format!("{}: {e}", shown.display())))?;
-            meta::apply_place(&tmp, &entry, apply).map_err(|e| (Need::Refused, e.to_string()))?;
-            tmp.rename_to(target)
-                .map_err(|e| err(e, "cannot rename into place"))?;
+            put_in_place(here()?, &entry, apply, |tmp| make_node(tmp, &entry))
+                .map_err(|(e, what)| err(e, &format!("cannot {what} node")))?;
         }
         Ok((Need::Created, None, item(Action::Create)))
     }
@@ -712,6 +698,25 @@ fn dry_answer(
         other => (other, Action::Delta),
     };
     Ok((need, None, f.item(action)))
+}
+
+/// Make an object whole under a temporary name beside `target` (`make`), give it the entry's
+/// metadata, and rename it over whatever stands there: a reader sees the old object or the
+/// new one, never none. An error says which step failed ("create", "set metadata of",
+/// "rename into place").
+fn put_in_place(
+    target: &Place,
+    entry: &Entry,
+    apply: ApplyOpts,
+    make: impl FnOnce(&Place) -> std::io::Result<()>,
+) -> Result<(), (std::io::Error, &'static str)> {
+    let tmp = target.sibling(&temp_name(target.name()));
+    let _ = tmp.remove_file();
+    make(&tmp).map_err(|e| (e, "create"))?;
+    let set =
+        meta::apply_place(&tmp, entry, apply).map_err(|e| std::io::Error::other(e.to_string()));
+    set.map_err(|e| (e, "set metadata of"))?;
+    tmp.rename_to(target).map_err(|e| (e, "rename into place"))
 }
 
 /// The names of cutover's own files that may stand beside `name`.
