@@ -8,11 +8,11 @@ pub mod client;
 pub mod conn;
 pub mod known_hosts;
 pub mod limit;
-pub mod record;
 pub mod remote_install;
 pub mod secure;
 pub mod ssh;
 pub mod tls;
+mod tls_io;
 
 pub use conn::{memory_pair, Conn, ConnError, MsgReader, MsgWriter};
 pub use limit::RateLimiter;

@@ -2,21 +2,15 @@
 //! allows it) without: the dialling side's `connect` and the listening side's `accept`, which
 //! tells a TLS client from a plaintext one by the first byte it sends.
 //!
-//! rustls does the handshake (through tokio-rustls); the established connection's records
-//! are then protected by `record` with the keys rustls hands over, see there for why.
+//! rustls does the handshake (through tokio-rustls) and then protects every record of the
+//! established connection; `tls_io` moves the bytes for each half.
 
 use crate::conn::{tune_socket, within};
-use crate::record::{
-    read_into, record_header, record_size, Keys, RecordReader, RecordWriter, MAX_RECORD,
-};
 use crate::tls::{export_binding, Fingerprint};
+use crate::tls_io;
 use crate::Conn;
 use proto::WireCounter;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// First byte of every TLS record that starts a handshake.
@@ -50,7 +44,7 @@ pub async fn accept(
     match tls {
         Some(acceptor) if n == 1 && first[0] == TLS_HANDSHAKE_RECORD => {
             tune_socket(&stream);
-            let tls = acceptor.accept(HandshakeIo::new(stream)).await?;
+            let tls = acceptor.accept(stream).await?;
             let (io, session) = tls.into_inner();
             let binding = export_binding(&session).map_err(std::io::Error::other)?;
             let client_cert = session
@@ -58,7 +52,7 @@ pub async fn accept(
                 .and_then(|c| c.first())
                 .map(|c| Fingerprint::of(c));
             Ok(Accepted {
-                conn: established(io, session.into(), wire)?,
+                conn: established(io, session.into(), wire),
                 binding: Some(binding),
                 client_cert,
             })
@@ -93,8 +87,7 @@ pub async fn connect(
     tune_socket(&stream);
     let name = rustls::pki_types::ServerName::try_from("cutover")
         .map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
-    let handshake =
-        tokio_rustls::TlsConnector::from(config).connect(name, HandshakeIo::new(stream));
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
     let tls = within(patience, handshake, timed_out)
         .await
         .map_err(ConnectError::Tls)?;
@@ -102,140 +95,16 @@ pub async fn connect(
     let binding =
         export_binding(&session).map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
     Ok(Dialled {
-        conn: established(io, session.into(), wire).map_err(ConnectError::Tls)?,
+        conn: established(io, session.into(), wire),
         binding: Some(binding),
     })
 }
 
-/// The message connection of a finished handshake: rustls hands over the traffic keys and
-/// whatever it already decrypted, the handshake socket what it received past the last
-/// handshake record, and from there `record` protects each direction on its own.
-fn established(
-    io: HandshakeIo,
-    mut session: rustls::Connection,
-    wire: Arc<WireCounter>,
-) -> io::Result<Conn> {
-    if io.give != 0 {
-        return Err(io::Error::other("TLS: the handshake ended inside a record"));
-    }
-    // Data the peer sent right behind its last handshake message may already be decrypted.
-    let mut plaintext = Vec::new();
-    match io::Read::read_to_end(&mut session.reader(), &mut plaintext) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => return Err(e),
-    }
-    let limit = match session.negotiated_cipher_suite() {
-        Some(rustls::SupportedCipherSuite::Tls13(suite)) => suite.common.confidentiality_limit,
-        _ => {
-            return Err(io::Error::other(
-                "TLS: no TLS 1.3 cipher suite was negotiated",
-            ))
-        }
-    };
-    let secrets = session
-        .dangerous_extract_secrets()
-        .map_err(io::Error::other)?;
-    let (tx_seq, tx) = secrets.tx;
-    let (rx_seq, rx) = secrets.rx;
-    let (r, w) = io.stream.into_split();
-    // The limit binds the sender, who picks the nonces; a receiver opens what it gets.
-    let reader = RecordReader::new(
-        r,
-        Keys::new(rx_seq, rx, u64::MAX)?,
-        &plaintext,
-        &io.buf[io.start..io.end],
-    );
-    let writer = RecordWriter::new(w, Keys::new(tx_seq, tx, limit)?);
-    Ok(Conn::framed(reader, writer, wire))
-}
-
-/// The socket during the handshake. Reads hand rustls whole records only, never a part of
-/// one: when the handshake ends, rustls then holds no half-read record, and everything past
-/// the last record it took is still here for `RecordReader`.
-struct HandshakeIo {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    /// Received bytes not yet handed to rustls.
-    start: usize,
-    end: usize,
-    /// Bytes of the current whole record still to hand out.
-    give: usize,
-}
-
-impl HandshakeIo {
-    fn new(stream: TcpStream) -> Self {
-        HandshakeIo {
-            stream,
-            buf: vec![0u8; 2 * MAX_RECORD],
-            start: 0,
-            end: 0,
-            give: 0,
-        }
-    }
-}
-
-impl AsyncRead for HandshakeIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        dst: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if this.give > 0 {
-                let n = this.give.min(dst.remaining());
-                dst.put_slice(&this.buf[this.start..this.start + n]);
-                this.start += n;
-                this.give -= n;
-                return Poll::Ready(Ok(()));
-            }
-            let held = this.end - this.start;
-            if let Some(header) = record_header(&this.buf[this.start..this.end]) {
-                let len = record_size(&header);
-                if held >= len {
-                    this.give = len;
-                    continue;
-                }
-                if len > MAX_RECORD {
-                    // Not a record rustls will take: let it see the bytes and say so.
-                    this.give = held;
-                    continue;
-                }
-            }
-            this.buf.copy_within(this.start..this.end, 0);
-            this.start = 0;
-            this.end = held;
-            let got = ready!(read_into(&mut this.stream, cx, &mut this.buf[this.end..]))?;
-            if got == 0 {
-                // The end of the stream: hand over a partial record for rustls to report.
-                if held == 0 {
-                    return Poll::Ready(Ok(()));
-                }
-                this.give = held;
-                continue;
-            }
-            this.end += got;
-        }
-    }
-}
-
-impl AsyncWrite for HandshakeIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+/// The message connection of a finished handshake. Whatever rustls already read past the
+/// handshake stays in it and comes out first.
+fn established(stream: TcpStream, session: rustls::Connection, wire: Arc<WireCounter>) -> Conn {
+    let (reader, writer) = tls_io::split(stream, session);
+    Conn::framed(reader, writer, wire)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,14 +117,16 @@ pub enum ConnectError {
 
 #[cfg(test)]
 mod tests {
-    //! Our record layer against rustls's own: each side of a real loopback connection is
-    //! once ours and once plain tokio-rustls, so any difference in the bytes on the wire
-    //! (nonces, headers, content types, close_notify) fails here.
+    //! Our halves (`tls_io`) against plain tokio-rustls: each side of a real loopback
+    //! connection is once ours and once tokio-rustls's, so a record lost, reordered or sent
+    //! out of turn (a KeyUpdate answer, close_notify) fails here. Also: keys refreshed before
+    //! the cipher's limit, and a peer's KeyUpdate followed and answered.
 
     use super::*;
     use crate::tls::{client_config, server_config, Identity};
     use proto::{FrameReader, FrameWriter, Msg};
     use std::sync::Mutex;
+    use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// Frames of many sizes: tiny, one record, across records, a whole 1 MiB data frame.
@@ -412,5 +283,157 @@ mod tests {
             assert!(accepted.conn.reader.recv().await.expect("end").is_none());
             dialling.await.expect("client");
         }
+    }
+
+    /// Our side of a connection that echoes every message until the peer closes.
+    async fn our_echo(mut conn: Conn) {
+        while let Some(msg) = conn.reader.recv().await.expect("our side reads") {
+            conn.writer.send(msg, false).await.expect("our side writes");
+        }
+        conn.writer.close().await;
+    }
+
+    /// A server of ours on loopback that accepts one connection and echoes it.
+    async fn our_echo_server(
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let wire = Arc::new(WireCounter::default());
+            let accepted = accept(stream, Some(&acceptor), wire)
+                .await
+                .expect("our handshake");
+            our_echo(accepted.conn).await;
+        });
+        (addr, server)
+    }
+
+    /// A provider whose only suite, AES-128-GCM, may protect `limit` records per key.
+    fn low_limit_provider(limit: u64) -> Arc<rustls::crypto::CryptoProvider> {
+        use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let suite = TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .expect("AES-128-GCM is a TLS 1.3 suite");
+        let low: &'static rustls::Tls13CipherSuite =
+            Box::leak(Box::new(rustls::Tls13CipherSuite {
+                common: rustls::crypto::CipherSuiteCommon {
+                    confidentiality_limit: limit,
+                    ..suite.common
+                },
+                ..*suite
+            }));
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites = vec![rustls::SupportedCipherSuite::Tls13(low)];
+        Arc::new(p)
+    }
+
+    /// Accepts whatever certificate the server shows (the test is about records).
+    #[derive(Debug)]
+    struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("TLS 1.2".into()))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// Server and client configs whose keys may each protect only `limit` records.
+    fn low_limit_configs(limit: u64) -> (tokio_rustls::TlsAcceptor, Arc<rustls::ClientConfig>) {
+        let provider = low_limit_provider(limit);
+        let made = rcgen::generate_simple_self_signed(vec!["cutover".to_string()]).expect("cert");
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![made.cert.der().clone()], key.into())
+            .expect("server config");
+        server.alpn_protocols = vec![crate::tls::ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_no_client_auth();
+        client.alpn_protocols = vec![crate::tls::ALPN.to_vec()];
+        (
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            Arc::new(client),
+        )
+    }
+
+    #[tokio::test]
+    async fn keys_are_refreshed_before_their_limit_instead_of_breaking_the_connection() {
+        // 8 records per key; the frames below are some 80 records each way, so each side
+        // must send about ten KeyUpdates and follow the other's. Without them rustls would
+        // refuse to seal the ninth record and the exchange would fail.
+        let (acceptor, client) = low_limit_configs(8);
+        let (addr, server) = our_echo_server(acceptor).await;
+        let addr = addr.to_string();
+        let wire = Arc::new(WireCounter::default());
+        let dialled = connect(&addr, Some(client), wire, None)
+            .await
+            .expect("connect");
+        exchange(dialled.conn).await;
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn a_peer_key_update_is_followed_and_answered_before_our_next_record() {
+        // The rustls client asks for a key update (update_requested) before each frame: our
+        // side must read the frame under the client's new key, and seal its echo under a new
+        // key of its own announced first, or the client cannot open the echo.
+        let (acceptor, client) = configs();
+        let (addr, server) = our_echo_server(acceptor).await;
+        let mut tls = rustls_dial(addr, client).await;
+        let wire = Arc::new(WireCounter::default());
+        for want in frames() {
+            tls.get_mut().1.refresh_traffic_keys().expect("key update");
+            FrameWriter::new(&mut tls, wire.clone())
+                .send(&want, false)
+                .await
+                .expect("send");
+            let mut reader = FrameReader::new(&mut tls, wire.clone());
+            let got: Option<Msg> = reader.recv().await.expect("echo opens under the new key");
+            assert_eq!(got.as_ref(), Some(&want));
+        }
+        tls.shutdown().await.expect("close");
+        server.await.expect("server");
     }
 }
