@@ -18,6 +18,7 @@ mod manual;
 mod metadata;
 mod no_loss;
 mod odd_names;
+mod openssl;
 mod plan;
 mod plan_verify;
 mod prop;
