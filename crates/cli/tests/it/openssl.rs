@@ -925,6 +925,17 @@ fn over_long_record_after_the_handshake() {
     injected_after_the_handshake(bytes, 20, "over-long record");
 }
 
+/// A record longer than any TLS version allows (2^14 + 2048 + 1, past TLS 1.2's bound that
+/// rustls reads to): refused for its length before any decryption. rustls reports a record
+/// header it cannot parse as decode_error (50), not record_overflow.
+#[test]
+fn record_past_every_length_limit_after_the_handshake() {
+    let len = (1usize << 14) + 2048 + 1;
+    let mut bytes = vec![APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+    bytes.extend(random_bytes(13, len));
+    injected_after_the_handshake(bytes, 50, "record past every length limit");
+}
+
 /// 64 bytes that are no TLS record (the first byte is no content type): rustls refuses
 /// them as an invalid message, decode_error (50).
 #[test]
