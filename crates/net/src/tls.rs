@@ -1,7 +1,7 @@
 //! TLS 1.3 for daemon connections (rustls, `ring` provider): the self-signed identity a daemon
 //! (or a client) makes on first use, pinning of the peer's certificate by SHA-256 fingerprint
-//! instead of a CA, and the exported keying material that binds a token proof to one
-//! connection.
+//! instead of a CA, and the exported keying material that binds a token proof or a join
+//! proof to one connection.
 //!
 //! Trust is by fingerprint, like ssh host keys: the verifiers below accept exactly the pinned
 //! certificate (or, for trust on first use, record whichever one the peer shows), and always
@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex};
 pub const ALPN: &[u8] = b"cutover/2";
 /// Label of the keying material a token proof is computed over (RFC 5705 / RFC 8446 §7.5).
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-cutover-token-proof";
+/// Prefix of the message a join proof signs: a join proof is never a valid token proof (nor
+/// the other way round), whatever the keys.
+const JOIN_PROOF_CONTEXT: &[u8] = b"cutover join proof\0";
 /// File name of an identity (certificate and private key, PEM) in its directory.
 pub const IDENTITY_FILE: &str = "identity.pem";
 
@@ -286,6 +289,28 @@ pub fn verify_token_proof(token: &[u8], binding: &[u8; 32], proof: &[u8; 32]) ->
     ring::hmac::verify(&key, binding, proof).is_ok()
 }
 
+/// Proof that a joining data connection knows its session's secret: HMAC-SHA256 keyed with the
+/// secret over `JOIN_PROOF_CONTEXT` and the joining connection's binding. The secret never
+/// crosses the wire, and a proof seen on one connection is worthless on any other.
+pub fn join_proof(secret: &[u8; 16], binding: &[u8; 32]) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(JOIN_PROOF_CONTEXT);
+    ctx.update(binding);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+/// Constant-time check of a join proof.
+pub fn verify_join_proof(secret: &[u8; 16], binding: &[u8; 32], proof: &[u8; 32]) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut message = Vec::with_capacity(JOIN_PROOF_CONTEXT.len() + binding.len());
+    message.extend_from_slice(JOIN_PROOF_CONTEXT);
+    message.extend_from_slice(binding);
+    ring::hmac::verify(&key, &message, proof).is_ok()
+}
+
 #[derive(Debug)]
 struct PinnedServer {
     expected: Option<Fingerprint>,
@@ -440,6 +465,19 @@ mod tests {
         rustix::fs::mknodat(rustix::fs::CWD, &file, fifo, mode, 0).unwrap();
         let e = Identity::load(&file).err().unwrap().to_string();
         assert!(e.contains("identity.pem: is a FIFO"), "{e}");
+    }
+
+    #[test]
+    fn join_proofs_bind_to_the_connection_and_are_not_token_proofs() {
+        let (b1, b2) = ([1u8; 32], [2u8; 32]);
+        let secret = [9u8; 16];
+        let p = join_proof(&secret, &b1);
+        assert!(verify_join_proof(&secret, &b1, &p));
+        assert!(!verify_join_proof(&secret, &b2, &p));
+        assert!(!verify_join_proof(&[8u8; 16], &b1, &p));
+        // Same key, same binding: still no token proof, and the other way round.
+        assert!(!verify_token_proof(&secret, &b1, &p));
+        assert!(!verify_join_proof(&secret, &b1, &token_proof(&secret, &b1)));
     }
 
     #[test]
