@@ -164,7 +164,12 @@ async fn greet(
     let wire = Arc::new(WireCounter::default());
     let mut accepted = net::secure::accept(stream, Some(&server.tls), wire)
         .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "TLS handshake failed: {}",
+                net::tls::describe_handshake_failure(&e)
+            )
+        })?;
     match accepted.conn.reader.recv_value::<Hello>().await {
         Ok(Some(h)) => Ok((accepted, h)),
         Ok(None) => Err("closed before saying hello".into()),

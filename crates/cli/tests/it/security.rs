@@ -1,7 +1,8 @@
 //! TLS, pinning and authentication against a real daemon: trust on first use and a changed
 //! key, `--server-fingerprint`, wrong and missing tokens, read-only grants, client
-//! certificates, joins bound to their connection, plaintext clients, a slow handshake, garbage
-//! on the socket, and a daemon that refuses to start without authentication.
+//! certificates, joins bound to their connection, plaintext clients, TLS clients without
+//! cutover's ALPN, a slow handshake, garbage on the socket, and a daemon that refuses to start
+//! without authentication.
 
 use crate::hostile::dial;
 use crate::util::*;
@@ -489,4 +490,52 @@ fn multi_connection_syncs_join_over_tls_and_over_plaintext() {
     // Every data connection joined: none was refused (the sync would still finish on fewer).
     let log = d.log();
     assert!(!log.contains("join refused"), "{log}");
+}
+
+#[test]
+fn tls_clients_without_cutovers_alpn_fail_the_handshake_and_the_daemon_keeps_serving() {
+    let x = setup("");
+    let port = x.d.port;
+    let alerts = runtime().block_on(async {
+        let mut alerts = Vec::new();
+        for offer in [vec![], vec![b"h2".to_vec()]] {
+            let mut config = (*net::tls::client_config(
+                None,
+                None,
+                std::sync::Arc::new(std::sync::Mutex::new(None)),
+            )
+            .unwrap())
+            .clone();
+            config.alpn_protocols = offer.clone();
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("cutover").unwrap();
+            let e = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await
+            {
+                Ok(_) => panic!("a client offering ALPN {offer:?} completed the handshake"),
+                Err(e) => e,
+            };
+            let alert = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .cloned();
+            alerts.push(alert);
+        }
+        alerts
+    });
+    // Both get an alert, not merely a closed socket.
+    let denied = rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied);
+    assert_eq!(alerts, [Some(denied.clone()), Some(denied)]);
+    let needle = "TLS handshake failed: the client did not offer ALPN cutover/2";
+    let shown = |log: &str| log.lines().filter(|l| l.contains(needle)).count();
+    let started = Instant::now();
+    while shown(&x.d.log()) < 2 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(shown(&x.d.log()), 2, "{}", x.d.log());
+    sync(&[&slash(&x.src), &x.d.url("m/dst/")]).ok();
+    assert_same(&x.src, &x.module.join("dst"));
 }
