@@ -1,8 +1,8 @@
 //! TLS, pinning and authentication against a real daemon: trust on first use and a changed
 //! key, `--server-fingerprint`, wrong and missing tokens, read-only grants, client
-//! certificates, joins bound to their connection, plaintext clients, TLS clients without
-//! cutover's ALPN, a slow handshake, garbage on the socket, and a daemon that refuses to start
-//! without authentication.
+//! certificates, joins bound to their connection, plaintext clients (and only to loopback),
+//! TLS clients without cutover's ALPN, a slow handshake, garbage on the socket, and a daemon
+//! that refuses to start without authentication.
 
 use crate::hostile::dial;
 use crate::util::*;
@@ -490,6 +490,41 @@ fn multi_connection_syncs_join_over_tls_and_over_plaintext() {
     // Every data connection joined: none was refused (the sync would still finish on fewer).
     let log = d.log();
     assert!(!log.contains("join refused"), "{log}");
+}
+
+#[test]
+fn insecure_plaintext_refuses_a_destination_off_loopback_before_dialling() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("f"), "x");
+    // In a network namespace of its own with nothing but a loopback interface that is down,
+    // so that a client that did dial would reach nobody, here or elsewhere.
+    let started = Instant::now();
+    let out = Running::start({
+        let mut c = Command::new("unshare");
+        c.arg("--net")
+            .arg(bin())
+            .args(["sync", "--insecure-plaintext", "--retry-for", "0"])
+            .arg(slash(&src))
+            .arg("cutover://192.0.2.1:9/mod/");
+        c.env_remove("CUTOVER_LOG")
+            .env("XDG_CONFIG_HOME", client_config_home());
+        c
+    })
+    .wait();
+    assert_one_line_error(
+        &out,
+        &[
+            "--insecure-plaintext only talks to loopback daemons",
+            "192.0.2.1:9 is not one",
+            "drop --insecure-plaintext",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
