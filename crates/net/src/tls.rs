@@ -243,10 +243,11 @@ pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, T
     // Our order (`provider`: AES-128-GCM first), not the client's: a client that lists
     // ChaCha20 first would otherwise cost both ends more on CPUs with AES instructions.
     config.ignore_client_order = true;
-    // `secure` protects records itself once the handshake is done (see `record`), which
-    // needs the keys; and no tickets, since they would arrive after the handshake and
-    // cutover does not resume sessions.
+    // Only until `secure` leaves records to rustls: its current record path takes the traffic
+    // keys out (`dangerous_extract_secrets`) and fails every connection without this.
     config.enable_secret_extraction = true;
+    // No session tickets: cutover does not resume sessions, every connection does a full
+    // handshake, so tickets would only be bytes on the wire.
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
@@ -321,7 +322,7 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN.to_vec()];
     // The verifier ignores names; do not announce one.
     config.enable_sni = false;
-    // `secure` protects records itself once the handshake is done (see `record`).
+    // Only until `secure` leaves records to rustls (see `server_config`).
     config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
