@@ -119,6 +119,40 @@ fn read_identity(args: &SecurityArgs) -> Result<Option<Arc<Identity>>, String> {
         .map_err(|e| e.to_string())
 }
 
+/// With `--insecure-plaintext`, refuse a daemon that is not on this machine before dialling
+/// it: files and the token proof would cross a real network in clear. `addr` (HOST:PORT) must
+/// be a loopback address, or a name whose every address is one.
+pub async fn check_plaintext_destination(addr: &str) -> Result<(), String> {
+    let refusal = |what: String| {
+        format!(
+            "--insecure-plaintext only talks to loopback daemons (127.0.0.0/8, ::1); {what}: drop --insecure-plaintext"
+        )
+    };
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        return match is_loopback(sa.ip()) {
+            true => Ok(()),
+            false => Err(refusal(format!("{addr} is not one"))),
+        };
+    }
+    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .collect();
+    match resolved.iter().find(|sa| !is_loopback(sa.ip())) {
+        Some(other) => Err(refusal(format!(
+            "{addr} resolves to {}, which is not one",
+            other.ip()
+        ))),
+        None if resolved.is_empty() => Err(format!("cannot resolve {addr}: no addresses")),
+        None => Ok(()),
+    }
+}
+
+/// 127.0.0.0/8 and ::1, also written as IPv4-mapped IPv6 (`::ffff:127.0.0.1`).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
 /// Decide how to trust the daemon at `addr` (HOST:PORT).
 pub fn client_trust(args: &SecurityArgs, addr: &str) -> Result<ClientTrust, String> {
     let token = read_token(args)?;
@@ -193,5 +227,51 @@ impl ClientTrust {
                 "the daemon at {addr} presented certificate {seen}, but --server-fingerprint says {expected}"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(addr: &str) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(check_plaintext_destination(addr))
+    }
+
+    #[test]
+    fn plaintext_goes_to_loopback_addresses_only() {
+        for ok in [
+            "127.0.0.1:7000",
+            "127.9.8.7:1",
+            "[::1]:7000",
+            "[::ffff:127.0.0.1]:7000",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for (bad, shown) in [
+            ("10.0.0.5:7000", "10.0.0.5:7000 is not one"),
+            ("0.0.0.0:7000", "0.0.0.0:7000 is not one"),
+            ("[fd00::2]:7000", "[fd00::2]:7000 is not one"),
+            (
+                "[::ffff:10.0.0.5]:7000",
+                "[::ffff:10.0.0.5]:7000 is not one",
+            ),
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(
+                e.contains(shown) && e.contains("drop --insecure-plaintext"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn localhost_resolves_to_loopback() {
+        // /etc/hosts names localhost on every system the tests run on (no DNS query).
+        assert_eq!(check("localhost:7000"), Ok(()));
     }
 }

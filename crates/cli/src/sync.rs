@@ -6,7 +6,7 @@ use crate::exit;
 use crate::output::Reporter;
 use crate::print::errln;
 use crate::rsync::RsyncArgs;
-use crate::security::{client_trust, SecurityArgs};
+use crate::security::{check_plaintext_destination, client_trust, SecurityArgs};
 use engine::{Destination, Event, Events, NoEvents, Session, Source, Stats, Summary};
 use net::client::{open_session, ClientError, Connections, Delivered, Remote};
 use net::remote_install::Installed;
@@ -626,6 +626,11 @@ async fn remote_session(
     let dialed = match remote {
         Endpoint::Daemon { addr, module, path } => {
             let new = new_session(module.clone(), path.clone(), server_role, opts);
+            if args.security.insecure_plaintext {
+                check_plaintext_destination(addr)
+                    .await
+                    .map_err(Failure::fatal)?;
+            }
             let trust = client_trust(&args.security, addr).map_err(Failure::fatal)?;
             let remote = Remote::Daemon {
                 addr,

@@ -13,7 +13,7 @@ pub use config::{Access, Config, ConfigError, Credential, Grant, Module};
 
 use engine::{Destination, NoEvents, Session, Source, Stats};
 use net::secure::Accepted;
-use net::tls::{verify_token_proof, Fingerprint};
+use net::tls::{verify_join_proof, verify_token_proof, Fingerprint};
 use net::{Conn, RateLimiter};
 use proto::{Hello, NewSession, Role, Welcome, WireCounter, PROTOCOL_VERSION};
 use std::collections::HashMap;
@@ -25,8 +25,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-/// A failed authentication is answered this late, so guessing tokens is slow.
-const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
+/// A failed authentication (or join) is answered this late, so guessing tokens is slow.
+pub(crate) const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -139,26 +139,15 @@ pub async fn serve<R: std::fmt::Display>(
     tracing::info!("stopped on {reason}: {drained} session(s) drained, {left} cut off");
 }
 
-/// Welcome a joining data connection into its session (`to`), or refuse it with the reason
-/// (unknown session, wrong secret, connection limit).
-pub(crate) async fn admit(
-    mut conn: Conn,
-    session: u64,
-    secret: [u8; 16],
-    to: Result<mpsc::Sender<Conn>, String>,
-) {
-    match to {
-        Ok(tx) => {
-            if conn
-                .writer
-                .send_value(&Welcome::Accepted { session, secret })
-                .await
-                .is_ok()
-            {
-                let _ = tx.send(conn).await;
-            }
-        }
-        Err(reason) => refuse(&mut conn, reason).await,
+/// Welcome a joining data connection that proved itself into its session (`tx`).
+pub(crate) async fn admit(mut conn: Conn, session: u64, secret: [u8; 16], tx: mpsc::Sender<Conn>) {
+    if conn
+        .writer
+        .send_value(&Welcome::Accepted { session, secret })
+        .await
+        .is_ok()
+    {
+        let _ = tx.send(conn).await;
     }
 }
 
@@ -175,7 +164,12 @@ async fn greet(
     let wire = Arc::new(WireCounter::default());
     let mut accepted = net::secure::accept(stream, Some(&server.tls), wire)
         .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "TLS handshake failed: {}",
+                net::tls::describe_handshake_failure(&e)
+            )
+        })?;
     match accepted.conn.reader.recv_value::<Hello>().await {
         Ok(Some(h)) => Ok((accepted, h)),
         Ok(None) => Err("closed before saying hello".into()),
@@ -208,22 +202,9 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
         return;
     }
     match hello {
-        Hello::Join { session, secret } => {
-            let max = server.config.max_connections_per_session;
-            let tx = {
-                let mut sessions = server.sessions();
-                match sessions.get_mut(&session).filter(|j| j.secret == secret) {
-                    None => Err("unknown session".to_string()),
-                    Some(j) if j.joined >= max => Err(format!(
-                        "the session already has {max} data connections (max_connections_per_session)"
-                    )),
-                    Some(j) => {
-                        j.joined += 1;
-                        Ok(j.tx.clone())
-                    }
-                }
-            };
-            admit(conn, session, secret, tx).await;
+        Hello::Join { session, proof } => {
+            let binding = accepted.binding.unwrap_or([0; 32]);
+            join(&server, conn, &peer, session, &proof, &binding).await;
         }
         Hello::New(new) => {
             let who = Peer {
@@ -237,6 +218,49 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
         }
     }
 }
+
+/// Add a data connection to its session if it proves the session's secret over its own
+/// binding (keying material; zeros over plaintext). An unknown session and a wrong proof get
+/// the same answer, as late as a failed authentication, and count as one.
+async fn join(
+    server: &Server,
+    mut conn: Conn,
+    peer: &str,
+    session: u64,
+    proof: &[u8; 32],
+    binding: &[u8; 32],
+) {
+    let max = server.config.max_connections_per_session;
+    let joined = {
+        let mut sessions = server.sessions();
+        match sessions
+            .get_mut(&session)
+            .filter(|j| verify_join_proof(&j.secret, binding, proof))
+        {
+            None => None,
+            Some(j) if j.joined >= max => Some(Err(format!(
+                "the session already has {max} data connections (max_connections_per_session)"
+            ))),
+            Some(j) => {
+                j.joined += 1;
+                Some(Ok((j.tx.clone(), j.secret)))
+            }
+        }
+    };
+    match joined {
+        Some(Ok((tx, secret))) => admit(conn, session, secret, tx).await,
+        Some(Err(reason)) => refuse(&mut conn, reason).await,
+        None => {
+            let n = server.failed_auth.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(%peer, failures = n, "join refused: unknown session or wrong proof");
+            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+            refuse(&mut conn, UNKNOWN_SESSION.into()).await;
+        }
+    }
+}
+
+/// The one answer to a join that does not prove its session, whichever part was wrong.
+pub(crate) const UNKNOWN_SESSION: &str = "unknown session";
 
 /// Who is asking: the address for logs, and what the client can prove.
 struct Peer<'a> {

@@ -6,11 +6,15 @@
 //! engine. ssh has authenticated the user already: paths are the user's own (absolute, or
 //! relative to the login directory), with the user's permissions, as with rsync over ssh.
 
-use crate::{admit, refuse, run_engine, version_mismatch, SessionPlace};
+use crate::{
+    admit, refuse, run_engine, version_mismatch, SessionPlace, AUTH_FAILURE_DELAY, UNKNOWN_SESSION,
+};
+use net::tls::verify_join_proof;
 use net::Conn;
 use proto::{FrameReader, FrameWriter, Hello, NewSession, Role, Welcome, WireCounter};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
@@ -63,18 +67,22 @@ pub async fn serve_stdio() -> Result<(), String> {
             let conn = Conn::framed(stdin, stdout, wire);
             open(conn, new).await
         }
-        Some(Hello::Join { session, secret }) => {
+        Some(Hello::Join { session, proof }) => {
             let dir = socket_dir()?;
             let mut sock = match UnixStream::connect(socket_path(&dir, session)).await {
                 Ok(s) => s,
                 Err(_) => {
+                    // As late as the session's own refusal of a wrong proof: the two look
+                    // the same from outside.
+                    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
                     let mut conn = Conn::framed(stdin, stdout, wire);
-                    refuse(&mut conn, "unknown session".into()).await;
+                    refuse(&mut conn, UNKNOWN_SESSION.into()).await;
                     return Err("join of an unknown session".into());
                 }
             };
+            // The session checks the proof: it alone knows the secret.
             FrameWriter::new(&mut sock, wire)
-                .send(&Hello::Join { session, secret }, false)
+                .send(&Hello::Join { session, proof }, false)
                 .await
                 .map_err(|e| format!("session socket: {e}"))?;
             relay(stdin, &mut stdout, sock).await
@@ -167,25 +175,33 @@ async fn open(mut conn: Conn, new: NewSession) -> Result<(), String> {
     result
 }
 
-/// Hand every relayed connection that names this session and its secret to the engine.
+/// Hand every relayed connection that names this session and proves its secret to the
+/// engine. ssh carries no TLS keying material, so the proof binds to zeros (as over
+/// plaintext); the socket's directory admits this user only.
 async fn accept_joins(
     listener: UnixListener,
     session: u64,
     secret: [u8; 16],
     tx: mpsc::Sender<Conn>,
 ) {
+    let failures = Arc::new(AtomicU64::new(0));
     while let Ok((stream, _)) = listener.accept().await {
         let tx = tx.clone();
+        let failures = failures.clone();
         tokio::spawn(async move {
             let (r, w) = stream.into_split();
             let mut conn = Conn::framed(r, w, Arc::new(WireCounter::default()));
             let hello = tokio::time::timeout(JOIN_TIMEOUT, conn.reader.recv_value::<Hello>()).await;
-            let known = matches!(hello, Ok(Ok(Some(Hello::Join { session: s, secret: k })))
-                if s == session && k == secret);
-            let to = known
-                .then_some(tx)
-                .ok_or_else(|| "unknown session".to_string());
-            admit(conn, session, secret, to).await;
+            let proven = matches!(hello, Ok(Ok(Some(Hello::Join { session: s, proof })))
+                if s == session && verify_join_proof(&secret, &[0; 32], &proof));
+            if proven {
+                admit(conn, session, secret, tx).await;
+            } else {
+                let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(failures = n, "join refused: unknown session or wrong proof");
+                tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+                refuse(&mut conn, UNKNOWN_SESSION.into()).await;
+            }
         });
     }
 }

@@ -7,7 +7,7 @@ use crate::conn::within;
 use crate::remote_install::{self, InstallError, Installed};
 use crate::secure::{connect, ConnectError};
 use crate::ssh::{self, SshCommand};
-use crate::tls::{client_config, token_proof, Fingerprint, Identity, TlsError};
+use crate::tls::{client_config, join_proof, token_proof, Fingerprint, Identity, TlsError};
 use crate::{Conn, ConnError};
 use proto::{Hello, NewSession, Welcome, WireCounter};
 use std::sync::{Arc, Mutex};
@@ -285,7 +285,13 @@ async fn join_many(
         let gate = gate.clone();
         set.spawn(async move {
             let _turn = gate.acquire().await;
-            let (c, _, _) = dialer.greet(|_| Hello::Join { session, secret }).await?;
+            // Over plaintext and ssh there is no keying material; the proof then binds to
+            // zeros, as the daemon expects (such daemons only listen on loopback).
+            let join = |binding: Option<[u8; 32]>| Hello::Join {
+                session,
+                proof: join_proof(&secret, &binding.unwrap_or([0; 32])),
+            };
+            let (c, _, _) = dialer.greet(join).await?;
             Ok::<_, ClientError>(c)
         });
     }
@@ -317,8 +323,9 @@ async fn join_many(
 }
 
 /// Open a session with its data connections and, in auto mode, grow it in the background.
-/// The control connection proves the token; data connections join with the session's
-/// secret and are pinned to the certificate the control connection saw.
+/// The control connection proves the token; data connections prove the session's secret
+/// over their own keying material and are pinned to the certificate the control connection
+/// saw.
 pub async fn open_session(
     remote: Remote<'_>,
     new: NewSession,

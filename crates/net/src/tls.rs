@@ -1,7 +1,7 @@
 //! TLS 1.3 for daemon connections (rustls, `ring` provider): the self-signed identity a daemon
 //! (or a client) makes on first use, pinning of the peer's certificate by SHA-256 fingerprint
-//! instead of a CA, and the exported keying material that binds a token proof to one
-//! connection.
+//! instead of a CA, the ALPN a client must offer, and the exported keying material that binds
+//! a token proof or a join proof to one connection.
 //!
 //! Trust is by fingerprint, like ssh host keys: the verifiers below accept exactly the pinned
 //! certificate (or, for trust on first use, record whichever one the peer shows), and always
@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex};
 pub const ALPN: &[u8] = b"cutover/2";
 /// Label of the keying material a token proof is computed over (RFC 5705 / RFC 8446 §7.5).
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-cutover-token-proof";
+/// Prefix of the message a join proof signs: a join proof is never a valid token proof (nor
+/// the other way round), whatever the keys.
+const JOIN_PROOF_CONTEXT: &[u8] = b"cutover join proof\0";
 /// File name of an identity (certificate and private key, PEM) in its directory.
 pub const IDENTITY_FILE: &str = "identity.pem";
 
@@ -220,22 +223,81 @@ fn schemes(provider: &CryptoProvider) -> Vec<SignatureScheme> {
         .supported_schemes()
 }
 
-/// Server side: TLS 1.3 only, the daemon's identity, and an optional client certificate whose
-/// fingerprint the daemon later matches against its grants.
+/// Server side: TLS 1.3 only, the daemon's identity (shown only to clients that offer
+/// `ALPN`), and an optional client certificate whose fingerprint the daemon later matches
+/// against its grants.
 pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
+    let key = rustls::sign::CertifiedKey::from_der(
+        vec![identity.cert.clone()],
+        identity.key.clone_key(),
+        &provider,
+    )?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
+        .with_cert_resolver(Arc::new(AlpnRequired(Arc::new(key))));
+    // `AlpnRequired` refuses a client that does not offer this at the handshake, before any
+    // frame is read.
     config.alpn_protocols = vec![ALPN.to_vec()];
-    // `secure` protects records itself once the handshake is done (see `record`), which
-    // needs the keys; and no tickets, since they would arrive after the handshake and
-    // cutover does not resume sessions.
+    // Our order (`provider`: AES-128-GCM first), not the client's: a client that lists
+    // ChaCha20 first would otherwise cost both ends more on CPUs with AES instructions.
+    config.ignore_client_order = true;
+    // Only until `secure` leaves records to rustls: its current record path takes the traffic
+    // keys out (`dangerous_extract_secrets`) and fails every connection without this.
     config.enable_secret_extraction = true;
+    // No session tickets: cutover does not resume sessions, every connection does a full
+    // handshake, so tickets would only be bytes on the wire.
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
+
+/// The daemon's one certificate, for clients that offer cutover's ALPN. rustls itself accepts
+/// a client that offers no ALPN at all; refusing to pick a certificate makes it fail such a
+/// handshake with an access_denied alert. A client that offers only other protocols is
+/// refused here too, although rustls would refuse it later with no_application_protocol:
+/// this refusal comes before the ServerHello, as the one plaintext record the server sends,
+/// so the client surely gets the alert, where rustls's comes encrypted behind the
+/// ServerHello and is lost when the socket takes only the first of the two.
+#[derive(Debug)]
+struct AlpnRequired(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for AlpnRequired {
+    fn resolve(
+        &self,
+        client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let mut offered = client_hello.alpn()?;
+        offered.any(|p| p == ALPN).then(|| self.0.clone())
+    }
+}
+
+/// What the daemon logs for a failed TLS handshake: a client without cutover's ALPN is named as
+/// such, rather than by rustls's wording for how it refused it.
+pub fn describe_handshake_failure(e: &std::io::Error) -> String {
+    let no_alpn = match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::NoApplicationProtocol) => true,
+        // `AlpnRequired` is the only resolver, and it picks no certificate only for a client
+        // without our ALPN.
+        Some(rustls::Error::General(m)) => m == NO_CERTIFICATE_RESOLVED,
+        _ => false,
+    };
+    if no_alpn {
+        format!(
+            "the client did not offer ALPN {} (not a cutover client, or one too old)",
+            String::from_utf8_lossy(ALPN)
+        )
+    } else {
+        e.to_string()
+    }
+}
+
+/// rustls's error when the resolver picks no certificate (checked by a test: a new rustls
+/// may word it differently).
+const NO_CERTIFICATE_RESOLVED: &str = "no server certificate chain resolved";
 
 /// Client side: accept the server whose certificate has fingerprint `expected`, or (None,
 /// trust on first use) any server, recording what it showed in `seen`.
@@ -260,7 +322,7 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN.to_vec()];
     // The verifier ignores names; do not announce one.
     config.enable_sni = false;
-    // `secure` protects records itself once the handshake is done (see `record`).
+    // Only until `secure` leaves records to rustls (see `server_config`).
     config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
@@ -284,6 +346,28 @@ pub fn token_proof(token: &[u8], binding: &[u8; 32]) -> [u8; 32] {
 pub fn verify_token_proof(token: &[u8], binding: &[u8; 32], proof: &[u8; 32]) -> bool {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token);
     ring::hmac::verify(&key, binding, proof).is_ok()
+}
+
+/// Proof that a joining data connection knows its session's secret: HMAC-SHA256 keyed with the
+/// secret over `JOIN_PROOF_CONTEXT` and the joining connection's binding. The secret never
+/// crosses the wire, and a proof seen on one connection is worthless on any other.
+pub fn join_proof(secret: &[u8; 16], binding: &[u8; 32]) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(JOIN_PROOF_CONTEXT);
+    ctx.update(binding);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+/// Constant-time check of a join proof.
+pub fn verify_join_proof(secret: &[u8; 16], binding: &[u8; 32], proof: &[u8; 32]) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut message = Vec::with_capacity(JOIN_PROOF_CONTEXT.len() + binding.len());
+    message.extend_from_slice(JOIN_PROOF_CONTEXT);
+    message.extend_from_slice(binding);
+    ring::hmac::verify(&key, &message, proof).is_ok()
 }
 
 #[derive(Debug)]
@@ -440,6 +524,151 @@ mod tests {
         rustix::fs::mknodat(rustix::fs::CWD, &file, fifo, mode, 0).unwrap();
         let e = Identity::load(&file).err().unwrap().to_string();
         assert!(e.contains("identity.pem: is a FIFO"), "{e}");
+    }
+
+    #[test]
+    fn join_proofs_bind_to_the_connection_and_are_not_token_proofs() {
+        let (b1, b2) = ([1u8; 32], [2u8; 32]);
+        let secret = [9u8; 16];
+        let p = join_proof(&secret, &b1);
+        assert!(verify_join_proof(&secret, &b1, &p));
+        assert!(!verify_join_proof(&secret, &b2, &p));
+        assert!(!verify_join_proof(&[8u8; 16], &b1, &p));
+        // Same key, same binding: still no token proof, and the other way round.
+        assert!(!verify_token_proof(&secret, &b1, &p));
+        assert!(!verify_join_proof(&secret, &b1, &token_proof(&secret, &b1)));
+    }
+
+    /// The daemon's server config, with a fresh identity.
+    fn daemon_config() -> Arc<rustls::ServerConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(&dir.path().join(IDENTITY_FILE)).unwrap();
+        server_config(&id).unwrap()
+    }
+
+    /// A client config like `client_config`'s, with the given suites in that order and the
+    /// given ALPN offer.
+    fn client_offering(
+        suites: Vec<rustls::SupportedCipherSuite>,
+        alpn: Vec<Vec<u8>>,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites = suites;
+        let provider = Arc::new(p);
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServer {
+                expected: None,
+                seen: Arc::new(Mutex::new(None)),
+                provider,
+            }))
+            .with_no_client_auth();
+        config.alpn_protocols = alpn;
+        Arc::new(config)
+    }
+
+    /// Why an in-memory handshake failed: the server's error, and the client's if it had one
+    /// (the alert it received).
+    #[derive(Debug)]
+    struct Failed {
+        server: rustls::Error,
+        client: Option<rustls::Error>,
+    }
+
+    /// Run a handshake in memory. Returns the client's connection.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> Result<rustls::ClientConnection, Box<Failed>> {
+        let name = ServerName::try_from("cutover").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+            }
+            let served = s.process_new_packets();
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+            }
+            let answered = c.process_new_packets();
+            if let Err(server) = served {
+                let client = answered.err();
+                return Err(Box::new(Failed { server, client }));
+            }
+            answered.unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(c);
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
+        use rustls::crypto::ring::cipher_suite::*;
+        let client = client_offering(
+            vec![TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256],
+            vec![ALPN.to_vec()],
+        );
+        let c = handshake(client, daemon_config()).unwrap();
+        let suite = c.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        // A client without AES-128 still gets one it offers.
+        let client = client_offering(vec![TLS13_CHACHA20_POLY1305_SHA256], vec![ALPN.to_vec()]);
+        let c = handshake(client, daemon_config()).unwrap();
+        let suite = c.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(suite, rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    }
+
+    #[test]
+    fn a_client_without_cutovers_alpn_fails_the_handshake_with_an_alert() {
+        use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let offer = |alpn: Vec<Vec<u8>>| {
+            handshake(
+                client_offering(vec![TLS13_AES_128_GCM_SHA256], alpn),
+                daemon_config(),
+            )
+        };
+        for alpn in [
+            vec![],
+            vec![b"h2".to_vec()],
+            vec![b"h2".to_vec(), b"cutover/1".to_vec()],
+        ] {
+            let Err(failed) = offer(alpn.clone()) else {
+                panic!("a client offering {alpn:?} completed the handshake");
+            };
+            let Failed { server, client } = *failed;
+            let denied = rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied);
+            assert_eq!(client, Some(denied), "{alpn:?}");
+            let logged = describe_handshake_failure(&std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                server,
+            ));
+            assert!(
+                logged.contains("did not offer ALPN cutover/2"),
+                "{alpn:?}: {logged}"
+            );
+        }
+        // Ours among others is fine.
+        let c = offer(vec![b"h2".to_vec(), ALPN.to_vec()]).unwrap();
+        assert_eq!(c.alpn_protocol(), Some(ALPN));
+        // Other failures keep rustls's words.
+        let other =
+            std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert!(!describe_handshake_failure(&other).contains("ALPN"));
     }
 
     #[test]

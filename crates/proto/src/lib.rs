@@ -15,7 +15,8 @@ pub use msg::*;
 /// Bumped on every incompatible change of `msg`; checked in the handshake.
 /// 3: `Need::Compare` and `Msg::Differs` (an exact dry run with `checksum`).
 /// 4: `Need::Verify` (a same-size file is itemised only once it is known to differ).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `Hello::Join` carries a proof bound to the joining connection instead of the secret.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// How a refusal for another protocol version begins, so that a client can tell it from
 /// other refusals (an ssh client then installs its own binary on the remote).

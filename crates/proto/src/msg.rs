@@ -16,8 +16,11 @@ pub type BlockHash = u128;
 pub enum Hello {
     /// Open a new session; this connection becomes its control connection.
     New(NewSession),
-    /// Add a data connection to a session opened before.
-    Join { session: u64, secret: [u8; 16] },
+    /// Add a data connection to a session opened before. `proof` is HMAC-SHA256 keyed with
+    /// the session's secret over this connection's TLS exported keying material (zeros
+    /// without TLS), so the secret never crosses the wire and the proof is worthless on any
+    /// other connection.
+    Join { session: u64, proof: [u8; 32] },
 }
 
 /// What the client asks for when it opens a session.

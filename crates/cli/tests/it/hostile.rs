@@ -79,7 +79,7 @@ pub(crate) fn await_fds_at_most(d: &Daemon, limit: usize, context: &str) {
 
 /// Dial the daemon, complete a real TLS 1.3 handshake (trusting whatever certificate it shows)
 /// and say the hello `make` builds from the connection's exported binding.
-async fn dial(port: u16, make: impl FnOnce([u8; 32]) -> Hello) -> (Tls, Welcome) {
+pub(crate) async fn dial(port: u16, make: impl FnOnce([u8; 32]) -> Hello) -> (Tls, Welcome) {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect to the daemon");
@@ -129,7 +129,11 @@ pub(crate) async fn open_push(
     }
     // The session may already have ended (options it refuses, such as a bad filter), and
     // then the daemon rightly refuses to join it: the case goes on without a data connection.
-    let (data, welcome) = dial(port, |_| Hello::Join { session, secret }).await;
+    let (data, welcome) = dial(port, |binding| Hello::Join {
+        session,
+        proof: net::tls::join_proof(&secret, &binding),
+    })
+    .await;
     match welcome {
         Welcome::Accepted { .. } => (control, Some(data)),
         Welcome::Refused { .. } => (control, None),

@@ -1,9 +1,12 @@
 //! TLS, pinning and authentication against a real daemon: trust on first use and a changed
 //! key, `--server-fingerprint`, wrong and missing tokens, read-only grants, client
-//! certificates, plaintext clients, a slow handshake, garbage on the socket, and a daemon
+//! certificates, joins bound to their connection, plaintext clients (and only to loopback),
+//! TLS clients without cutover's ALPN, a slow handshake, garbage on the socket, and a daemon
 //! that refuses to start without authentication.
 
+use crate::hostile::dial;
 use crate::util::*;
+use proto::{Hello, NewSession, Role, SyncOptions, Welcome, PROTOCOL_VERSION};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -341,4 +344,233 @@ fn traversal_paths_are_refused_and_nothing_lands_outside_the_module() {
     assert!(!outside.exists());
     assert!(!std::path::Path::new("/tmp/abs").exists());
     assert!(!x.module.exists() || std::fs::read_dir(&x.module).unwrap().next().is_none());
+}
+
+/// A push session opened by hand with the suite's token; returns its control connection (kept
+/// open, so the session lives), id and secret.
+async fn open_session_by_hand(
+    port: u16,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    u64,
+    [u8; 16],
+) {
+    let (control, welcome) = dial(port, |binding| {
+        Hello::New(NewSession {
+            version: PROTOCOL_VERSION,
+            module: "m".into(),
+            path: String::new(),
+            server_role: Role::Receiver,
+            options: SyncOptions::default(),
+            token_proof: Some(net::tls::token_proof(TOKEN.as_bytes(), &binding)),
+        })
+    })
+    .await;
+    let Welcome::Accepted { session, secret } = welcome else {
+        panic!("the daemon refused an authenticated session: {welcome:?}");
+    };
+    (control, session, secret)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A hello built from the dialled connection's binding.
+type MakeHello = Box<dyn FnOnce([u8; 32]) -> Hello>;
+
+#[test]
+fn a_join_proof_is_bound_to_its_connection_and_failed_joins_are_late_logged_and_counted() {
+    let x = setup("");
+    let port = x.d.port;
+    runtime().block_on(async {
+        let (_control, session, secret) = open_session_by_hand(port).await;
+        // A proper join, whose proof an eavesdropper (or a relay) could copy.
+        let mut copied = None;
+        let (_first, welcome) = dial(port, |binding| {
+            let proof = net::tls::join_proof(&secret, &binding);
+            copied = Some(proof);
+            Hello::Join { session, proof }
+        })
+        .await;
+        assert!(matches!(welcome, Welcome::Accepted { .. }), "{welcome:?}");
+        let copied = copied.unwrap();
+
+        // The same session id and proof on another TLS connection; a wrong proof; an unknown
+        // session with a proof right for its connection. One answer for all, each late.
+        let cases: [(&str, MakeHello); 3] = [
+            (
+                "copied",
+                Box::new(move |_| Hello::Join {
+                    session,
+                    proof: copied,
+                }),
+            ),
+            (
+                "wrong",
+                Box::new(move |_| Hello::Join {
+                    session,
+                    proof: [7; 32],
+                }),
+            ),
+            (
+                "unknown session",
+                Box::new(move |b| Hello::Join {
+                    session: session.wrapping_add(1),
+                    proof: net::tls::join_proof(&secret, &b),
+                }),
+            ),
+        ];
+        for (what, make) in cases {
+            let started = Instant::now();
+            let (_refused, welcome) = dial(port, make).await;
+            let Welcome::Refused { reason } = welcome else {
+                panic!("{what} proof: the join was accepted");
+            };
+            assert_eq!(reason, "unknown session", "{what}");
+            assert!(
+                started.elapsed() >= Duration::from_millis(900),
+                "{what}: refused after {:?}, without the delay",
+                started.elapsed()
+            );
+        }
+        // The session is still there for a proper join.
+        let (_second, welcome) = dial(port, |binding| Hello::Join {
+            session,
+            proof: net::tls::join_proof(&secret, &binding),
+        })
+        .await;
+        assert!(matches!(welcome, Welcome::Accepted { .. }), "{welcome:?}");
+    });
+    assert!(
+        x.d.log_shows("failures=3", Duration::from_secs(5)),
+        "{}",
+        x.d.log()
+    );
+    let log = x.d.log();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("join refused")).collect();
+    assert_eq!(refused.len(), 3, "{log}");
+    assert!(
+        refused
+            .iter()
+            .all(|l| l.contains("WARN") && l.contains("127.0.0.1:")),
+        "{log}"
+    );
+}
+
+#[test]
+fn multi_connection_syncs_join_over_tls_and_over_plaintext() {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdata(&["mixed", s(&src), "--scale", "0.001"]);
+    let module = t.path().join("module");
+    let d = Daemon::start_with_extra(
+        &t.path().join("d"),
+        &[Module::rw("m", &module)],
+        "insecure_plaintext = true",
+        "",
+    );
+    sync(&["-j", "4", &slash(&src), &d.url("m/tls/")]).ok();
+    assert_same(&src, &module.join("tls"));
+    sync(&[
+        "-j",
+        "4",
+        "--insecure-plaintext",
+        &slash(&src),
+        &d.url("m/plain/"),
+    ])
+    .ok();
+    assert_same(&src, &module.join("plain"));
+    let pulled = t.path().join("pulled");
+    sync(&["-j", "4", &d.url("m/tls/"), &slash(&pulled)]).ok();
+    assert_same(&src, &pulled);
+    // Every data connection joined: none was refused (the sync would still finish on fewer).
+    let log = d.log();
+    assert!(!log.contains("join refused"), "{log}");
+}
+
+#[test]
+fn insecure_plaintext_refuses_a_destination_off_loopback_before_dialling() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("f"), "x");
+    // In a network namespace of its own with nothing but a loopback interface that is down,
+    // so that a client that did dial would reach nobody, here or elsewhere.
+    let started = Instant::now();
+    let out = Running::start({
+        let mut c = Command::new("unshare");
+        c.arg("--net")
+            .arg(bin())
+            .args(["sync", "--insecure-plaintext", "--retry-for", "0"])
+            .arg(slash(&src))
+            .arg("cutover://192.0.2.1:9/mod/");
+        c.env_remove("CUTOVER_LOG")
+            .env("XDG_CONFIG_HOME", client_config_home());
+        c
+    })
+    .wait();
+    assert_one_line_error(
+        &out,
+        &[
+            "--insecure-plaintext only talks to loopback daemons",
+            "192.0.2.1:9 is not one",
+            "drop --insecure-plaintext",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn tls_clients_without_cutovers_alpn_fail_the_handshake_and_the_daemon_keeps_serving() {
+    let x = setup("");
+    let port = x.d.port;
+    let alerts = runtime().block_on(async {
+        let mut alerts = Vec::new();
+        for offer in [vec![], vec![b"h2".to_vec()]] {
+            let mut config = (*net::tls::client_config(
+                None,
+                None,
+                std::sync::Arc::new(std::sync::Mutex::new(None)),
+            )
+            .unwrap())
+            .clone();
+            config.alpn_protocols = offer.clone();
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("cutover").unwrap();
+            let e = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await
+            {
+                Ok(_) => panic!("a client offering ALPN {offer:?} completed the handshake"),
+                Err(e) => e,
+            };
+            let alert = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .cloned();
+            alerts.push(alert);
+        }
+        alerts
+    });
+    // Both get an alert, not merely a closed socket.
+    let denied = rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied);
+    assert_eq!(alerts, [Some(denied.clone()), Some(denied)]);
+    let needle = "TLS handshake failed: the client did not offer ALPN cutover/2";
+    let shown = |log: &str| log.lines().filter(|l| l.contains(needle)).count();
+    let started = Instant::now();
+    while shown(&x.d.log()) < 2 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(shown(&x.d.log()), 2, "{}", x.d.log());
+    sync(&[&slash(&x.src), &x.d.url("m/dst/")]).ok();
+    assert_same(&x.src, &x.module.join("dst"));
 }
