@@ -243,22 +243,16 @@ pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, T
     // Our order (`provider`: AES-128-GCM first), not the client's: a client that lists
     // ChaCha20 first would otherwise cost both ends more on CPUs with AES instructions.
     config.ignore_client_order = true;
-    // Only until `secure` leaves records to rustls: its current record path takes the traffic
-    // keys out (`dangerous_extract_secrets`) and fails every connection without this.
-    config.enable_secret_extraction = true;
     // No session tickets: cutover does not resume sessions, every connection does a full
     // handshake, so tickets would only be bytes on the wire.
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
-/// The daemon's one certificate, for clients that offer cutover's ALPN. rustls itself accepts
-/// a client that offers no ALPN at all; refusing to pick a certificate makes it fail such a
-/// handshake with an access_denied alert. A client that offers only other protocols is
-/// refused here too, although rustls would refuse it later with no_application_protocol:
-/// this refusal comes before the ServerHello, as the one plaintext record the server sends,
-/// so the client surely gets the alert, where rustls's comes encrypted behind the
-/// ServerHello and is lost when the socket takes only the first of the two.
+/// The daemon's one certificate, for clients that offer ALPN at all. rustls itself accepts a
+/// client that offers no ALPN; refusing to pick a certificate makes it fail such a handshake
+/// with an access_denied alert. A client that offers only other protocols gets rustls's own
+/// no_application_protocol alert (RFC 7301), after the certificate is picked.
 #[derive(Debug)]
 struct AlpnRequired(Arc<rustls::sign::CertifiedKey>);
 
@@ -267,8 +261,10 @@ impl rustls::server::ResolvesServerCert for AlpnRequired {
         &self,
         client_hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let mut offered = client_hello.alpn()?;
-        offered.any(|p| p == ALPN).then(|| self.0.clone())
+        // A client that offers other protocols only is refused by rustls itself, with the
+        // standard no_application_protocol alert; one that offers none is refused here.
+        let _offered = client_hello.alpn()?;
+        Some(self.0.clone())
     }
 }
 
@@ -322,8 +318,6 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN.to_vec()];
     // The verifier ignores names; do not announce one.
     config.enable_sni = false;
-    // Only until `secure` leaves records to rustls (see `server_config`).
-    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -651,8 +645,16 @@ mod tests {
                 panic!("a client offering {alpn:?} completed the handshake");
             };
             let Failed { server, client } = *failed;
-            let denied = rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied);
-            assert_eq!(client, Some(denied), "{alpn:?}");
+            // No offer: our resolver denies; another protocol: rustls's RFC 7301 alert.
+            let alert = match alpn.is_empty() {
+                true => rustls::AlertDescription::AccessDenied,
+                false => rustls::AlertDescription::NoApplicationProtocol,
+            };
+            assert_eq!(
+                client,
+                Some(rustls::Error::AlertReceived(alert)),
+                "{alpn:?}"
+            );
             let logged = describe_handshake_failure(&std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 server,
