@@ -382,6 +382,7 @@ pub fn job_for(
             .clone()
             .unwrap_or_else(|| crate::sync::DEFAULT_REMOTE_CUTOVER.into()),
         remote_install: t.remote_cutover.is_none(),
+        files_from: None,
     })
 }
 

@@ -229,6 +229,18 @@ pub struct SyncJob {
     /// Install this binary on an ssh remote whose `remote_cutover` is missing or of another
     /// version (`net::remote_install`).
     pub remote_install: bool,
+    /// Only the paths listed in this file (rsync's `--files-from`).
+    pub files_from: Option<FilesFrom>,
+}
+
+/// A list of paths relative to the source root: only they (and, for a directory, what is
+/// beneath it) are walked and compared, and `--delete` acts only beneath listed directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesFrom {
+    /// The list's file; `-` is standard input.
+    pub list: std::path::PathBuf,
+    /// Paths end with NUL instead of a newline (`--from0`).
+    pub from0: bool,
 }
 
 /// The remote program unless named otherwise: `cutover` in the remote `PATH`.
@@ -263,6 +275,7 @@ impl SyncArgs {
             // A program named on purpose is the one to run, not ours.
             remote_install: !self.no_remote_install
                 && self.remote_cutover == DEFAULT_REMOTE_CUTOVER,
+            files_from: None,
         }
     }
 }
