@@ -6,6 +6,7 @@
 
 mod calib;
 mod data;
+mod listed;
 mod proc;
 mod report;
 mod tls_cost;
@@ -30,7 +31,7 @@ struct Args {
     /// Multiply data sizes and file counts (1.0 = the table's sizes; 0.05 for a smoke run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, T1), comma-separated.
+    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, T1), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Work directory: cached base data, run directories, logs, results.json.
@@ -307,6 +308,10 @@ fn run_inner(
         return ran;
     }
 
+    if spec.place == Place::Listed {
+        return listed::run(env, spec, &base.path, base.stats.files, run_dir, &logs, res);
+    }
+
     let src = match &spec.edit {
         Some(edit) => {
             let s = run_dir.join("src");
@@ -368,7 +373,7 @@ fn run_inner(
                 }
             }
         }
-        Place::Loopback => unreachable!("T1 returned above"),
+        Place::Loopback | Place::Listed => unreachable!("T1 and P1 returned above"),
         Place::Local => {
             if spec.with_cp && !args.no_peers {
                 res.order.push("cp".into());

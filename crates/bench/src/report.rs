@@ -507,7 +507,7 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
     );
     let _ = writeln!(
         o,
-        "| id | work | cutover s | rsync s (or cp s; T1: plaintext s) | ratio | cutover wire MB | rsync wire MB | ratio | target | met? | verified |"
+        "| id | work | cutover s | rsync s (or cp s; T1: plaintext s; P1: full pass s) | ratio | cutover wire MB | rsync wire MB | ratio | target | met? | verified |"
     );
     let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|");
     for w in &r.workloads {
@@ -542,6 +542,7 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
         "Verification: `rsync -anHAX --delete --checksum --itemize-changes SRC/ DST/` on cutover's destination; every line it prints is one difference (content, size, time, mode, owner, ACL, xattr, missing or extra entry), so \"verified\" means none.",
         "mkdata's edits only touch files of 8 MiB or more, so W4 and W5 never go below 8 MiB at small scales; the edits themselves (1% of blocks, 100 inserts of 1–512 bytes) are not scaled.",
         "L1's two targets (≤ 1.2× `cp -a`, ≤ rsync's time) are applied to both halves, large files (L1a) and small files (L1b).",
+        "P1's data is M1's layout (`mkdata.py tree`, 100 files to a directory). The destination and the source start as `cp -a` copies of the base. Timed first, in the peer's column: `cutover sync --json --delete BASE/ DST/`, a full pass with nothing to change. Then `mkdata.py edit DIR --mode files --pct 5` runs in 0.1% of the source's directories (evenly spread), and `cutover sync --json --delete --files-from LIST SRC/ DST/` is timed with LIST naming exactly those directories. Verification compares the whole source with the whole destination, so a change the list missed would show.",
         "M1's data is `mkdata.py tree --min-kb 1 --max-kb 1`: every file is exactly 1 KiB, the smallest non-empty size mkdata makes (about 1 GB of data but 4 GB on disk per copy with 4 KiB blocks; three copies exist during the run). Entries counted = files + directories.",
         "Peak RSS is `ru_maxrss` from `wait4` on the tool's top process. The kernel reports the largest of that process and every descendant it waited for, so rsync's figure is the largest of its sender, receiver and generator (not their sum). Each process's VmHWM is also sampled every 100 ms from /proc and listed in the details. A local cutover sync is one process holding both sides, so its figure bounds each side.",
     ];

@@ -572,6 +572,25 @@ pub fn cutover_local(env: &Env, src: &Path, dst: &Path, logs: &Path, sample_rss:
     cutover_timed(env, "cutover", &mut cmd, logs, "cutover", sample_rss)
 }
 
+/// `cutover sync --json EXTRA… SRC/ DST/` on this machine, logged as `log_name` and shown as
+/// `tool`.
+pub fn cutover_local_with(
+    env: &Env,
+    tool: &str,
+    extra: &[&std::ffi::OsStr],
+    src: &Path,
+    dst: &Path,
+    logs: &Path,
+    log_name: &str,
+) -> ToolRun {
+    let mut cmd = Command::new(cutover_program(env));
+    cmd.args(["sync", "--json"])
+        .args(extra)
+        .arg(slash(src))
+        .arg(slash(dst));
+    cutover_timed(env, tool, &mut cmd, logs, log_name, false)
+}
+
 /// Run a `cutover sync --json` command line, timed by wall clock, its output in
 /// `logs/LOG_NAME.stdout` and `.stderr`; a missing cutover binary is this run's error.
 fn cutover_timed(

@@ -1,5 +1,5 @@
-//! The workloads of the benchmark table (W1–W5 and W1s over the emulated WAN, L1 and M1 local,
-//! T1 on loopback): their data, edits, where they run, and the target each must meet.
+//! The workloads of the benchmark table (W1–W5 and W1s over the emulated WAN, L1, M1 and P1
+//! local, T1 on loopback): their data, edits, where they run, and the target each must meet.
 
 use crate::tools::ToolRun;
 
@@ -14,6 +14,9 @@ pub enum Place {
     Local,
     /// cutover to a `cutover serve` on 127.0.0.1, no emulator: TLS against plaintext (T1).
     Loopback,
+    /// On this machine: a pass over only the listed (changed) directories against a full
+    /// pass over the unchanged tree (P1).
+    Listed,
 }
 
 impl Place {
@@ -30,6 +33,7 @@ impl Place {
             Place::WanSsh => "wan-ssh",
             Place::Local => "local",
             Place::Loopback => "loopback",
+            Place::Listed => "local-listed",
         }
     }
 }
@@ -54,6 +58,9 @@ pub enum Target {
     /// TLS costs at most `max` of plaintext's throughput (1 − plaintext's median time ÷
     /// TLS's).
     TlsCost { max: f64 },
+    /// The listed pass takes at most `max` of a full no-change pass's time (P1; the full
+    /// pass stands in the peer's slot).
+    ListedPass { max: f64 },
 }
 
 /// Inputs to judging a target.
@@ -114,6 +121,9 @@ impl Target {
             }
             Target::TlsCost { max } => {
                 format!("TLS costs ≤ {:.0}% of throughput", max * 100.0)
+            }
+            Target::ListedPass { max } => {
+                format!("listed pass ≤ 1/{:.0} of a full no-change pass", 1.0 / max)
             }
         }
     }
@@ -192,6 +202,7 @@ impl Target {
                 };
                 all(vec![ratio_part("time", c_s, r_s, 1.0), rss])
             }
+            Target::ListedPass { max } => all(vec![ratio_part("time", c_s, r_s, max)]),
             Target::TlsCost { max } => match o.tls_cost {
                 Some(cost) => (
                     Some(cost <= max),
@@ -234,6 +245,16 @@ pub struct Spec {
 
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Directories holding files in `mkdata.py tree --files n`: 100 files to a directory.
+pub fn leaf_dirs(n: u64) -> u64 {
+    n.div_ceil(100)
+}
+
+/// P1's changed directories: 0.1% of them, at least one.
+pub fn listed_dirs(n: u64) -> u64 {
+    (leaf_dirs(n) / 1000).max(1)
 }
 
 /// `n * scale`, rounded, at least 1.
@@ -291,6 +312,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
     let l1_mb = scaled(1024, scale);
     let l1_n = scaled(200_000, scale);
     let m1_n = scaled(1_000_000, scale);
+    let p1_n = scaled(1_000_000, scale);
     vec![
         Spec {
             id: "W1",
@@ -423,6 +445,24 @@ pub fn all(scale: f64) -> Vec<Spec> {
             sample_rss: true,
             rsync_as_in: None,
             target: Target::ResyncRss { rss_mb: 64.0 },
+        },
+        Spec {
+            id: "P1",
+            family: "P1",
+            work: format!(
+                "{p1_n} files of 1 KiB in {} directories, {} of them changed, pass over a list of the changed ones",
+                leaf_dirs(p1_n),
+                listed_dirs(p1_n)
+            ),
+            generate: tree(p1_n, 1, 1),
+            // Applied to each changed directory: rewrites, deletes, adds and renames files.
+            edit: Some(vec!["--mode".into(), "files".into(), "--pct".into(), "5".into()]),
+            resync: true,
+            place: Place::Listed,
+            with_cp: false,
+            sample_rss: false,
+            rsync_as_in: None,
+            target: Target::ListedPass { max: 1.0 / 20.0 },
         },
         Spec {
             id: "T1",
