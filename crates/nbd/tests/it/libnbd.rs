@@ -389,3 +389,47 @@ h.shutdown()
 "#,
     );
 }
+
+#[test]
+fn write_zeroes_honours_no_hole_and_trim_deallocates() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (export, backing) = file_export(dir.path(), "disk", 4 << 20);
+    let server = TestServer::start(vec![export]);
+    let allocated = || std::fs::metadata(&backing).unwrap().blocks() * 512;
+
+    // NO_HOLE: the range is allocated (and reads as zeroes).
+    script(
+        &server.uri("disk"),
+        r#"
+h.connect_uri(uri)
+h.zero(1 << 20, 0, nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(1 << 20, 0) == bytes(1 << 20)
+h.flush()
+"#,
+    );
+    assert!(
+        allocated() >= 1 << 20,
+        "NO_HOLE left {} bytes allocated",
+        allocated()
+    );
+
+    // Without NO_HOLE, and TRIM: the range is deallocated again.
+    script(
+        &server.uri("disk"),
+        r#"
+h.connect_uri(uri)
+h.pwrite(b"\x01" * (1 << 20), 2 << 20)
+h.zero(512 << 10, 0)
+h.trim(512 << 10, 512 << 10)
+h.trim(1 << 20, 2 << 20)
+assert h.pread(1 << 20, 0) == bytes(1 << 20)
+h.flush()
+"#,
+    );
+    assert!(
+        allocated() < 64 << 10,
+        "{} bytes still allocated",
+        allocated()
+    );
+}

@@ -450,3 +450,53 @@ impl Raw {
         (flags, kind, cookie, data)
     }
 }
+
+#[test]
+fn the_byte_budget_holds_back_big_requests() {
+    rt().block_on(async {
+        const MIB: u32 = 1 << 20;
+        let gate = Arc::new(Gate {
+            inner: MemBackend::new(48 << 20),
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+            blocked: Mutex::new(0),
+        });
+        // A budget below the maximum payload is raised to it: 32 MiB here.
+        let server = Server::new(vec![Export::new("g", gate.clone())]).with_config(Config {
+            max_in_flight_bytes: 1,
+            ..Config::default()
+        });
+        let mut c = Raw::start(server);
+        c.greeting(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
+        c.go("g", false, &[]).await;
+
+        // 20 MiB fits; a second 20 MiB read waits for its bytes before reaching the
+        // backend, and a flush behind it waits too (requests are read in order).
+        c.request(CMD_READ, 0, 1, 0, 20 * MIB).await;
+        c.request(CMD_READ, 0, 2, (20 * MIB).into(), 20 * MIB).await;
+        c.request(CMD_FLUSH, 0, 3, 0, 0).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            *gate.blocked.lock().unwrap(),
+            1,
+            "the second read got its bytes"
+        );
+        gate.release();
+        let mut cookies = Vec::new();
+        for _ in 0..3 {
+            let mut h = [0u8; 16];
+            c.io.read_exact(&mut h).await.unwrap();
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            if cookie != 3 {
+                let mut data = vec![0u8; 20 * MIB as usize];
+                c.io.read_exact(&mut data).await.unwrap();
+            }
+            cookies.push(cookie);
+        }
+        // Nothing behind the first read started before its reply was written.
+        assert_eq!(cookies[0], 1);
+        cookies.sort();
+        assert_eq!(cookies, vec![1, 2, 3]);
+        assert_eq!(*gate.blocked.lock().unwrap(), 2);
+    });
+}
