@@ -1,8 +1,9 @@
-//! libnbd's clients against the server: `nbdinfo` (`--list`, `--map` of `base:allocation`
-//! and of a test `cutover:dirty` context), `nbdcopy` in and out with several connections
-//! and many requests in flight, and `nbdsh` scripts for negotiation edge cases, hole
-//! chunks in structured reads, simple replies, fast zero, and errors that must not end the
-//! connection.
+//! libnbd's clients against the server: `nbdinfo` (`--list`; `--map` of `base:allocation`,
+//! also checked against nbdkit's file plugin on the same file, and of a test
+//! `cutover:dirty` context), `nbdcopy` in and out with several connections and many
+//! requests in flight, and `nbdsh` scripts for negotiation edge cases, hole chunks in
+//! structured reads, simple replies, NO_HOLE and fast zero, and errors that must not end
+//! the connection.
 
 use crate::common::*;
 use nbd::Export;
@@ -16,9 +17,12 @@ fn map(uri: &str, context: Option<&str>) -> Vec<(u64, u64, u32)> {
         Some(c) => format!("--map={c}"),
         None => "--map".to_string(),
     };
-    let out = run(Command::new("nbdinfo").arg(arg).arg(uri));
-    stdout(&out)
-        .lines()
+    parse_map(&stdout(&run(Command::new("nbdinfo").arg(arg).arg(uri))))
+}
+
+/// `nbdinfo --map` output as (offset, length, flags) rows.
+fn parse_map(text: &str) -> Vec<(u64, u64, u32)> {
+    text.lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (
@@ -432,4 +436,28 @@ h.flush()
         "{} bytes still allocated",
         allocated()
     );
+}
+
+#[test]
+fn allocation_map_agrees_with_nbdkit_file_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    sparse_file(&path, 8 << 20);
+    qemu_io(
+        path.to_str().unwrap(),
+        &["write -P 1 1M 100k", "write -P 2 3M 4k", "write -P 3 7M 1M"],
+    );
+    let backend = nbd::FileBackend::open(&path, true).unwrap();
+    let mut export = Export::new("disk", Arc::new(backend));
+    export.read_only = true;
+    let server = TestServer::start(vec![export]);
+    let ours = map(&server.uri("disk"), None);
+
+    let out = run(Command::new("nbdkit")
+        .args(["-U", "-", "--readonly", "file"])
+        .arg(&path)
+        .args(["--run", "nbdinfo --map \"$uri\""]));
+    let theirs = parse_map(&stdout(&out));
+    assert_eq!(ours, theirs);
+    assert_eq!(ours.len(), 6, "{ours:?}");
 }
