@@ -1,7 +1,8 @@
 //! QEMU's clients against the server: `qemu-io` write patterns (plain, aio, zeroes with and
 //! without unmap, discard, FUA, flush, unaligned) applied both over NBD and directly to a
 //! reference raw file, then `qemu-img compare` of the two (and a byte comparison of the
-//! export's backing file), and pattern reads back over NBD.
+//! export's backing file), pattern reads back over NBD, `qemu-img convert` in and out,
+//! and `serve_tcp` on a loopback port.
 
 use crate::common::*;
 use std::process::Command;
@@ -119,4 +120,29 @@ fn qemu_img_convert_in_and_out() {
         .arg(&uri)
         .arg(&out));
     assert!(std::fs::read(&src).unwrap() == std::fs::read(&out).unwrap());
+}
+
+#[test]
+fn serve_tcp_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (export, backing) = file_export(dir.path(), "disk", 1 << 20);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(nbd::serve_tcp(listener, vec![export]));
+    let uri = format!("nbd://127.0.0.1:{port}/disk");
+    run(&mut qemu_io(
+        &uri,
+        &["write -P 0x6b 4096 8192", "read -P 0x6b 4096 8192"],
+    ));
+    let data = std::fs::read(&backing).unwrap();
+    assert!(data[4096..12288].iter().all(|&b| b == 0x6b));
+    assert!(data[..4096].iter().chain(&data[12288..]).all(|&b| b == 0));
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
 }

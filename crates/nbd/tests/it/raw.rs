@@ -1,8 +1,8 @@
 //! The server driven byte by byte over an in-memory pipe (`serve_connection` on a tokio
 //! duplex stream): what no real client will send on purpose. Unknown options, overlong
 //! options, replies out of order, refused writes whose payload is skipped, writes too long
-//! to skip (the connection closes), bad magic, block status without negotiation, and the
-//! in-flight bound.
+//! to skip (the connection closes), bad magic, block status without negotiation, the
+//! in-flight and byte bounds, and the handshake timeout.
 
 use crate::common::*;
 use nbd::request::{encode_header, RawRequest};
@@ -498,5 +498,23 @@ fn the_byte_budget_holds_back_big_requests() {
         cookies.sort();
         assert_eq!(cookies, vec![1, 2, 3]);
         assert_eq!(*gate.blocked.lock().unwrap(), 2);
+    });
+}
+
+#[test]
+fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    rt().block_on(async {
+        let (server, _) = mem_server(4096);
+        let server = server.with_config(Config {
+            handshake_timeout: Duration::from_millis(200),
+            ..Config::default()
+        });
+        let mut c = Raw::start(server);
+        c.greeting(FLAG_C_FIXED_NEWSTYLE).await;
+        assert!(c.closed().await);
+        assert!(matches!(
+            c.server.await.unwrap(),
+            Err(nbd::Error::HandshakeTimeout(_))
+        ));
     });
 }
