@@ -146,6 +146,17 @@ impl Raw {
     }
 }
 
+/// Wait (up to 20 s, for loaded machines) until `cond` holds.
+async fn wait_for(cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached in 20 s");
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -354,8 +365,7 @@ fn replies_come_out_of_order_and_in_flight_is_bounded() {
         c.request(CMD_READ, 0, 4, 16, 8).await;
         c.request(CMD_READ, 0, 5, 24, 8).await;
         c.request(CMD_FLUSH, 0, 6, 0, 0).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(*gate.blocked.lock().unwrap(), 4);
+        wait_for(|| *gate.blocked.lock().unwrap() == 4).await;
         let mut b = [0u8; 1];
         assert!(
             tokio::time::timeout(Duration::from_millis(300), c.io.read(&mut b))
@@ -475,6 +485,7 @@ fn the_byte_budget_holds_back_big_requests() {
         c.request(CMD_READ, 0, 1, 0, 20 * MIB).await;
         c.request(CMD_READ, 0, 2, (20 * MIB).into(), 20 * MIB).await;
         c.request(CMD_FLUSH, 0, 3, 0, 0).await;
+        wait_for(|| *gate.blocked.lock().unwrap() >= 1).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             *gate.blocked.lock().unwrap(),
