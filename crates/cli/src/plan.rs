@@ -8,11 +8,11 @@ use crate::exit;
 use crate::names;
 use crate::print::{errln, outln};
 use crate::security::SecurityArgs;
-use crate::sync::{parse_rate, run_job, SyncJob};
+use crate::sync::{parse_rate, run_job, FilesFrom, SyncJob};
 use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
 use ::plan::{
-    BoxFuture, Echo, KeyError, Kind, Mismatch, PassContext, PassStats, Plan, TaskLog, TaskRunner,
-    TaskSpec,
+    BoxFuture, Echo, KeyError, Kind, Mismatch, PassContext, PassStats, Plan, SourceSide, TaskLog,
+    TaskRunner, TaskSpec,
 };
 use engine::{Action, Event, Events, Stats};
 use net::client::Connections;
@@ -571,6 +571,16 @@ impl TaskRunner for CliRunner {
                 });
             }
         }
+        if t.paths_from.is_some() {
+            if let Some(Ok(Endpoint::Daemon { addr, .. })) =
+                t.source.as_deref().map(Endpoint::parse)
+            {
+                return Err(KeyError {
+                    key: "paths_from",
+                    message: format!("cannot run on the daemon source {addr}: a daemon never runs commands; write the source as [user@]host:PATH (ssh) so it runs there"),
+                });
+            }
+        }
         if let Some(rsh) = &t.rsh {
             if shlex::split(rsh).is_none_or(|a| a.is_empty()) {
                 return Err(KeyError {
@@ -599,6 +609,31 @@ impl TaskRunner for CliRunner {
             })
     }
 
+    fn source_side(&self, t: &TaskSpec, base_dir: &Path) -> Result<SourceSide, String> {
+        let source = t
+            .source
+            .as_deref()
+            .ok_or("the task has no source (a command task lists nothing)")?;
+        match Endpoint::parse(&resolve(source, base_dir))? {
+            Endpoint::Local { path, .. } => Ok(SourceSide::Local(path)),
+            Endpoint::Ssh { dest, path } => {
+                let rsh = rsh_of(t);
+                let mut argv = shlex::split(&rsh)
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| format!("rsh {rsh:?}: not a command line"))?;
+                argv.push(dest);
+                Ok(SourceSide::Remote {
+                    argv,
+                    path: if path.is_empty() { ".".into() } else { path },
+                })
+            }
+            // `check` refuses it before any pass.
+            Endpoint::Daemon { addr, .. } => Err(format!(
+                "cannot run on the daemon source {addr}: a daemon never runs commands"
+            )),
+        }
+    }
+
     fn verify(
         &self,
         t: TaskSpec,
@@ -610,7 +645,17 @@ impl TaskRunner for CliRunner {
 
     fn run_pass(&self, t: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>> {
         Box::pin(async move {
-            let job = job_for(&t, &ctx.base_dir, ctx.dry_run, &ctx.spool)?;
+            let mut job = job_for(&t, &ctx.base_dir, ctx.dry_run, &ctx.spool)?;
+            job.files_from = ctx.files_from.as_ref().map(|list| FilesFrom {
+                list: list.clone(),
+                from0: false,
+            });
+            if let Some(f) = &job.files_from {
+                ctx.log.line(&format!(
+                    "sync of the paths listed in {} (files_from)",
+                    f.list.display()
+                ));
+            }
             if let Some(command) = &t.command {
                 if ctx.dry_run {
                     // A dry run changes nothing, and a dump can be heavy: say what would run.
@@ -621,7 +666,8 @@ impl TaskRunner for CliRunner {
                     ));
                     return Ok(PassStats::default());
                 }
-                ::plan::spool::spool(command, &ctx.base_dir, &ctx.spool, &ctx.log).await?;
+                ::plan::spool::spool(command, &ctx.base_dir, &ctx.env, &ctx.spool, &ctx.log)
+                    .await?;
             }
             let stats = Arc::new(Stats::default());
             let events = Arc::new(TaskEvents {
