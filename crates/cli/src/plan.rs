@@ -842,6 +842,9 @@ fn print_status(plan: &Plan, s: &Status) {
             .map(::plan::run::human_duration)
             .unwrap_or_else(|| "unknown (not every task has a successful pass)".into())
     );
+    for line in s.prediction.iter().flat_map(|p| p.lines()) {
+        outln!("  {line}");
+    }
     let rows: Vec<[String; 5]> = s
         .tasks
         .iter()
@@ -881,8 +884,10 @@ fn print_status(plan: &Plan, s: &Status) {
                 } else {
                     "-".into()
                 },
+                // As paths_from sees it (CUTOVER_LAST_SUCCESS): the start of the last
+                // successful pass, to the second.
                 t.last_success_ms
-                    .map(|m| format!("{} ({})", ::plan::logs::stamp(m), ago(m)))
+                    .map(|m| format!("{} ({})", ::plan::stamps::rfc3339(m), ago(m)))
                     .unwrap_or_else(|| "never".into()),
                 match (&t.last_error, t.last_error_ms) {
                     (Some(e), Some(at)) => format!("{}: {e}", ::plan::logs::stamp(at)),
@@ -892,7 +897,7 @@ fn print_status(plan: &Plan, s: &Status) {
             ],
         })
         .collect();
-    let head = ["TASK", "PHASE", "PROGRESS", "LAST SUCCESS", "LAST ERROR"].map(String::from);
+    let head = ["TASK", "PHASE", "PROGRESS", "STAMP", "LAST ERROR"].map(String::from);
     let mut width = [0usize; 4];
     for r in std::iter::once(&head).chain(&rows) {
         for (w, c) in width.iter_mut().zip(r.iter()) {
@@ -925,12 +930,32 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
         .tasks
         .iter()
         .map(|(name, t)| {
-            let predicted = models
+            let model = models
                 .iter()
                 .find(|(n, _)| n == name)
-                .and_then(|(_, m)| m.as_ref().map(|m| m.predicted_s));
+                .and_then(|(_, m)| m.as_ref());
+            let predicted = model.map(|m| m.predicted_s);
+            let prediction = model.map(|m| {
+                json!({
+                    "predicted_s": m.predicted_s,
+                    "fitted": m.fitted,
+                    "passes": m.passes,
+                    "r2": m.r2,
+                    "rel_residual": m.rel_residual,
+                    "floor_s": m.floor_s,
+                    "floored": m.floored,
+                    "overhead_s": m.overhead_s,
+                    "per_file_s": m.per_file_s,
+                    "per_byte_s": m.per_byte_s,
+                })
+            });
             match t {
-                None => json!({"name": name, "phase": null, "predicted_final_s": predicted}),
+                None => json!({
+                    "name": name,
+                    "phase": null,
+                    "predicted_final_s": predicted,
+                    "prediction": prediction,
+                }),
                 Some(t) => json!({
                     "name": name,
                     "phase": t.phase.as_str(),
@@ -942,6 +967,9 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
                     },
                     "last_success_ms": t.last_success_ms,
                     "last_success": t.last_success_ms.map(::plan::logs::stamp),
+                    // What the next pass's commands get: CUTOVER_LAST_SUCCESS(_EPOCH).
+                    "stamp": t.last_success_ms.map(::plan::stamps::rfc3339),
+                    "stamp_epoch": t.last_success_ms.map(|m| m.div_euclid(1000)),
                     "last_error": t.last_error,
                     "last_error_ms": t.last_error_ms,
                     "last_pass": t.last_pass.as_ref().map(|p| json!({
@@ -959,6 +987,7 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
                         "outcome": p.outcome.as_str(),
                     })),
                     "predicted_final_s": predicted,
+                    "prediction": prediction,
                 }),
             }
         })

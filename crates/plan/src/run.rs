@@ -860,7 +860,12 @@ pub async fn presync(
         Verdict::Failed => "failed",
         Verdict::Interrupted => "interrupted",
     };
-    let error_log = close(&ctx, "presync", &last, outcome, &[]).await?;
+    // How far to trust the prediction, per task, on the terminal and in the report.
+    let notes = prediction.as_ref().map(|p| p.lines()).unwrap_or_default();
+    for line in &notes {
+        ctx.logs.summary(line);
+    }
+    let error_log = close(&ctx, "presync", &last, outcome, &notes).await?;
     Ok(PresyncReport {
         verdict,
         passes: pass,
@@ -946,7 +951,8 @@ pub async fn cutover(
     mut stop: watch::Receiver<bool>,
 ) -> Result<CutoverReport, Error> {
     let ctx = open(plan, runner, echo, "cutover", true, force)?;
-    let predicted_s = predict(plan, ctx.store.as_ref())?.total_s;
+    let prediction = predict(plan, ctx.store.as_ref())?;
+    let predicted_s = prediction.total_s;
     ctx.logs.summary(&format!(
         "cutover of plan {:?}: predicted final pass {}",
         plan.name,
@@ -954,6 +960,11 @@ pub async fn cutover(
             .map(human_duration)
             .unwrap_or_else(|| "unknown (no successful presync of every task)".into())
     ));
+    // After the notes about what happened, in the report: how far to trust the prediction.
+    let confidence = prediction.lines();
+    for line in &confidence {
+        ctx.logs.summary(line);
+    }
     let mut notes = Vec::new();
     let downtime = std::time::Instant::now();
     let mut out = CutoverReport {
@@ -976,6 +987,7 @@ pub async fn cutover(
         } else {
             "failed"
         };
+        notes.extend(confidence);
         close(&ctx, "cutover", &out.report, outcome, &notes).await?;
         return Ok(out);
     }
@@ -1022,6 +1034,7 @@ pub async fn cutover(
     } else {
         "failed"
     };
+    notes.extend(confidence);
     close(&ctx, "cutover", &out.report, outcome, &notes).await?;
     Ok(out)
 }
