@@ -8,11 +8,11 @@ use crate::exit;
 use crate::names;
 use crate::print::{errln, outln};
 use crate::security::SecurityArgs;
-use crate::sync::{parse_rate, run_job, SyncJob};
+use crate::sync::{parse_rate, run_job, FilesFrom, SyncJob};
 use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
 use ::plan::{
-    BoxFuture, Echo, KeyError, Kind, Mismatch, PassContext, PassStats, Plan, TaskLog, TaskRunner,
-    TaskSpec,
+    BoxFuture, Echo, KeyError, Kind, Mismatch, PassContext, PassStats, Plan, SourceSide, TaskLog,
+    TaskRunner, TaskSpec,
 };
 use engine::{Action, Event, Events, Stats};
 use net::client::Connections;
@@ -571,6 +571,16 @@ impl TaskRunner for CliRunner {
                 });
             }
         }
+        if t.paths_from.is_some() {
+            if let Some(Ok(Endpoint::Daemon { addr, .. })) =
+                t.source.as_deref().map(Endpoint::parse)
+            {
+                return Err(KeyError {
+                    key: "paths_from",
+                    message: format!("cannot run on the daemon source {addr}: a daemon never runs commands; write the source as [user@]host:PATH (ssh) so it runs there"),
+                });
+            }
+        }
         if let Some(rsh) = &t.rsh {
             if shlex::split(rsh).is_none_or(|a| a.is_empty()) {
                 return Err(KeyError {
@@ -599,6 +609,31 @@ impl TaskRunner for CliRunner {
             })
     }
 
+    fn source_side(&self, t: &TaskSpec, base_dir: &Path) -> Result<SourceSide, String> {
+        let source = t
+            .source
+            .as_deref()
+            .ok_or("the task has no source (a command task lists nothing)")?;
+        match Endpoint::parse(&resolve(source, base_dir))? {
+            Endpoint::Local { path, .. } => Ok(SourceSide::Local(path)),
+            Endpoint::Ssh { dest, path } => {
+                let rsh = rsh_of(t);
+                let mut argv = shlex::split(&rsh)
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| format!("rsh {rsh:?}: not a command line"))?;
+                argv.push(dest);
+                Ok(SourceSide::Remote {
+                    argv,
+                    path: if path.is_empty() { ".".into() } else { path },
+                })
+            }
+            // `check` refuses it before any pass.
+            Endpoint::Daemon { addr, .. } => Err(format!(
+                "cannot run on the daemon source {addr}: a daemon never runs commands"
+            )),
+        }
+    }
+
     fn verify(
         &self,
         t: TaskSpec,
@@ -610,7 +645,17 @@ impl TaskRunner for CliRunner {
 
     fn run_pass(&self, t: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>> {
         Box::pin(async move {
-            let job = job_for(&t, &ctx.base_dir, ctx.dry_run, &ctx.spool)?;
+            let mut job = job_for(&t, &ctx.base_dir, ctx.dry_run, &ctx.spool)?;
+            job.files_from = ctx.files_from.as_ref().map(|list| FilesFrom {
+                list: list.clone(),
+                from0: false,
+            });
+            if let Some(f) = &job.files_from {
+                ctx.log.line(&format!(
+                    "sync of the paths listed in {} (files_from)",
+                    f.list.display()
+                ));
+            }
             if let Some(command) = &t.command {
                 if ctx.dry_run {
                     // A dry run changes nothing, and a dump can be heavy: say what would run.
@@ -621,7 +666,8 @@ impl TaskRunner for CliRunner {
                     ));
                     return Ok(PassStats::default());
                 }
-                ::plan::spool::spool(command, &ctx.base_dir, &ctx.spool, &ctx.log).await?;
+                ::plan::spool::spool(command, &ctx.base_dir, &ctx.env, &ctx.spool, &ctx.log)
+                    .await?;
             }
             let stats = Arc::new(Stats::default());
             let events = Arc::new(TaskEvents {
@@ -796,6 +842,9 @@ fn print_status(plan: &Plan, s: &Status) {
             .map(::plan::run::human_duration)
             .unwrap_or_else(|| "unknown (not every task has a successful pass)".into())
     );
+    for line in s.prediction.iter().flat_map(|p| p.lines()) {
+        outln!("  {line}");
+    }
     let rows: Vec<[String; 5]> = s
         .tasks
         .iter()
@@ -835,8 +884,10 @@ fn print_status(plan: &Plan, s: &Status) {
                 } else {
                     "-".into()
                 },
+                // As paths_from sees it (CUTOVER_LAST_SUCCESS): the start of the last
+                // successful pass, to the second.
                 t.last_success_ms
-                    .map(|m| format!("{} ({})", ::plan::logs::stamp(m), ago(m)))
+                    .map(|m| format!("{} ({})", ::plan::stamps::rfc3339(m), ago(m)))
                     .unwrap_or_else(|| "never".into()),
                 match (&t.last_error, t.last_error_ms) {
                     (Some(e), Some(at)) => format!("{}: {e}", ::plan::logs::stamp(at)),
@@ -846,7 +897,7 @@ fn print_status(plan: &Plan, s: &Status) {
             ],
         })
         .collect();
-    let head = ["TASK", "PHASE", "PROGRESS", "LAST SUCCESS", "LAST ERROR"].map(String::from);
+    let head = ["TASK", "PHASE", "PROGRESS", "STAMP", "LAST ERROR"].map(String::from);
     let mut width = [0usize; 4];
     for r in std::iter::once(&head).chain(&rows) {
         for (w, c) in width.iter_mut().zip(r.iter()) {
@@ -879,12 +930,32 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
         .tasks
         .iter()
         .map(|(name, t)| {
-            let predicted = models
+            let model = models
                 .iter()
                 .find(|(n, _)| n == name)
-                .and_then(|(_, m)| m.as_ref().map(|m| m.predicted_s));
+                .and_then(|(_, m)| m.as_ref());
+            let predicted = model.map(|m| m.predicted_s);
+            let prediction = model.map(|m| {
+                json!({
+                    "predicted_s": m.predicted_s,
+                    "fitted": m.fitted,
+                    "passes": m.passes,
+                    "r2": m.r2,
+                    "rel_residual": m.rel_residual,
+                    "floor_s": m.floor_s,
+                    "floored": m.floored,
+                    "overhead_s": m.overhead_s,
+                    "per_file_s": m.per_file_s,
+                    "per_byte_s": m.per_byte_s,
+                })
+            });
             match t {
-                None => json!({"name": name, "phase": null, "predicted_final_s": predicted}),
+                None => json!({
+                    "name": name,
+                    "phase": null,
+                    "predicted_final_s": predicted,
+                    "prediction": prediction,
+                }),
                 Some(t) => json!({
                     "name": name,
                     "phase": t.phase.as_str(),
@@ -896,6 +967,9 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
                     },
                     "last_success_ms": t.last_success_ms,
                     "last_success": t.last_success_ms.map(::plan::logs::stamp),
+                    // What the next pass's commands get: CUTOVER_LAST_SUCCESS(_EPOCH).
+                    "stamp": t.last_success_ms.map(::plan::stamps::rfc3339),
+                    "stamp_epoch": t.last_success_ms.map(|m| m.div_euclid(1000)),
                     "last_error": t.last_error,
                     "last_error_ms": t.last_error_ms,
                     "last_pass": t.last_pass.as_ref().map(|p| json!({
@@ -913,6 +987,7 @@ fn status_json(plan: &Plan, s: &Status) -> serde_json::Value {
                         "outcome": p.outcome.as_str(),
                     })),
                     "predicted_final_s": predicted,
+                    "prediction": prediction,
                 }),
             }
         })

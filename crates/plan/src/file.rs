@@ -150,6 +150,15 @@ pub struct PlanFile {
     /// Run by `cutover plan cutover` after the final pass (start the app on the new side).
     #[serde(default)]
     pub post_final: Vec<HookSpec>,
+    /// Run before every presync and final pass of every task (before the task's own
+    /// `pre_pass`); a failure fails that pass. Skipped when empty, so plans written before
+    /// the key keep their fingerprint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_pass: Vec<HookSpec>,
+    /// Run after every presync and final pass of every task (after the task's own
+    /// `post_pass`), whether it succeeded or not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_pass: Vec<HookSpec>,
     /// Run at the end of a presync, cutover or rerun that succeeded, with the report (JSON)
     /// on stdin.
     #[serde(default)]
@@ -287,6 +296,17 @@ pub struct TaskSpec {
     /// The cutover program on the far side of an ssh endpoint (`--remote-cutover`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_cutover: Option<String>,
+    /// `tree` tasks: run before each pass on the source side; its stdout lists the paths
+    /// (relative to the source) that pass syncs, one a line (see [`crate::paths_from`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths_from: Option<String>,
+    /// Run before each presync and final pass of this task (after the plan's `[[pre_pass]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_pass: Option<String>,
+    /// Run after each presync and final pass of this task, even a failed one (before the
+    /// plan's `[[post_pass]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_pass: Option<String>,
 }
 
 /// `verify = { source = "…", destination = "…" }`: run both after the final pass (with
@@ -325,6 +345,9 @@ pub struct Plan {
     pub tasks: Vec<TaskSpec>,
     pub pre_final: Vec<Hook>,
     pub post_final: Vec<Hook>,
+    /// Around every presync and final pass of every task.
+    pub pre_pass: Vec<Hook>,
+    pub post_pass: Vec<Hook>,
     pub on_success: Vec<Hook>,
     pub on_failure: Vec<Hook>,
     /// BLAKE3 (hex) of the plan's canonical content: formatting and comments do not count.
@@ -534,6 +557,8 @@ impl Plan {
             tasks: file.tasks.clone(),
             pre_final: Vec::new(),
             post_final: Vec::new(),
+            pre_pass: Vec::new(),
+            post_pass: Vec::new(),
             on_success: Vec::new(),
             on_failure: Vec::new(),
             fingerprint: blake3::hash(canonical.as_bytes()).to_hex().to_string(),
@@ -550,6 +575,8 @@ impl Plan {
         for (section, specs) in [
             ("pre_final", &file.pre_final),
             ("post_final", &file.post_final),
+            ("pre_pass", &file.pre_pass),
+            ("post_pass", &file.post_pass),
             ("on_success", &file.on_success),
             ("on_failure", &file.on_failure),
         ] {
@@ -627,6 +654,8 @@ impl Plan {
             match section {
                 "pre_final" => plan.pre_final = hooks,
                 "post_final" => plan.post_final = hooks,
+                "pre_pass" => plan.pre_pass = hooks,
+                "post_pass" => plan.post_pass = hooks,
                 "on_success" => plan.on_success = hooks,
                 _ => plan.on_failure = hooks,
             }
@@ -658,7 +687,7 @@ impl Plan {
         )
     }
 
-    fn task_key(&self, i: usize, key: &'static str, message: String) -> PlanError {
+    pub(crate) fn task_key(&self, i: usize, key: &'static str, message: String) -> PlanError {
         self.error_at_task_key(i, KeyError { key, message })
     }
 
@@ -716,6 +745,9 @@ impl Plan {
                 ("destination_command", &t.destination_command),
                 ("rsh", &t.rsh),
                 ("remote_cutover", &t.remote_cutover),
+                ("paths_from", &t.paths_from),
+                ("pre_pass", &t.pre_pass),
+                ("post_pass", &t.post_pass),
             ] {
                 if empty(v) {
                     return Err(self.task_key(
@@ -767,6 +799,7 @@ impl Plan {
                     }
                 }
             }
+            crate::passes::check_task(self, i)?;
             if t.max_delete.is_some() && !t.delete {
                 return Err(self.task_key(
                     i,
@@ -856,6 +889,11 @@ impl Plan {
 
     pub fn task(&self, name: &str) -> Option<&TaskSpec> {
         self.tasks.iter().find(|t| t.name == name)
+    }
+
+    /// Where the path list of a task's `paths_from` is written (the newest pass's).
+    pub fn paths_list(&self, t: &TaskSpec) -> PathBuf {
+        self.state_dir.join("paths").join(&t.name)
     }
 
     /// Where a command task's output is spooled.

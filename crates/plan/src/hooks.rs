@@ -1,7 +1,8 @@
-//! Hooks (`[[pre_final]]`, `[[post_final]]`, notify hooks): a shell command run in its own
-//! process group with a timeout, output appended to `hooks.log`; on timeout or Ctrl-C the
-//! whole group is killed, so whatever the command started (a `pg_dump`, a `sleep`) dies with
-//! it. A notify hook may be a webhook instead: its input POSTed as JSON (ureq, rustls).
+//! Hooks (`[[pre_final]]`, `[[post_final]]`, the per-pass `pre_pass`/`post_pass`, notify
+//! hooks): a shell command run in its own process group with a timeout, output appended to
+//! `hooks.log`; on timeout or Ctrl-C the whole group is killed, so whatever the command
+//! started (a `pg_dump`, a `sleep`) dies with it. A notify hook may be a webhook instead: its
+//! input POSTed as JSON (ureq, rustls).
 
 use crate::file::{webhook_shown, Hook, HookRun};
 use crate::logs::stamp;
@@ -11,17 +12,44 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Run `hook` in `dir` with `input` on its stdin; `log` receives its stdout and stderr.
-/// Returns the seconds it took, or a one-line reason it failed.
+/// Where and how a hook runs.
+#[derive(Clone, Copy)]
+pub struct HookCall<'a> {
+    /// `pre_final`, `pre_pass`, `on_success`…: `CUTOVER_HOOK`, and the tag of its log lines.
+    pub phase: &'a str,
+    /// `CUTOVER_PLAN`.
+    pub plan_path: &'a Path,
+    /// The working directory (the plan's).
+    pub dir: &'a Path,
+    /// Receives its stdout and stderr (appended).
+    pub log: Option<&'a Path>,
+    /// On its stdin (notify hooks: the report).
+    pub input: Option<&'a [u8]>,
+    /// More environment (a pass's `CUTOVER_TASK`, `CUTOVER_PASS`, stamp…).
+    pub env: &'a [(String, String)],
+    /// The task whose pass it runs around, for its log lines.
+    pub task: Option<&'a str>,
+}
+
+/// Run `hook` as `call` says. Returns the seconds it took, or a one-line reason it failed.
 pub async fn run_hook(
     hook: &Hook,
-    phase: &str,
-    plan_path: &Path,
-    dir: &Path,
-    log: Option<&Path>,
-    input: Option<&[u8]>,
+    call: &HookCall<'_>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<f64, String> {
+    let HookCall {
+        phase,
+        plan_path,
+        dir,
+        log,
+        input,
+        env,
+        task,
+    } = *call;
+    let tag = match task {
+        Some(t) => format!("{phase} {t}"),
+        None => phase.to_string(),
+    };
     let started = Instant::now();
     let command = match &hook.run {
         HookRun::Command(c) => c,
@@ -31,7 +59,7 @@ pub async fn run_hook(
                 if let Ok(mut f) = crate::logs::open_append(path) {
                     let _ = writeln!(
                         f,
-                        "{} [{phase}] {}: POST {} ({} bytes): {}",
+                        "{} [{tag}] {}: POST {} ({} bytes): {}",
                         stamp(state::now_ms()),
                         hook.name,
                         webhook_shown(url),
@@ -51,7 +79,7 @@ pub async fn run_hook(
             let mut f = cofs::safe_write::open_append(path, 0o644).map_err(|e| e.to_string())?;
             let _ = writeln!(
                 f,
-                "{} [{phase}] {}: sh -c {:?}",
+                "{} [{tag}] {}: sh -c {:?}",
                 stamp(state::now_ms()),
                 hook.name,
                 command
@@ -69,6 +97,7 @@ pub async fn run_hook(
         .current_dir(dir)
         .env("CUTOVER_PLAN", plan_path)
         .env("CUTOVER_HOOK", phase)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {
@@ -171,28 +200,25 @@ mod tests {
         let log = dir.path().join("hooks.log");
         let (_tx, mut rx) = watch::channel(false);
         let p = Path::new("plan.toml");
+        let call = HookCall {
+            phase: "pre_final",
+            plan_path: p,
+            dir: dir.path(),
+            log: Some(&log),
+            input: None,
+            env: &[],
+            task: None,
+        };
         run_hook(
             &hook("echo hello; pwd", Duration::from_secs(10)),
-            "pre_final",
-            p,
-            dir.path(),
-            Some(&log),
-            None,
+            &call,
             &mut rx,
         )
         .await
         .unwrap();
-        let e = run_hook(
-            &hook("exit 3", Duration::from_secs(10)),
-            "pre_final",
-            p,
-            dir.path(),
-            Some(&log),
-            None,
-            &mut rx,
-        )
-        .await
-        .unwrap_err();
+        let e = run_hook(&hook("exit 3", Duration::from_secs(10)), &call, &mut rx)
+            .await
+            .unwrap_err();
         assert_eq!(e, "exited with status 3");
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("hello\n"), "{text}");
@@ -202,11 +228,42 @@ mod tests {
         );
         let input = br#"{"ok":true}"#;
         let h = hook("cat > got", Duration::from_secs(10));
-        run_hook(&h, "on_success", p, dir.path(), None, Some(input), &mut rx)
-            .await
-            .unwrap();
+        let notify = HookCall {
+            phase: "on_success",
+            log: None,
+            input: Some(input),
+            ..call
+        };
+        run_hook(&h, &notify, &mut rx).await.unwrap();
         let got = std::fs::read(dir.path().join("got")).unwrap();
         assert_eq!(got, input);
+    }
+
+    #[tokio::test]
+    async fn a_pass_hook_gets_its_environment_and_a_tagged_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("hooks.log");
+        let (_tx, mut rx) = watch::channel(false);
+        let env = [("CUTOVER_TASK".to_string(), "db".to_string())];
+        let call = HookCall {
+            phase: "pre_pass",
+            plan_path: Path::new("plan.toml"),
+            dir: dir.path(),
+            log: Some(&log),
+            input: None,
+            env: &env,
+            task: Some("db"),
+        };
+        run_hook(
+            &hook("echo $CUTOVER_HOOK $CUTOVER_TASK", Duration::from_secs(10)),
+            &call,
+            &mut rx,
+        )
+        .await
+        .unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("[pre_pass db] t: sh -c"), "{text}");
+        assert!(text.contains("\npre_pass db\n"), "{text}");
     }
 
     /// A listener on 127.0.0.1 that reads a request and answers `answer` (None: never).
@@ -268,17 +325,18 @@ mod tests {
         let started = Instant::now();
         // The background sleep is a grandchild: only a group kill reaches it.
         let cmd = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
-        let e = run_hook(
-            &hook(&cmd, Duration::from_millis(500)),
-            "pre_final",
-            Path::new("p"),
-            dir.path(),
-            None,
-            None,
-            &mut rx,
-        )
-        .await
-        .unwrap_err();
+        let call = HookCall {
+            phase: "pre_final",
+            plan_path: Path::new("p"),
+            dir: dir.path(),
+            log: None,
+            input: None,
+            env: &[],
+            task: None,
+        };
+        let e = run_hook(&hook(&cmd, Duration::from_millis(500)), &call, &mut rx)
+            .await
+            .unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
         let pid = std::fs::read_to_string(&pidfile).unwrap();

@@ -1,7 +1,9 @@
 //! Migration plans: the plan file and its validation ([`file`]), the task graph ([`graph`]),
 //! the runner that runs every task in dependency order with a limit on how many run at once
-//! ([`run`]), presync prediction ([`predict`]), hooks ([`hooks`]), logs ([`logs`]), the
-//! end-of-run report ([`report`]) and the processes of command tasks ([`spool`]).
+//! ([`run`]), one pass with its `pre_pass`/`post_pass` hooks and `paths_from` list
+//! ([`passes`], [`paths_from`]), the stamps those see ([`stamps`]), presync prediction
+//! ([`predict`]), hooks ([`hooks`]), logs ([`logs`]), the end-of-run report ([`report`]) and
+//! the processes of command tasks ([`spool`]).
 //!
 //! This crate never moves data itself: a [`TaskRunner`] (the CLI's, which calls the same
 //! code as `cutover sync`) runs one pass of one task and returns what it did.
@@ -10,10 +12,13 @@ pub mod file;
 pub mod graph;
 pub mod hooks;
 pub mod logs;
+pub mod passes;
+pub mod paths_from;
 pub mod predict;
 pub mod report;
 pub mod run;
 pub mod spool;
+pub mod stamps;
 
 pub use file::{
     parse_duration, Connections, Hook, HookRun, KeyError, Kind, Plan, PlanError, TaskSpec,
@@ -93,8 +98,24 @@ pub struct PassContext {
     pub dry_run: bool,
     /// Fill [`PassStats::sent`] (a final pass whose task verifies what it transferred).
     pub collect_sent: bool,
+    /// The task's `paths_from` list for this pass: sync only these paths (relative to the
+    /// source, one a line; a listed directory with what is beneath it).
+    pub files_from: Option<PathBuf>,
+    /// The pass's environment (`CUTOVER_TASK`, `CUTOVER_PASS`, the stamp), for what the
+    /// runner itself starts (a command task's command).
+    pub env: Vec<(String, String)>,
     pub log: TaskLog,
     pub progress: ProgressSink,
+}
+
+/// Where a task's source is, as its `paths_from` command needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSide {
+    /// On this machine, at this path.
+    Local(PathBuf),
+    /// On another host, at `path` there; `argv` followed by one shell command line runs
+    /// that line there (the task's ssh command and the host).
+    Remote { argv: Vec<String>, path: String },
 }
 
 /// Runs one pass of one task. The CLI implements it with the code path of `cutover sync`.
@@ -102,6 +123,13 @@ pub trait TaskRunner: Send + Sync + 'static {
     /// Check what only the runner understands (endpoint syntax, rates, fingerprints),
     /// without touching anything; the error names the key.
     fn check(&self, task: &TaskSpec) -> Result<(), KeyError>;
+    /// Where the task's source is (relative local paths are taken from `base_dir`), and how
+    /// to run a command there. `Err`: commands cannot run there (a daemon's module).
+    fn source_side(
+        &self,
+        task: &TaskSpec,
+        base_dir: &std::path::Path,
+    ) -> Result<SourceSide, String>;
     /// Run one pass. `Err` is a failure of the whole pass, with a one-line reason.
     fn run_pass(&self, task: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>>;
     /// After a final pass: compare the content of source and destination (by hashes, on

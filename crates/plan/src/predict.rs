@@ -10,6 +10,18 @@
 //! The final pass is assumed to find as much changed as the newest pass did, so
 //! `predicted = overhead + per_file × files_last + per_byte × bytes_last`.
 //!
+//! A floor: a final pass can never be faster than its own walk of both sides and its
+//! session set-up. The engine's summary does not time those apart from the transfer, so
+//! the floor is the shortest successful pass (the least a pass was ever seen to cost,
+//! hooks and `paths_from` included) and the prediction is never below it. Without the
+//! floor, a model that fell back to a rate alone (no overhead term) predicted 0.0 s after
+//! two passes of a live PostgreSQL directory whose second pass took 2.3 s for one file.
+//!
+//! Every model says how far to trust it: how many passes it was fitted to, which terms,
+//! and how well they fit: R² and the residual's standard error relative to the mean pass
+//! (both only when there were more passes than terms; with as many, any model fits
+//! exactly and says nothing).
+//!
 //! The plan's prediction schedules every task's predicted duration the way the runner
 //! would (dependency order, at most `parallel` at once, ready tasks in file order) and
 //! takes the time the last one ends.
@@ -27,7 +39,64 @@ pub struct TaskModel {
     pub last_files: u64,
     pub last_bytes: u64,
     pub passes: usize,
+    /// `max(model's figure, floor_s)`.
     pub predicted_s: f64,
+    /// Which terms were fitted, e.g. "overhead + per byte".
+    pub fitted: &'static str,
+    /// The shortest successful pass: no prediction is below it.
+    pub floor_s: f64,
+    /// The model's own figure was below the floor (the prediction is the floor).
+    pub floored: bool,
+    /// 1 − SS_res/SS_tot over the passes; None with no more passes than terms, or when
+    /// every pass took as long.
+    pub r2: Option<f64>,
+    /// √(SS_res/(passes − terms)) / mean duration; None with no more passes than terms.
+    pub rel_residual: Option<f64>,
+}
+
+impl TaskModel {
+    /// How far to trust it, for people: `overhead + per byte fitted to 4 passes (R² 0.98,
+    /// residual ±5%)`, and when the floor applied, what the model said.
+    pub fn confidence(&self) -> String {
+        let passes = if self.passes == 1 {
+            "1 pass".to_string()
+        } else {
+            format!("{} passes", self.passes)
+        };
+        let fit = match (self.r2, self.rel_residual) {
+            (Some(r2), Some(res)) => format!("R² {r2:.2}, residual ±{:.0}%", res * 100.0),
+            (None, Some(res)) => format!("residual ±{:.0}%", res * 100.0),
+            _ => "exact: no more passes than terms, nothing to judge the fit by".into(),
+        };
+        let mut s = format!("{} fitted to {passes} ({fit})", self.fitted);
+        if self.floored {
+            s.push_str(&format!(
+                "; the model said {}, raised to the floor of {} (the shortest pass)",
+                crate::run::human_duration(self.modelled_s()),
+                crate::run::human_duration(self.floor_s)
+            ));
+        }
+        s
+    }
+
+    /// What the fitted terms alone give for the final pass (before the floor).
+    pub fn modelled_s(&self) -> f64 {
+        self.overhead_s
+            + self.per_file_s * self.last_files as f64
+            + self.per_byte_s * self.last_bytes as f64
+    }
+}
+
+/// What each candidate model is called.
+fn fitted_name(cols: &[usize]) -> &'static str {
+    match cols {
+        [0, 1, 2] => "overhead + per file + per byte",
+        [0, 2] => "overhead + per byte",
+        [0, 1] => "overhead + per file",
+        [2] => "per byte only",
+        [1] => "per file only",
+        _ => "overhead only (the shortest pass)",
+    }
 }
 
 /// Least squares for `duration ≈ Σ c_j · feature_j` over the features `cols` (0 = the
@@ -85,7 +154,9 @@ pub fn model(passes: &[PassRecord]) -> Option<TaskModel> {
     // The richest model the passes support whose terms are all non-negative (a negative
     // overhead or cost is noise fitted, not a property of the task).
     let candidates: [&[usize]; 5] = [&[0, 1, 2], &[0, 2], &[0, 1], &[2], &[1]];
+    let floor = d.iter().copied().fold(f64::INFINITY, f64::min);
     let mut coef = [0.0f64; 3];
+    let mut chosen: &[usize] = &[0];
     let mut found = false;
     for cols in candidates {
         if ok.len() < cols.len() {
@@ -96,6 +167,7 @@ pub fn model(passes: &[PassRecord]) -> Option<TaskModel> {
                 for (&col, v) in cols.iter().zip(c) {
                     coef[col] = v.max(0.0);
                 }
+                chosen = cols;
                 found = true;
                 break;
             }
@@ -103,19 +175,53 @@ pub fn model(passes: &[PassRecord]) -> Option<TaskModel> {
     }
     if !found {
         // Nothing changed in any pass: each pass is all overhead.
-        coef[0] = d.iter().copied().fold(f64::INFINITY, f64::min);
+        coef[0] = floor;
     }
-    let predicted =
-        coef[0] + coef[1] * last.files_changed as f64 + coef[2] * last.bytes_changed as f64;
-    Some(TaskModel {
+    let (r2, rel_residual) = goodness(&x, &d, &coef, chosen.len());
+    let mut m = TaskModel {
         overhead_s: coef[0],
         per_file_s: coef[1],
         per_byte_s: coef[2],
         last_files: last.files_changed,
         last_bytes: last.bytes_changed,
         passes: ok.len(),
-        predicted_s: predicted,
-    })
+        predicted_s: 0.0,
+        fitted: if found {
+            fitted_name(chosen)
+        } else {
+            fitted_name(&[])
+        },
+        floor_s: floor,
+        floored: false,
+        r2,
+        rel_residual,
+    };
+    let modelled = m.modelled_s();
+    // A millisecond of slack: the overhead-only model *is* the floor.
+    m.floored = modelled < floor - 1e-3;
+    m.predicted_s = modelled.max(floor);
+    Some(m)
+}
+
+/// R² and the relative residual of `coef` over the passes (`k` terms fitted).
+fn goodness(x: &[[f64; 3]], d: &[f64], coef: &[f64; 3], k: usize) -> (Option<f64>, Option<f64>) {
+    let n = d.len();
+    if n <= k {
+        return (None, None);
+    }
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let ss_res: f64 = x
+        .iter()
+        .zip(d)
+        .map(|(r, &dv)| {
+            let e = dv - (coef[0] * r[0] + coef[1] * r[1] + coef[2] * r[2]);
+            e * e
+        })
+        .sum();
+    let ss_tot: f64 = d.iter().map(|&dv| (dv - mean) * (dv - mean)).sum();
+    let r2 = (ss_tot > 1e-12).then(|| 1.0 - ss_res / ss_tot);
+    let rel = (mean > 0.0).then(|| (ss_res / (n - k) as f64).sqrt() / mean);
+    (r2, rel)
 }
 
 /// When every task would end if each took `durations[i]`, scheduled like the runner does.
@@ -161,6 +267,24 @@ pub struct Prediction {
     pub tasks: Vec<(String, Option<TaskModel>)>,
     /// The plan's predicted final pass, once every task has a model.
     pub total_s: Option<f64>,
+}
+
+impl Prediction {
+    /// One line per task: its predicted final pass and how far to trust it (for the
+    /// terminal and the report's notes).
+    pub fn lines(&self) -> Vec<String> {
+        self.tasks
+            .iter()
+            .map(|(name, m)| match m {
+                Some(m) => format!(
+                    "prediction for {name}: {}, {}",
+                    crate::run::human_duration(m.predicted_s),
+                    m.confidence()
+                ),
+                None => format!("prediction for {name}: none (no successful pass yet)"),
+            })
+            .collect()
+    }
 }
 
 pub fn predict(plan: &Plan, store: &dyn Store) -> Result<Prediction, StateError> {
@@ -246,6 +370,53 @@ mod tests {
         let m = model(&[pass(5, 5000, 3.0), failed]).unwrap();
         assert!((m.predicted_s - 3.0).abs() < 1e-9, "{m:?}");
         assert!(model(&[]).is_none());
+    }
+
+    #[test]
+    fn a_fit_without_overhead_never_predicts_below_the_shortest_pass() {
+        // Two presync passes of a live PostgreSQL data directory (1023 entries): the first
+        // copied everything in 1.2 s, the second took 2.3 s (files changing while read)
+        // for one 8 KiB file. Both lines through the two passes slope down, so the fit
+        // falls back to a rate alone, which put 0.0 s on an 8 KiB pass.
+        let passes = [pass(1023, 41 << 20, 1.2), pass(1, 8 << 10, 2.3)];
+        let m = model(&passes).unwrap();
+        assert_eq!(m.fitted, "per byte only");
+        assert!(m.modelled_s() < 0.01, "{m:?}");
+        assert!(m.floored, "{m:?}");
+        assert_eq!(m.floor_s, 1.2);
+        assert!(m.predicted_s >= 1.2, "below the measured overhead: {m:?}");
+        // And it says how little to trust it: two passes, one term, a poor fit.
+        assert_eq!(m.passes, 2);
+        assert!(m.rel_residual.unwrap() > 0.5, "{m:?}");
+        let c = m.confidence();
+        assert!(
+            c.starts_with("per byte only fitted to 2 passes (R² "),
+            "{c}"
+        );
+        assert!(
+            c.ends_with("raised to the floor of 1.2 s (the shortest pass)"),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn a_good_fit_says_so_and_an_exact_one_says_nothing() {
+        let truth = |f: u64, b: u64| 2.0 + 0.01 * f as f64 + b as f64 / 100e6;
+        let passes: Vec<PassRecord> = [(500, 100_000_000), (100, 50_000_000), (50, 1_000)]
+            .iter()
+            .map(|&(f, b)| pass(f, b, truth(f, b) * 1.01))
+            .collect();
+        let m = model(&passes).unwrap();
+        // Three passes, three terms: exact.
+        assert_eq!(m.fitted, "overhead + per file + per byte");
+        assert_eq!((m.r2, m.rel_residual), (None, None));
+        assert!(m.confidence().contains("exact"), "{}", m.confidence());
+        let mut more = passes.clone();
+        more.push(pass(200, 20_000_000, truth(200, 20_000_000) * 0.99));
+        let m = model(&more).unwrap();
+        assert!(m.r2.unwrap() > 0.99, "{m:?}");
+        assert!(m.rel_residual.unwrap() < 0.05, "{m:?}");
+        assert!(!m.floored);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use crate::file::{Plan, VerifyMode};
 use crate::logs::{stamp, Echo, Logs};
+use crate::passes::Pass;
 use crate::predict::{predict, Prediction};
 use crate::{graph, Error, Mismatch, PassContext, PassStats, ProgressSink, TaskRunner};
 use serde_json::json;
@@ -134,32 +135,6 @@ pub fn human_duration(secs: f64) -> String {
     humantime::format_duration(Duration::from_secs(secs.round() as u64)).to_string()
 }
 
-/// Turn a runner's answer into the pass's outcome. `strict` (a final pass): files that
-/// changed while they were read make the copy inconsistent, so the pass fails.
-fn judge(task: &crate::TaskSpec, r: Result<PassStats, String>, strict: bool) -> PassOutcome {
-    match r {
-        Err(m) => PassOutcome::Failed(m),
-        Ok(s) => {
-            if let Some(n) = s.delete_limit_hit {
-                PassOutcome::Failed(format!(
-                    "max_delete: {n} entries would be deleted (limit {}); nothing was deleted: check the source, or raise max_delete",
-                    task.max_delete.unwrap_or(0)
-                ))
-            } else if let Some(first) = s.errors.first() {
-                PassOutcome::Failed(format!("{} error(s); first: {first}", s.errors.len()))
-            } else if strict && !s.changed_during_copy.is_empty() {
-                PassOutcome::Failed(format!(
-                    "{} file(s) changed during the final pass (first: {}); the service is still writing",
-                    s.changed_during_copy.len(),
-                    s.changed_during_copy[0]
-                ))
-            } else {
-                PassOutcome::Ok(s)
-            }
-        }
-    }
-}
-
 /// Run the tasks once (those in `only`, or all), in dependency order, at most
 /// `plan.parallel` at once. A task whose dependency did not succeed in this run is blocked;
 /// a dependency outside `only` counts as satisfied (it succeeded before).
@@ -202,6 +177,27 @@ async fn run_tasks(
     let mut running = 0usize;
     let mut interrupted = false;
     loop {
+        // A pass may see the stop (and end) before this loop does: look at it before
+        // judging or starting anything. Every pass sees the same stop: it drops its sync
+        // or kills its hook, runs its post_pass hooks and ends as interrupted.
+        if !interrupted && *stop.borrow() {
+            interrupted = true;
+            ctx.logs
+                .summary("stop requested: stopping every running task");
+        }
+        // Once stopping, nothing new starts: what still waits is interrupted too, so that
+        // `rerun --failed` picks it up.
+        if interrupted {
+            for i in 0..n {
+                if st[i] == S::Waiting {
+                    st[i] = S::Finished;
+                    results[i].outcome = PassOutcome::Interrupted;
+                    let _ = ctx
+                        .store
+                        .set_phase(ctx.run, &tasks[i].name, Phase::Interrupted);
+                }
+            }
+        }
         // Block whatever waits on a dependency that did not succeed, until nothing changes
         // (a blocked task blocks its own dependents in turn).
         loop {
@@ -228,19 +224,6 @@ async fn run_tasks(
             }
             if !changed {
                 break;
-            }
-        }
-        // Once stopping, nothing new starts: what still waits is interrupted too, so that
-        // `rerun --failed` picks it up.
-        if interrupted {
-            for i in 0..n {
-                if st[i] == S::Waiting {
-                    st[i] = S::Finished;
-                    results[i].outcome = PassOutcome::Interrupted;
-                    let _ = ctx
-                        .store
-                        .set_phase(ctx.run, &tasks[i].name, Phase::Interrupted);
-                }
             }
         }
         // Start what is ready, in plan order.
@@ -280,8 +263,11 @@ async fn run_tasks(
             }
             ctx.logs
                 .summary(&format!("{}: {kind} pass starts", spec.name));
-            let fut = ctx.runner.run_pass(
-                spec.clone(),
+            // Hooks, paths_from and the sync; the pass ends itself when `stop` turns.
+            let pass = Pass::new(
+                ctx.plan,
+                &spec,
+                kind,
                 PassContext {
                     base_dir: ctx.plan.base_dir.clone(),
                     kind: kind.to_string(),
@@ -290,13 +276,18 @@ async fn run_tasks(
                     collect_sent: kind == "final"
                         && !ctx.dry_run
                         && ctx.plan.verify_mode(&spec) == VerifyMode::Transferred,
+                    files_from: None,
+                    env: Vec::new(),
                     log: log.clone(),
                     progress: ProgressSink::new(ctx.store.clone(), &spec.name),
                 },
+                ctx.runner.clone(),
+                ctx.store.clone(),
+                stop.clone(),
             );
             let handle = set.spawn(async move {
-                let r = fut.await;
-                (r, now_ms(), log)
+                let outcome = pass.run().await;
+                (outcome, now_ms(), log)
             });
             by_id.insert(handle.id(), i);
             results[i].started_ms = Some(started);
@@ -308,21 +299,11 @@ async fn run_tasks(
         }
         let joined = tokio::select! {
             j = set.join_next_with_id() => j,
-            _ = stopped(stop), if !interrupted => {
-                interrupted = true;
-                ctx.logs.summary("stop requested: stopping every running task");
-                set.abort_all();
-                continue;
-            }
+            _ = stopped(stop), if !interrupted => continue,
         };
         let Some(joined) = joined else { break };
         let (id, outcome, ended, log) = match joined {
-            Ok((id, (r, ended, log))) => {
-                let i = by_id.get(&id).copied().unwrap_or(usize::MAX);
-                let strict = kind == "final";
-                let o = tasks.get(i).map(|t| judge(t, r, strict));
-                (id, o, ended, Some(log))
-            }
+            Ok((id, (o, ended, log))) => (id, Some(o), ended, Some(log)),
             Err(e) => {
                 let o = if e.is_cancelled() {
                     PassOutcome::Interrupted
@@ -448,6 +429,8 @@ async fn verify_tasks(
                     spool: ctx.plan.spool_path(spec),
                     dry_run: true,
                     collect_sent: false,
+                    files_from: None,
+                    env: Vec::new(),
                     log: log.clone(),
                     progress: ProgressSink::discard(),
                 },
@@ -714,16 +697,16 @@ async fn close(
     let (_keep, mut never) = watch::channel(false);
     let hooks_log = ctx.plan.log_dir().join("hooks.log");
     for h in hooks {
-        let r = crate::hooks::run_hook(
-            h,
+        let call = crate::hooks::HookCall {
             phase,
-            &ctx.plan.path,
-            &ctx.plan.base_dir,
-            Some(&hooks_log),
-            Some(input.as_bytes()),
-            &mut never,
-        )
-        .await;
+            plan_path: &ctx.plan.path,
+            dir: &ctx.plan.base_dir,
+            log: Some(&hooks_log),
+            input: Some(input.as_bytes()),
+            env: &[],
+            task: None,
+        };
+        let r = crate::hooks::run_hook(h, &call, &mut never).await;
         if let Err(m) = r {
             let line = format!("{phase} hook {:?} failed: {m}", h.name);
             ctx.store.record_error(ctx.run, phase, &line)?;
@@ -877,7 +860,12 @@ pub async fn presync(
         Verdict::Failed => "failed",
         Verdict::Interrupted => "interrupted",
     };
-    let error_log = close(&ctx, "presync", &last, outcome, &[]).await?;
+    // How far to trust the prediction, per task, on the terminal and in the report.
+    let notes = prediction.as_ref().map(|p| p.lines()).unwrap_or_default();
+    for line in &notes {
+        ctx.logs.summary(line);
+    }
+    let error_log = close(&ctx, "presync", &last, outcome, &notes).await?;
     Ok(PresyncReport {
         verdict,
         passes: pass,
@@ -915,16 +903,16 @@ async fn run_hooks(
     for h in hooks {
         ctx.logs
             .summary(&format!("{phase} hook {:?} starts", h.name));
-        let r = crate::hooks::run_hook(
-            h,
+        let call = crate::hooks::HookCall {
             phase,
-            &ctx.plan.path,
-            &ctx.plan.base_dir,
-            Some(&log),
-            None,
-            stop,
-        )
-        .await;
+            plan_path: &ctx.plan.path,
+            dir: &ctx.plan.base_dir,
+            log: Some(&log),
+            input: None,
+            env: &[],
+            task: None,
+        };
+        let r = crate::hooks::run_hook(h, &call, stop).await;
         match r {
             Ok(secs) => ctx.logs.summary(&format!(
                 "{phase} hook {:?} ok in {}",
@@ -963,7 +951,8 @@ pub async fn cutover(
     mut stop: watch::Receiver<bool>,
 ) -> Result<CutoverReport, Error> {
     let ctx = open(plan, runner, echo, "cutover", true, force)?;
-    let predicted_s = predict(plan, ctx.store.as_ref())?.total_s;
+    let prediction = predict(plan, ctx.store.as_ref())?;
+    let predicted_s = prediction.total_s;
     ctx.logs.summary(&format!(
         "cutover of plan {:?}: predicted final pass {}",
         plan.name,
@@ -971,6 +960,11 @@ pub async fn cutover(
             .map(human_duration)
             .unwrap_or_else(|| "unknown (no successful presync of every task)".into())
     ));
+    // After the notes about what happened, in the report: how far to trust the prediction.
+    let confidence = prediction.lines();
+    for line in &confidence {
+        ctx.logs.summary(line);
+    }
     let mut notes = Vec::new();
     let downtime = std::time::Instant::now();
     let mut out = CutoverReport {
@@ -993,6 +987,7 @@ pub async fn cutover(
         } else {
             "failed"
         };
+        notes.extend(confidence);
         close(&ctx, "cutover", &out.report, outcome, &notes).await?;
         return Ok(out);
     }
@@ -1039,6 +1034,7 @@ pub async fn cutover(
     } else {
         "failed"
     };
+    notes.extend(confidence);
     close(&ctx, "cutover", &out.report, outcome, &notes).await?;
     Ok(out)
 }

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Kills a process group when dropped.
-struct GroupGuard(Option<rustix::process::Pid>);
+pub(crate) struct GroupGuard(pub(crate) Option<rustix::process::Pid>);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
@@ -38,13 +38,16 @@ pub(crate) fn exit_reason(status: std::process::ExitStatus) -> String {
 async fn run(
     command: &str,
     dir: &Path,
+    env: &[(String, String)],
     stdin: Stdio,
     stdout: Stdio,
     what: &str,
     log: &TaskLog,
 ) -> Result<(), String> {
     let mut sh = tokio::process::Command::new("sh");
-    sh.arg("-c").arg(command);
+    sh.arg("-c")
+        .arg(command)
+        .envs(env.iter().map(|(k, v)| (k, v)));
     run_command(sh, dir, stdin, stdout, what, log).await
 }
 
@@ -95,10 +98,17 @@ async fn run_command(
     })
 }
 
-/// Run `command` and spool its stdout to `out` (via a temporary file beside it, renamed
-/// once the command succeeded and the data is on disk). Returns the output's size.
-pub async fn spool(command: &str, dir: &Path, out: &Path, log: &TaskLog) -> Result<u64, String> {
-    spool_as("command", command, dir, out, log).await
+/// Run `command` with `env` (the pass's `CUTOVER_TASK`, `CUTOVER_PASS` and stamp) and spool
+/// its stdout to `out` (via a temporary file beside it, renamed once the command succeeded
+/// and the data is on disk). Returns the output's size.
+pub async fn spool(
+    command: &str,
+    dir: &Path,
+    env: &[(String, String)],
+    out: &Path,
+    log: &TaskLog,
+) -> Result<u64, String> {
+    spool_as("command", command, dir, env, out, log).await
 }
 
 /// Run a verify command into `out` and return the BLAKE3 hash of its output and its size.
@@ -109,7 +119,7 @@ pub async fn fingerprint_output(
     out: &Path,
     log: &TaskLog,
 ) -> Result<(blake3::Hash, u64), String> {
-    let size = spool_as(what, command, dir, out, log).await?;
+    let size = spool_as(what, command, dir, &[], out, log).await?;
     let file = std::fs::File::open(out).map_err(|e| format!("{what}: {}: {e}", out.display()))?;
     let mut h = blake3::Hasher::new();
     h.update_reader(file)
@@ -121,6 +131,7 @@ async fn spool_as(
     what: &str,
     command: &str,
     dir: &Path,
+    env: &[(String, String)],
     out: &Path,
     log: &TaskLog,
 ) -> Result<u64, String> {
@@ -137,7 +148,16 @@ async fn spool_as(
         "{what} starts: sh -c {command:?} > {}",
         out.display()
     ));
-    run(command, dir, Stdio::null(), Stdio::from(file), what, log).await?;
+    run(
+        command,
+        dir,
+        env,
+        Stdio::null(),
+        Stdio::from(file),
+        what,
+        log,
+    )
+    .await?;
     let size = spooled.file().metadata().map_err(err)?.len();
     spooled.commit().map_err(|e| format!("spool {e}"))?;
     log.line(&format!("{what} done: {size} bytes spooled"));
@@ -155,6 +175,7 @@ pub async fn feed(command: &str, dir: &Path, input: &Path, log: &TaskLog) -> Res
     run(
         command,
         dir,
+        &[],
         Stdio::from(file),
         Stdio::null(),
         "destination_command",
@@ -200,7 +221,9 @@ mod tests {
         let out = dir.path().join("sub/out");
         let log = TaskLog::discard();
         assert_eq!(
-            spool("printf abc", dir.path(), &out, &log).await.unwrap(),
+            spool("printf abc", dir.path(), &[], &out, &log)
+                .await
+                .unwrap(),
             3
         );
         assert_eq!(std::fs::read(&out).unwrap(), b"abc");
@@ -208,6 +231,7 @@ mod tests {
         let e = spool(
             "printf partial; echo no such table >&2; exit 2",
             dir.path(),
+            &[],
             &out,
             &log,
         )
@@ -233,7 +257,7 @@ mod tests {
         // The output itself a symlink: refused, the link and its target kept.
         let out = dir.path().join("out");
         std::os::unix::fs::symlink(&victim, &out).unwrap();
-        let e = spool("printf dump", dir.path(), &out, &log)
+        let e = spool("printf dump", dir.path(), &[], &out, &log)
             .await
             .unwrap_err();
         assert!(e.contains("out: is a symlink, not a regular file"), "{e}");
@@ -241,7 +265,9 @@ mod tests {
         // A symlink planted where the old fixed temporary name was is not followed.
         let out = dir.path().join("db.dump");
         std::os::unix::fs::symlink(&victim, dir.path().join("db.dump.spooling")).unwrap();
-        spool("printf dump", dir.path(), &out, &log).await.unwrap();
+        spool("printf dump", dir.path(), &[], &out, &log)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"dump");
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
@@ -253,7 +279,7 @@ mod tests {
         let cmd = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
         let log = TaskLog::discard();
         let out = dir.path().join("out");
-        let fut = spool(&cmd, dir.path(), &out, &log);
+        let fut = spool(&cmd, dir.path(), &[], &out, &log);
         // Drop the pass mid-way, as an aborted task does.
         let _ = tokio::time::timeout(std::time::Duration::from_millis(500), fut).await;
         let pid = std::fs::read_to_string(&pidfile).unwrap();

@@ -176,7 +176,7 @@ pub struct TaskState {
     pub run: Option<RunId>,
     pub updated_ms: Millis,
     pub progress: Progress,
-    /// End of the last successful pass.
+    /// The stamp: when the last successful pass *started* (see [`Store::stamp`]).
     pub last_success_ms: Option<Millis>,
     pub last_error: Option<String>,
     pub last_error_ms: Option<Millis>,
@@ -224,6 +224,10 @@ pub trait Store: Send + Sync {
     /// Record an error that is not a pass's (a task that could not start, a hook).
     fn record_error(&self, run: RunId, task: &str, message: &str) -> Result<(), StateError>;
     fn tasks(&self) -> Result<Vec<TaskState>, StateError>;
+    /// A task's stamp: when its last successful pass started (None: it never had one).
+    /// A pass that fails, is interrupted or dies with its runner leaves it as it was, since
+    /// only [`Store::record_pass`] of a successful pass writes it.
+    fn stamp(&self, task: &str) -> Result<Option<Millis>, StateError>;
     /// Every recorded pass of `task`, oldest first.
     fn passes(&self, task: &str) -> Result<Vec<PassRecord>, StateError>;
     fn last_run(&self) -> Result<Option<RunInfo>, StateError>;

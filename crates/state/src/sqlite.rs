@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// The schema this code writes. Bump it and add a step to `migrate` for every change.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,6 +69,19 @@ CREATE TABLE errors (
 /// Version 2: a rerun records which mode it repeats (`presync` or `cutover`), so that a
 /// rerun of that rerun repeats the same mode.
 const SCHEMA_V2: &str = "ALTER TABLE runs ADD COLUMN repeats TEXT;";
+
+/// Version 3: a task's last-success stamp is the *start* of its last successful pass (a
+/// `paths_from` command lists what changed since then, and a change made while that pass
+/// ran must be listed again). Versions 1 and 2 wrote its end; the passes table has every
+/// start, so the stamps are taken from there. The version also keeps an older cutover, which
+/// would write end times again, off the store.
+const SCHEMA_V3: &str = "
+UPDATE tasks SET last_success_ms = (
+    SELECT p.started_ms FROM passes p
+    WHERE p.task = tasks.name AND p.outcome = 'ok'
+    ORDER BY p.id DESC LIMIT 1
+) WHERE last_success_ms IS NOT NULL;
+";
 
 /// The store in SQLite. One connection behind a mutex: the runner's writes are few (phase
 /// changes, a progress row a second per task, one row per pass), so a pool would buy nothing.
@@ -238,6 +251,9 @@ impl SqliteStore {
         }
         if found < 2 {
             tx.execute_batch(SCHEMA_V2).map_err(db(&self.path))?;
+        }
+        if found < 3 {
+            tx.execute_batch(SCHEMA_V3).map_err(db(&self.path))?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(db(&self.path))?;
@@ -518,11 +534,13 @@ impl Store for SqliteStore {
         let id = tx.last_insert_rowid();
         let now = now_ms();
         match &p.outcome {
-            // The last-success stamp is only ever written here, with the pass that earns it.
+            // The last-success stamp is only ever written here, with the pass that earns it,
+            // and it is the pass's start: whatever changed after that moment (even while the
+            // pass ran) is newer than the stamp, so the next pass's `paths_from` lists it.
             Outcome::Ok => tx.execute(
                 "UPDATE tasks SET phase = 'done', run_id = ?1, updated_ms = ?2,
                     last_success_ms = ?3 WHERE name = ?4",
-                params![p.run, now, p.ended_ms, p.task],
+                params![p.run, now, p.started_ms, p.task],
             ),
             Outcome::Failed(m) => {
                 tx.execute(
@@ -622,6 +640,18 @@ impl Store for SqliteStore {
             out.push(t);
         }
         Ok(out)
+    }
+
+    fn stamp(&self, task: &str) -> Result<Option<Millis>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT last_success_ms FROM tasks WHERE name = ?1",
+                params![task],
+                |r| r.get::<_, Option<Millis>>(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.err())
     }
 
     fn passes(&self, task: &str) -> Result<Vec<PassRecord>, StateError> {
@@ -788,7 +818,11 @@ mod tests {
             .unwrap();
         let t = reader.tasks().unwrap();
         assert_eq!(t[0].phase, Phase::Done);
-        assert_eq!(t[0].last_success_ms, Some(3_500));
+        // The stamp is the start of the pass that earned it, not its end.
+        assert_eq!(t[0].last_success_ms, Some(1_000));
+        assert_eq!(reader.stamp("a").unwrap(), Some(1_000));
+        assert_eq!(reader.stamp("b").unwrap(), None);
+        assert_eq!(reader.stamp("nope").unwrap(), None);
         assert_eq!(t[0].last_pass.as_ref().unwrap().files_changed, 3);
         assert_eq!(t[1].phase, Phase::Failed);
         assert_eq!(t[1].last_error.as_deref(), Some("boom"));
@@ -825,6 +859,52 @@ mod tests {
         let t = &s.tasks().unwrap()[0];
         assert_eq!(t.last_success_ms, None);
         assert_eq!(t.phase, Phase::Pending);
+    }
+
+    #[test]
+    fn failed_and_interrupted_passes_keep_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let run = s.begin_run("presync", "fp", &["a"]).unwrap();
+        s.record_pass(&pass(run, "a", Outcome::Ok, 1)).unwrap();
+        let mut later = pass(run, "a", Outcome::Failed("pre_pass failed".into()), 0);
+        (later.started_ms, later.ended_ms) = (5_000, 6_000);
+        s.record_pass(&later).unwrap();
+        later.outcome = Outcome::Interrupted;
+        s.record_pass(&later).unwrap();
+        assert_eq!(s.stamp("a").unwrap(), Some(1_000));
+        later.outcome = Outcome::Ok;
+        s.record_pass(&later).unwrap();
+        assert_eq!(s.stamp("a").unwrap(), Some(5_000));
+    }
+
+    #[test]
+    fn a_schema_2_store_gets_start_stamps() {
+        // Schema 2 stamped the end of the last successful pass; 3 takes its start from the
+        // passes table (a failed pass after it does not count).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(SCHEMA_V2).unwrap();
+            c.execute_batch(
+                "INSERT INTO runs (mode, fingerprint, pid, started_ms) VALUES ('presync', 'fp', 1, 1);
+                 INSERT INTO passes (run_id, task, kind, started_ms, ended_ms, files_changed,
+                    bytes_changed, bytes_literal, wire_bytes, entries_scanned, deleted, outcome)
+                 VALUES (1, 'a', 'presync', 1000, 2000, 0, 0, 0, 0, 0, 0, 'ok'),
+                        (1, 'a', 'presync', 3000, 4000, 0, 0, 0, 0, 0, 0, 'ok'),
+                        (1, 'a', 'presync', 5000, 6000, 0, 0, 0, 0, 0, 0, 'failed');
+                 INSERT INTO tasks (name, phase, updated_ms, last_success_ms)
+                 VALUES ('a', 'failed', 6000, 4000), ('b', 'pending', 1, NULL);",
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 2).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.user_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.stamp("a").unwrap(), Some(3_000));
+        assert_eq!(s.stamp("b").unwrap(), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod no_loss;
 mod odd_names;
 mod openssl;
 mod plan;
+mod plan_passes;
 mod plan_verify;
 mod prop;
 mod resume;

@@ -549,7 +549,7 @@ fn a_plan_task_reaches_a_daemon() {
 }
 
 /// Whether process `pid` (read from `pidfile`) is gone (or a zombie) within 5 s.
-fn dies(pidfile: &Path) -> bool {
+pub(crate) fn dies(pidfile: &Path) -> bool {
     let pid =
         std::fs::read_to_string(pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
     let stat = format!("/proc/{}/stat", pid.trim());
