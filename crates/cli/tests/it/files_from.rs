@@ -207,6 +207,26 @@ fn nul_separated_lists_and_standard_input() {
     assert_twins(&theirs, &piped);
 }
 
+/// rsync makes the destination directory whatever the list holds; so does cutover, even for
+/// a list with nothing (left) to copy.
+#[test]
+fn an_empty_list_still_makes_the_destination_as_rsync_does() {
+    let t = tmp();
+    let src = t.path().join("src");
+    fixture(&src);
+    for (name, text, code) in [("empty", "", 0), ("gone", "# x\nno/such\n", 4)] {
+        let list = write_list(t.path(), name, text);
+        let theirs = t.path().join(format!("rsync-{name}"));
+        rsync_files_from(&src, &list, &theirs, &[]);
+        assert!(theirs.is_dir());
+        let ours = t.path().join(format!("ours-{name}"));
+        let out = sync_json(&["--files-from", s(&list), &slash(&src), &slash(&ours)]);
+        out.expect_code(code);
+        assert!(ours.is_dir(), "{name}: no destination\n{out}");
+        assert_twins(&theirs, &ours);
+    }
+}
+
 #[test]
 fn a_missing_path_is_reported_and_skipped_and_fatal_when_strict() {
     let t = tmp();

@@ -51,6 +51,13 @@ pub(crate) fn scan(
     };
     match end {
         Ok(()) => {
+            // Nothing listed was there: the destination is made all the same (as rsync),
+            // from the root on the way to nothing.
+            if w.chain.is_empty() && w.covered.is_none() {
+                if let Err(Way::Problem(why)) = w.implied_dir(Vec::new()) {
+                    let _ = w.problem(Vec::new(), why);
+                }
+            }
             let _ = w.flush();
         }
         // Closed: the session is gone. Anything else ends it.
