@@ -122,6 +122,10 @@ fn a_listed_subset_matches_rsync_locally_and_a_second_run_sends_nothing() {
         .file_type()
         .is_symlink());
     assert_eq!(out.stat("files_from_missing"), 0, "{out}");
+    // Each entry once: the root, 5 directories on the way (a, a/b, a/b/c, h, h-dir), d and
+    // its 6 entries, 6 listed files and the listed link; `d/sub/y.txt` came with `d/`.
+    assert_eq!(out.stat("entries_scanned"), 19, "{out}");
+    assert_eq!(out.stat("files_sent"), 8, "{out}");
 
     let again = sync_json(&["--files-from", s(&list), &slash(&src), &slash(&ours)]);
     again.ok();
@@ -205,6 +209,45 @@ fn nul_separated_lists_and_standard_input() {
     let theirs = t.path().join("rsync2");
     assert_eq!(rsync_files_from(&src, &list, &theirs, &[]), 0);
     assert_twins(&theirs, &piped);
+}
+
+/// As in rsync, the filters apply to the listed paths and to what is beneath a listed
+/// directory, not to the directories on the way to a listed path.
+#[test]
+fn filters_apply_to_listed_paths_and_beneath_them_as_in_rsync() {
+    let t = tmp();
+    let src = t.path().join("src");
+    fixture(&src);
+    write(&src.join("d/skip.log"), "log");
+    write(&src.join("top.log"), "log");
+    write(&src.join("a/b/c/keep.log"), "log");
+    let list = write_list(
+        t.path(),
+        "list",
+        &format!("{LIST}top.log\na/b/c/keep.log\n"),
+    );
+    let filters = [
+        "--include",
+        "keep.log",
+        "--exclude",
+        "*.log",
+        "--exclude",
+        "a/",
+        "--exclude",
+        "deeper/",
+    ];
+    let theirs = t.path().join("rsync");
+    assert_eq!(rsync_files_from(&src, &list, &theirs, &filters), 0);
+    let ours = t.path().join("ours");
+    let mut args = filters.to_vec();
+    args.extend(["--files-from", s(&list)]);
+    let (from, to) = (slash(&src), slash(&ours));
+    args.extend([from.as_str(), to.as_str()]);
+    sync(&args).ok();
+    assert_twins(&theirs, &ours);
+    assert!(ours.join("a/b/c/keep.log").is_file() && ours.join("a/b/c/f.txt").is_file());
+    assert!(!ours.join("top.log").exists() && !ours.join("d/skip.log").exists());
+    assert!(!ours.join("d/sub/deeper").exists());
 }
 
 /// rsync makes the destination directory whatever the list holds; so does cutover, even for
