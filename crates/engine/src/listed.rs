@@ -32,6 +32,8 @@ pub const LISTED_MISSING: &str = "listed in --files-from but not in the source";
 pub const LIST_CHUNK_PATHS: usize = 1000;
 /// Bytes of paths in one `Paths` chunk, about (a chunk ends after the path that passes it).
 pub const LIST_CHUNK_BYTES: usize = 256 << 10;
+/// The longest path (`cofs::validate_rel`).
+const MAX_PATH: usize = 4096;
 
 /// Where the sender's walk takes its paths from.
 pub(crate) enum Feed {
@@ -122,10 +124,14 @@ impl RemoteList {
         let Some(room) = this.asked.take() else {
             return Err("a chunk of the --files-from list that was not asked for".into());
         };
-        if paths.len() > LIST_CHUNK_PATHS {
+        // What an honest receiver sends at most (a chunk ends after the path that passes its
+        // byte count), so that the chunks the walk holds stay within a few MiB.
+        let bytes: usize = paths.iter().map(|p| p.len()).sum();
+        if paths.len() > LIST_CHUNK_PATHS || bytes > LIST_CHUNK_BYTES + MAX_PATH {
             return Err(format!(
-                "a chunk of {} paths of the --files-from list (at most {LIST_CHUNK_PATHS})",
-                paths.len()
+                "a chunk of the --files-from list with {} paths, {bytes} bytes (at most {LIST_CHUNK_PATHS}, {})",
+                paths.len(),
+                LIST_CHUNK_BYTES + MAX_PATH
             ));
         }
         room.send(paths.into_iter().map(ByteBuf::into_vec).collect());
@@ -218,11 +224,10 @@ impl Drop for Feeder {
 }
 
 /// Start the walk of a list on its own thread, beneath the source (which must be a
-/// directory): of this side's own list, or of the receiver's (`paths` is `None`), streamed;
-/// then this returns the main loop's end of the stream.
+/// directory): of this side's own list, or of the receiver's (`source.paths` is `None`),
+/// streamed; then this returns the main loop's end of the stream.
 pub(crate) fn start(
     source: &Source,
-    paths: Option<Arc<PathList>>,
     opts: &SyncOptions,
     filter: Arc<Filter>,
     tx: mpsc::Sender<ScanMsg>,
@@ -253,7 +258,7 @@ pub(crate) fn start(
                 .map_err(not_dir)?
         }
     };
-    let (remote, feed) = match paths {
+    let (remote, feed) = match source.paths.clone() {
         Some(list) => (None, Feed::Local(list.cursor())),
         None => {
             let (remote, feed) = RemoteList::new();

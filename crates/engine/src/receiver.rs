@@ -619,9 +619,9 @@ pub async fn run_receiver(
                 missing,
                 reason,
             } => {
-                if validate_rel(&path).is_err() {
+                if !opts.files_from || validate_rel(&path).is_err() {
                     break Err(EngineError::Protocol(format!(
-                        "a --files-from problem about {:?}, which is no path",
+                        "a --files-from problem about {:?} (no path, or no list)",
                         display(&path)
                     )));
                 }

@@ -223,7 +223,7 @@ pub async fn run_sender(
     // With --files-from in a pull, the receiver's list, asked for chunk by chunk.
     let mut remote_list = None;
     if opts.files_from {
-        match listed::start(&source, source.paths.clone(), &opts, filter, scan_tx) {
+        match listed::start(&source, &opts, filter, scan_tx) {
             Ok(r) => remote_list = r,
             Err(e) => return fail(&control.tx, e).await,
         }

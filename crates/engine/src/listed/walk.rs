@@ -269,3 +269,79 @@ fn public(e: FsError, shown: &str) -> String {
         other => format!("{shown}: {other}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listed::PathList;
+    use crate::sender::display;
+    use std::path::Path;
+
+    /// What the walk of `list` beneath `root` hands the main loop, in order: implied
+    /// directories in parentheses, skipped paths as `missing:` or `refused:`.
+    fn walk(root: &Path, list: &str, strict: bool) -> Vec<String> {
+        let list = Arc::new(PathList::from_reader(list.as_bytes(), "L", false, 1 << 20).unwrap());
+        let (tx, mut rx) = mpsc::channel(4);
+        let root = Root::open(root).unwrap();
+        let feed = Feed::Local(list.cursor());
+        let walker =
+            std::thread::spawn(move || scan(root, Arc::default(), false, strict, feed, tx));
+        let mut out = Vec::new();
+        while let Some(msg) = rx.blocking_recv() {
+            match msg {
+                ScanMsg::Batch(items, implied) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let p = display(&item.entry.path);
+                        let implied = implied.contains(&(i as u32));
+                        out.push(if implied { format!("({p})") } else { p });
+                    }
+                }
+                ScanMsg::Listed { path, missing, .. } => {
+                    let what = if missing { "missing" } else { "refused" };
+                    out.push(format!("{what}:{}", display(&path)));
+                }
+                ScanMsg::Fatal(why) => out.push(format!("fatal:{why}")),
+                ScanMsg::Error(e) => out.push(format!("error:{e}")),
+            }
+        }
+        walker.join().unwrap();
+        out
+    }
+
+    #[test]
+    fn each_entry_once_in_walk_order_with_the_directories_on_the_way_implied() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for f in ["a/b/f", "a/b/g", "a/c/x", "a/c/y/z", "e"] {
+            std::fs::create_dir_all(r.join(f).parent().unwrap()).unwrap();
+            std::fs::write(r.join(f), f).unwrap();
+        }
+        std::os::unix::fs::symlink("a", r.join("lnk")).unwrap();
+        let list = "e\na/c\na/b/f\na/c/y/z\nnope\nlnk\nlnk/b\n";
+        let expected = [
+            "(.)",
+            "(a)",
+            "(a/b)",
+            "a/b/f",
+            "a/c",
+            "a/c/x",
+            "a/c/y",
+            "a/c/y/z",
+            "e",
+            "lnk",
+            "refused:lnk/b",
+            "missing:nope",
+        ];
+        assert_eq!(walk(r, list, false), expected);
+        let strict = walk(r, list, true);
+        assert_eq!(strict[..11], expected[..11]);
+        assert!(
+            strict[11].starts_with("fatal:nope: listed in --files-from"),
+            "{strict:?}"
+        );
+        assert_eq!(strict.len(), 12);
+        // "." is the whole source: nothing implied, nothing twice.
+        assert_eq!(walk(r, ".\ne\na/b\n", false).len(), 11);
+        assert_eq!(walk(r, "", false), ["(.)"]);
+    }
+}
