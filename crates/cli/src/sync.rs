@@ -765,6 +765,46 @@ async fn remote_session(
 mod tests {
     use super::*;
 
+    /// The plan runner's way in: a `SyncJob` built without any command line, its list in a
+    /// file (a command's output), run by `run_job`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn run_job_honours_files_from_without_any_command_line() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        for f in ["keep/a", "keep/deep/b", "skip/c", "top"] {
+            std::fs::create_dir_all(src.join(f).parent().unwrap()).unwrap();
+            std::fs::write(src.join(f), f).unwrap();
+        }
+        let list = t.path().join("changed.txt");
+        std::fs::write(&list, "top\nkeep\nnot/there\n").unwrap();
+        let dst = t.path().join("dst");
+        let job = SyncJob {
+            src: format!("{}/", src.display()),
+            dst: dst.display().to_string(),
+            connections: Connections::Fixed(2),
+            options: SyncOptions::default(),
+            timeout: 120,
+            retry_for: 0,
+            security: SecurityArgs::default(),
+            rsh: "ssh".into(),
+            remote_cutover: DEFAULT_REMOTE_CUTOVER.into(),
+            remote_install: false,
+            files_from: Some(FilesFrom {
+                list,
+                from0: false,
+            }),
+        };
+        let (summary, _) = run_job(&job, Arc::new(NoEvents), Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        assert_eq!(summary.files_sent, 3);
+        assert_eq!(summary.files_from_missing, 1);
+        // The root, keep, keep/a, keep/deep, keep/deep/b, top.
+        assert_eq!(summary.entries_scanned, 6);
+        assert!(dst.join("keep/deep/b").is_file() && dst.join("top").is_file());
+        assert!(!dst.join("skip").exists());
+    }
+
     #[test]
     fn retry_waits_double_up_to_the_cap_and_restart_after_progress() {
         let mut r = Retry::new(Duration::from_secs(3600));
