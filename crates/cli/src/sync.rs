@@ -789,10 +789,7 @@ mod tests {
             rsh: "ssh".into(),
             remote_cutover: DEFAULT_REMOTE_CUTOVER.into(),
             remote_install: false,
-            files_from: Some(FilesFrom {
-                list,
-                from0: false,
-            }),
+            files_from: Some(FilesFrom { list, from0: false }),
         };
         let (summary, _) = run_job(&job, Arc::new(NoEvents), Arc::new(Stats::default()))
             .await

@@ -715,3 +715,42 @@ fn a_daemon_sender_refuses_a_hostile_streamed_list() {
     sync(&["--files-from", s(&list), &d.url("m/tree/"), &slash(&pulled)]).ok();
     assert_eq!(std::fs::read(pulled.join("a")).unwrap(), b"a");
 }
+
+/// The list comes on standard input, which can be read only once, and the daemon's
+/// connections are reset every few MB: each reopened session streams the same list to the
+/// daemon's sender again, and the pull finishes in one run.
+#[test]
+fn a_pull_reconnects_with_the_same_list_from_standard_input() {
+    let t = tmp();
+    let module = t.path().join("module");
+    let src = module.join("src");
+    write(&src.join("big.bin"), random_bytes(31, 24 << 20));
+    write(&src.join("dir/small"), "small");
+    write(&src.join("unlisted.bin"), random_bytes(32, 1 << 20));
+    let d = Daemon::start(&t.path().join("d"), &[Module::rw("m", &module)]);
+    let relay = crate::resume::Resetter::start(t.path(), d.port, "4");
+    let list = write_list(t.path(), "list", "big.bin\ndir\n");
+    let pulled = t.path().join("pulled");
+    let mut cmd = Command::new("sh");
+    cmd.env("XDG_CONFIG_HOME", client_config_home())
+        .env("CUTOVER_TOKEN", TOKEN)
+        .arg("-c")
+        .arg(format!(
+            "cat \"$1\" | {} sync --json -j 2 --files-from - \"$2\" \"$3\"",
+            bin()
+        ))
+        .args([
+            "sh",
+            s(&list),
+            &format!("cutover://127.0.0.1:{}/m/src/", relay.port),
+            &slash(&pulled),
+        ]);
+    let out = Running::start(cmd).wait();
+    out.ok();
+    let (_, resets) = relay.finish();
+    assert!(resets > 0, "the relay never reset a connection");
+    assert!(out.stat("reconnects") >= 1, "{out}");
+    let theirs = t.path().join("rsync");
+    assert_eq!(rsync_files_from(&src, &list, &theirs, &[]), 0);
+    assert_twins(&theirs, &pulled);
+}
