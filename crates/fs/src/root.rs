@@ -273,7 +273,8 @@ impl Root {
         let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
         let refused = |path| FsError::Unsupported {
             path,
-            reason: "refused: a symlink on the way (symlinks are copied as links, never followed)"
+            reason: "refused: a symlink on the way (links are copied as links, never followed); \
+                     name the path it leads to instead"
                 .into(),
         };
         while !NO_OPENAT2.load(Ordering::Relaxed) {
