@@ -111,7 +111,8 @@ impl Reporter {
             exit::DELETE_LIMIT
         } else if !s.errors.is_empty() {
             exit::PARTIAL
-        } else if !s.changed.is_empty() {
+        } else if !s.changed.is_empty() || s.files_from_missing > 0 {
+            // A listed path the source lacks is one that vanished before the scan.
             exit::INCONSISTENT
         } else {
             exit::OK
@@ -135,6 +136,7 @@ impl Reporter {
                 "errors": s.errors,
                 "delete_limit_hit": s.delete_limit_hit,
                 "reconnects": s.reconnects,
+                "files_from_missing": s.files_from_missing,
                 "exit_code": code,
             })
             .to_string());
@@ -150,6 +152,12 @@ impl Reporter {
                 out("dry run             nothing was changed; the items above are what a run would do".into());
             }
             out(format!("entries scanned     {}", s.entries_scanned));
+            if s.files_from_missing > 0 {
+                out(format!(
+                    "listed, missing     {} (see above)",
+                    s.files_from_missing
+                ));
+            }
             out(format!(
                 "files sent          {} ({} metadata only)",
                 s.files_sent, s.files_meta_only
@@ -179,6 +187,12 @@ impl Reporter {
             for p in s.changed.iter().take(20) {
                 errln!("  {}", names::escape(p.as_bytes()));
             }
+        }
+        if s.files_from_missing > 0 {
+            errln!(
+                "cutover: {} path(s) of the --files-from list are not in the source; they were skipped",
+                s.files_from_missing
+            );
         }
         if !s.errors.is_empty() {
             errln!("cutover: {} error(s); see above", s.errors.len());
@@ -216,7 +230,9 @@ impl Events for Reporter {
                 }
             }
             Event::Changed { path, reason } => {
-                if self.json {
+                if self.json && reason == engine::LISTED_MISSING {
+                    out(json!({"event": "missing", "path": path, "reason": reason}).to_string());
+                } else if self.json {
                     out(json!({"event": "changed", "path": path, "reason": reason}).to_string());
                 } else {
                     errln!("cutover: {}: {reason}", names::escape(path.as_bytes()));

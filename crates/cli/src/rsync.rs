@@ -156,7 +156,6 @@ static REFUSED: &[Refused] = &[
         "relative",
         "name the directory to copy as SRC (a trailing slash copies its contents)",
     ),
-    no(None, "files-from", FILTERS),
     no(
         None,
         "include-from",

@@ -7,7 +7,7 @@ use crate::output::Reporter;
 use crate::print::errln;
 use crate::rsync::RsyncArgs;
 use crate::security::{check_plaintext_destination, client_trust, SecurityArgs};
-use engine::{Destination, Event, Events, NoEvents, Session, Source, Stats, Summary};
+use engine::{Destination, Event, Events, NoEvents, PathList, Session, Source, Stats, Summary};
 use net::client::{open_session, ClientError, Connections, Delivered, Remote};
 use net::remote_install::Installed;
 use net::ssh::SshCommand;
@@ -83,6 +83,15 @@ pub struct SyncArgs {
     /// Read exclude patterns from FILE (one a line; '#' comments; '+ PAT' includes, '- PAT' excludes).
     #[arg(long, value_name = "FILE")]
     pub exclude_from: Vec<PathBuf>,
+    /// Sync only the paths listed in FILE ('-': standard input), one a line, relative to SRC: a listed directory with everything beneath it, and the directories on the way ('#' and ';' lines are comments). --delete acts only beneath listed directories.
+    #[arg(long, value_name = "FILE")]
+    pub files_from: Option<PathBuf>,
+    /// With --files-from: the list's paths end with NUL instead of a newline (find -print0), and no line is a comment.
+    #[arg(short = '0', long, requires = "files_from")]
+    pub from0: bool,
+    /// With --files-from: a listed path the source lacks is a fatal error (exit 1), not a warning (exit 4).
+    #[arg(long, requires = "files_from")]
+    pub files_from_strict: bool,
     /// Limit the total rate of all connections: bytes/s with K, M or G suffix (powers of 1024); a bare number is KiB/s.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub bwlimit: Option<u64>,
@@ -216,8 +225,9 @@ pub struct SyncJob {
     pub src: String,
     pub dst: String,
     pub connections: Connections,
-    /// What both ends agree on; `owners` and `copy_dir_itself` are set by [`run_job`] (from
-    /// this process's rights and the source's trailing slash).
+    /// What both ends agree on; `owners`, `copy_dir_itself` and `files_from` are set by
+    /// [`run_job`] (from this process's rights, the source's trailing slash and
+    /// `SyncJob::files_from`). `files_from_strict` is the caller's.
     pub options: SyncOptions,
     /// Idle timeout of a remote session in seconds (0 = none).
     pub timeout: u64,
@@ -265,6 +275,7 @@ impl SyncArgs {
                 compress: self.compress,
                 filters: self.filters.clone(),
                 bwlimit: self.bwlimit,
+                files_from_strict: self.files_from_strict,
                 ..SyncOptions::default()
             },
             timeout: self.timeout,
@@ -275,7 +286,10 @@ impl SyncArgs {
             // A program named on purpose is the one to run, not ours.
             remote_install: !self.no_remote_install
                 && self.remote_cutover == DEFAULT_REMOTE_CUTOVER,
-            files_from: None,
+            files_from: self.files_from.clone().map(|list| FilesFrom {
+                list,
+                from0: self.from0,
+            }),
         }
     }
 }
@@ -322,9 +336,36 @@ pub async fn run_job(
     if job.options.max_delete.is_some() && !job.options.delete {
         return Err("--max-delete only makes sense with --delete".into());
     }
+    if job.options.files_from_strict && job.files_from.is_none() {
+        return Err("--files-from-strict only makes sense with --files-from".into());
+    }
+    if let (Some(_), Endpoint::Local { path, .. }) = (&job.files_from, &src) {
+        if path.exists() && !path.is_dir() {
+            return Err(format!(
+                "{}: --files-from needs a directory as the source (the list's paths are relative to it)",
+                path.display()
+            ));
+        }
+    }
+    // Read (and sort) the list once, before any connection: a bad line fails at once, and
+    // every retried session streams the same list, standard input included.
+    let paths = match &job.files_from {
+        Some(FilesFrom { list, from0 }) => {
+            let (list, from0) = (list.clone(), *from0);
+            let read = tokio::task::spawn_blocking(move || PathList::read(&list, from0)).await;
+            match read {
+                Ok(Ok(l)) => Some(Arc::new(l)),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(format!("--files-from: {e}")),
+            }
+        }
+        None => None,
+    };
     let opts = SyncOptions {
         owners: rustix::process::geteuid().is_root(),
-        copy_dir_itself: !src.trailing_slash(),
+        // With a list, paths are relative to SRC whether it ends with a slash or not (rsync).
+        copy_dir_itself: !src.trailing_slash() && paths.is_none(),
+        files_from: paths.is_some(),
         ..job.options.clone()
     };
     let limiter = match opts.bwlimit {
@@ -348,6 +389,7 @@ pub async fn run_job(
             &dst,
             &opts,
             job,
+            paths.clone(),
             limiter.clone(),
             events.clone(),
             &stats,
@@ -490,11 +532,13 @@ impl Failure {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn sync(
     src: &Endpoint,
     dst: &Endpoint,
     opts: &SyncOptions,
     args: &SyncJob,
+    paths: Option<Arc<PathList>>,
     limiter: Option<Arc<RateLimiter>>,
     reporter: Arc<dyn Events>,
     stats: &Arc<Stats>,
@@ -549,15 +593,20 @@ async fn sync(
                     idle_timeout: None,
                     public_name: None,
                 },
-                Source::local(s.clone()),
+                Source {
+                    paths,
+                    ..Source::local(s.clone())
+                },
                 opts,
                 reporter,
                 stats,
             );
             let (r, s) = tokio::join!(receiver, sender);
-            // The receiver's own error says more than the sender's "peer failed".
+            // The receiver's own error says more than the sender's "peer failed", unless the
+            // receiver's is only the sender's, passed on.
             match (s, r) {
                 (Ok(sum), Ok(_)) => Ok((sum, 0)),
+                (Err(e), Err(engine::EngineError::Peer(_))) => Err(Failure::fatal(e.to_string())),
                 (_, Err(e)) => Err(Failure::fatal(e.to_string())),
                 (Err(e), _) => Err(Failure::fatal(e.to_string())),
             }
@@ -573,10 +622,13 @@ async fn sync(
             let delivered: Delivered = Arc::new(move || Stats::get(&st.peer_received));
             let (session, wire) =
                 remote_session(remote, Role::Receiver, &opts, args, delivered, limiter).await?;
-            let summary =
-                engine::run_sender(session, Source::local(s.clone()), opts, reporter, stats)
-                    .await
-                    .map_err(|e| Failure::engine(e, &wire))?;
+            let source = Source {
+                paths,
+                ..Source::local(s.clone())
+            };
+            let summary = engine::run_sender(session, source, opts, reporter, stats)
+                .await
+                .map_err(|e| Failure::engine(e, &wire))?;
             Ok((summary, wire.total()))
         }
         (
@@ -593,7 +645,10 @@ async fn sync(
                 remote_session(remote, Role::Sender, &opts, args, delivered, limiter).await?;
             let summary = engine::run_receiver(
                 session,
-                Destination::local(d.clone(), *trailing_slash),
+                Destination {
+                    paths,
+                    ..Destination::local(d.clone(), *trailing_slash)
+                },
                 opts,
                 reporter,
                 stats,
@@ -709,6 +764,43 @@ async fn remote_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plan runner's way in: a `SyncJob` built without any command line, its list in a
+    /// file (a command's output), run by `run_job`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn run_job_honours_files_from_without_any_command_line() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        for f in ["keep/a", "keep/deep/b", "skip/c", "top"] {
+            std::fs::create_dir_all(src.join(f).parent().unwrap()).unwrap();
+            std::fs::write(src.join(f), f).unwrap();
+        }
+        let list = t.path().join("changed.txt");
+        std::fs::write(&list, "top\nkeep\nnot/there\n").unwrap();
+        let dst = t.path().join("dst");
+        let job = SyncJob {
+            src: format!("{}/", src.display()),
+            dst: dst.display().to_string(),
+            connections: Connections::Fixed(2),
+            options: SyncOptions::default(),
+            timeout: 120,
+            retry_for: 0,
+            security: SecurityArgs::default(),
+            rsh: "ssh".into(),
+            remote_cutover: DEFAULT_REMOTE_CUTOVER.into(),
+            remote_install: false,
+            files_from: Some(FilesFrom { list, from0: false }),
+        };
+        let (summary, _) = run_job(&job, Arc::new(NoEvents), Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        assert_eq!(summary.files_sent, 3);
+        assert_eq!(summary.files_from_missing, 1);
+        // The root, keep, keep/a, keep/deep, keep/deep/b, top.
+        assert_eq!(summary.entries_scanned, 6);
+        assert!(dst.join("keep/deep/b").is_file() && dst.join("top").is_file());
+        assert!(!dst.join("skip").exists());
+    }
 
     #[test]
     fn retry_waits_double_up_to_the_cap_and_restart_after_progress() {

@@ -405,6 +405,8 @@ async fn run_engine(
                 is_dir_hint: new.path.ends_with('/') || new.path.is_empty(),
                 jail: place.jail,
                 devices: place.devices,
+                // In a pull the list is the client's; a push brings it walked.
+                paths: None,
             };
             engine::run_receiver(sess, dest, opts, Arc::new(NoEvents), stats)
                 .await
@@ -414,6 +416,8 @@ async fn run_engine(
             let source = Source {
                 root: place.root,
                 jail: place.jail,
+                // With --files-from, the client streams its list.
+                paths: None,
             };
             engine::run_sender(sess, source, opts, Arc::new(NoEvents), stats)
                 .await

@@ -152,6 +152,9 @@ pub struct Summary {
     pub changed: Vec<String>,
     /// Sessions that broke (reset, stalled) and were opened again before this one finished.
     pub reconnects: u32,
+    /// Paths of the `--files-from` list that the source does not have (each reported as it
+    /// was found, as a `Changed` event whose reason is `LISTED_MISSING`).
+    pub files_from_missing: u64,
 }
 
 /// Collects the lists that end up in the summary.

@@ -10,11 +10,13 @@
 
 mod apply;
 mod events;
+pub mod listed;
 mod receiver;
 mod sender;
 mod session;
 
 pub use events::{Action, Event, Events, ItemPath, NoEvents, Stats, Summary};
+pub use listed::{PathList, LISTED_MISSING};
 pub use receiver::{run_receiver, Destination};
 pub use sender::{run_sender, Source};
 pub use session::{PublicName, Session, KEEPALIVE, MIN_IDLE_TIMEOUT};

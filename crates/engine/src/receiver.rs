@@ -8,6 +8,7 @@
 
 use crate::apply::{copy_range, data_bytes, is_block_device, write_frame, Unwritten};
 use crate::events::{Action, Event, Events, ItemPath, Problems, Stats, Summary};
+use crate::listed::{self, Feeder, PathList};
 use crate::sender::{display, hash_ranges};
 use crate::session::{
     close_within, peer_reason, spawn_control, Session, CLOSE_AFTER_ERROR, CONTROL_CLOSED,
@@ -57,6 +58,8 @@ pub struct Destination {
     /// only for a module with `allow_devices`: a node for any device number would give the
     /// client the host's disks.
     pub devices: bool,
+    /// With `SyncOptions::files_from` in a pull: the list, streamed to the sender as it asks.
+    pub paths: Option<Arc<PathList>>,
 }
 
 impl Destination {
@@ -67,6 +70,7 @@ impl Destination {
             is_dir_hint,
             jail: None,
             devices: true,
+            paths: None,
         }
     }
 }
@@ -361,11 +365,12 @@ pub async fn run_receiver(
         }
     }
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<EngineError>(4);
+    let feeder = Feeder::start(dest.paths.clone(), control.tx.clone(), fatal_tx.clone());
     let ticker = tokio::spawn(report_progress(stats.clone(), control.tx.clone()));
     let readers = tokio::spawn(accept_data(data, shared.clone(), fatal_tx));
 
     let problems = Problems::default();
-    let mut walk = WalkState::new(opts.delete, filter);
+    let mut walk = WalkState::new(opts.delete, opts.files_from, filter);
     let mut summary = Summary::default();
 
     let result: Result<(), EngineError> = loop {
@@ -393,7 +398,18 @@ pub async fn run_receiver(
                 first_id,
                 entries,
                 rescan,
+                implied,
             } => {
+                let mut marks = vec![false; entries.len()];
+                if let Some(bad) = implied.iter().find(|&&i| i as usize >= entries.len()) {
+                    break Err(EngineError::Protocol(format!(
+                        "batch {batch}: implied entry {bad} of {}",
+                        entries.len()
+                    )));
+                }
+                for i in implied {
+                    marks[i as usize] = true;
+                }
                 // An honest sender keeps at most IN_FLIGHT_ENTRIES unfinished; a peer that
                 // lists without ever sending would otherwise grow this side's memory at will.
                 let in_flight =
@@ -418,7 +434,7 @@ pub async fn run_receiver(
                     let id = first_id + i as u64;
                     // A file listed again after it failed here may need nothing now.
                     let again = rescan.then(|| entry.path.clone());
-                    let decided = walk.decide(&shared, id, entry, rescan);
+                    let decided = walk.decide(&shared, id, entry, rescan, marks[i]);
                     match decided {
                         Ok((need, sig, item)) => {
                             if let (Some(path), Need::Skip | Need::Meta) = (&again, need) {
@@ -593,6 +609,24 @@ pub async fn run_receiver(
                 let _ = shared.control.send(Msg::Report(report)).await;
                 break Ok(());
             }
+            Msg::MorePaths => {
+                if let Err(v) = feeder.request() {
+                    break Err(EngineError::Protocol(v));
+                }
+            }
+            Msg::ListedProblem {
+                path,
+                missing,
+                reason,
+            } => {
+                if !opts.files_from || validate_rel(&path).is_err() {
+                    break Err(EngineError::Protocol(format!(
+                        "a --files-from problem about {:?} (no path, or no list)",
+                        display(&path)
+                    )));
+                }
+                listed::report(&*events, &problems, &mut summary, &path, missing, reason);
+            }
             Msg::Fatal { message } => break Err(EngineError::Peer(message)),
             other => {
                 // Data frames may come on the control connection too (one-connection sessions).
@@ -615,6 +649,7 @@ pub async fn run_receiver(
             .await;
     }
     drop(control.tx);
+    drop(feeder);
     readers.abort();
     ticker.abort();
     // Dropping the last sender closes the control writer.

@@ -2,6 +2,7 @@
 //! jobs on the shared queue, run delta descents, detect files that change while read.
 
 use crate::events::{Action, Event, Events, ItemPath, Problems, Stats, Summary};
+use crate::listed::{self, PathList, RemoteList};
 use crate::session::{
     close_within, forward, peer_reason, spawn_control, Session, CLOSE_AFTER_ERROR, CONTROL_CLOSED,
 };
@@ -28,12 +29,19 @@ pub struct Source {
     /// A directory the source must stay beneath (a daemon module): content is opened through
     /// it, never by path alone.
     pub jail: Option<PathBuf>,
+    /// With `SyncOptions::files_from`: this side's list (push, local). `None` in a pull: the
+    /// receiver streams its list.
+    pub paths: Option<Arc<PathList>>,
 }
 
 impl Source {
     /// A source named by the local user: no jail beyond their own rights.
     pub fn local(root: PathBuf) -> Self {
-        Source { root, jail: None }
+        Source {
+            root,
+            jail: None,
+            paths: None,
+        }
     }
 }
 
@@ -177,9 +185,19 @@ impl Transfer {
     }
 }
 
-enum ScanMsg {
-    Batch(Vec<ScanItem>),
+/// What the walk hands the main loop.
+pub(crate) enum ScanMsg {
+    /// Entries in walk order, with the indexes of implied directories (`--files-from`).
+    Batch(Vec<ScanItem>, Vec<u32>),
     Error(cofs::FsError),
+    /// A listed path that was not sent (`--files-from`): missing from the source, or refused.
+    Listed {
+        path: Vec<u8>,
+        missing: bool,
+        reason: String,
+    },
+    /// The walk cannot go on; the session ends with this error.
+    Fatal(String),
 }
 
 pub async fn run_sender(
@@ -201,17 +219,26 @@ pub async fn run_sender(
         Ok(f) => Arc::new(f),
         Err(e) => return fail(&control.tx, e.into()).await,
     };
-    let walker = Walker::new(&source.root, opts.copy_dir_itself, filter, opts.xattrs);
-    let walker = match (walker, &source.jail) {
-        (Ok(w), Some(jail)) => w.confined_to(jail),
-        (w, _) => w,
-    };
-    let walker = match walker {
-        Ok(w) => w,
-        Err(e) => return fail(&control.tx, e.into()).await,
-    };
     let (scan_tx, mut scan_rx) = mpsc::channel::<ScanMsg>(4);
-    std::thread::spawn(move || scan(walker, scan_tx));
+    // With --files-from in a pull, the receiver's list, asked for chunk by chunk.
+    let mut remote_list = None;
+    if opts.files_from {
+        match listed::start(&source, &opts, filter, scan_tx) {
+            Ok(r) => remote_list = r,
+            Err(e) => return fail(&control.tx, e).await,
+        }
+    } else {
+        let walker = Walker::new(&source.root, opts.copy_dir_itself, filter, opts.xattrs);
+        let walker = match (walker, &source.jail) {
+            (Ok(w), Some(jail)) => w.confined_to(jail),
+            (w, _) => w,
+        };
+        let walker = match walker {
+            Ok(w) => w,
+            Err(e) => return fail(&control.tx, e.into()).await,
+        };
+        std::thread::spawn(move || scan(walker, scan_tx));
+    }
 
     let (jobs_tx, jobs_rx) = async_channel::bounded::<Job>(64);
     let (internal_tx, mut internal_rx) = mpsc::channel(256);
@@ -283,6 +310,7 @@ pub async fn run_sender(
                 first_id: id,
                 entries: vec![entry.entry.clone()],
                 rescan: true,
+                implied: Vec::new(),
             };
             batches.insert(batch, vec![(id, entry)]);
             in_flight += 1;
@@ -318,7 +346,15 @@ pub async fn run_sender(
                             other => problems.error(&*events, other.to_string()),
                         }
                     }
-                    Some(ScanMsg::Batch(items)) => {
+                    Some(ScanMsg::Listed { path, missing, reason }) => {
+                        listed::report(&*events, &problems, &mut summary, &path, missing, reason.clone());
+                        let problem = Msg::ListedProblem { path, missing, reason };
+                        if ctx.control.send(problem).await.is_err() {
+                            break Err(EngineError::Peer(CONTROL_CLOSED.into()));
+                        }
+                    }
+                    Some(ScanMsg::Fatal(why)) => break Err(EngineError::Local(why)),
+                    Some(ScanMsg::Batch(items, implied)) => {
                         let batch = next_batch;
                         next_batch += 1;
                         let mut entries = Vec::with_capacity(items.len());
@@ -339,11 +375,17 @@ pub async fn run_sender(
                         in_flight += listed.len();
                         let first_id = listed.first().map(|(id, _)| *id).unwrap_or(next_id);
                         batches.insert(batch, listed);
-                        if ctx.control.send(Msg::FileList { batch, first_id, entries, rescan: false }).await.is_err() {
+                        if ctx.control.send(Msg::FileList { batch, first_id, entries, rescan: false, implied }).await.is_err() {
                             break Err(EngineError::Peer(CONTROL_CLOSED.into()));
                         }
                     }
                 }
+            }
+            Some(room) = RemoteList::room(&remote_list), if RemoteList::wants(&remote_list) => {
+                if ctx.control.send(Msg::MorePaths).await.is_err() {
+                    break Err(EngineError::Peer(CONTROL_CLOSED.into()));
+                }
+                if let Some(r) = remote_list.as_mut() { r.asked(room); }
             }
             inbound = control.rx.recv() => {
                 let msg = match inbound {
@@ -518,6 +560,11 @@ pub async fn run_sender(
                             }
                         }
                     }
+                    Msg::Paths { paths, last } => {
+                        if let Err(v) = RemoteList::deliver(&mut remote_list, paths, last) {
+                            break Err(EngineError::Protocol(v));
+                        }
+                    }
                     Msg::Progress { received } => stats.peer_received.store(received, Ordering::Relaxed),
                     Msg::Deleted { paths } => {
                         for p in paths {
@@ -659,13 +706,13 @@ fn scan(walker: Walker, tx: mpsc::Sender<ScanMsg>) {
         }
         if batch.len() >= LIST_BATCH {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(LIST_BATCH));
-            if tx.blocking_send(ScanMsg::Batch(full)).is_err() {
+            if tx.blocking_send(ScanMsg::Batch(full, Vec::new())).is_err() {
                 return;
             }
         }
     }
     if !batch.is_empty() {
-        let _ = tx.blocking_send(ScanMsg::Batch(batch));
+        let _ = tx.blocking_send(ScanMsg::Batch(batch, Vec::new()));
     }
 }
 

@@ -69,6 +69,15 @@ impl PublicName {
                 id,
                 reason: self.scrub(&reason),
             },
+            Msg::ListedProblem {
+                path,
+                missing,
+                reason,
+            } => Msg::ListedProblem {
+                path,
+                missing,
+                reason: self.scrub(&reason),
+            },
             Msg::Report(mut report) => {
                 for e in &mut report.errors {
                     *e = self.scrub(e);

@@ -261,6 +261,45 @@ impl Root {
         })
     }
 
+    /// Open a wire path beneath the root following no symlink at all, on the way or at the
+    /// end: a symlink on the way is refused (`Unsupported`), one as the last component is
+    /// opened itself with `O_PATH | O_NOFOLLOW` (other flags refuse it). "" is the root. For
+    /// paths a user listed (`--files-from`), where following a link that stays inside would
+    /// still copy one object under two names, and one leading outside must never be read.
+    pub fn open_no_symlinks(&self, rel: &[u8], flags: OFlags) -> Result<OwnedFd, FsError> {
+        let shown = || crate::join(&self.path, rel);
+        let rel = if rel.is_empty() { &b"."[..] } else { rel };
+        let flags = flags | OFlags::CLOEXEC;
+        let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
+        let refused = |path| FsError::Unsupported {
+            path,
+            reason: "refused: a symlink on the way (links are copied as links, never followed); \
+                     name the path it leads to instead"
+                .into(),
+        };
+        while !NO_OPENAT2.load(Ordering::Relaxed) {
+            match rustix::fs::openat2(&*self.dir, rel, flags, Mode::empty(), how) {
+                Ok(fd) => return Ok(fd),
+                Err(Errno::AGAIN) => continue,
+                Err(Errno::NOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+                Err(Errno::LOOP | Errno::XDEV) => return Err(refused(shown())),
+                Err(e) => return Err(FsError::io(&shown(), io(e))),
+            }
+        }
+        self.walk_beneath(rel, flags).map_err(|e| match e {
+            Errno::LOOP => refused(shown()),
+            e => FsError::io(&shown(), io(e)),
+        })
+    }
+
+    /// A directory opened as `dir` (beneath this root, by the caller) as a root of its own.
+    pub(crate) fn from_fd(dir: OwnedFd, path: PathBuf) -> Root {
+        Root {
+            dir: Arc::new(dir),
+            path,
+        }
+    }
+
     /// The same without `openat2`: one component at a time, no symlink followed at all.
     fn walk_beneath(&self, rel: &[u8], flags: OFlags) -> Result<OwnedFd, Errno> {
         let mut parts = rel.split(|&b| b == b'/').peekable();
@@ -694,6 +733,27 @@ mod tests {
         assert!(root.create_dirs(b"escape/made").is_err());
         assert!(!t.path().join("outside/made").exists());
         assert!(root.beneath(b"inside").is_ok());
+    }
+
+    #[test]
+    fn open_no_symlinks_refuses_every_link_on_the_way_and_opens_a_last_one_itself() {
+        let (t, root) = tree();
+        std::fs::write(t.path().join("root/sub/f"), b"x").unwrap();
+        let path = OFlags::PATH | OFlags::NOFOLLOW;
+        for on_the_way in [&b"inside/f"[..], b"escape/secret"] {
+            let e = root.open_no_symlinks(on_the_way, path).unwrap_err();
+            assert!(e.to_string().contains("a symlink on the way"), "{e}");
+        }
+        let link = root.open_no_symlinks(b"escape", path).unwrap();
+        let st = rustix::fs::fstat(&link).unwrap();
+        assert_eq!(FileType::from_raw_mode(st.st_mode), FileType::Symlink);
+        assert!(root.open_no_symlinks(b"sub/f", path).is_ok());
+        assert!(root.open_no_symlinks(b"", path | OFlags::DIRECTORY).is_ok());
+        let e = root.open_no_symlinks(b"sub/missing", path).unwrap_err();
+        assert!(
+            matches!(e, FsError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{e}"
+        );
     }
 
     #[test]

@@ -40,6 +40,38 @@ pub struct ScanItem {
 }
 
 impl ScanItem {
+    /// The object at `rel` beneath `root` (a path of a `--files-from` list), reached without
+    /// following any symlink, on the way or at the end (a symlink is the link itself):
+    /// `Ok(None)` when nothing is there, or a non-directory stands on the way. A symlink on
+    /// the way is refused (`FsError::Unsupported`). Content is opened beneath `root`.
+    pub fn beneath(root: &Root, rel: &[u8], xattrs: bool) -> Result<Option<ScanItem>, FsError> {
+        use rustix::fs::OFlags;
+        let fd = match root.open_no_symlinks(rel, OFlags::PATH | OFlags::NOFOLLOW) {
+            Ok(fd) => fd,
+            Err(FsError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let abs = crate::join(root.path(), rel);
+        // fstat of the object opened above, not a second lookup of its name.
+        let md = std::fs::File::from(fd)
+            .metadata()
+            .map_err(|e| FsError::io(&abs, e))?;
+        let entry = meta::capture(rel.to_vec(), &abs, &md, xattrs)?;
+        Ok(Some(ScanItem {
+            entry,
+            abs,
+            local: LocalInfo::of(&md),
+            root: Some(root.clone()),
+        }))
+    }
+
     /// The same object stated again (a rescan): new entry and local facts, same place.
     pub fn restated(&self, entry: Entry, local: LocalInfo) -> ScanItem {
         ScanItem {
@@ -106,12 +138,54 @@ impl Walker {
         } else {
             name
         };
+        let confine = if md.is_dir() {
+            Some(Root::open(root)?)
+        } else {
+            None
+        };
+        Ok(Self::build(root, prefix, filter, xattrs, confine, true))
+    }
+
+    /// Walk the directory at `rel` beneath `root` (a directory of a `--files-from` list) and
+    /// everything below it, naming every item as a walk of the whole root would (`rel/…`, the
+    /// directory itself `rel`). The directory is reached without following any symlink
+    /// (`Root::open_no_symlinks`), and content is opened beneath it.
+    pub fn subtree(
+        root: &Root,
+        rel: &[u8],
+        filter: Arc<Filter>,
+        xattrs: bool,
+    ) -> Result<Self, FsError> {
+        use rustix::fs::OFlags;
+        let dir =
+            root.open_no_symlinks(rel, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW)?;
+        let abs = crate::join(root.path(), rel);
+        let confine = Root::from_fd(dir, abs.clone());
+        // Not even a link swapped in for the directory since it was opened is followed.
+        Ok(Self::build(
+            &abs,
+            rel.to_vec(),
+            filter,
+            xattrs,
+            Some(confine),
+            false,
+        ))
+    }
+
+    fn build(
+        root: &Path,
+        prefix: Vec<u8>,
+        filter: Arc<Filter>,
+        xattrs: bool,
+        confine: Option<Root>,
+        follow_root: bool,
+    ) -> Self {
         let root_buf = root.to_path_buf();
         let f_root = root_buf.clone();
         let f_prefix = prefix.clone();
         let inner = walkdir::WalkDir::new(root)
             .follow_links(false)
-            .follow_root_links(true)
+            .follow_root_links(follow_root)
             .sort_by_file_name()
             .into_iter()
             .filter_entry(move |d| {
@@ -124,18 +198,13 @@ impl Walker {
                 let rel = rel_path(&f_prefix, &f_root, d.path());
                 !filter.excluded(&rel, d.file_type().is_dir())
             });
-        let confine = if md.is_dir() {
-            Some(Root::open(root)?)
-        } else {
-            None
-        };
-        Ok(Walker {
+        Walker {
             inner: Box::new(inner),
             confine,
             root: root_buf,
             prefix,
             xattrs,
-        })
+        }
     }
 }
 
@@ -298,6 +367,38 @@ mod tests {
         assert_eq!(names(&r, false, f), vec!["", "a.txt", "b", "b/c", "z"]);
         let single = names(&r.join("a.txt"), false, Filter::default());
         assert_eq!(single, vec!["a.txt"]);
+    }
+
+    #[test]
+    fn a_subtree_is_named_as_in_the_whole_walk_and_beneath_never_follows_a_link() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("src");
+        std::fs::create_dir_all(r.join("a/b/c")).unwrap();
+        std::fs::write(r.join("a/b/c/f"), b"1").unwrap();
+        std::os::unix::fs::symlink("a", r.join("lnk")).unwrap();
+        let root = Root::open(&r).unwrap();
+        let names: Vec<String> = Walker::subtree(&root, b"a/b", Arc::default(), false)
+            .unwrap()
+            .map(|i| String::from_utf8(i.unwrap().entry.path).unwrap())
+            .collect();
+        assert_eq!(names, vec!["a/b", "a/b/c", "a/b/c/f"]);
+        let f = ScanItem::beneath(&root, b"a/b/c/f", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.entry.path, b"a/b/c/f");
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut f.open().unwrap(), &mut read).unwrap();
+        assert_eq!(read, "1");
+        let link = ScanItem::beneath(&root, b"lnk", false).unwrap().unwrap();
+        assert!(matches!(link.entry.kind, EntryKind::Symlink { .. }));
+        assert!(ScanItem::beneath(&root, b"lnk/b", false).is_err());
+        assert!(Walker::subtree(&root, b"lnk", Arc::default(), false).is_err());
+        assert!(ScanItem::beneath(&root, b"a/nope", false)
+            .unwrap()
+            .is_none());
+        assert!(ScanItem::beneath(&root, b"a/b/c/f/g", false)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -16,7 +16,9 @@ pub use msg::*;
 /// 3: `Need::Compare` and `Msg::Differs` (an exact dry run with `checksum`).
 /// 4: `Need::Verify` (a same-size file is itemised only once it is known to differ).
 /// 5: `Hello::Join` carries a proof bound to the joining connection instead of the secret.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `--files-from`: `SyncOptions::files_from{,_strict}`, `FileList::implied`, `MorePaths`,
+///    `Paths`, `ListedProblem`.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// How a refusal for another protocol version begins, so that a client can tell it from
 /// other refusals (an ssh client then installs its own binary on the remote).

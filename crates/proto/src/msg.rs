@@ -74,6 +74,14 @@ pub struct SyncOptions {
     pub filters: Vec<FilterRule>,
     /// rsync semantics: `SRC` (no slash) copies the directory itself, `SRC/` its contents.
     pub copy_dir_itself: bool,
+    /// Only the paths of a list (`--files-from`) are walked: a listed directory with
+    /// everything beneath it, and the directories on the way to a listed path (`implied` in
+    /// `FileList`). `--delete` acts only beneath listed directories. In a pull the receiver
+    /// streams the list to the sender (`MorePaths`, `Paths`).
+    pub files_from: bool,
+    /// With `files_from`: a listed path the source lacks ends the session with an error
+    /// instead of being reported (`ListedProblem`) and skipped.
+    pub files_from_strict: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -231,6 +239,11 @@ pub enum Msg {
         entries: Vec<Entry>,
         /// Entries listed again (changed while read, failed): not part of the directory walk.
         rescan: bool,
+        /// With `files_from`: indexes (into `entries`) of directories listed only because a
+        /// listed path lies beneath them. They are created and given their metadata (the
+        /// root's is left alone), but they are no scope of `--delete`: what else the
+        /// destination has in them stays.
+        implied: Vec<u32>,
     },
     /// No more `FileList` batches, and every file has been answered with a `FileDone`: the
     /// receiver creates hard links, deletes, sets directory metadata and sends its `Report`.
@@ -286,6 +299,18 @@ pub enum Msg {
         id: u64,
         reason: String,
     },
+    /// With `files_from`: the receiver streams the list, the sender asks for each chunk. At
+    /// most one request is unanswered, so neither side ever holds more than a few chunks.
+    MorePaths,
+    /// A path of the `--files-from` list that was not sent: not in the source (`missing`), or
+    /// refused (it leads through a symlink). The receiver reports it (in a pull, the sender
+    /// is the remote side, whose reports nobody reads).
+    ListedProblem {
+        #[serde(with = "serde_bytes")]
+        path: PathBytes,
+        missing: bool,
+        reason: String,
+    },
 
     // ---- receiver to sender
     Needs {
@@ -305,6 +330,14 @@ pub enum Msg {
     FileDone {
         id: u64,
         result: FileResult,
+    },
+    /// The next chunk of the `--files-from` list, the answer to one `MorePaths`: paths
+    /// relative to the session root, normalised (no `.`, `..` or empty components; "" is the
+    /// root itself), in walk order (component by component, byte-wise) and without
+    /// duplicates. `last`: the list ends with this chunk.
+    Paths {
+        paths: Vec<serde_bytes::ByteBuf>,
+        last: bool,
     },
     /// Entries deleted (or, with `--dry-run`, that would be).
     Deleted {

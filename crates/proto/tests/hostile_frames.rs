@@ -202,6 +202,7 @@ fn msg() -> impl Strategy<Value = Msg> {
             first_id: batch.wrapping_mul(1000),
             entries,
             rescan: false,
+            implied: Vec::new(),
         }),
         vec(
             prop_oneof![Just(Need::Skip), Just(Need::Full), Just(Need::Chunks)],

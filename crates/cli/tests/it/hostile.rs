@@ -209,6 +209,7 @@ impl std::fmt::Debug for Frame {
                 first_id,
                 entries,
                 rescan,
+                ..
             } => {
                 writeln!(f, "FileList {{ batch: {batch}, first_id: {first_id}, rescan: {rescan}, entries: [")?;
                 for e in entries {
@@ -557,6 +558,7 @@ fn msg(h: Hostility, outside: &Path) -> BoxedStrategy<Msg> {
                 first_id,
                 entries,
                 rescan,
+                implied: Vec::new(),
             }),
         1 => (num(h, 4), num(h, 8))
             .prop_map(|(batches, entries)| Msg::EndOfList { batches, entries }),
@@ -645,6 +647,8 @@ fn options() -> impl Strategy<Value = SyncOptions> {
             bwlimit: None,
             filters,
             copy_dir_itself: b[8],
+            files_from: false,
+            files_from_strict: false,
         })
 }
 
@@ -1002,6 +1006,7 @@ fn list(first_id: u64, entries: Vec<Entry>) -> Msg {
         first_id,
         entries,
         rescan: false,
+        implied: Vec::new(),
     }
 }
 

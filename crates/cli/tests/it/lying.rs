@@ -141,6 +141,7 @@ impl Liar {
             first_id: 0,
             entries: vec![entry],
             rescan: false,
+            implied: Vec::new(),
         })
         .await;
         // Frames for a file the receiver has not listed yet are dropped: wait for its needs.

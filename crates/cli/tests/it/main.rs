@@ -11,6 +11,7 @@ mod differential;
 mod difftree;
 mod faults;
 mod files;
+mod files_from;
 mod hostile;
 mod live_writer;
 mod lying;

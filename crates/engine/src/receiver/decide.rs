@@ -9,12 +9,17 @@ use super::*;
 /// resolved when used.
 pub(super) struct WalkState {
     delete: bool,
+    /// Only listed paths come (`--files-from`): a directory the sender marks implied is no
+    /// scope of `--delete`, and an implied root keeps its own metadata.
+    files_from: bool,
     filter: Filter,
     /// The first entry created the destination directory (so the root entry is new).
     created_root: bool,
     /// For the entries of one directory, listed together.
     parents: ParentCache,
-    open_dirs: Vec<(Vec<u8>, HashSet<Vec<u8>>)>,
+    /// The directories the walk is in, outermost first, with the names listed in each so far
+    /// and whether `--delete` acts in it (always, unless only listed paths come).
+    open_dirs: Vec<(Vec<u8>, HashSet<Vec<u8>>, bool)>,
     dirs: Vec<Entry>,
     /// (first, link): wire paths of a hard link's first name and of the link.
     hard_links: Vec<(Vec<u8>, Vec<u8>)>,
@@ -54,9 +59,10 @@ impl Found {
 pub(super) type Decided = (Need, Option<SigJob>, Option<(ItemPath, Action, u64)>);
 
 impl WalkState {
-    pub(super) fn new(delete: bool, filter: Filter) -> Self {
+    pub(super) fn new(delete: bool, files_from: bool, filter: Filter) -> Self {
         WalkState {
             delete,
+            files_from,
             filter,
             created_root: false,
             parents: ParentCache::default(),
@@ -69,39 +75,42 @@ impl WalkState {
     }
 
     pub(super) fn empty() -> Self {
-        WalkState::new(false, Filter::default())
+        WalkState::new(false, false, Filter::default())
     }
 
-    /// Track the directory walk for deletes: close directories the walk has left.
-    fn track(&mut self, dest: &Dest, rel: &[u8], is_dir: bool) {
+    /// Track the directory walk for deletes: close directories the walk has left. With
+    /// `files_from`, a directory marked `implied` only leads to listed paths: it is closed
+    /// without a look at what else it holds, which stays.
+    fn track(&mut self, dest: &Dest, rel: &[u8], is_dir: bool, implied: bool) {
         if !self.delete {
             return;
         }
+        let scoped = !(self.files_from && implied);
         let parent = match rel.iter().rposition(|&b| b == b'/') {
             Some(i) => &rel[..i],
             None if rel.is_empty() => {
-                self.open_dirs.push((Vec::new(), HashSet::new()));
+                self.open_dirs.push((Vec::new(), HashSet::new(), scoped));
                 return;
             }
             None => &rel[..0],
         };
-        while let Some((top, _)) = self.open_dirs.last() {
+        while let Some((top, _, _)) = self.open_dirs.last() {
             if top.as_slice() == parent {
                 break;
             }
             let closed = self.open_dirs.pop();
-            if let Some((dir, seen)) = closed {
+            if let Some((dir, seen, true)) = closed {
                 self.close_dir(dest, &dir, &seen);
             }
         }
         let name = rel[parent.len()..]
             .strip_prefix(b"/")
             .unwrap_or(&rel[parent.len()..]);
-        if let Some((_, seen)) = self.open_dirs.last_mut() {
+        if let Some((_, seen, true)) = self.open_dirs.last_mut() {
             seen.insert(name.to_vec());
         }
         if is_dir {
-            self.open_dirs.push((rel.to_vec(), HashSet::new()));
+            self.open_dirs.push((rel.to_vec(), HashSet::new(), scoped));
         }
     }
 
@@ -160,6 +169,7 @@ impl WalkState {
         id: u64,
         entry: Entry,
         rescan: bool,
+        implied: bool,
     ) -> Result<Decided, (Need, String)> {
         let dry = shared.opts.dry_run;
         if let Err(why) = validate_rel(&entry.path) {
@@ -184,7 +194,7 @@ impl WalkState {
             })?;
         }
         if !rescan {
-            self.track(dest, &entry.path, entry.kind == EntryKind::Dir);
+            self.track(dest, &entry.path, entry.kind == EntryKind::Dir, implied);
         }
         let shown = dest.shown(&entry.path);
         let err = |e: std::io::Error, what: &str| {
@@ -214,7 +224,12 @@ impl WalkState {
             existing,
         };
         match &entry.kind {
-            EntryKind::Dir => self.decide_dir(entry, found),
+            // As rsync: a listed path's directories get their metadata, but the root, when
+            // it is only on the way, keeps its own.
+            EntryKind::Dir => {
+                let keep_meta = self.files_from && implied && entry.path.is_empty();
+                self.decide_dir(entry, found, keep_meta)
+            }
             EntryKind::Symlink { .. } => self.decide_symlink(shared, entry, found),
             EntryKind::HardLink { .. } => self.decide_hard_link(shared, entry, found),
             EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } if !shared.devices => {
@@ -227,8 +242,14 @@ impl WalkState {
         }
     }
 
-    /// A directory: made (or put where a non-directory stood); its metadata waits for the end.
-    fn decide_dir(&mut self, entry: Entry, f: Found) -> Result<Decided, (Need, String)> {
+    /// A directory: made (or put where a non-directory stood); its metadata waits for the end
+    /// (unless it keeps its own: `keep_meta`).
+    fn decide_dir(
+        &mut self,
+        entry: Entry,
+        f: Found,
+        keep_meta: bool,
+    ) -> Result<Decided, (Need, String)> {
         let here = || f.here();
         let item = |a: Action| f.item(a);
         let err = |e: std::io::Error, what: &str| f.err(e, what);
@@ -252,7 +273,9 @@ impl WalkState {
                 .create_dir()
                 .map_err(|e| err(e, "cannot create directory"))?;
         }
-        self.dirs.push(entry);
+        if !keep_meta {
+            self.dirs.push(entry);
+        }
         if fresh {
             return Ok((Need::Created, None, item(Action::Create)));
         }
@@ -542,8 +565,10 @@ impl WalkState {
     ) -> Result<(), String> {
         let dry = shared.opts.dry_run;
         let dest = &shared.dest;
-        while let Some((dir, seen)) = self.open_dirs.pop() {
-            self.close_dir(dest, &dir, &seen);
+        while let Some((dir, seen, scoped)) = self.open_dirs.pop() {
+            if scoped {
+                self.close_dir(dest, &dir, &seen);
+            }
         }
         let mut report = lock(&shared.report);
         if !dry {
