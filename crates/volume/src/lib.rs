@@ -18,3 +18,6 @@ pub use layout::{
 pub use meta::{AlStatus, Counters, Meta, OpenReport, Result, Status};
 pub use open::{CreateOptions, Info};
 pub use tracker::{Tracker, DEFAULT_FLUSH_INTERVAL, DIRTY_CONTEXT, FLAG_DIRTY};
+
+#[cfg(test)]
+mod powercut;
