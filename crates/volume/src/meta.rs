@@ -124,6 +124,9 @@ pub(crate) struct State {
     pub closed: bool,
     pub failed: Option<String>,
     pub counters: Counters,
+    /// The superblock as last written, for `status()` (which must not wait for `io`
+    /// while a write holds it for an `fdatasync`, or for a free AL slot).
+    pub sb: Superblock,
 }
 
 pub(crate) struct Inner {
@@ -184,10 +187,11 @@ impl Inner {
             disk,
             lock,
             io: Mutex::new(Io {
-                sb,
+                sb: sb.clone(),
                 last_persist: Instant::now(),
             }),
             state: Mutex::new(State {
+                sb,
                 bits,
                 al,
                 inflight: HashMap::new(),
@@ -280,7 +284,9 @@ impl Inner {
         let at = SUPERBLOCK_COPIES[io.sb.copy_index()];
         let image = io.sb.encode();
         self.write(io, &image, at, "superblock write")?;
-        self.sync(io)
+        self.sync(io)?;
+        self.state().sb = io.sb.clone();
+        Ok(())
     }
 
     /// Write an AL transaction image at its ring position (not synced).
@@ -442,7 +448,6 @@ impl Meta {
     /// returned.
     pub fn close(self) -> Result<()> {
         let inner = &*self.inner;
-        let mut io = inner.io();
         {
             let mut st = inner.state();
             if st.closed {
@@ -450,6 +455,8 @@ impl Meta {
             }
             st.closed = true;
             st.al.clear_wanted();
+            // Not holding `io`: a wide write in flight needs it to finish (or to learn
+            // that the metadata is closed and give up).
             while !st.inflight.is_empty() {
                 st = inner.wait(st);
             }
@@ -460,6 +467,7 @@ impl Meta {
                 });
             }
         }
+        let mut io = inner.io();
         inner.persist_all(&io)?;
         inner.sync(&io)?;
         io.sb.set_clean(true);
@@ -488,8 +496,8 @@ impl Inner {
     }
 
     pub fn status(&self) -> Status {
-        let sb = self.io().sb.clone();
         let st = self.state();
+        let sb = &st.sb;
         Status {
             path: self.path.clone(),
             volume_id: uuid(&sb.volume_id),
