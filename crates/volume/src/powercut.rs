@@ -177,6 +177,7 @@ fn every_power_cut_leaves_a_file_that_opens_with_every_admitted_write_dirty() {
     let path = dir.path().join("vol.md");
     let opts = CreateOptions {
         al_extents: 3,
+        block_size: BS as u32,
         ..CreateOptions::new(SIZE)
     };
     let info = Meta::create_with(&path, &opts).unwrap();

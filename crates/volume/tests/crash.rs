@@ -162,6 +162,7 @@ fn make_volume(dir: &Path) -> (PathBuf, PathBuf) {
     // 4 hot extents of the volume's 64: the streams below keep evicting.
     let opts = CreateOptions {
         al_extents: 4,
+        block_size: BS as u32,
         ..CreateOptions::new(SIZE)
     };
     Meta::create_with(&meta, &opts).unwrap();

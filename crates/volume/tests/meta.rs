@@ -23,6 +23,7 @@ fn fixture(size: u64, al_extents: u32) -> Fixture {
     let path = dir.path().join("vol.md");
     let opts = CreateOptions {
         al_extents,
+        block_size: BS as u32,
         ..CreateOptions::new(size)
     };
     Meta::create_with(&path, &opts).unwrap();
