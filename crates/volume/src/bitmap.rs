@@ -20,6 +20,9 @@ pub struct Bitmap {
     ones: u64,
     /// One bit per on-disk page: the page differs (or may differ) from the disk.
     changed: Vec<u64>,
+    /// One bit per page: the page may hold set bits (set with them, cleared by `take`),
+    /// so that `take` knows which pages to rewrite without scanning the words.
+    touched: Vec<u64>,
 }
 
 impl Bitmap {
@@ -33,6 +36,7 @@ impl Bitmap {
             len,
             ones: 0,
             changed: vec![0; pages.div_ceil(64)],
+            touched: vec![0; pages.div_ceil(64)],
         }
     }
 
@@ -57,6 +61,7 @@ impl Bitmap {
     fn note_changed(&mut self, word: usize) {
         let page = word / WORDS_PER_PAGE;
         self.changed[page / 64] |= 1 << (page % 64);
+        self.touched[page / 64] |= 1 << (page % 64);
     }
 
     /// Set bits `first..=last` (clamped to the bitmap); returns how many were newly set.
@@ -86,15 +91,17 @@ impl Bitmap {
     }
 
     /// Replace the contents with all clear, returning the old bits. Pages that held set
-    /// bits are marked changed (the disk still has those bits), as are pages already
-    /// changed.
+    /// bits are marked changed (the disk may still have those bits), as are pages already
+    /// changed. O(pages / 64) besides the allocation: it runs under the lock every write
+    /// takes.
     pub fn take(&mut self) -> Bitmap {
         let mut fresh = Bitmap::new(self.len);
-        fresh.changed.clone_from(&self.changed);
-        for (i, chunk) in self.words.chunks(WORDS_PER_PAGE).enumerate() {
-            if chunk.iter().any(|&w| w != 0) {
-                fresh.changed[i / 64] |= 1 << (i % 64);
-            }
+        for (f, (c, t)) in fresh
+            .changed
+            .iter_mut()
+            .zip(self.changed.iter().zip(&self.touched))
+        {
+            *f = c | t;
         }
         let mut old = std::mem::replace(self, fresh);
         // The frozen copy has nothing to persist of its own.
@@ -135,6 +142,9 @@ impl Bitmap {
         let p = page as usize;
         if let Some(c) = self.changed.get_mut(p / 64) {
             *c &= !(1 << (p % 64));
+        }
+        if self.words[start.min(end)..end].iter().any(|&w| w != 0) {
+            self.touched[p / 64] |= 1 << (p % 64);
         }
     }
 
@@ -322,6 +332,18 @@ mod tests {
         assert_eq!(b.count(), 0);
         // Page 0 (persisted with a bit that is now clear) and page 2 (never persisted).
         assert_eq!(b.changed_pages(), 2);
+        assert!(b.take_page_if_changed(0).is_some() && b.take_page_if_changed(2).is_some());
+        // The next take has nothing to rewrite.
+        b.take();
+        assert_eq!(b.changed_pages(), 0);
+        // Bits loaded from disk count as held.
+        let mut c = Bitmap::new(PAGE * 8 * 4);
+        let mut image = vec![0u8; PAGE as usize];
+        image[10] = 1;
+        c.load_page(3, &image);
+        assert_eq!(c.changed_pages(), 0);
+        c.take();
+        assert_eq!(c.changed_pages(), 1);
     }
 
     #[test]
