@@ -165,7 +165,7 @@ impl Meta {
             std::process::id()
         ));
         let sb = Superblock::new(&geo, opts.node_id, rand::random(), new_gen());
-        let made = write_new(&tmp, &geo, sb.clone());
+        let made = write_new(&tmp, path, &geo, sb.clone());
         let made = made.and_then(|()| {
             std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
         });
@@ -182,6 +182,7 @@ impl Meta {
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io(dir, "fsync of the directory", e))?;
         let mut info = Info::of(&sb, &geo);
+        // `write_new` wrote sequences 1 and 2.
         info.seq = 2;
         Ok(info)
     }
@@ -397,26 +398,31 @@ fn check_target(path: &Path, force: bool) -> Result<()> {
 }
 
 /// Write a complete new file at `tmp`: zeroed bitmap regions and AL (no valid
-/// transaction), both superblock copies, all durable.
-fn write_new(tmp: &Path, geo: &Geometry, mut sb: Superblock) -> Result<()> {
+/// transaction), both superblock copies, all durable. Errors name `path`, the file the
+/// operator asked for (the temporary name means nothing to them).
+fn write_new(tmp: &Path, path: &Path, geo: &Geometry, mut sb: Superblock) -> Result<()> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(tmp)
-        .map_err(|e| Error::io(tmp, "create", e))?;
+        .map_err(|e| Error::io(path, "create (as a temporary file beside it)", e))?;
     file.set_len(geo.file_len)
-        .map_err(|e| Error::io(tmp, "set length", e))?;
+        .map_err(|e| Error::io(path, "set length", e))?;
     // Allocate now, so the first AL transaction or bitmap page never waits for the file
     // system to find blocks (or fails for want of space). Some file systems cannot.
-    if let Err(e) = rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, geo.file_len) {
-        tracing::debug!("{}: fallocate: {e} (left sparse)", tmp.display());
+    match rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, geo.file_len) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::NOSPC) => {
+            return Err(Error::io(path, "allocate", rustix::io::Errno::NOSPC.into()))
+        }
+        Err(e) => tracing::debug!("{}: fallocate: {e} (left sparse)", tmp.display()),
     }
     // Sequence 1 goes to copy 1, sequence 2 to copy 0: both valid from the start.
     for seq in [1, 2] {
         sb.seq = seq;
         file.write_all_at(&sb.encode(), SUPERBLOCK_COPIES[sb.copy_index()])
-            .map_err(|e| Error::io(tmp, "superblock write", e))?;
+            .map_err(|e| Error::io(path, "superblock write", e))?;
     }
-    file.sync_all().map_err(|e| Error::io(tmp, "fsync", e))
+    file.sync_all().map_err(|e| Error::io(path, "fsync", e))
 }

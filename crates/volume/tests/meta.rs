@@ -105,6 +105,9 @@ fn create_refuses_what_it_should_and_names_the_fix() {
 
     let e = Meta::create(&path, 100 * MIB, 3000, true).unwrap_err();
     assert!(e.to_string().contains("block size 3000"), "{e}");
+    let nowhere = dir.path().join("no/such/dir/vol.md");
+    let e = Meta::create(&nowhere, MIB, 4096, false).unwrap_err();
+    assert!(e.to_string().starts_with(nowhere.to_str().unwrap()), "{e}");
     let e = Meta::open(dir.path().join("nope.md"), MIB).unwrap_err();
     assert!(e.to_string().contains("create-md"), "{e}");
 
