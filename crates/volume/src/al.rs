@@ -53,9 +53,9 @@ pub const EMPTY: u32 = u32::MAX;
 
 const UPDATES_AT: usize = 32;
 const CONTEXT_AT: usize = UPDATES_AT + 8 * UPDATES_PER_TRANSACTION;
-const SUM_AT: usize = CONTEXT_AT + 4 * CONTEXT_PER_TRANSACTION;
+pub(crate) const SUM_AT: usize = CONTEXT_AT + 4 * CONTEXT_PER_TRANSACTION;
 
-fn checksum(volume_id: &[u8; 16], body: &[u8]) -> blake3::Hash {
+pub(crate) fn checksum(volume_id: &[u8; 16], body: &[u8]) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     h.update(volume_id);
     h.update(body);

@@ -178,6 +178,8 @@ mod al;
 mod bitmap;
 mod disk;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod layout;
 mod meta;
 mod open;

@@ -49,7 +49,7 @@ pub const SLOT_HISTORY: usize = 2;
 pub const FLAG_CLEAN: u32 = 1;
 pub const SLOT_IN_USE: u32 = 1;
 
-const SUM_AT: usize = 4064;
+pub(crate) const SUM_AT: usize = 4064;
 const SLOTS_AT: usize = 256;
 const SLOT_LEN: usize = 64;
 
