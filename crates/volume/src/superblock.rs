@@ -9,7 +9,7 @@
 //! Copy layout (little-endian):
 //!
 //! ```text
-//!    0  magic "CUTVOLMD"              8   176  reserved (zero) up to 256
+//!    0  magic "CUTVOLMD"              8   160  reserved (zero) up to 256
 //!    8  version (1)                   4   256  peer slots: 32 × 64 bytes
 //!   12  copy size (4096)              4          +0 flags (bit 0 = in use)   4
 //!   16  sequence number               8          +4 peer node id            4
@@ -30,7 +30,6 @@
 //!  112  current generation id         8
 //!  120  history generation ids, 4    32
 //!  152  marks made                    8
-//!  160  reserved (zero)              16
 //! ```
 //!
 //! Generation ids are random 64-bit values, 0 meaning "none". Per slot, the bitmap holds
