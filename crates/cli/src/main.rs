@@ -89,7 +89,7 @@ enum Command {
     },
     /// Print a man page (roff): cutover(1), or cutover-COMMAND(1), e.g. `cutover man sync | man -l -`.
     Man {
-        /// A command (sync, serve, plan, identity, completions); none for cutover(1).
+        /// A command (sync, serve, plan, volume, identity, completions); none for cutover(1).
         command: Option<String>,
     },
 }
