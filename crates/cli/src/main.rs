@@ -1,4 +1,4 @@
-//! The `cutover` command: parses arguments, runs `sync`, `serve` or `plan`, maps outcomes to exit codes.
+//! The `cutover` command: parses arguments, runs `sync`, `serve`, `plan` or `volume`, maps outcomes to exit codes.
 
 mod endpoint;
 mod manual;
@@ -9,6 +9,7 @@ mod print;
 mod rsync;
 mod security;
 mod sync;
+mod volume;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use print::{errln, outln};
@@ -47,12 +48,12 @@ enum Command {
     // `-h` is rsync's --human-readable here (alone it still prints help: see rsync::precheck).
     #[command(disable_help_flag = true, args_override_self = true)]
     Sync(Box<sync::SyncArgs>),
-    /// Run the daemon that serves modules to `cutover sync`.
+    /// Run the daemon that serves modules to `cutover sync` and hosts block volumes.
     #[command(
         override_usage = "cutover serve --config FILE [--listen ADDR] [--port-file FILE]\n       cutover serve --stdio"
     )]
     Serve {
-        /// Configuration file (TOML) with `listen` and `[[module]]` entries. Required, unless --stdio.
+        /// Configuration file (TOML) with `listen`, `[[module]]` and `[[volume]]` entries. Required, unless --stdio.
         #[arg(long, value_name = "FILE", required_unless_present = "stdio")]
         config: Option<PathBuf>,
         /// Serve one connection on stdin/stdout (what `cutover sync` starts over ssh).
@@ -70,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: plan::PlanCommand,
     },
+    /// Block volumes of the local `cutover serve`: create-md, status, mark (see docs/volumes.md).
+    Volume {
+        #[command(subcommand)]
+        command: volume::VolumeCommand,
+    },
     /// Show this client's certificate fingerprint (making the certificate on first use), for a daemon's client_fingerprint grant.
     Identity {
         /// Identity file (default: identity.pem in $XDG_CONFIG_HOME/cutover or ~/.config/cutover).
@@ -83,7 +89,7 @@ enum Command {
     },
     /// Print a man page (roff): cutover(1), or cutover-COMMAND(1), e.g. `cutover man sync | man -l -`.
     Man {
-        /// A command (sync, serve, plan, identity, completions); none for cutover(1).
+        /// A command (sync, serve, plan, volume, identity, completions); none for cutover(1).
         command: Option<String>,
     },
 }
@@ -158,6 +164,7 @@ fn main() -> ExitCode {
             Command::Completions { shell } => manual::completions(Cli::command(), shell),
             Command::Man { command } => manual::man(Cli::command(), command.as_deref()),
             Command::Plan { command } => plan::run(command).await,
+            Command::Volume { command } => volume::run(command).await,
         }
     });
     // Do not wait for blocking tasks of an interrupted session.
@@ -257,36 +264,53 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
         if made { "made now in" } else { "from" },
         state_dir.join(net::tls::IDENTITY_FILE).display()
     );
-    let addr = listen.unwrap_or_else(|| cfg.listen.clone());
-    let listener = match daemon::bind(&addr, cfg.insecure_plaintext).await {
-        Ok(l) => l,
+    // Volumes first: a volume that cannot start stops the daemon before it listens (and
+    // the port file, a test's "ready", then means every volume is exported).
+    let volumes = match daemon::Volumes::start(&cfg, &config).await {
+        Ok(v) => v,
         Err(e) => {
             errln!("cutover serve: {e}");
             return exit::FATAL;
         }
     };
-    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
-    if let Some(pf) = port_file {
-        let port = local.rsplit(':').next().unwrap_or("").to_string();
-        if let Err(e) = cofs::safe_write::replace(&pf, format!("{port}\n").as_bytes(), 0o644) {
-            errln!("cutover serve: --port-file {e}");
-            return exit::FATAL;
+    // Returns in this block end the listening, not the function: the volumes close below.
+    let code = async {
+        let addr = listen.unwrap_or_else(|| cfg.listen.clone());
+        let listener = match daemon::bind(&addr, cfg.insecure_plaintext).await {
+            Ok(l) => l,
+            Err(e) => {
+                errln!("cutover serve: {e}");
+                return exit::FATAL;
+            }
+        };
+        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+        if let Some(pf) = port_file {
+            let port = local.rsplit(':').next().unwrap_or("").to_string();
+            if let Err(e) = cofs::safe_write::replace(&pf, format!("{port}\n").as_bytes(), 0o644) {
+                errln!("cutover serve: --port-file {e}");
+                return exit::FATAL;
+            }
         }
+        errln!("cutover serve: listening on {local}");
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        };
+        daemon::serve(listener, cfg, tls, shutdown).await;
+        exit::OK
     }
-    errln!("cutover serve: listening on {local}");
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-        }
-    };
-    daemon::serve(listener, cfg, tls, shutdown).await;
-    exit::OK
+    .await;
+    if !volumes.shutdown().await {
+        return exit::FATAL;
+    }
+    code
 }
 
 /// `cutover identity`: make (once) and print the client certificate's fingerprint.

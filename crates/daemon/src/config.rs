@@ -1,5 +1,6 @@
 //! The daemon's configuration file (TOML): where to listen, where its key lives, which
-//! modules it serves and who may read or write each of them.
+//! modules it serves and who may read or write each of them, and which block volumes it
+//! hosts (`[[volume]]`, exported over NBD; see docs/volumes.md).
 //!
 //! ```toml
 //! listen = "0.0.0.0:8730"
@@ -15,7 +16,18 @@
 //! access = "read-only"
 //! ```
 //!
-//! Every module needs at least one `allow` entry: the daemon does not serve anonymously.
+//! A volume names its backing (a file or block device), its metadata file (default
+//! `state_dir/NAME.meta`) and where it is exported (default `unix:state_dir/NAME.sock`):
+//!
+//! ```toml
+//! [[volume]]
+//! name = "db"
+//! backing = "/dev/vg0/db"
+//! meta = "/var/lib/cutover/db.meta"
+//! export = "unix:/run/cutover/db.sock"   # or "tcp:127.0.0.1:10809" (loopback only)
+//! ```
+//!
+//! A config needs at least one module or volume. Every module needs at least one `allow` entry: the daemon does not serve anonymously.
 //! Tokens are read from a file (mode 0600 or stricter) or an environment variable, never
 //! from the command line, and are at least 16 bytes long.
 
@@ -60,6 +72,89 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     #[serde(default, rename = "module")]
     pub modules: Vec<Module>,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<Volume>,
+}
+
+/// A `[[volume]]`: a block volume this node hosts and exports over NBD.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Also the NBD export name (`nbd+unix:///NAME?socket=…`).
+    pub name: String,
+    /// The file or block device holding the data.
+    pub backing: PathBuf,
+    /// The metadata file; `None` for `state_dir/NAME.meta` (see [`Config::volume_meta`]).
+    pub meta: Option<PathBuf>,
+    /// Where the NBD export listens; `None` for `unix:state_dir/NAME.sock`.
+    #[serde(default, deserialize_with = "export_addr")]
+    pub export: Option<ExportAddr>,
+}
+
+/// Where a volume's NBD export listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportAddr {
+    /// A Unix socket (mode 0600), the default: only local root-owned clients attach.
+    Unix(PathBuf),
+    /// TCP on a loopback address: NBD has no authentication of its own here, so anything
+    /// wider would hand the volume to the network.
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for ExportAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExportAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ExportAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl ExportAddr {
+    /// Parse `unix:/abs/path` or `tcp:127.0.0.1:PORT`; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<ExportAddr, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!(
+                    "export = {text:?}: the socket path must be absolute"
+                ));
+            }
+            return Ok(ExportAddr::Unix(path));
+        }
+        if let Some(addr) = text.strip_prefix("tcp:") {
+            let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+                format!("export = {text:?}: give tcp:IP:PORT, e.g. tcp:127.0.0.1:10809")
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "export = {text:?}: NBD exports listen on loopback only (127.0.0.1 or [::1]); use a unix: socket or a loopback address"
+                ));
+            }
+            return Ok(ExportAddr::Tcp(addr));
+        }
+        Err(format!(
+            "export = {text:?}: give unix:/PATH or tcp:127.0.0.1:PORT"
+        ))
+    }
+}
+
+fn export_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ExportAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    ExportAddr::parse(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// A volume name: it becomes a file name (`NAME.meta`, `NAME.sock`) and an NBD export name
+/// in URIs, so keep it to characters that need no quoting anywhere.
+fn valid_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,10 +330,36 @@ impl Config {
                 config.idle_timeout_secs
             )));
         }
-        if config.modules.is_empty() {
+        if config.modules.is_empty() && config.volumes.is_empty() {
             return Err(invalid(
-                "no [[module]] defined; add one with name and path".into(),
+                "no [[module]] or [[volume]] defined; add a module (name, path) or a volume (name, backing)".into(),
             ));
+        }
+        for (i, v) in config.volumes.iter().enumerate() {
+            if !valid_volume_name(&v.name) {
+                return Err(invalid(format!(
+                    "volume #{}: name {:?} must be 1-64 letters, digits, '-', '_' or '.', not starting with '.'",
+                    i + 1,
+                    v.name
+                )));
+            }
+            if !v.backing.is_absolute() {
+                return Err(invalid(format!(
+                    "volume {:?}: backing {} must be absolute",
+                    v.name,
+                    v.backing.display()
+                )));
+            }
+            if let Some(m) = v.meta.as_ref().filter(|m| !m.is_absolute()) {
+                return Err(invalid(format!(
+                    "volume {:?}: meta {} must be absolute",
+                    v.name,
+                    m.display()
+                )));
+            }
+            if config.volumes[..i].iter().any(|o| o.name == v.name) {
+                return Err(invalid(format!("volume {:?} is defined twice", v.name)));
+            }
         }
         for (i, m) in config.modules.iter().enumerate() {
             if m.name.is_empty() || m.name.contains('/') {
@@ -282,6 +403,15 @@ impl Config {
         if let Some(d) = &self.state_dir {
             return Some(d.clone());
         }
+        default_state_dir()
+    }
+}
+
+/// The state directory of a config without `state_dir`: `$XDG_STATE_HOME/cutover`, else
+/// `~/.local/state/cutover` (`cutover volume` finds the control socket there without
+/// `--config`).
+pub fn default_state_dir() -> Option<PathBuf> {
+    {
         if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
             return Some(PathBuf::from(x).join("cutover"));
         }
@@ -290,6 +420,47 @@ impl Config {
             .map(|h| PathBuf::from(h).join(".local/state/cutover"))
     }
 }
+
+impl Config {
+    /// The volume called `name`, or an error listing the ones defined.
+    pub fn volume(&self, name: &str) -> Result<&Volume, String> {
+        self.volumes.iter().find(|v| v.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.volumes.iter().map(|v| v.name.as_str()).collect();
+            if names.is_empty() {
+                format!("no volume {name:?}: the config defines no [[volume]]")
+            } else {
+                format!(
+                    "no volume {name:?} in the config (it defines: {})",
+                    names.join(", ")
+                )
+            }
+        })
+    }
+
+    /// A volume's metadata file: its `meta`, else `state_dir/NAME.meta`.
+    pub fn volume_meta(&self, v: &Volume) -> Option<PathBuf> {
+        v.meta
+            .clone()
+            .or_else(|| Some(self.state_dir()?.join(format!("{}.meta", v.name))))
+    }
+
+    /// A volume's export: its `export`, else `unix:state_dir/NAME.sock`.
+    pub fn volume_export(&self, v: &Volume) -> Option<ExportAddr> {
+        v.export.clone().or_else(|| {
+            Some(ExportAddr::Unix(
+                self.state_dir()?.join(format!("{}.sock", v.name)),
+            ))
+        })
+    }
+
+    /// The control socket `cutover volume` talks to: `state_dir/control.sock`.
+    pub fn control_socket(&self) -> Option<PathBuf> {
+        Some(self.state_dir()?.join(CONTROL_SOCKET))
+    }
+}
+
+/// The control socket's file name in the state directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
 
 #[cfg(test)]
 mod tests {
@@ -361,5 +532,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("exactly one"), "{e}");
+    }
+
+    #[test]
+    fn volumes_alone_are_a_config_and_are_checked() {
+        let c = Config::parse(
+            "state_dir = \"/s\"\n[[volume]]\nname = \"db\"\nbacking = \"/dev/x\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        let v = c.volume("db").unwrap();
+        assert_eq!(c.volume_meta(v), Some(PathBuf::from("/s/db.meta")));
+        assert_eq!(
+            c.volume_export(v),
+            Some(ExportAddr::Unix(PathBuf::from("/s/db.sock")))
+        );
+        let vol = |extra: &str| {
+            Config::parse(
+                &format!("[[volume]]\nname = \"db\"\nbacking = \"/x\"\n{extra}"),
+                "x.toml",
+            )
+        };
+        let e = vol("bogus = 1\n").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = vol("export = \"tcp:0.0.0.0:10809\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("export") && e.contains("loopback"), "{e}");
+        let c = vol("export = \"tcp:127.0.0.1:10809\"\n").unwrap();
+        assert!(matches!(c.volumes[0].export, Some(ExportAddr::Tcp(_))));
+        let e = vol("export = \"unix:rel.sock\"\n").unwrap_err().to_string();
+        assert!(e.contains("absolute"), "{e}");
+        let e = Config::parse("[[volume]]\nname = \"a/b\"\nbacking = \"/x\"\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("name"), "{e}");
+        let e = Config::parse("", "x.toml").unwrap_err().to_string();
+        assert!(e.contains("[[volume]]"), "{e}");
     }
 }

@@ -3,13 +3,19 @@
 //! fingerprint), opens sessions, routes joining data connections to their session, and runs
 //! the engine's sender or receiver for each session.
 //!
+//! It also hosts the node's block volumes (`volumes.rs`: NBD exports tracked by their
+//! metadata) and answers `cutover volume` on a root-only control socket (`control.rs`).
+//!
 //! Paths from clients are validated lexically (relative, no `..`, no NUL) before they are
 //! joined to a module root.
 
 pub mod config;
+pub mod control;
 pub mod stdio;
+pub mod volumes;
 
-pub use config::{Access, Config, ConfigError, Credential, Grant, Module};
+pub use config::{Access, Config, ConfigError, Credential, ExportAddr, Grant, Module, Volume};
+pub use volumes::{VolumeError, Volumes};
 
 use engine::{Destination, NoEvents, Session, Source, Stats};
 use net::secure::Accepted;

@@ -33,3 +33,4 @@ mod ssh;
 mod state_damage;
 mod util;
 mod volume;
+mod volumes;
