@@ -11,6 +11,7 @@ mod proc;
 mod report;
 mod tls_cost;
 mod tools;
+mod volume_io;
 mod workloads;
 
 use anyhow::{bail, Context, Result};
@@ -31,7 +32,7 @@ struct Args {
     /// Multiply data sizes and file counts (1.0 = the table's sizes; 0.05 for a smoke run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, T1), comma-separated.
+    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, V1, V2, T1), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Work directory: cached base data, run directories, logs, results.json.
@@ -308,6 +309,16 @@ fn run_inner(
         return ran;
     }
 
+    if let Some(io) = match spec.place {
+        Place::VolumeConvert => Some(volume_io::VolumeIo::Convert),
+        Place::VolumeWrites { count } => Some(volume_io::VolumeIo::Writes { count }),
+        _ => None,
+    } {
+        res.source = base.stats;
+        // mkdata's `big --count 1` makes one file of this name.
+        let image = base.path.join("big00.bin");
+        return volume_io::run(env, io, &image, run_dir, &logs, res);
+    }
     if spec.place == Place::Listed {
         return listed::run(env, spec, &base.path, base.stats.files, run_dir, &logs, res);
     }
@@ -373,7 +384,9 @@ fn run_inner(
                 }
             }
         }
-        Place::Loopback | Place::Listed => unreachable!("T1 and P1 returned above"),
+        Place::Loopback | Place::Listed | Place::VolumeConvert | Place::VolumeWrites { .. } => {
+            unreachable!("T1, P1, V1 and V2 returned above")
+        }
         Place::Local => {
             if spec.with_cp && !args.no_peers {
                 res.order.push("cp".into());

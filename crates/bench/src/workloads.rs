@@ -17,6 +17,11 @@ pub enum Place {
     /// On this machine: a pass over only the listed (changed) directories against a full
     /// pass over the unchanged tree (P1).
     Listed,
+    /// On this machine: `qemu-img convert` into a volume's NBD export against into a file (V1).
+    VolumeConvert,
+    /// On this machine: `qemu-img bench -w -c count` into a volume's NBD export against a
+    /// file (V2).
+    VolumeWrites { count: u64 },
 }
 
 impl Place {
@@ -34,6 +39,7 @@ impl Place {
             Place::Local => "local",
             Place::Loopback => "loopback",
             Place::Listed => "local-listed",
+            Place::VolumeConvert | Place::VolumeWrites { .. } => "local-volume",
         }
     }
 }
@@ -61,6 +67,9 @@ pub enum Target {
     /// The listed pass takes at most `max` of a full no-change pass's time (P1; the full
     /// pass stands in the peer's slot).
     ListedPass { max: f64 },
+    /// The run through cutover's export does the same work at least `min` as fast as the
+    /// run on a file directly (V1, V2; the direct run stands in the peer's slot).
+    ThroughputShare { min: f64 },
 }
 
 /// Inputs to judging a target.
@@ -124,6 +133,9 @@ impl Target {
             }
             Target::ListedPass { max } => {
                 format!("listed pass ≤ 1/{:.0} of a full no-change pass", 1.0 / max)
+            }
+            Target::ThroughputShare { min } => {
+                format!("≥ {:.0}% of the direct run's throughput", min * 100.0)
             }
         }
     }
@@ -203,6 +215,16 @@ impl Target {
                 all(vec![ratio_part("time", c_s, r_s, 1.0), rss])
             }
             Target::ListedPass { max } => all(vec![ratio_part("time", c_s, r_s, max)]),
+            Target::ThroughputShare { min } => match (c_s, r_s) {
+                (Some(c), Some(r)) if c > 0.0 => {
+                    let share = r / c;
+                    (
+                        Some(share >= min),
+                        format!("{:.0}% of the direct run's throughput", share * 100.0),
+                    )
+                }
+                _ => (None, "no throughput share".into()),
+            },
             Target::TlsCost { max } => match o.tls_cost {
                 Some(cost) => (
                     Some(cost <= max),
@@ -313,6 +335,8 @@ pub fn all(scale: f64) -> Vec<Spec> {
     let l1_n = scaled(200_000, scale);
     let m1_n = scaled(1_000_000, scale);
     let p1_n = scaled(1_000_000, scale);
+    let v1_mb = scaled(1024, scale);
+    let v2_writes = scaled(200_000, scale);
     vec![
         Spec {
             id: "W1",
@@ -463,6 +487,38 @@ pub fn all(scale: f64) -> Vec<Spec> {
             sample_rss: false,
             rsync_as_in: None,
             target: Target::ListedPass { max: 1.0 / 20.0 },
+        },
+        Spec {
+            id: "V1",
+            family: "V1",
+            work: format!(
+                "`qemu-img convert -n -t none` of a {} random image into a volume's NBD export",
+                mib(v1_mb)
+            ),
+            generate: big(1, v1_mb, false),
+            edit: None,
+            resync: false,
+            place: Place::VolumeConvert,
+            with_cp: false,
+            sample_rss: false,
+            rsync_as_in: None,
+            target: Target::ThroughputShare { min: 0.8 },
+        },
+        Spec {
+            id: "V2",
+            family: "V2",
+            work: format!(
+                "`qemu-img bench -w -t none -s 4096 -d 32 -c {v2_writes}` into a {} volume's NBD export",
+                mib(v1_mb)
+            ),
+            generate: big(1, v1_mb, false),
+            edit: None,
+            resync: false,
+            place: Place::VolumeWrites { count: v2_writes },
+            with_cp: false,
+            sample_rss: false,
+            rsync_as_in: None,
+            target: Target::ThroughputShare { min: 0.5 },
         },
         Spec {
             id: "T1",
