@@ -88,7 +88,8 @@ impl LoopState {
                         if self.small_bytes >= SMALL_BATCH_BYTES {
                             self.small_bytes = 0;
                             if self.small_tx.send(std::mem::take(&mut self.small)).is_err() {
-                                break;
+                                // As below: the rest of the batch could never be sent.
+                                return Err(EngineError::Local("data connections are gone".into()));
                             }
                         }
                     } else {
