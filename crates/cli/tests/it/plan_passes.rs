@@ -149,13 +149,15 @@ fn repos_plan(dir: &Path, extra: &str) -> PathBuf {
 fn paths_from_lists_the_repositories_changed_since_the_last_successful_pass() {
     let dir = tmp();
     let src = dir.path().join("src");
-    repositories(&src, 300);
+    // GitHub's shape: many repositories, a few of them pushed to between passes.
+    const REPOS: usize = 10_000;
+    repositories(&src, REPOS);
     let p = repos_plan(dir.path(), "");
     plan(&["check", s(&p)]).ok();
 
     // No stamp yet: the script lists every repository, and was told there is none.
     plan(&["presync", s(&p)]).ok();
-    assert_eq!(listed(dir.path(), "repos").len(), 300);
+    assert_eq!(listed(dir.path(), "repos").len(), REPOS);
     assert_same_below_root(&src, &dir.path().join("dst"));
     let seen = lines(&dir.path().join("seen.log"));
     assert_eq!(
@@ -170,7 +172,7 @@ fn paths_from_lists_the_repositories_changed_since_the_last_successful_pass() {
     let st = status(&p);
     let t = task(&st, "repos");
     let first_scan = t["last_pass"]["entries_scanned"].as_u64().unwrap();
-    assert!(first_scan >= 600, "{t}");
+    assert!(first_scan >= 2 * REPOS as u64, "{t}");
     // The stamp is the pass's start: before the list was made, not when the pass ended.
     let stamp = stamp_ms(&st, "repos").unwrap();
     assert_eq!(stamp, t["last_pass"]["started_ms"].as_i64().unwrap(), "{t}");
