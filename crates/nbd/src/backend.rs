@@ -127,8 +127,18 @@ pub struct FileBackend {
 impl FileBackend {
     /// Open `path` (read-write unless `read_only`).
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> io::Result<FileBackend> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        FileBackend::from_file(file)
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking, so that a FIFO where the backing should be is refused below instead
+        // of waiting forever for its other end; a file or device then goes back to blocking.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)?;
+        let backend = FileBackend::from_file(file)?;
+        let flags = rustix::fs::fcntl_getfl(&backend.file)?;
+        rustix::fs::fcntl_setfl(&backend.file, flags - rustix::fs::OFlags::NONBLOCK)?;
+        Ok(backend)
     }
 
     /// Use an open file; its size now is the export's size.
@@ -293,5 +303,50 @@ impl Backend for FileBackend {
             pos = stop;
         }
         Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A FIFO where the backing should be is refused at once: opening it must not wait for
+    /// a writer (or a reader) that never comes.
+    #[test]
+    fn a_fifo_as_backing_is_refused_without_hanging() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let mode = rustix::fs::Mode::from_raw_mode(0o600);
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, mode, 0)
+            .expect("mkfifo");
+        for read_only in [true, false] {
+            let path = fifo.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(FileBackend::open(&path, read_only).map(|_| ()));
+            });
+            let got = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("opening a FIFO as backing hung");
+            let err = got.expect_err("a FIFO is no backing");
+            assert!(
+                err.to_string().contains("regular file or a block device"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_regular_file_stays_blocking_after_the_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        File::create(&path)
+            .and_then(|f| f.set_len(8192))
+            .expect("image");
+        let b = FileBackend::open(&path, false).expect("open");
+        let flags = rustix::fs::fcntl_getfl(&b.file).expect("getfl");
+        assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK));
+        assert_eq!(b.size, 8192);
     }
 }
