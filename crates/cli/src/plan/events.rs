@@ -43,6 +43,13 @@ impl Events for TaskEvents {
                     .line(&format!("{would}{} {path} ({size} bytes)", action.as_str()));
             }
             Event::FileDone { .. } => {}
+            // The engine reports a listed path it did not find this way (see LISTED_MISSING).
+            Event::Changed { path, reason } if reason == engine::LISTED_MISSING => {
+                self.log.line(&format!(
+                    "missing: {}: listed by paths_from but not in the source",
+                    names::escape(path.as_bytes())
+                ))
+            }
             Event::Changed { path, reason } => self.log.line(&format!(
                 "changed while read: {}: {reason}",
                 names::escape(path.as_bytes())

@@ -600,3 +600,28 @@ fn check_names_misspelt_and_misplaced_pass_keys() {
     );
     assert!(!dir.path().join("move.state").exists());
 }
+
+#[test]
+fn a_listed_path_missing_from_the_source_is_logged_as_missing_not_as_changed() {
+    let dir = tmp();
+    let src = dir.path().join("src");
+    repositories(&src, 2);
+    let p = dir.path().join("move.toml");
+    write(
+        &p,
+        tree_task(
+            "repos",
+            "src/",
+            &slash(&dir.path().join("dst")),
+            "paths_from = \"echo r001; echo ghost\"",
+        ),
+    );
+    let out = plan(&["presync", s(&p)]);
+    assert!(dir.path().join("dst/r001/HEAD").exists(), "{out}");
+    let log = std::fs::read_to_string(dir.path().join("move.state/logs/repos.log")).unwrap();
+    assert!(
+        log.contains("missing: ghost: listed by paths_from but not in the source"),
+        "{log}"
+    );
+    assert!(!log.contains("changed while read: ghost"), "{log}");
+}
