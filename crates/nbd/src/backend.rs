@@ -122,6 +122,9 @@ pub struct FileBackend {
     file: File,
     size: u64,
     block_device: bool,
+    /// The same file opened with `O_DIRECT` for large aligned writes (`crate::direct`);
+    /// None where the filesystem refuses it, or after it refused a write.
+    direct: std::sync::RwLock<Option<File>>,
 }
 
 impl FileBackend {
@@ -138,6 +141,10 @@ impl FileBackend {
         let backend = FileBackend::from_file(file)?;
         let flags = rustix::fs::fcntl_getfl(&backend.file)?;
         rustix::fs::fcntl_setfl(&backend.file, flags - rustix::fs::OFlags::NONBLOCK)?;
+        if !read_only {
+            *backend.direct.write().unwrap_or_else(|p| p.into_inner()) =
+                crate::direct::reopen(&backend.file);
+        }
         Ok(backend)
     }
 
@@ -160,6 +167,7 @@ impl FileBackend {
             file,
             size,
             block_device,
+            direct: std::sync::RwLock::new(None),
         })
     }
 
@@ -205,6 +213,20 @@ impl Backend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if crate::direct::suits(buf, offset) {
+            let direct = self.direct.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(d) = direct.as_ref() {
+                match crate::direct::write(d, buf, offset) {
+                    Ok(()) => return Ok(()),
+                    // A filesystem that took the open but not the write: buffered from now.
+                    Err(e) if e.raw_os_error() == Some(libc_einval()) => {
+                        drop(direct);
+                        *self.direct.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         self.file.write_all_at(buf, offset)
     }
 
@@ -304,6 +326,11 @@ impl Backend for FileBackend {
         }
         Ok(runs)
     }
+}
+
+/// EINVAL, what `O_DIRECT` answers where the filesystem cannot do it.
+fn libc_einval() -> i32 {
+    rustix::io::Errno::INVAL.raw_os_error()
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@
 //! `backend.rs`, `export.rs` (what the embedder supplies), `wire.rs` (the numbers).
 
 mod backend;
+mod direct;
 mod error;
 mod export;
 mod handshake;
