@@ -256,13 +256,17 @@ async fn join(
     match joined {
         Some(Ok((tx, secret))) => admit(conn, session, secret, tx).await,
         Some(Err(reason)) => refuse(&mut conn, reason).await,
-        None => {
-            let n = server.failed_auth.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(%peer, failures = n, "join refused: unknown session or wrong proof");
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-            refuse(&mut conn, UNKNOWN_SESSION.into()).await;
-        }
+        None => refuse_join(conn, &server.failed_auth, peer).await,
     }
+}
+
+/// Answer a join that did not prove its session: counted in `failures`, logged, and refused
+/// as late as a failed authentication, with the same words whichever part was wrong.
+pub(crate) async fn refuse_join(mut conn: Conn, failures: &AtomicU64, peer: &str) {
+    let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
+    tracing::warn!(%peer, failures = n, "join refused: unknown session or wrong proof");
+    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+    refuse(&mut conn, UNKNOWN_SESSION.into()).await;
 }
 
 /// The one answer to a join that does not prove its session, whichever part was wrong.

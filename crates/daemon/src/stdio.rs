@@ -7,14 +7,15 @@
 //! relative to the login directory), with the user's permissions, as with rsync over ssh.
 
 use crate::{
-    admit, refuse, run_engine, version_mismatch, SessionPlace, AUTH_FAILURE_DELAY, UNKNOWN_SESSION,
+    admit, refuse, refuse_join, run_engine, version_mismatch, SessionPlace, AUTH_FAILURE_DELAY,
+    UNKNOWN_SESSION,
 };
 use net::tls::verify_join_proof;
 use net::Conn;
 use proto::{FrameReader, FrameWriter, Hello, NewSession, Role, Welcome, WireCounter};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
@@ -197,10 +198,7 @@ async fn accept_joins(
             if proven {
                 admit(conn, session, secret, tx).await;
             } else {
-                let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(failures = n, "join refused: unknown session or wrong proof");
-                tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-                refuse(&mut conn, UNKNOWN_SESSION.into()).await;
+                refuse_join(conn, &failures, "ssh session socket").await;
             }
         });
     }
