@@ -12,6 +12,7 @@ mod report;
 mod tls_cost;
 mod tools;
 mod volume_io;
+mod volume_pass;
 mod workloads;
 
 use anyhow::{bail, Context, Result};
@@ -32,7 +33,7 @@ struct Args {
     /// Multiply data sizes and file counts (1.0 = the table's sizes; 0.05 for a smoke run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, V1, V2, T1), comma-separated.
+    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, V1, V2, V3, T1), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Work directory: cached base data, run directories, logs, results.json.
@@ -319,6 +320,10 @@ fn run_inner(
         let image = base.path.join("big00.bin");
         return volume_io::run(env, io, &image, run_dir, &logs, res);
     }
+    if spec.place == Place::VolumePass {
+        res.source = base.stats;
+        return volume_pass::run(env, &base.path.join("big00.bin"), run_dir, &logs, res);
+    }
     if spec.place == Place::Listed {
         return listed::run(env, spec, &base.path, base.stats.files, run_dir, &logs, res);
     }
@@ -384,8 +389,12 @@ fn run_inner(
                 }
             }
         }
-        Place::Loopback | Place::Listed | Place::VolumeConvert | Place::VolumeWrites { .. } => {
-            unreachable!("T1, P1, V1 and V2 returned above")
+        Place::Loopback
+        | Place::Listed
+        | Place::VolumeConvert
+        | Place::VolumeWrites { .. }
+        | Place::VolumePass => {
+            unreachable!("T1, P1, V1, V2 and V3 returned above")
         }
         Place::Local => {
             if spec.with_cp && !args.no_peers {

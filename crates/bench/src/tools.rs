@@ -130,7 +130,7 @@ pub fn cutover_bin(env: &Env) -> Result<PathBuf> {
 }
 
 /// The program to name in cutover's command lines (the binary, or `cutover` when missing).
-fn cutover_program(env: &Env) -> PathBuf {
+pub fn cutover_program(env: &Env) -> PathBuf {
     env.cutover
         .clone()
         .unwrap_or_else(|_| PathBuf::from("cutover"))
@@ -238,6 +238,10 @@ impl Daemon {
     /// Peak RSS so far.
     pub fn vm_hwm_kb(&self) -> Option<u64> {
         self.process.vm_hwm_kb()
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.process.pid()
     }
 
     /// SIGTERM; an error if it had to be killed or exited with a failure of its own.
@@ -593,7 +597,7 @@ pub fn cutover_local_with(
 
 /// Run a `cutover sync --json` command line, timed by wall clock, its output in
 /// `logs/LOG_NAME.stdout` and `.stderr`; a missing cutover binary is this run's error.
-fn cutover_timed(
+pub fn cutover_timed(
     env: &Env,
     tool: &str,
     cmd: &mut Command,

@@ -25,7 +25,7 @@ pub enum VolumeIo {
 }
 
 /// Name of the volume, and of its NBD export.
-const VOLUME: &str = "bench";
+pub const VOLUME: &str = "bench";
 
 /// The `qemu-img` command for `io` writing into `target` (a file or an NBD URI).
 fn qemu_img(io: VolumeIo, image: &Path, target: &str) -> Command {
@@ -46,6 +46,70 @@ fn qemu_img(io: VolumeIo, image: &Path, target: &str) -> Command {
         }
     }
     cmd
+}
+
+/// A `cutover serve` hosting one volume, `bench`, on `backing` (its metadata made by
+/// `cutover volume create-md`), exported on a Unix socket.
+pub struct VolumeHost {
+    pub daemon: Background,
+    /// The daemon's config (for `--volume-config`).
+    pub config: std::path::PathBuf,
+    /// `nbd+unix:///bench?socket=…`.
+    pub uri: String,
+}
+
+impl VolumeHost {
+    /// Write the config into `run_dir`, make the metadata and start the daemon; returns once
+    /// the export is up.
+    pub fn start(bin: &Path, run_dir: &Path, backing: &Path, logs: &Path) -> Result<VolumeHost> {
+        let state = run_dir.join("state");
+        fs::create_dir_all(&state)?;
+        let config = run_dir.join("serve.toml");
+        fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\n[[volume]]\nname = \"{VOLUME}\"\nbacking = {:?}\n",
+                state.display().to_string(),
+                backing.display().to_string()
+            ),
+        )?;
+        let mut create = Command::new(bin);
+        create
+            .args(["volume", "create-md", VOLUME, "--config"])
+            .arg(&config);
+        let made = create
+            .output()
+            .with_context(|| format!("cannot run {}", describe(&create)))?;
+        if !made.status.success() {
+            bail!(
+                "{} failed: {}",
+                describe(&create),
+                String::from_utf8_lossy(&made.stderr).trim()
+            );
+        }
+        let port_file = run_dir.join("serve.port");
+        let mut daemon = Background::spawn(
+            "cutover serve",
+            Command::new(bin)
+                .arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .arg("--port-file")
+                .arg(&port_file),
+            &logs.join("serve.log"),
+        )?;
+        // Volumes are served before the listener binds, so the port means the export is up.
+        daemon.wait_port_file(&port_file, Duration::from_secs(30))?;
+        let uri = format!(
+            "nbd+unix:///{VOLUME}?socket={}",
+            state.join(format!("{VOLUME}.sock")).display()
+        );
+        Ok(VolumeHost {
+            daemon,
+            config,
+            uri,
+        })
+    }
 }
 
 /// A sparse file of `size` bytes.
@@ -72,48 +136,9 @@ pub fn run(
     let direct = run_dir.join("direct.img");
     sparse_file(&backing, size)?;
     sparse_file(&direct, size)?;
-    let state = run_dir.join("state");
-    fs::create_dir_all(&state)?;
-    let config = run_dir.join("serve.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\n[[volume]]\nname = \"{VOLUME}\"\nbacking = {:?}\n",
-            state.display().to_string(),
-            backing.display().to_string()
-        ),
-    )?;
-    let mut create = Command::new(&bin);
-    create
-        .args(["volume", "create-md", VOLUME, "--config"])
-        .arg(&config);
-    let made = create
-        .output()
-        .with_context(|| format!("cannot run {}", describe(&create)))?;
-    if !made.status.success() {
-        bail!(
-            "{} failed: {}",
-            describe(&create),
-            String::from_utf8_lossy(&made.stderr).trim()
-        );
-    }
-    let port_file = run_dir.join("serve.port");
-    let mut daemon = Background::spawn(
-        "cutover serve",
-        Command::new(&bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--port-file")
-            .arg(&port_file),
-        &logs.join("serve.log"),
-    )?;
-    // Volumes are served before the listener binds, so the port means the export is up.
-    daemon.wait_port_file(&port_file, Duration::from_secs(30))?;
-    let uri = format!(
-        "nbd+unix:///{VOLUME}?socket={}",
-        state.join(format!("{VOLUME}.sock")).display()
-    );
+    let host = VolumeHost::start(&bin, run_dir, &backing, logs)?;
+    let uri = host.uri.clone();
+    let mut daemon = host.daemon;
 
     res.order.push("qemu-img into the export".into());
     let through: ToolRun = tools::local(
@@ -150,7 +175,7 @@ pub fn run(
 
 /// `cmp` of the backing against the file written directly: one differing line when they
 /// differ, none when equal.
-fn same_bytes(backing: &Path, direct: &Path) -> Verify {
+pub fn same_bytes(backing: &Path, direct: &Path) -> Verify {
     eprintln!("  comparing the backing with the file written directly");
     let mut cmd = Command::new("cmp");
     cmd.arg(backing).arg(direct);

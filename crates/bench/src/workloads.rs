@@ -22,6 +22,9 @@ pub enum Place {
     /// On this machine: `qemu-img bench -w -c count` into a volume's NBD export against a
     /// file (V2).
     VolumeWrites { count: u64 },
+    /// On this machine: a volume's changed-block pass against a whole-device pass, after 1%
+    /// of its blocks were written (V3).
+    VolumePass,
 }
 
 impl Place {
@@ -39,7 +42,7 @@ impl Place {
             Place::Local => "local",
             Place::Loopback => "loopback",
             Place::Listed => "local-listed",
-            Place::VolumeConvert | Place::VolumeWrites { .. } => "local-volume",
+            Place::VolumeConvert | Place::VolumeWrites { .. } | Place::VolumePass => "local-volume",
         }
     }
 }
@@ -67,6 +70,9 @@ pub enum Target {
     /// The listed pass takes at most `max` of a full no-change pass's time (P1; the full
     /// pass stands in the peer's slot).
     ListedPass { max: f64 },
+    /// V3: time ≤ `time_max` of the whole-device pass's, and bytes read on each side ≤
+    /// `reads_max` × the dirty bytes.
+    VolumePass { time_max: f64, reads_max: f64 },
     /// The run through cutover's export does the same work at least `min` as fast as the
     /// run on a file directly (V1, V2; the direct run stands in the peer's slot).
     ThroughputShare { min: f64 },
@@ -137,6 +143,10 @@ impl Target {
             Target::ThroughputShare { min } => {
                 format!("≥ {:.0}% of the direct run's throughput", min * 100.0)
             }
+            Target::VolumePass { time_max, reads_max } => format!(
+                "reads ≤ {reads_max}× the dirty bytes on each side; time ≤ 1/{:.0} of a whole-device pass",
+                1.0 / time_max
+            ),
         }
     }
 
@@ -215,6 +225,29 @@ impl Target {
                 all(vec![ratio_part("time", c_s, r_s, 1.0), rss])
             }
             Target::ListedPass { max } => all(vec![ratio_part("time", c_s, r_s, max)]),
+            Target::VolumePass {
+                time_max,
+                reads_max,
+            } => {
+                let report = o.cutover.and_then(|c| c.report.as_ref());
+                let field = |k: &str| report.and_then(|r| r[k].as_u64());
+                let dirty = field("dirty_bytes").unwrap_or(0) as f64;
+                let reads = |side: &str, key: &str| match field(key) {
+                    Some(n) if dirty > 0.0 => {
+                        let r = n as f64 / dirty;
+                        (
+                            Some(r <= reads_max),
+                            format!("{side} read {r:.2}× the dirty bytes (≤ {reads_max})"),
+                        )
+                    }
+                    _ => (None, format!("no {side} read count")),
+                };
+                all(vec![
+                    reads("source", "source_read_bytes"),
+                    reads("destination", "destination_read_bytes"),
+                    ratio_part("time", c_s, r_s, time_max),
+                ])
+            }
             Target::ThroughputShare { min } => match (c_s, r_s) {
                 (Some(c), Some(r)) if c > 0.0 => {
                     let share = r / c;
@@ -337,6 +370,7 @@ pub fn all(scale: f64) -> Vec<Spec> {
     let p1_n = scaled(1_000_000, scale);
     let v1_mb = scaled(1024, scale);
     let v2_writes = scaled(200_000, scale);
+    let v3_mb = scaled(4096, scale);
     vec![
         Spec {
             id: "W1",
@@ -519,6 +553,25 @@ pub fn all(scale: f64) -> Vec<Spec> {
             sample_rss: false,
             rsync_as_in: None,
             target: Target::ThroughputShare { min: 0.5 },
+        },
+        Spec {
+            id: "V3",
+            family: "V3",
+            work: format!(
+                "the pass after 1% of a {} volume's 16 KiB blocks were written, to a loopback daemon",
+                mib(v3_mb)
+            ),
+            generate: big(1, v3_mb, false),
+            edit: None,
+            resync: true,
+            place: Place::VolumePass,
+            with_cp: false,
+            sample_rss: false,
+            rsync_as_in: None,
+            target: Target::VolumePass {
+                time_max: 1.0 / 20.0,
+                reads_max: 2.0,
+            },
         },
         Spec {
             id: "T1",

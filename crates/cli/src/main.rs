@@ -10,6 +10,7 @@ mod rsync;
 mod security;
 mod sync;
 mod volume;
+mod volume_pass;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use print::{errln, outln};

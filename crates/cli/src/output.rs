@@ -245,6 +245,13 @@ impl Events for Reporter {
                     errln!("cutover: {message}");
                 }
             }
+            Event::Note { message } => {
+                if self.json {
+                    out(json!({"event": "note", "message": message}).to_string());
+                } else if !self.quiet {
+                    errln!("cutover: {message}");
+                }
+            }
             Event::Retry {
                 attempt,
                 wait,

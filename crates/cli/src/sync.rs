@@ -7,7 +7,10 @@ use crate::output::Reporter;
 use crate::print::errln;
 use crate::rsync::RsyncArgs;
 use crate::security::{check_plaintext_destination, client_trust, SecurityArgs};
-use engine::{Destination, Event, Events, NoEvents, PathList, Session, Source, Stats, Summary};
+use crate::volume_pass;
+use engine::{
+    ChangedBlocks, Destination, Event, Events, NoEvents, PathList, Session, Source, Stats, Summary,
+};
 use net::client::{open_session, ClientError, Connections, Delivered, Remote};
 use net::remote_install::Installed;
 use net::ssh::SshCommand;
@@ -92,6 +95,9 @@ pub struct SyncArgs {
     /// With --files-from: a listed path the source lacks is a fatal error (exit 1), not a warning (exit 4).
     #[arg(long, requires = "files_from")]
     pub files_from_strict: bool,
+    /// With a `volume:NAME` source: the config of the local `cutover serve` that hosts the volume (to find its control socket; default: the state directory it uses without state_dir).
+    #[arg(long, value_name = "FILE")]
+    pub volume_config: Option<PathBuf>,
     /// Limit the total rate of all connections: bytes/s with K, M or G suffix (powers of 1024); a bare number is KiB/s.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub bwlimit: Option<u64>,
@@ -241,6 +247,12 @@ pub struct SyncJob {
     pub remote_install: bool,
     /// Only the paths listed in this file (rsync's `--files-from`).
     pub files_from: Option<FilesFrom>,
+    /// A tracked volume's pass (`volume:NAME`, see `volume_pass`): `src` is its backing,
+    /// and these are the blocks written since the destination's last pass.
+    pub changed: Option<Arc<ChangedBlocks>>,
+    /// The config of the `cutover serve` hosting a `volume:NAME` source (to find its
+    /// control socket); `None`: the default state directory.
+    pub volume_config: Option<std::path::PathBuf>,
 }
 
 /// A list of paths relative to the source root: only they (and, for a directory, what is
@@ -290,6 +302,8 @@ impl SyncArgs {
                 list,
                 from0: self.from0,
             }),
+            changed: None,
+            volume_config: self.volume_config.clone(),
         }
     }
 }
@@ -331,6 +345,62 @@ pub async fn run_job(
     events: Arc<dyn Events>,
     stats: Arc<Stats>,
 ) -> Result<(Summary, u64), String> {
+    if volume_pass::name_of(&job.src).is_some() {
+        return run_volume_pass(job, events, stats).await;
+    }
+    run_resolved(job, events, stats).await
+}
+
+/// A `volume:NAME` source: the daemon starts the pass (what to send), the sync runs on
+/// the volume's backing, and the outcome goes back to the daemon. A dry run only reads:
+/// it compares the backing with the destination and starts no pass.
+async fn run_volume_pass(
+    job: &SyncJob,
+    events: Arc<dyn Events>,
+    stats: Arc<Stats>,
+) -> Result<(Summary, u64), String> {
+    let j = job.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        if j.options.dry_run {
+            volume_pass::backing_job(&j).map(|job| (job, None))
+        } else {
+            volume_pass::begin(&j).map(|s| {
+                let s = s.expect("a volume: source");
+                (s.job.clone(), Some(s))
+            })
+        }
+    })
+    .await
+    .map_err(|e| format!("{}: {e}", job.src))??;
+    let (resolved, pass) = started;
+    if let Some(p) = &pass {
+        events.event(Event::Note {
+            message: p.describe(&job.dst),
+        });
+    }
+    let result = run_resolved(&resolved, events, stats).await;
+    let Some(pass) = pass else {
+        return result;
+    };
+    let ok = result
+        .as_ref()
+        .is_ok_and(|(s, _)| s.errors.is_empty() && s.changed.is_empty());
+    let told = tokio::task::spawn_blocking(move || pass.finish(ok))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match (result, told) {
+        (Ok(r), Ok(())) => Ok(r),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), _) => Err(e),
+    }
+}
+
+async fn run_resolved(
+    job: &SyncJob,
+    events: Arc<dyn Events>,
+    stats: Arc<Stats>,
+) -> Result<(Summary, u64), String> {
     let src = Endpoint::parse(&job.src).map_err(|e| format!("source {e}"))?;
     let dst = Endpoint::parse(&job.dst).map_err(|e| format!("destination {e}"))?;
     if job.options.max_delete.is_some() && !job.options.delete {
@@ -366,6 +436,7 @@ pub async fn run_job(
         // With a list, paths are relative to SRC whether it ends with a slash or not (rsync).
         copy_dir_itself: !src.trailing_slash() && paths.is_none(),
         files_from: paths.is_some(),
+        changed_blocks: job.changed.is_some(),
         ..job.options.clone()
     };
     let limiter = match opts.bwlimit {
@@ -595,6 +666,7 @@ async fn sync(
                 },
                 Source {
                     paths,
+                    changed: args.changed.clone(),
                     ..Source::local(s.clone())
                 },
                 opts,
@@ -624,6 +696,7 @@ async fn sync(
                 remote_session(remote, Role::Receiver, &opts, args, delivered, limiter).await?;
             let source = Source {
                 paths,
+                changed: args.changed.clone(),
                 ..Source::local(s.clone())
             };
             let summary = engine::run_sender(session, source, opts, reporter, stats)
@@ -790,6 +863,8 @@ mod tests {
             remote_cutover: DEFAULT_REMOTE_CUTOVER.into(),
             remote_install: false,
             files_from: Some(FilesFrom { list, from0: false }),
+            changed: None,
+            volume_config: None,
         };
         let (summary, _) = run_job(&job, Arc::new(NoEvents), Arc::new(Stats::default()))
             .await

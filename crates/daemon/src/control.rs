@@ -9,10 +9,23 @@
 //!                                    ← {"ok":false,"error":"…"}
 //! ```
 //!
+//! A changed-block pass (`cutover sync volume:NAME`, see `passes.rs`) keeps its connection
+//! for the length of the pass:
+//!
+//! ```text
+//! → {"cmd":"pass","name":"db","destination":"…"}
+//! ← {"ok":true,"pass":{"mode":"changed","bitmap_bytes":N,…}}, then N bytes of bitmap
+//! … the client syncs …
+//! → {"cmd":"pass-done","ok":true}   ← {"ok":true}
+//! ```
+//!
+//! A connection that closes before `pass-done` is a failed pass: its blocks are owed again.
+//!
 //! Access: the socket has mode 0600 (root bypasses that, the daemon's user owns it), and the
 //! daemon also checks the peer's uid (`SO_PEERCRED`): only root and the daemon's own user
 //! are answered, so a socket whose mode was loosened still serves nobody else.
 
+use crate::passes::{self, DestinationStatus, PassMode};
 use crate::volumes::Hosted;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, Write};
@@ -41,6 +54,16 @@ pub enum Request {
     },
     /// Start a new generation of a volume: its dirty bitmap starts empty.
     Mark { name: String },
+    /// Start a changed-block pass of a volume to `destination` (`full`: compare the whole
+    /// device whatever the record says). The connection stays open until `pass-done`.
+    Pass {
+        name: String,
+        destination: String,
+        #[serde(default)]
+        full: bool,
+    },
+    /// The end of the pass this connection started, and whether it succeeded.
+    PassDone { ok: bool },
 }
 
 /// The daemon's answer: `ok` with the result, or an `error` (one line).
@@ -53,6 +76,8 @@ pub struct Reply {
     pub volumes: Option<Vec<VolumeStatus>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mark: Option<MarkResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass: Option<PassStart>,
 }
 
 impl Reply {
@@ -99,6 +124,9 @@ pub struct VolumeStatus {
     /// Why tracking stopped after a failed metadata write (writes are then refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// Destinations of changed-block passes since the daemon started.
+    #[serde(default)]
+    pub destinations: Vec<DestinationStatus>,
 }
 
 /// The activity log's state.
@@ -111,6 +139,25 @@ pub struct ActivityLog {
     /// Transactions written since open.
     pub transactions: u64,
     pub evictions: u64,
+}
+
+/// What a pass sends, as the daemon starts it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PassStart {
+    pub name: String,
+    /// "changed": only the blocks in the bitmap that follows; "full": compare everything.
+    pub mode: String,
+    /// Why a full pass (the first to this destination, or asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why_full: Option<String>,
+    pub backing: PathBuf,
+    pub size: u64,
+    pub block_size: u32,
+    /// The generation the pass's mark began: writes from now on are in the next pass.
+    pub generation: String,
+    pub changed_bytes: u64,
+    /// Bytes of bitmap after the reply line (block `b` is bit `b % 8` of byte `b / 8`).
+    pub bitmap_bytes: u64,
 }
 
 /// What a mark did.
@@ -160,6 +207,7 @@ fn status_of(h: &Hosted) -> Result<VolumeStatus, String> {
         clean_flag: s.clean_flag,
         last_shutdown_clean: s.last_shutdown_clean,
         failed: s.failed,
+        destinations: h.passes.status(),
     })
 }
 
@@ -189,10 +237,11 @@ fn answer(hosted: &[Arc<Hosted>], req: Request) -> Reply {
                     ..Reply::default()
                 })
         }
+        Request::Pass { .. } | Request::PassDone { .. } => {
+            Err("`pass` and `pass-done` keep their own connection".to_string())
+        }
         Request::Mark { name } => find(hosted, &name).and_then(|h| {
-            let snap = h
-                .with_meta(|m| m.mark())?
-                .map_err(|e| format!("volume {name:?}: mark failed: {e}"))?;
+            let snap = passes::mark(h)?;
             tracing::info!(
                 "volume {name}: marked: generation {} → {}, {} byte(s) were dirty",
                 gen(snap.from_gen),
@@ -249,6 +298,11 @@ async fn connection(mut stream: UnixStream, hosted: Arc<[Arc<Hosted>]>) {
         ))
     } else {
         match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
+            Ok(Ok(Request::Pass {
+                name,
+                destination,
+                full,
+            })) => return pass(stream, hosted, name, destination, full).await,
             Ok(Ok(req)) => {
                 let hosted = hosted.clone();
                 tokio::task::spawn_blocking(move || answer(&hosted, req))
@@ -259,9 +313,116 @@ async fn connection(mut stream: UnixStream, hosted: Arc<[Arc<Hosted>]>) {
             Err(_) => Reply::error(format!("no request within {REQUEST_TIMEOUT:?}")),
         }
     };
-    let mut line = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    let _ = send_reply(&mut stream, &reply).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn send_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     line.push(b'\n');
-    let _ = stream.write_all(&line).await;
+    stream.write_all(&line).await
+}
+
+/// Serve one changed-block pass: mark and answer with what to send, then wait (as long as
+/// the pass takes) for its outcome. A connection that ends without `pass-done` is a
+/// failed pass.
+async fn pass(
+    mut stream: UnixStream,
+    hosted: Arc<[Arc<Hosted>]>,
+    name: String,
+    destination: String,
+    full: bool,
+) {
+    let h = match find(&hosted, &name) {
+        Ok(h) => h.clone(),
+        Err(why) => {
+            let _ = send_reply(&mut stream, &Reply::error(why)).await;
+            return;
+        }
+    };
+    let started = {
+        let (h, destination) = (h.clone(), destination.clone());
+        tokio::task::spawn_blocking(move || {
+            let geo = h.with_meta(|m| m.geometry())?;
+            let mode = passes::begin(&h, &destination, full)?;
+            let gen_now = h.with_meta(|m| m.status().bitmap_gen);
+            Ok((mode, geo, gen_now))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the pass failed to start: {e}")))
+    };
+    let (mode, geo, gen_now) = match started {
+        Ok(s) => s,
+        Err(why) => {
+            let _ = send_reply(&mut stream, &Reply::error(why)).await;
+            return;
+        }
+    };
+    let (sent, bits, why_full) = match mode {
+        PassMode::Changed(snap) => {
+            let bits = snap.to_bytes();
+            (Some(snap), bits, None)
+        }
+        PassMode::Full => {
+            let why = if full {
+                "asked for"
+            } else {
+                "no earlier pass to this destination since the daemon started"
+            };
+            (None, Vec::new(), Some(why.to_string()))
+        }
+    };
+    let start = PassStart {
+        name: name.clone(),
+        mode: if sent.is_some() { "changed" } else { "full" }.into(),
+        why_full,
+        backing: h.backing.clone(),
+        size: geo.size,
+        block_size: geo.block_size,
+        generation: gen(gen_now.unwrap_or(0)),
+        changed_bytes: sent.as_ref().map_or(0, |s| s.bytes()),
+        bitmap_bytes: bits.len() as u64,
+    };
+    tracing::info!(
+        "volume {name}: {} pass to {destination} ({} byte(s) to send)",
+        start.mode,
+        start.changed_bytes
+    );
+    let reply = Reply {
+        ok: true,
+        pass: Some(start),
+        ..Reply::default()
+    };
+    let mut ok = false;
+    if send_reply(&mut stream, &reply).await.is_ok() && stream.write_all(&bits).await.is_ok() {
+        drop(bits);
+        let mut line = String::new();
+        let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST));
+        if reader.read_line(&mut line).await.is_ok() {
+            ok = matches!(
+                serde_json::from_str(line.trim()),
+                Ok(Request::PassDone { ok: true })
+            );
+        }
+    }
+    let (h2, d2) = (h.clone(), destination.clone());
+    let _ = tokio::task::spawn_blocking(move || passes::end(&h2, &d2, ok, sent)).await;
+    tracing::info!(
+        "volume {name}: pass to {destination} {}",
+        if ok {
+            "done"
+        } else {
+            "failed: its blocks are owed again"
+        }
+    );
+    let _ = send_reply(
+        &mut stream,
+        &Reply {
+            ok: true,
+            ..Reply::default()
+        },
+    )
+    .await;
     let _ = stream.shutdown().await;
 }
 
@@ -294,20 +455,19 @@ pub enum ControlError {
 /// Send one request to the control socket at `socket` and return the daemon's reply (its
 /// `ok` may be false: the caller shows `error`). Blocking.
 pub fn call(socket: &Path, req: &Request) -> Result<Reply, ControlError> {
-    let path = socket.to_path_buf();
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                ControlError::NotRunning(path.clone())
-            }
-            io::ErrorKind::PermissionDenied => ControlError::Denied(path.clone()),
-            _ => ControlError::Io {
-                path: path.clone(),
-                source: e,
-            },
-        })?;
+    let (stream, sent) = send_request(socket, req)?;
+    read_reply(&mut io::BufReader::new(stream), socket, sent)
+}
+
+/// Connect to the control socket and write one request line; how the write went is for
+/// [`read_reply`] (a daemon that refuses the peer answers without reading).
+fn send_request(
+    socket: &Path,
+    req: &Request,
+) -> Result<(std::os::unix::net::UnixStream, io::Result<()>), ControlError> {
+    let mut stream = connect(socket)?;
     let io_err = |source| ControlError::Io {
-        path: path.clone(),
+        path: socket.to_path_buf(),
         source,
     };
     stream
@@ -315,12 +475,117 @@ pub fn call(socket: &Path, req: &Request) -> Result<Reply, ControlError> {
         .map_err(io_err)?;
     let mut line = serde_json::to_vec(req).map_err(|e| io_err(io::Error::other(e)))?;
     line.push(b'\n');
-    // A daemon that refuses the peer answers without reading the request, and may have
-    // closed before it is written: the reply is still there to read, and says why.
     let sent = stream.write_all(&line);
+    Ok((stream, sent))
+}
+
+/// A changed-block pass the daemon started (`Request::Pass`): what to send, and the open
+/// connection that reports how the pass went. Dropping it without [`PassClient::finish`]
+/// tells the daemon the pass failed.
+pub struct PassClient {
+    stream: std::os::unix::net::UnixStream,
+    path: PathBuf,
+    pub start: PassStart,
+    /// The bitmap of a "changed" pass.
+    pub bits: Option<Vec<u8>>,
+}
+
+impl PassClient {
+    /// Ask the daemon at `socket` to start a pass of volume `name` to `destination`.
+    /// `Ok(Err(why))`: the daemon refused (the reason is one line). Blocking.
+    pub fn begin(
+        socket: &Path,
+        name: &str,
+        destination: &str,
+        full: bool,
+    ) -> Result<Result<PassClient, String>, ControlError> {
+        let path = socket.to_path_buf();
+        let io_err = |source| ControlError::Io {
+            path: path.clone(),
+            source,
+        };
+        let req = Request::Pass {
+            name: name.into(),
+            destination: destination.into(),
+            full,
+        };
+        let (stream, sent) = send_request(socket, &req)?;
+        let mut reader = io::BufReader::new(stream);
+        let reply = read_reply(&mut reader, &path, sent)?;
+        let start = match (reply.ok, reply.pass) {
+            (true, Some(p)) => p,
+            (false, _) => return Ok(Err(reply.error.unwrap_or_else(|| "refused".into()))),
+            (true, None) => {
+                return Err(ControlError::BadReply {
+                    path,
+                    why: "no pass in the reply".into(),
+                })
+            }
+        };
+        // The bitmap: one bit per block, so bounded by the volume's size the daemon gave.
+        let blocks = start.size.div_ceil(u64::from(start.block_size.max(1)));
+        if start.bitmap_bytes > 0 && start.bitmap_bytes != blocks.div_ceil(8) {
+            return Err(ControlError::BadReply {
+                path,
+                why: format!("{} bytes of bitmap for {blocks} blocks", start.bitmap_bytes),
+            });
+        }
+        let bits = if start.mode == "changed" {
+            let mut bits = vec![0u8; start.bitmap_bytes as usize];
+            io::Read::read_exact(&mut reader, &mut bits).map_err(io_err)?;
+            Some(bits)
+        } else {
+            None
+        };
+        Ok(Ok(PassClient {
+            stream: reader.into_inner(),
+            path,
+            start,
+            bits,
+        }))
+    }
+
+    /// Tell the daemon how the pass went and wait for it to take note.
+    pub fn finish(mut self, ok: bool) -> Result<(), ControlError> {
+        let path = self.path.clone();
+        let io_err = |source| ControlError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(&Request::PassDone { ok })
+            .map_err(|e| io_err(io::Error::other(e)))?;
+        line.push(b'\n');
+        let sent = self.stream.write_all(&line);
+        let mut reader = io::BufReader::new(self.stream);
+        read_reply(&mut reader, &path, sent).map(|_| ())
+    }
+}
+
+fn connect(socket: &Path) -> Result<std::os::unix::net::UnixStream, ControlError> {
+    let path = socket.to_path_buf();
+    std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ControlError::NotRunning(path)
+        }
+        io::ErrorKind::PermissionDenied => ControlError::Denied(path),
+        _ => ControlError::Io { path, source: e },
+    })
+}
+
+/// Read one reply line. `sent`: how writing the request went (a daemon that refuses the
+/// peer answers without reading it, so its reply is read even when the write failed).
+fn read_reply(
+    reader: &mut impl BufRead,
+    path: &Path,
+    sent: io::Result<()>,
+) -> Result<Reply, ControlError> {
+    let io_err = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut reply = String::new();
     // Bounded: a status of many volumes is a few KiB each.
-    let read = io::BufReader::new(io::Read::take(stream, 16 << 20)).read_line(&mut reply);
+    let read = io::Read::take(reader, 16 << 20).read_line(&mut reply);
     match (read, sent) {
         (Ok(n), _) if n > 0 => {}
         (_, Err(e)) | (Err(e), Ok(())) => return Err(io_err(e)),
@@ -332,7 +597,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<Reply, ControlError> {
         }
     }
     serde_json::from_str(reply.trim()).map_err(|e| ControlError::BadReply {
-        path: path.clone(),
+        path: path.to_path_buf(),
         why: e.to_string(),
     })
 }

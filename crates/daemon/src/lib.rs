@@ -11,10 +11,12 @@
 
 pub mod config;
 pub mod control;
+mod passes;
 pub mod stdio;
 pub mod volumes;
 
 pub use config::{Access, Config, ConfigError, Credential, ExportAddr, Grant, Module, Volume};
+pub use passes::DestinationStatus;
 pub use volumes::{VolumeError, Volumes};
 
 use engine::{Destination, NoEvents, Session, Source, Stats};
@@ -428,6 +430,7 @@ async fn run_engine(
                 jail: place.jail,
                 // With --files-from, the client streams its list.
                 paths: None,
+                changed: None,
             };
             engine::run_sender(sess, source, opts, Arc::new(NoEvents), stats)
                 .await

@@ -71,6 +71,8 @@ pub struct Hosted {
     /// `None` once closed. Status and mark take it for reading; close for writing, so a
     /// close waits for a mark in progress.
     pub(crate) meta: RwLock<Option<volume::Meta>>,
+    /// The destinations of changed-block passes (`passes.rs`).
+    pub(crate) passes: crate::passes::Passes,
 }
 
 impl Hosted {
@@ -177,6 +179,7 @@ impl Volumes {
                 backing: v.backing.clone(),
                 export: export_addr.clone(),
                 meta: RwLock::new(Some(meta)),
+                passes: Default::default(),
             }));
             let listen_failed = |source| VolumeError::Listen {
                 name: name.clone(),

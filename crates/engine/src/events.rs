@@ -76,6 +76,10 @@ pub enum Event {
     Error {
         message: String,
     },
+    /// A line about the pass as a whole, for the user (how a volume's pass is made).
+    Note {
+        message: String,
+    },
     /// The session broke; the sync is opened again after `wait` and resumes.
     Retry {
         attempt: u32,

@@ -9,12 +9,14 @@
 //! `Signature` (positional block hashes or FastCDC chunks).
 
 mod apply;
+pub mod changed;
 mod events;
 pub mod listed;
 mod receiver;
 mod sender;
 mod session;
 
+pub use changed::ChangedBlocks;
 pub use events::{Action, Event, Events, ItemPath, NoEvents, Stats, Summary};
 pub use listed::{PathList, LISTED_MISSING};
 pub use receiver::{run_receiver, Destination};

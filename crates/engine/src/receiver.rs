@@ -282,6 +282,9 @@ struct RFile {
     /// Answered `Need::Verify { meta }`: whether the metadata differs, for the item reported
     /// when the sender finds the content the same.
     verify: Option<bool>,
+    /// `Need::Changed`: only a tracked volume's written blocks come, into the target in
+    /// place; the rest of it is not read, so there is no whole-file digest to check.
+    changed: bool,
 }
 
 struct Shared {

@@ -1,6 +1,7 @@
 //! The sending side: walk the source, stream the file list, turn the receiver's needs into
 //! jobs on the shared queue, run delta descents, detect files that change while read.
 
+use crate::changed::{ChangedBlocks, MAX_PIECE};
 use crate::events::{Action, Event, Events, ItemPath, Problems, Stats, Summary};
 use crate::listed::{self, PathList, RemoteList};
 use crate::session::{
@@ -46,6 +47,10 @@ pub struct Source {
     /// With `SyncOptions::files_from`: this side's list (push, local). `None` in a pull: the
     /// receiver streams its list.
     pub paths: Option<Arc<PathList>>,
+    /// A tracked volume (`volume:NAME`): the source root is its backing, listed as a
+    /// volume, and these are the blocks written since the destination's last pass, sent
+    /// alone when the receiver answers `Need::Changed`.
+    pub changed: Option<Arc<ChangedBlocks>>,
 }
 
 impl Source {
@@ -55,6 +60,7 @@ impl Source {
             root,
             jail: None,
             paths: None,
+            changed: None,
         }
     }
 }
@@ -146,6 +152,8 @@ struct LoopState {
     // then being compared: (item, metadata differs).
     compare_wait: HashMap<u64, (ScanItem, bool)>,
     comparing: HashMap<u64, (ScanItem, bool)>,
+    /// From `Source::changed`: what a `Need::Changed` sends.
+    changed: Option<Arc<ChangedBlocks>>,
 }
 
 impl LoopState {
@@ -179,6 +187,7 @@ impl LoopState {
             retries_by_id: HashMap::new(),
             compare_wait: HashMap::new(),
             comparing: HashMap::new(),
+            changed: None,
         }
     }
 
@@ -246,6 +255,7 @@ pub async fn run_sender(
     ));
 
     let mut st = LoopState::new(ctx.clone(), opts, events, stats.clone(), small_tx);
+    st.changed = source.changed.clone();
 
     let result: Result<(), EngineError> = loop {
         st.relist().await;

@@ -315,6 +315,11 @@ pub struct TaskSpec {
     /// plan's `[[post_pass]]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_pass: Option<String>,
+    /// `volume` tasks with `source = "volume:NAME"`: the config of the local `cutover
+    /// serve` hosting the volume (relative to the plan file), to find its control socket;
+    /// default: the daemon's default state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_config: Option<String>,
 }
 
 /// `verify = { source = "…", destination = "…" }`: run both after the final pass (with

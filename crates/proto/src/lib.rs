@@ -18,7 +18,8 @@ pub use msg::*;
 /// 5: `Hello::Join` carries a proof bound to the joining connection instead of the secret.
 /// 6: `--files-from`: `SyncOptions::files_from{,_strict}`, `FileList::implied`, `MorePaths`,
 ///    `Paths`, `ListedProblem`.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: changed-block passes of a tracked volume: `SyncOptions::changed_blocks`, `Need::Changed`.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// How a refusal for another protocol version begins, so that a client can tell it from
 /// other refusals (an ssh client then installs its own binary on the remote).

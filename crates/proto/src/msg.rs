@@ -82,6 +82,11 @@ pub struct SyncOptions {
     /// With `files_from`: a listed path the source lacks ends the session with an error
     /// instead of being reported (`ListedProblem`) and skipped.
     pub files_from_strict: bool,
+    /// The source is a volume tracked by its daemon, and the sender knows which blocks
+    /// were written since this destination's last pass: a volume entry whose target
+    /// exists with the same size is answered `Need::Changed` (only those blocks travel,
+    /// neither side reads the rest); any other entry is decided as usual.
+    pub changed_blocks: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -165,6 +170,11 @@ pub enum Need {
     /// the file changes, so neither side itemises or counts it before. `meta`: the metadata
     /// differs (an unchanged content is then a metadata change).
     Verify { meta: bool },
+    /// Only with `SyncOptions::changed_blocks`, for a volume whose target has the
+    /// volume's size: the sender sends the blocks written since the destination's last
+    /// pass (data frames at their offsets, written in place) and a `FileEnd` with an
+    /// all-zero digest; no signature, no whole-file digest, nothing else is read.
+    Changed,
 }
 
 /// Hashes the receiver has of its basis file.

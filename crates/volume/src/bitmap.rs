@@ -219,6 +219,28 @@ impl Bitmap {
     pub fn last_set(&self) -> bool {
         self.len > 0 && self.get(self.len - 1)
     }
+
+    /// Set every bit set in `other` (same length; a shorter or longer one is cut to ours).
+    /// Pages are not marked changed: this is for frozen copies, never the live bitmap.
+    pub fn union(&mut self, other: &Bitmap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+        if let Some(last) = self.words.last_mut() {
+            if self.len & 63 != 0 {
+                *last &= (1u64 << (self.len % 64)) - 1;
+            }
+        }
+        self.ones = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
+    }
+
+    /// The bits as bytes, block `b` in bit `b % 8` of byte `b / 8` (the on-disk order),
+    /// `len / 8` rounded up.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(self.len.div_ceil(8) as usize);
+        out
+    }
 }
 
 /// The blocks written during one generation, frozen by `mark()`: iterate with
@@ -251,6 +273,30 @@ impl Snapshot {
     /// Whether the block holding byte `offset` is in the snapshot.
     pub fn contains(&self, offset: u64) -> bool {
         self.bits.get(offset / u64::from(self.geo.block_size))
+    }
+
+    /// Add the blocks of `other` (another snapshot of the same volume): what a consumer
+    /// still owes a peer after a further mark, or after a pass that failed. `from_gen`
+    /// stays `self`'s, `to_gen` becomes `other`'s.
+    pub fn union(&mut self, other: &Snapshot) {
+        self.bits.union(&other.bits);
+        self.to_gen = other.to_gen;
+    }
+
+    /// An empty snapshot of the same volume (nothing owed).
+    pub fn cleared(&self) -> Snapshot {
+        Snapshot {
+            bits: Bitmap::new(self.bits.len()),
+            geo: self.geo,
+            from_gen: self.to_gen,
+            to_gen: self.to_gen,
+        }
+    }
+
+    /// The dirty blocks as bytes: block `b` is bit `b % 8` of byte `b / 8`; the volume's
+    /// blocks / 8 rounded up.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.bits.to_bytes()
     }
 
     /// Runs of dirty blocks as `(offset, length)` byte ranges, in disk order, the last cut
@@ -362,5 +408,31 @@ mod tests {
         assert_eq!(v, vec![(4096, 8192), (40960, 100)]);
         assert_eq!(s.bytes(), 8192 + 100);
         assert!(s.contains(40960 + 50) && !s.contains(0));
+    }
+
+    #[test]
+    fn snapshots_unite_and_turn_into_bytes_in_disk_order() {
+        let geo = Geometry::new(70 * 4096, 4096, 1, 4).unwrap();
+        let snap = |ranges: &[(u64, u64)], from_gen, to_gen| {
+            let mut bits = Bitmap::new(geo.blocks);
+            for &(a, b) in ranges {
+                bits.set_range(a, b);
+            }
+            Snapshot {
+                bits,
+                geo,
+                from_gen,
+                to_gen,
+            }
+        };
+        let mut a = snap(&[(0, 0), (9, 9)], 1, 2);
+        a.union(&snap(&[(9, 10), (69, 69)], 2, 3));
+        assert_eq!((a.blocks(), a.from_gen, a.to_gen), (4, 1, 3));
+        let bytes = a.to_bytes();
+        // 70 blocks: 9 bytes; block 9 and 10 in byte 1 (bits 1, 2), block 69 bit 5 of byte 8.
+        assert_eq!(bytes, vec![1, 0b110, 0, 0, 0, 0, 0, 0, 1 << 5]);
+        let empty = a.cleared();
+        assert_eq!((empty.blocks(), empty.from_gen, empty.to_gen), (0, 3, 3));
+        assert_eq!(empty.to_bytes(), vec![0; 9]);
     }
 }

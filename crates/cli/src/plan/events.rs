@@ -55,6 +55,7 @@ impl Events for TaskEvents {
                 names::escape(path.as_bytes())
             )),
             Event::Error { message } => self.log.line(&format!("error: {message}")),
+            Event::Note { message } => self.log.line(&message),
             Event::Retry {
                 attempt,
                 wait,
@@ -107,6 +108,7 @@ impl Events for CheckEvents {
                 names::escape(path.as_bytes())
             )),
             Event::FileDone { .. } => {}
+            Event::Note { message } => self.log.line(&format!("verify: {message}")),
             // The comparison starts over in a new session, which lists every difference again.
             Event::Retry {
                 attempt,

@@ -99,6 +99,8 @@ pub fn job_for(
             .unwrap_or_else(|| crate::sync::DEFAULT_REMOTE_CUTOVER.into()),
         remote_install: t.remote_cutover.is_none(),
         files_from: None,
+        changed: None,
+        volume_config: t.volume_config.as_ref().map(|c| base_dir.join(c)),
     })
 }
 
@@ -160,7 +162,12 @@ impl TaskRunner for CliRunner {
             ("source", &t.source),
             ("destination", &Some(t.destination.clone())),
         ] {
+            // A tracked volume of the local daemon (volume:NAME) is a local source.
+            let tracked = key == "source"
+                && v.as_deref()
+                    .is_some_and(|s| crate::volume_pass::name_of(s).is_some());
             match v.as_deref().map(Endpoint::parse) {
+                _ if tracked => {}
                 None | Some(Ok(Endpoint::Local { .. })) => {}
                 Some(Ok(_)) => remote += 1,
                 Some(Err(message)) => return Err(KeyError { key, message }),

@@ -649,6 +649,9 @@ fn options() -> impl Strategy<Value = SyncOptions> {
             copy_dir_itself: b[8],
             files_from: false,
             files_from_strict: false,
+            // A hostile sender may claim a tracked volume: the receiver then answers
+            // `Need::Changed` to volume entries and must still keep to the module.
+            changed_blocks: b[3] && b[4],
         })
 }
 

@@ -84,8 +84,12 @@ fn wait_for_status(p: &Path, run: &mut Running, ready: impl Fn(&Value) -> bool) 
             run.running() && started.elapsed() < Duration::from_secs(20),
             "the status never showed what was expected"
         );
-        if db.exists() {
-            let st = status(p);
+        // The store exists a moment before the run is recorded in it.
+        let out = plan(&["status", "--json", s(p)]);
+        if db.exists() && !out.stderr.contains("no run has been recorded yet") {
+            out.ok();
+            let st: Value = serde_json::from_str(out.stdout.trim())
+                .unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"));
             if ready(&st) {
                 return st;
             }

@@ -134,6 +134,9 @@ pub(super) fn commit(shared: &Shared, mut f: RFile) -> Committed {
     let (_, size, digest) = f
         .end
         .ok_or(("file ended without FileEnd".to_string(), true))?;
+    if f.changed {
+        return commit_changed(shared, f, size);
+    }
     if size > f.covered {
         return Err((
             format!(
@@ -178,6 +181,31 @@ pub(super) fn commit(shared: &Shared, mut f: RFile) -> Committed {
     }
     let rename = (!f.in_place).then_some((&work, &target));
     install(shared, &out, &f, size, !block_dev, rename)?;
+    Ok((f.literal, f.copied))
+}
+
+/// The end of a tracked volume's changed blocks (`Need::Changed`): they were written in
+/// place as they came; the target keeps its size, and its metadata is applied as for any
+/// volume. Nothing is read back: the rest of the target was not touched.
+fn commit_changed(shared: &Shared, mut f: RFile, size: u64) -> Committed {
+    if size != f.entry.size {
+        return Err((
+            format!(
+                "{}: refused: the sender ended a volume of {} bytes at {size}",
+                f.shown.display(),
+                f.entry.size
+            ),
+            false,
+        ));
+    }
+    if f.out.is_none() {
+        open_work(&shared.dest, &mut f).map_err(|e| (e, false))?;
+    }
+    let Some(out) = f.out.clone() else {
+        return Err(("no output file".into(), false));
+    };
+    let block_dev = is_block_device(&out);
+    install(shared, &out, &f, size, !block_dev, None)?;
     Ok((f.literal, f.copied))
 }
 

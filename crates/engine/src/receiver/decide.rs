@@ -419,10 +419,13 @@ impl WalkState {
         if device && !shared.devices {
             return Err((Need::Refused, devices_refused(path)));
         }
-        // In place only into a regular file: a symlink, FIFO or other node where the source
-        // now has a file is replaced through a partial file and a rename.
-        let in_place = volume
-            || (shared.opts.inplace && existing.as_ref().is_none_or(|m| m.is_file() || m.is_dir()));
+        // In place only into a regular file (or a device, for a volume): a symlink, FIFO or
+        // other node where the source now has a file is replaced through a partial file and
+        // a rename, never written through.
+        let in_place = (volume || shared.opts.inplace)
+            && existing
+                .as_ref()
+                .is_none_or(|m| m.is_file() || m.is_dir() || m.is_block_device());
         if let Some(md) = &existing {
             if md.is_dir() {
                 replace_dir(here()?, "a file", shared.opts.delete, dry)?;
@@ -483,7 +486,15 @@ impl WalkState {
             None => None,
         }
         .unwrap_or(0);
+        // A tracked volume's pass: only the blocks written since the destination's last
+        // pass travel, into a target of the volume's size (a device's size by ioctl).
+        let changed = shared.opts.changed_blocks
+            && entry.kind == EntryKind::Volume
+            && !dry
+            && matches!(basis, Some(Basis::Target))
+            && target_size(existing.as_ref(), place, shown) == Some(entry.size);
         let need = match &basis {
+            _ if changed => Need::Changed,
             None => Need::Full,
             // --checksum: a same-size file is compared by its hashes (the sender answers
             // `Same` when they match) rather than sent again, however small; with -W too,
@@ -529,7 +540,7 @@ impl WalkState {
         // What the sender will send, itemised here too: in a pull this side reports.
         let action = match need {
             Need::Full => Some(Action::Send),
-            Need::Positional | Need::Chunks => Some(Action::Delta),
+            Need::Positional | Need::Chunks | Need::Changed => Some(Action::Delta),
             _ => None,
         };
         let rf = RFile {
@@ -551,6 +562,7 @@ impl WalkState {
             basis_size,
             covered: 0,
             verify,
+            changed,
         };
         lock(&shared.files).insert(id, rf);
         Ok((need, sig, action.and_then(item)))
@@ -664,9 +676,15 @@ impl WalkState {
                 }
             }
             if !shared.opts.fsync {
-                if let Ok(d) = File::open(&dest.root)
-                    .or_else(|_| File::open(dest.root.parent().unwrap_or(Path::new("."))))
-                {
+                // The destination directory: opening a single-file destination itself
+                // would block forever when it is a FIFO.
+                let root_is_dir = std::fs::symlink_metadata(&dest.root).is_ok_and(|m| m.is_dir());
+                let dir = match dest.root.parent() {
+                    _ if root_is_dir => dest.root.as_path(),
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                if let Ok(d) = File::open(dir) {
                     let started = std::time::Instant::now();
                     if let Err(e) = rustix::fs::syncfs(&d) {
                         report
@@ -877,4 +895,22 @@ pub(super) fn make_node(place: &Place, e: &Entry) -> std::io::Result<()> {
         ));
     }
     place.make_node(ft, e.mode & 0o7777, rdev)
+}
+
+/// The size of a target a volume is written into: a regular file's length, a block
+/// device's size (by ioctl: its `stat` size is 0).
+fn target_size(
+    existing: Option<&cofs::root::Stat>,
+    place: &Result<Place, String>,
+    shown: &Path,
+) -> Option<u64> {
+    let md = existing?;
+    if md.is_file() {
+        return Some(md.size());
+    }
+    if !md.is_block_device() {
+        return None;
+    }
+    let file = place.as_ref().ok()?.open_read().ok()?;
+    cofs::volume::size_of(&file, shown).ok()
 }

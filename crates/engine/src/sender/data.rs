@@ -56,11 +56,8 @@ pub(super) async fn abort(ctx: &Ctx, id: u64, reason: String, vanished: bool) {
 /// Queue every segment of a file the receiver does not have at all.
 pub(super) fn spawn_full(ctx: Arc<Ctx>, id: u64, item: ScanItem) {
     tokio::spawn(async move {
-        let opened = tokio::task::spawn_blocking(move || open_big(id, &item)).await;
-        let big = match opened {
-            Ok(Ok(b)) => Arc::new(b),
-            Ok(Err((why, vanished))) => return abort(&ctx, id, why, vanished).await,
-            Err(e) => return abort(&ctx, id, e.to_string(), false).await,
+        let Some(big) = open_or_abort(&ctx, id, item).await else {
+            return;
         };
         let segments = big.size.div_ceil(LEAF as u64);
         if let Ok(mut l) = big.leaves.lock() {

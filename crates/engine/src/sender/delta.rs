@@ -7,13 +7,26 @@ use super::*;
 /// Copy ops per `Copy` frame.
 pub(super) const COPY_OPS_PER_FRAME: usize = 4096;
 
+/// Open a file to send (off the runtime), or give it up with the reason.
+pub(super) async fn open_or_abort(ctx: &Ctx, id: u64, item: ScanItem) -> Option<Arc<BigFile>> {
+    let opened = tokio::task::spawn_blocking(move || open_big(id, &item)).await;
+    match opened {
+        Ok(Ok(b)) => Some(Arc::new(b)),
+        Ok(Err((why, vanished))) => {
+            abort(ctx, id, why, vanished).await;
+            None
+        }
+        Err(e) => {
+            abort(ctx, id, e.to_string(), false).await;
+            None
+        }
+    }
+}
+
 /// Compute and send a delta for one file against the receiver's signature.
 pub(super) async fn run_delta(ctx: Arc<Ctx>, id: u64, item: ScanItem, signature: Signature) {
-    let opened = tokio::task::spawn_blocking(move || open_big(id, &item)).await;
-    let big = match opened {
-        Ok(Ok(b)) => Arc::new(b),
-        Ok(Err((why, vanished))) => return abort(&ctx, id, why, vanished).await,
-        Err(e) => return abort(&ctx, id, e.to_string(), false).await,
+    let Some(big) = open_or_abort(&ctx, id, item).await else {
+        return;
     };
     let planned = match signature {
         Signature::Positional {
@@ -89,6 +102,50 @@ pub(super) async fn run_delta(ctx: Arc<Ctx>, id: u64, item: ScanItem, signature:
             size: big.size,
             frames,
             digest: plan.digest,
+        })
+        .await;
+}
+
+/// `Need::Changed`: send the blocks of a tracked volume written since the destination's
+/// last pass, as literals at their offsets, and nothing else; only they are read. A block
+/// written again while it is read is in the volume's next pass, so no torn-read check.
+pub(super) async fn send_changed(
+    ctx: Arc<Ctx>,
+    id: u64,
+    item: ScanItem,
+    changed: Arc<ChangedBlocks>,
+) {
+    let Some(big) = open_or_abort(&ctx, id, item).await else {
+        return;
+    };
+    if changed.size() != big.size {
+        let why = format!(
+            "{}: the volume's bitmap covers {} bytes but its backing holds {}",
+            big.display,
+            changed.size(),
+            big.size
+        );
+        return abort(&ctx, id, why, false).await;
+    }
+    let mut frames = 0u64;
+    for (offset, len) in changed.extents(MAX_PIECE) {
+        frames += 1;
+        let job = Job::Literal {
+            file: big.clone(),
+            offset,
+            len,
+        };
+        if ctx.jobs.send(job).await.is_err() {
+            return;
+        }
+    }
+    let _ = ctx
+        .control
+        .send(Msg::FileEnd {
+            id,
+            size: big.size,
+            frames,
+            digest: [0; 32],
         })
         .await;
 }

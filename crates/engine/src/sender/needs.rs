@@ -56,6 +56,30 @@ impl LoopState {
                     self.transfers
                         .insert(id, Transfer::new(item, retries, None));
                 }
+                Need::Changed => {
+                    let Some(changed) = self.changed.clone() else {
+                        violation = Some(format!(
+                            "{path}: changed blocks asked for, but this source is not a tracked volume"
+                        ));
+                        break;
+                    };
+                    let bytes = changed.bytes();
+                    self.events.event(Event::Item {
+                        path,
+                        action: Action::Delta,
+                        size,
+                    });
+                    Stats::add(&self.stats.files_to_send, 1);
+                    Stats::add(&self.stats.bytes_to_send, bytes);
+                    if self.opts.dry_run {
+                        self.in_flight -= 1;
+                        continue;
+                    }
+                    let t = Transfer::new(item, retries, None);
+                    let item = t.item.clone();
+                    self.transfers.insert(id, t);
+                    tokio::spawn(send_changed(self.ctx.clone(), id, item, changed));
+                }
                 Need::Full | Need::Positional | Need::Chunks | Need::Verify { .. } => {
                     let verify = match need {
                         Need::Verify { meta } => Some(meta),

@@ -35,15 +35,24 @@ pub(super) fn start_walk(
         (w, _) => w,
     };
     let walker = walker?;
-    std::thread::spawn(move || scan(walker, scan_tx));
+    let volume_root = source.changed.is_some();
+    std::thread::spawn(move || scan(walker, scan_tx, volume_root));
     Ok(None)
 }
 
-pub(super) fn scan(walker: Walker, tx: mpsc::Sender<ScanMsg>) {
+/// `volume_root`: the root is a tracked volume's backing (`Source::changed`), listed as a
+/// volume (written in place) even when it is an image file.
+pub(super) fn scan(walker: Walker, tx: mpsc::Sender<ScanMsg>, volume_root: bool) {
     let mut batch = Vec::with_capacity(LIST_BATCH);
+    let mut first = true;
     for item in walker {
         match item {
-            Ok(i) => batch.push(i),
+            Ok(mut i) => {
+                if std::mem::take(&mut first) && volume_root && i.entry.kind == EntryKind::File {
+                    i.entry.kind = EntryKind::Volume;
+                }
+                batch.push(i)
+            }
             Err(e) => {
                 if tx.blocking_send(ScanMsg::Error(e)).is_err() {
                     return;

@@ -170,6 +170,7 @@ impl Plan {
             ("rsh", &t.rsh),
             ("remote_cutover", &t.remote_cutover),
             ("paths_from", &t.paths_from),
+            ("volume_config", &t.volume_config),
             ("pre_pass", &t.pre_pass),
             ("post_pass", &t.post_pass),
         ] {
@@ -218,6 +219,24 @@ impl Plan {
                     ));
                 }
             }
+        }
+        let volume_source = t
+            .source
+            .as_deref()
+            .is_some_and(|s| s.starts_with("volume:"));
+        if volume_source && t.kind != Kind::Volume {
+            return Err(self.task_key(
+                i,
+                "source",
+                "names a tracked volume (volume:NAME): make the task kind = \"volume\"".into(),
+            ));
+        }
+        if t.volume_config.is_some() && !volume_source {
+            return Err(self.task_key(
+                i,
+                "volume_config",
+                "only applies to a volume task whose source is volume:NAME; remove it".into(),
+            ));
         }
         crate::passes::check_task(self, i)?;
         if t.max_delete.is_some() && !t.delete {
