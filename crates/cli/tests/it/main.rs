@@ -33,4 +33,5 @@ mod ssh;
 mod state_damage;
 mod util;
 mod volume;
+mod volume_fs;
 mod volumes;
