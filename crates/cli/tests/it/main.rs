@@ -33,5 +33,6 @@ mod ssh;
 mod state_damage;
 mod util;
 mod volume;
+mod volume_fs;
 mod volume_passes;
 mod volumes;
