@@ -17,6 +17,7 @@
 //! replies are written before the connection closes.
 
 use crate::backend::Zeroing;
+use crate::direct::Payload;
 use crate::error::Error;
 use crate::export::{Export, Extent, WriteEvent, WriteKind};
 use crate::handshake::{negotiate, Outcome};
@@ -301,9 +302,10 @@ where
         };
         let payload = match req.command {
             Command::Write { .. } => {
-                // Bounded by MAX_PAYLOAD in validate, and paid for from the budget above.
-                let mut buf = vec![0u8; req.length as usize];
-                match reader.read_exact(&mut buf).await {
+                // Bounded by MAX_PAYLOAD in validate, and paid for from the budget above;
+                // aligned, so that a large write reaches the disk without another copy.
+                let mut buf = Payload::new(req.length as usize);
+                match reader.read_exact(buf.as_mut_slice()).await {
                     Ok(_) => Some(buf),
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                         return Err(Error::Closed("in the middle of a write payload"))
@@ -363,7 +365,7 @@ fn failure(what: &str, e: &io::Error) -> (Errno, String) {
 }
 
 /// Serve one checked request (on the blocking pool).
-fn handle(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> Reply {
+fn handle(conn: &Conn, req: &Request, payload: Option<Payload>) -> Reply {
     let (c, s) = (req.cookie, conn.structured);
     let backend = &*conn.export.backend;
     let (offset, length) = (req.offset, u64::from(req.length));
@@ -382,11 +384,11 @@ fn handle(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> Reply {
     match req.command {
         Command::Read { df } => read(conn, req, df),
         Command::Write { fua } => {
-            let data = payload.unwrap_or_default();
+            let data = payload.unwrap_or_else(|| Payload::new(0));
             let ev = event(WriteKind::Data, Some(data.as_slice()), fua);
             done(
                 observed(conn, &ev, || {
-                    backend.write_at(&data, offset)?;
+                    backend.write_at(data.as_slice(), offset)?;
                     fua_flush(fua)
                 })
                 .map_err(|e| failure("write", &e)),
