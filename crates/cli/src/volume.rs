@@ -246,6 +246,18 @@ fn show(v: &VolumeStatus) {
         },
         v.unpersisted_pages
     );
+    for d in &v.destinations {
+        outln!(
+            "  sync destination {}: {} byte(s) owed to it, {}",
+            d.destination,
+            d.owed_bytes,
+            match (d.running, d.confirmed) {
+                (true, _) => "pass running",
+                (false, true) => "its next pass sends only what changed",
+                (false, false) => "its next pass compares everything",
+            }
+        );
+    }
     if let Some(why) = &v.failed {
         outln!("  FAILED: {why}");
     }

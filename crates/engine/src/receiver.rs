@@ -818,7 +818,13 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                 match files.get_mut(&id) {
                     None => return Ok(()), // aborted or failed already
                     Some(f) => match open_work(&shared.dest, f) {
-                        Ok(()) => Ok((f.out.clone(), f.basis_file.clone(), f.fresh, f.in_place)),
+                        Ok(()) => Ok((
+                            f.out.clone(),
+                            f.basis_file.clone(),
+                            f.fresh,
+                            f.in_place,
+                            f.changed,
+                        )),
                         Err(reason) => {
                             note_failure(shared, &f.entry.path, &reason);
                             files.remove(&id);
@@ -827,13 +833,31 @@ async fn apply_data(shared: &Arc<Shared>, msg: Msg) -> Result<(), EngineError> {
                     },
                 }
             };
-            let (out, basis, fresh, in_place) = match opened {
-                Ok((Some(out), basis, fresh, in_place)) => (out, basis, fresh, in_place),
+            let (out, basis, fresh, in_place, changed) = match opened {
+                Ok((Some(out), basis, fresh, in_place, changed)) => {
+                    (out, basis, fresh, in_place, changed)
+                }
                 Ok((None, ..)) => return Ok(()),
                 Err(reason) => return fail_file(shared, id, reason).await,
             };
+            // A tracked volume's blocks are scattered: start writing each to the disk as it
+            // lands, so that the end-of-pass sync overlaps the transfer instead of following
+            // it (fadvise DONTNEED starts the writeback without waiting for it).
+            let early = match &msg {
+                Msg::Data { offset, data, .. } if changed => Some((*offset, data.len() as u64)),
+                _ => None,
+            };
             let written = tokio::task::spawn_blocking(move || {
-                write_frame(&out, basis.as_deref(), fresh, in_place, msg)
+                let r = write_frame(&out, basis.as_deref(), fresh, in_place, msg);
+                if let (Ok(_), Some((offset, len))) = (&r, early) {
+                    let _ = rustix::fs::fadvise(
+                        &*out,
+                        offset,
+                        std::num::NonZeroU64::new(len),
+                        rustix::fs::Advice::DontNeed,
+                    );
+                }
+                r
             })
             .await
             .map_err(|e| EngineError::Local(e.to_string()))?;

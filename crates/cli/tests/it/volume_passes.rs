@@ -185,6 +185,17 @@ fn later_passes_read_and_send_only_the_written_blocks_on_both_sides() {
     let dests = &st.json()[0]["volumes"][0]["destinations"];
     assert_eq!(dests.as_array().map(Vec::len), Some(1), "{st}");
     assert_eq!(dests[0]["confirmed"], true, "{st}");
+    let human = host.volume(&["status", "db"]);
+    human.ok();
+    assert!(
+        human
+            .stdout
+            .contains("sync destination cutover://127.0.0.1:")
+            && human
+                .stdout
+                .contains("its next pass sends only what changed"),
+        "{human}"
+    );
 }
 
 #[test]

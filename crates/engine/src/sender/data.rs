@@ -11,10 +11,11 @@ pub(super) enum Job {
         file: Arc<BigFile>,
         index: u64,
     },
-    Literal {
+    /// Ranges of one file sent as they are, one frame each, read in one blocking task
+    /// (a tracked volume's scattered blocks go many to a job).
+    Literals {
         file: Arc<BigFile>,
-        offset: u64,
-        len: u64,
+        ranges: Vec<(u64, u64)>,
     },
     Copy {
         id: u64,
@@ -253,20 +254,34 @@ pub(super) async fn materialize(job: Job, ctx: &Arc<Ctx>) -> (Vec<Msg>, Option<A
                 Err(_) => (Vec::new(), Some(file)),
             }
         }
-        Job::Literal { file, offset, len } => {
+        Job::Literals { file, ranges } => {
             let big = file.clone();
-            let read =
-                tokio::task::spawn_blocking(move || read_at(&big.file, offset, len as usize)).await;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::with_capacity(ranges.len());
+                let mut short = false;
+                for (offset, len) in ranges {
+                    let data = read_at(&big.file, offset, len as usize)?;
+                    short |= data.len() < len as usize;
+                    out.push((offset, data));
+                }
+                Ok::<_, std::io::Error>((out, short))
+            })
+            .await;
             match read {
-                Ok(Ok(data)) => {
-                    if data.len() < len as usize {
+                Ok(Ok((pieces, short))) => {
+                    if short {
                         // The file shrank after its delta was planned (and `FileEnd` sent):
                         // the receiver refuses the short file, and this note makes that a
                         // change to retry, not an error.
                         note_shrank(ctx, &file).await;
                     }
-                    Stats::add(&ctx.stats.literal_bytes, data.len() as u64);
-                    (vec![data_or_zero(file.id, offset, data)], None)
+                    let sent: u64 = pieces.iter().map(|(_, d)| d.len() as u64).sum();
+                    Stats::add(&ctx.stats.literal_bytes, sent);
+                    let msgs = pieces
+                        .into_iter()
+                        .map(|(offset, data)| data_or_zero(file.id, offset, data))
+                        .collect();
+                    (msgs, None)
                 }
                 _ => {
                     if !file.failed.swap(true, Ordering::AcqRel) {
