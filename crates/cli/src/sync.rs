@@ -346,57 +346,14 @@ pub async fn run_job(
     stats: Arc<Stats>,
 ) -> Result<(Summary, u64), String> {
     if volume_pass::name_of(&job.src).is_some() {
-        return run_volume_pass(job, events, stats).await;
+        return volume_pass::run(job, events, stats).await;
     }
     run_resolved(job, events, stats).await
 }
 
-/// A `volume:NAME` source: the daemon starts the pass (what to send), the sync runs on
-/// the volume's backing, and the outcome goes back to the daemon. A dry run only reads:
-/// it compares the backing with the destination and starts no pass.
-async fn run_volume_pass(
-    job: &SyncJob,
-    events: Arc<dyn Events>,
-    stats: Arc<Stats>,
-) -> Result<(Summary, u64), String> {
-    let j = job.clone();
-    let started = tokio::task::spawn_blocking(move || {
-        if j.options.dry_run {
-            volume_pass::backing_job(&j).map(|job| (job, None))
-        } else {
-            volume_pass::begin(&j).map(|s| {
-                let s = s.expect("a volume: source");
-                (s.job.clone(), Some(s))
-            })
-        }
-    })
-    .await
-    .map_err(|e| format!("{}: {e}", job.src))??;
-    let (resolved, pass) = started;
-    if let Some(p) = &pass {
-        events.event(Event::Note {
-            message: p.describe(&job.dst),
-        });
-    }
-    let result = run_resolved(&resolved, events, stats).await;
-    let Some(pass) = pass else {
-        return result;
-    };
-    let ok = result
-        .as_ref()
-        .is_ok_and(|(s, _)| s.errors.is_empty() && s.changed.is_empty());
-    let told = tokio::task::spawn_blocking(move || pass.finish(ok))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-    match (result, told) {
-        (Ok(r), Ok(())) => Ok(r),
-        (Ok(_), Err(e)) => Err(e),
-        (Err(e), _) => Err(e),
-    }
-}
-
-async fn run_resolved(
+/// A job whose source is a local path or a remote endpoint (a `volume:NAME` source is
+/// resolved to its backing by `volume_pass` first).
+pub(crate) async fn run_resolved(
     job: &SyncJob,
     events: Arc<dyn Events>,
     stats: Arc<Stats>,

@@ -9,7 +9,7 @@
 use crate::endpoint::Endpoint;
 use crate::sync::SyncJob;
 use daemon::control::{self, PassClient, Request};
-use engine::ChangedBlocks;
+use engine::{ChangedBlocks, Event, Events, Stats, Summary};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -50,6 +50,51 @@ impl Started {
         self.client
             .finish(ok)
             .map_err(|e| format!("volume {name}: the daemon did not take the pass's end: {e}"))
+    }
+}
+
+/// A `volume:NAME` source: the daemon starts the pass (what to send), the sync runs on
+/// the volume's backing, and the outcome goes back to the daemon. A dry run only reads:
+/// it compares the backing with the destination and starts no pass.
+pub async fn run(
+    job: &SyncJob,
+    events: Arc<dyn Events>,
+    stats: Arc<Stats>,
+) -> Result<(Summary, u64), String> {
+    let j = job.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        if j.options.dry_run {
+            backing_job(&j).map(|job| (job, None))
+        } else {
+            begin(&j).map(|s| {
+                let s = s.expect("a volume: source");
+                (s.job.clone(), Some(s))
+            })
+        }
+    })
+    .await
+    .map_err(|e| format!("{}: {e}", job.src))??;
+    let (resolved, pass) = started;
+    if let Some(p) = &pass {
+        events.event(Event::Note {
+            message: p.describe(&job.dst),
+        });
+    }
+    let result = crate::sync::run_resolved(&resolved, events, stats).await;
+    let Some(pass) = pass else {
+        return result;
+    };
+    let ok = result
+        .as_ref()
+        .is_ok_and(|(s, _)| s.errors.is_empty() && s.changed.is_empty());
+    let told = tokio::task::spawn_blocking(move || pass.finish(ok))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match (result, told) {
+        (Ok(r), Ok(())) => Ok(r),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), _) => Err(e),
     }
 }
 
