@@ -21,6 +21,10 @@ use tokio::task::JoinHandle;
 /// after a crash close to the truth and persists what a mark cleared.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a stopping daemon waits for NBD clients to disconnect (they are answered
+/// NBD_ESHUTDOWN meanwhile) before it closes the metadata anyway.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("volume {name:?}: backing {}: {source}; check `backing` in the config", path.display())]
@@ -93,6 +97,8 @@ pub struct Volumes {
     /// Socket files we made, removed at shutdown so a stale one does not suggest a
     /// running daemon.
     sockets: Vec<PathBuf>,
+    /// Each volume's NBD server, drained at shutdown.
+    servers: Vec<(String, nbd::Server)>,
 }
 
 impl Volumes {
@@ -104,6 +110,7 @@ impl Volumes {
             hosted: Arc::from(Vec::new()),
             tasks: Vec::new(),
             sockets: Vec::new(),
+            servers: Vec::new(),
         };
         if config.volumes.is_empty() {
             return Ok(vols);
@@ -187,6 +194,7 @@ impl Volumes {
                 source,
             };
             let server = nbd::Server::new(vec![export]);
+            self.servers.push((name.clone(), server.clone()));
             let task = match &export_addr {
                 ExportAddr::Unix(path) => {
                     let listener = bind_private(path).map_err(listen_failed)?;
@@ -237,15 +245,29 @@ impl Volumes {
         Ok(())
     }
 
-    /// Stop serving (exports and control socket), then close every volume's metadata: in
-    /// flight writes finish, the whole bitmap is written and the clean flag set. Returns
-    /// whether every volume closed cleanly (failures are logged).
+    /// Stop serving (exports and control socket), let connected NBD clients finish what is
+    /// in flight, flush and disconnect (new requests get NBD_ESHUTDOWN, for up to
+    /// [`DRAIN_GRACE`]), then close every volume's metadata: the whole bitmap is written
+    /// and the clean flag set. Returns whether every volume closed cleanly (failures are
+    /// logged).
     pub async fn shutdown(self) -> bool {
         for t in &self.tasks {
             t.abort();
         }
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
+        }
+        for (_, server) in &self.servers {
+            server.drain();
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+        for (name, server) in &self.servers {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !server.wait_idle(left).await {
+                tracing::warn!(
+                    "volume {name}: NBD clients still connected {DRAIN_GRACE:?} after the stop began; closing anyway (their further writes fail)"
+                );
+            }
         }
         let mut clean = true;
         for h in self.hosted.iter() {

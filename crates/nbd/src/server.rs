@@ -62,6 +62,41 @@ impl Default for Config {
 pub struct Server {
     exports: Arc<[Export]>,
     config: Config,
+    drain: Arc<Drain>,
+}
+
+/// A graceful stop (the protocol's NBD_ESHUTDOWN): once draining, requests in flight
+/// finish, new ones other than FLUSH and DISC are answered NBD_ESHUTDOWN (so the client
+/// flushes and disconnects), and the owner waits for the connections to end.
+#[derive(Debug, Default)]
+struct Drain {
+    draining: std::sync::atomic::AtomicBool,
+    /// Connections being served.
+    live: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts a connection as live for as long as it is held.
+struct Live(Arc<Drain>);
+
+impl Live {
+    fn new(drain: &Arc<Drain>) -> Live {
+        drain.live.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Live(drain.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self
+            .0
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Server {
@@ -69,7 +104,31 @@ impl Server {
         Server {
             exports: exports.into(),
             config: Config::default(),
+            drain: Arc::default(),
         }
+    }
+
+    /// Start a graceful stop: see [`Server::wait_idle`]. Stop accepting separately (abort
+    /// the task that runs `serve_*`).
+    pub fn drain(&self) {
+        self.drain
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Wait until no connection is served, at most `limit`; whether that happened.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let drain = &self.drain;
+        let idle = async {
+            loop {
+                let notified = drain.idle.notified();
+                if drain.live.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, idle).await.is_ok()
     }
 
     pub fn with_config(mut self, config: Config) -> Server {
@@ -127,6 +186,7 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let _live = Live::new(&self.drain);
         if self.exports.is_empty() {
             return Err(Error::NoExports);
         }
@@ -139,7 +199,15 @@ impl Server {
         };
         let export = self.exports[session.export].clone();
         let (reader, writer) = tokio::io::split(stream);
-        transmit(reader, writer, export, session, self.config).await
+        transmit(
+            reader,
+            writer,
+            export,
+            session,
+            self.config,
+            self.drain.clone(),
+        )
+        .await
     }
 }
 
@@ -177,6 +245,7 @@ struct Conn {
     structured: bool,
     contexts: Vec<Selected>,
     limits: request::Limits,
+    drain: Arc<Drain>,
 }
 
 /// A reply on its way to the writer, with the slot and bytes it holds until written.
@@ -192,6 +261,7 @@ async fn transmit<R, W>(
     export: Export,
     session: Session,
     config: Config,
+    drain: Arc<Drain>,
 ) -> Result<(), Error>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -209,6 +279,7 @@ where
         structured: session.structured,
         contexts: session.contexts,
         limits,
+        drain,
     });
     let max_in_flight = config.max_in_flight.max(1);
     let budget = config.max_in_flight_bytes.max(MAX_PAYLOAD as usize);
@@ -261,14 +332,37 @@ where
             return Ok(());
         }
         let slot = gates.slots.clone().acquire_owned().await.map_err(closed)?;
-        let req = match validate(&raw, &conn.limits) {
-            Ok(req) => req,
+        let refusal = match validate(&raw, &conn.limits) {
             Err(Rejection::Fatal(why)) => return Err(Error::Protocol(why)),
             Err(Rejection::Error {
                 errno,
                 reason,
                 discard,
-            }) => {
+            }) => Err((errno, reason, discard)),
+            // Stopping: what is in flight finishes; a flush still runs (so the client can
+            // make its writes durable), anything else is turned away until it disconnects.
+            Ok(req)
+                if conn
+                    .drain
+                    .draining
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    && !matches!(req.command, Command::Disc | Command::Flush) =>
+            {
+                let discard = match req.command {
+                    Command::Write { .. } => req.length,
+                    _ => 0,
+                };
+                Err((
+                    Errno::Shutdown,
+                    "the server is shutting down: flush and disconnect",
+                    discard,
+                ))
+            }
+            Ok(req) => Ok(req),
+        };
+        let req = match refusal {
+            Ok(req) => req,
+            Err((errno, reason, discard)) => {
                 if discard > 0 {
                     let mut payload = (&mut *reader).take(u64::from(discard));
                     let n = tokio::io::copy(&mut payload, &mut tokio::io::sink()).await?;

@@ -295,3 +295,90 @@ fn restart_after_kill9_replaces_stale_sockets_and_recovers() {
     assert_eq!(out.code(), 1, "{out}");
     assert!(out.stderr.contains("in use by another process"), "{out}");
 }
+
+/// SIGTERM with an NBD client attached: the client's next write is answered NBD_ESHUTDOWN,
+/// its flush still runs, and once it disconnects the daemon closes the volume cleanly,
+/// with what was written before the stop in the backing.
+#[test]
+fn sigterm_drains_attached_clients_with_eshutdown() {
+    let t = tmp();
+    let config = volume_config(t.path(), "db", "");
+    volume(&["create-md", "db", "--config", s(&config)]).ok();
+    let mut d = Daemon::start_with(t.path(), &config);
+    if !tool("nbdsh") {
+        return;
+    }
+    let uri = format!(
+        "nbd+unix:///db?socket={}",
+        s(&t.path().join("state/db.sock"))
+    );
+    let ready = t.path().join("connected");
+    let go = t.path().join("go");
+    let script = format!(
+        r#"
+import errno, os, time
+h.connect_uri({uri:?})
+h.pwrite(b"a" * 65536, 0, nbd.CMD_FLAG_FUA)
+open({ready:?}, "w").close()
+while not os.path.exists({go:?}):
+    time.sleep(0.01)
+deadline = time.time() + 20
+while True:
+    try:
+        h.pwrite(b"b" * 4096, 1 << 20)
+    except nbd.Error as e:
+        assert e.errnum == errno.ESHUTDOWN, e
+        break
+    assert time.time() < deadline, "never answered ESHUTDOWN"
+    time.sleep(0.05)
+h.flush()
+h.shutdown()
+print("drained")
+"#
+    );
+    let client = std::thread::spawn(move || {
+        // nbdsh runs `python3`: the system's, which has libnbd's module.
+        let path = format!(
+            "/usr/bin:/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("nbdsh")
+            .env("PATH", path)
+            .args(["-c", &script])
+            .output()
+            .expect("nbdsh")
+    });
+    let started = Instant::now();
+    while !ready.exists() {
+        if client.is_finished() {
+            let out = client.join().unwrap();
+            panic!(
+                "nbdsh ended early: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nbdsh never connected"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut child = d.terminate();
+    std::fs::write(&go, b"").unwrap();
+    let out = client.join().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("drained"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", d.log());
+    assert!(d.log().contains("volume db: closed cleanly"), "{}", d.log());
+    assert!(!d.log().contains("still connected"), "{}", d.log());
+    let image = std::fs::read(t.path().join("disk.img")).unwrap();
+    assert!(image[..65536].iter().all(|&b| b == b'a'));
+    let info = ::volume::Meta::inspect(t.path().join("state/db.meta")).unwrap();
+    assert!(info.clean, "{info:?}");
+}

@@ -10,6 +10,7 @@ use nbd::Export;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// `nbdinfo --map[=CONTEXT] URI` as (offset, length, flags) rows.
 fn map(uri: &str, context: Option<&str>) -> Vec<(u64, u64, u32)> {
@@ -460,4 +461,62 @@ fn allocation_map_agrees_with_nbdkit_file_plugin() {
     let theirs = parse_map(&stdout(&out));
     assert_eq!(ours, theirs);
     assert_eq!(ours.len(), 6, "{ours:?}");
+}
+
+/// A graceful stop: after `drain`, a write is answered NBD_ESHUTDOWN (its payload read and
+/// dropped, the connection kept), a flush still runs, and once the client disconnects the
+/// server is idle. What was written before stays.
+#[test]
+fn a_draining_server_answers_eshutdown_serves_flush_and_goes_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (export, path) = file_export(dir.path(), "disk", 1 << 20);
+    let server = nbd::Server::new(vec![export]);
+    let test = TestServer::start_with(server.clone());
+    let ready = dir.path().join("connected");
+    let go = dir.path().join("go");
+    let body = format!(
+        r#"
+import os, time
+h.connect_uri(uri)
+h.pwrite(b"a" * 65536, 0)
+open({ready:?}, "w").close()
+while not os.path.exists({go:?}):
+    time.sleep(0.01)
+try:
+    h.pwrite(b"b" * 65536, 65536)
+    raise AssertionError("a write while draining succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ESHUTDOWN, e
+try:
+    h.pread(4096, 0)
+    raise AssertionError("a read while draining succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ESHUTDOWN, e
+h.flush()
+h.shutdown()
+"#
+    );
+    let uri = test.uri("disk");
+    let client = std::thread::spawn(move || script(&uri, &body));
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nbdsh never connected"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    // A connection is live: not idle yet.
+    assert!(!rt.block_on(server.wait_idle(Duration::from_millis(100))));
+    server.drain();
+    std::fs::write(&go, b"").unwrap();
+    client.join().expect("the nbdsh script failed");
+    assert!(rt.block_on(server.wait_idle(Duration::from_secs(10))));
+    let image = std::fs::read(&path).unwrap();
+    assert!(image[..65536].iter().all(|&b| b == b'a'));
+    assert!(image[65536..131072].iter().all(|&b| b == 0));
 }
