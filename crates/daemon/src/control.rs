@@ -406,7 +406,7 @@ async fn pass(
         }
     }
     let (h2, d2) = (h.clone(), destination.clone());
-    let _ = tokio::task::spawn_blocking(move || passes::end(&h2, &d2, ok, sent)).await;
+    let _ = tokio::task::spawn_blocking(move || passes::end(&h2, &d2, ok)).await;
     tracing::info!(
         "volume {name}: pass to {destination} {}",
         if ok {

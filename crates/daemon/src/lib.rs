@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod control;
+mod pass_store;
 mod passes;
 pub mod stdio;
 pub mod volumes;

@@ -13,12 +13,17 @@
 //! and a pass asked to compare everything, is a full pass: the sync's positional delta
 //! over the whole device. Its mark starts the record, unconfirmed until it succeeds.
 //!
-//! Records live in the daemon's memory only: after a restart (or a crash, when the
-//! metadata's bitmap says only "since the last mark") every destination gets a full pass
-//! again, never a pass that misses a block.
+//! Confirmed records are saved beside the metadata (`pass_store.rs`) at every mark and at
+//! the end of every pass, with what a running pass took still counted as owed. A restart,
+//! clean or not, keeps them while the volume's bitmap generation is the one they name (the
+//! bitmap then holds every block written since, a superset after a crash); otherwise, and
+//! when the file is missing or damaged, every destination gets a full pass: never a pass
+//! that misses a block.
 
+use crate::pass_store::{self, Saved};
 use crate::volumes::Hosted;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use volume::Snapshot;
 
@@ -26,6 +31,8 @@ use volume::Snapshot;
 #[derive(Default)]
 pub(crate) struct Passes {
     dests: Mutex<HashMap<String, Record>>,
+    /// Where confirmed records are saved (None: memory only).
+    file: Option<PathBuf>,
 }
 
 struct Record {
@@ -34,6 +41,8 @@ struct Record {
     gen: u64,
     /// Blocks of earlier generations the destination lacks.
     owed: Option<Snapshot>,
+    /// What the running pass took from `owed` (still owed until it succeeds).
+    sending: Option<Snapshot>,
     /// A pass succeeded with this record; until then a failure drops it.
     confirmed: bool,
     /// A pass to this destination is running.
@@ -59,9 +68,97 @@ pub struct DestinationStatus {
     pub running: bool,
 }
 
+/// `a ∪ b`.
+fn union(a: Option<Snapshot>, b: Option<&Snapshot>) -> Option<Snapshot> {
+    match (a, b) {
+        (Some(mut a), Some(b)) => {
+            a.union(b);
+            Some(a)
+        }
+        (a, None) => a,
+        (None, Some(b)) => Some(b.clone()),
+    }
+}
+
 impl Passes {
+    /// The destinations saved at `file` that are current with `meta`'s bitmap generation
+    /// (see the module's documentation); the others are dropped, and said so in the log.
+    pub(crate) fn load(name: &str, file: PathBuf, meta: &volume::Meta) -> Passes {
+        let gen = meta.status().bitmap_gen;
+        let mut dests = HashMap::new();
+        let saved = match pass_store::load(&file) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    "volume {name}: {}: {e}; every sync destination gets a full pass",
+                    file.display()
+                );
+                Vec::new()
+            }
+        };
+        let total = saved.len();
+        for s in saved {
+            if s.gen != gen {
+                continue;
+            }
+            let owed = match s.owed.is_empty() {
+                true => None,
+                false => match meta.snapshot_from_bytes(&s.owed) {
+                    Some(o) => Some(o),
+                    None => continue,
+                },
+            };
+            dests.insert(
+                s.destination,
+                Record {
+                    gen,
+                    owed,
+                    sending: None,
+                    confirmed: true,
+                    busy: false,
+                },
+            );
+        }
+        if total > 0 {
+            tracing::info!(
+                "volume {name}: {} sync destination(s) remembered, {} dropped (the volume was marked since they were saved)",
+                dests.len(),
+                total - dests.len()
+            );
+        }
+        Passes {
+            dests: Mutex::new(dests),
+            file: Some(file),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Record>> {
         self.dests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Save the confirmed records, a running pass's blocks counted as owed. A failure is
+    /// logged: the file then names an older generation or is gone, and is not trusted.
+    fn save(&self, name: &str, dests: &HashMap<String, Record>) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let records: Vec<Saved> = dests
+            .iter()
+            .filter(|(_, r)| r.confirmed)
+            .map(|(d, r)| Saved {
+                destination: d.clone(),
+                gen: r.gen,
+                owed: union(r.owed.clone(), r.sending.as_ref())
+                    .map(|o| o.to_bytes())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        if let Err(e) = pass_store::save(file, &records) {
+            tracing::warn!(
+                "volume {name}: cannot save the sync destinations to {}: {e}; after a restart they get a full pass",
+                file.display()
+            );
+        }
     }
 
     pub(crate) fn status(&self) -> Vec<DestinationStatus> {
@@ -91,16 +188,11 @@ fn mark_locked(h: &Hosted, dests: &mut HashMap<String, Record>) -> Result<Snapsh
         if r.gen != snap.from_gen {
             return false;
         }
-        r.owed = Some(match r.owed.take() {
-            Some(mut o) => {
-                o.union(&snap);
-                o
-            }
-            None => snap.clone(),
-        });
+        r.owed = union(r.owed.take(), Some(&snap));
         r.gen = snap.to_gen;
         true
     });
+    h.passes.save(&h.name, dests);
     Ok(snap)
 }
 
@@ -124,6 +216,7 @@ pub(crate) fn begin(h: &Hosted, destination: &str, full: bool) -> Result<PassMod
         Some(r) if r.confirmed && !full => {
             r.busy = true;
             let owed = r.owed.take().unwrap_or_else(|| snap.cleared());
+            r.sending = Some(owed.clone());
             Ok(PassMode::Changed(owed))
         }
         _ => {
@@ -132,6 +225,7 @@ pub(crate) fn begin(h: &Hosted, destination: &str, full: bool) -> Result<PassMod
                 Record {
                     gen: snap.to_gen,
                     owed: None,
+                    sending: None,
                     confirmed: false,
                     busy: true,
                 },
@@ -141,27 +235,21 @@ pub(crate) fn begin(h: &Hosted, destination: &str, full: bool) -> Result<PassMod
     }
 }
 
-/// The end of a pass: `ok` confirms the record; a failed pass owes again what it took
-/// (`sent`), and a failed full pass drops the record.
-pub(crate) fn end(h: &Hosted, destination: &str, ok: bool, sent: Option<Snapshot>) {
+/// The end of a pass: `ok` confirms the record; a failed pass owes again what it took,
+/// and a failed full pass drops the record.
+pub(crate) fn end(h: &Hosted, destination: &str, ok: bool) {
     let mut dests = h.passes.lock();
     let Some(r) = dests.get_mut(destination) else {
         return;
     };
     r.busy = false;
+    let sent = r.sending.take();
     match (ok, sent) {
         (true, _) => r.confirmed = true,
-        (false, Some(sent)) => {
-            r.owed = Some(match r.owed.take() {
-                Some(mut o) => {
-                    o.union(&sent);
-                    o
-                }
-                None => sent,
-            });
-        }
+        (false, Some(sent)) => r.owed = union(r.owed.take(), Some(&sent)),
         (false, None) => {
             dests.remove(destination);
         }
     }
+    h.passes.save(&h.name, &dests);
 }

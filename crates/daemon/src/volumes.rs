@@ -175,6 +175,8 @@ impl Volumes {
                 })??
             };
             let report = meta.open_report().clone();
+            let passes =
+                crate::passes::Passes::load(&name, meta.path().with_extension("passes"), &meta);
             let tracker = meta.tracker();
             let mut export = nbd::Export::new(name.clone(), Arc::new(backend));
             export.description = format!("cutover volume {name}");
@@ -186,7 +188,7 @@ impl Volumes {
                 backing: v.backing.clone(),
                 export: export_addr.clone(),
                 meta: RwLock::new(Some(meta)),
-                passes: Default::default(),
+                passes,
             }));
             let listen_failed = |source| VolumeError::Listen {
                 name: name.clone(),

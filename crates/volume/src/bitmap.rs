@@ -234,6 +234,27 @@ impl Bitmap {
         self.ones = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
     }
 
+    /// The bitmap [`Bitmap::to_bytes`] made, or None when `bytes` is not `len / 8` rounded
+    /// up long (bits past `len` are dropped). Nothing is marked changed.
+    pub fn from_bytes(len: u64, bytes: &[u8]) -> Option<Bitmap> {
+        if bytes.len() as u64 != len.div_ceil(8) {
+            return None;
+        }
+        let mut b = Bitmap::new(len);
+        for (w, chunk) in b.words.iter_mut().zip(bytes.chunks(8)) {
+            let mut a = [0u8; 8];
+            a[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_le_bytes(a);
+        }
+        if let Some(last) = b.words.last_mut() {
+            if len & 63 != 0 {
+                *last &= (1u64 << (len % 64)) - 1;
+            }
+        }
+        b.ones = b.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        Some(b)
+    }
+
     /// The bits as bytes, block `b` in bit `b % 8` of byte `b / 8` (the on-disk order),
     /// `len / 8` rounded up.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -434,5 +455,13 @@ mod tests {
         let empty = a.cleared();
         assert_eq!((empty.blocks(), empty.from_gen, empty.to_gen), (0, 3, 3));
         assert_eq!(empty.to_bytes(), vec![0; 9]);
+        let back = Bitmap::from_bytes(geo.blocks, &bytes).unwrap();
+        assert_eq!(back.to_bytes(), bytes);
+        assert_eq!(back.count(), 4);
+        assert!(Bitmap::from_bytes(geo.blocks, &bytes[1..]).is_none());
+        // Bits past the end are dropped.
+        let mut tail = bytes.clone();
+        tail[8] |= 0xc0;
+        assert_eq!(Bitmap::from_bytes(geo.blocks, &tail).unwrap().count(), 4);
     }
 }

@@ -430,6 +430,21 @@ impl Meta {
         })
     }
 
+    /// A snapshot of this volume from [`Snapshot::to_bytes`] (a consumer's saved copy of
+    /// what it still owes a peer), with the current bitmap generation as both ids; None
+    /// when the bytes are not one bit per block.
+    pub fn snapshot_from_bytes(&self, bytes: &[u8]) -> Option<Snapshot> {
+        let geo = self.inner.geo;
+        let bits = crate::bitmap::Bitmap::from_bytes(geo.blocks, bytes)?;
+        let gen = self.status().bitmap_gen;
+        Some(Snapshot {
+            bits,
+            geo,
+            from_gen: gen,
+            to_gen: gen,
+        })
+    }
+
     /// Persist the bitmap pages changed since they were last written (one `fdatasync`
     /// when there were any); returns how many. Never needed for crash safety (the AL
     /// covers what the on-disk bitmap lacks), it persists what a `mark()` cleared and

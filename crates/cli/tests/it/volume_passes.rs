@@ -2,8 +2,8 @@
 //! serve` hosts, written through its NBD export with qemu-io. The first pass to a
 //! destination compares everything; later passes read and send only the blocks written
 //! since (counted with /proc's read counters on both sides); a failed pass owes its
-//! blocks again; a `cutover volume mark` in between loses none; a daemon restart makes the
-//! next pass a full one again.
+//! blocks again; a `cutover volume mark` in between loses none; the destinations survive a
+//! restart and a `kill -9` of the daemon, and a damaged record file means full passes.
 
 use crate::util::*;
 use std::path::{Path, PathBuf};
@@ -199,7 +199,7 @@ fn later_passes_read_and_send_only_the_written_blocks_on_both_sides() {
 }
 
 #[test]
-fn a_failed_pass_owes_its_blocks_again_and_marks_and_restarts_lose_none() {
+fn a_failed_pass_owes_its_blocks_again_and_marks_restarts_and_crashes_lose_none() {
     let t = tmp();
     let mut host = Host::start(&t.path().join("host"));
     let out_dir = t.path().join("out");
@@ -207,6 +207,20 @@ fn a_failed_pass_owes_its_blocks_again_and_marks_and_restarts_lose_none() {
     let copy = out_dir.join("disk.img");
     let vc = s(&host.config).to_string();
     let image = host.image();
+    // A pass slowed to 1 MiB/s, 1.5 s under way.
+    let slow_pass = || {
+        let mut run = spawn_sync(&[
+            "--bwlimit",
+            "1M",
+            "--volume-config",
+            &vc,
+            "volume:db",
+            s(&copy),
+        ]);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(run.running(), "the slowed pass ended early");
+        run
+    };
     let pass = |expect: &str| -> Out {
         let (o, _) = sync_counting(&["--volume-config", &vc, "volume:db", s(&copy)]);
         o.ok();
@@ -221,16 +235,7 @@ fn a_failed_pass_owes_its_blocks_again_and_marks_and_restarts_lose_none() {
     // A pass killed half-way (slowed to 1 MiB/s) confirms nothing: the daemon sees its
     // connection close, and the blocks it took are owed again.
     host.write(&["write -P 0x42 8M 8M"]);
-    let mut killed = spawn_sync(&[
-        "--bwlimit",
-        "1M",
-        "--volume-config",
-        &vc,
-        "volume:db",
-        s(&copy),
-    ]);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert!(killed.running(), "the slowed pass ended early");
+    let killed = slow_pass();
     killed.signal(rustix::process::Signal::KILL);
     killed.wait();
     host.write(&["write -P 0x43 20M 64k"]);
@@ -244,12 +249,44 @@ fn a_failed_pass_owes_its_blocks_again_and_marks_and_restarts_lose_none() {
     let o = pass("changed-block pass");
     assert_eq!(o.summary()["bytes_literal"], 128 << 10, "{o}");
 
-    // The records live in the daemon: after a restart the next pass compares everything.
+    // A clean restart keeps the destinations (saved beside the metadata): the next pass
+    // sends exactly what was written, before the stop and after.
+    host.write(&["write -P 0x46 30M 64k"]);
     host.daemon.terminate().wait().unwrap();
     host.daemon = Daemon::start_with(&host.dir, &host.config);
-    host.write(&["write -P 0x46 30M 64k"]);
-    pass("full pass");
     host.write(&["write -P 0x47 31M 64k"]);
+    let o = pass("changed-block pass");
+    assert_eq!(o.summary()["bytes_literal"], 128 << 10, "{o}");
+
+    // A daemon stopped while a pass runs, after a mark saved the records meanwhile: what
+    // the pass took is still owed after the restart.
+    host.write(&["write -P 0x48 36M 8M"]);
+    let slow = slow_pass();
+    host.volume(&["mark", "db"]).ok();
+    host.daemon.terminate().wait().unwrap();
+    slow.signal(rustix::process::Signal::KILL);
+    slow.wait();
+    host.daemon = Daemon::start_with(&host.dir, &host.config);
+    let o = pass("changed-block pass");
+    assert!(
+        o.summary()["bytes_literal"].as_u64() >= Some(8 << 20),
+        "{o}"
+    );
+
+    // kill -9 after more writes: the restart recovers the bitmap from the activity log
+    // (whole hot extents, a superset), and the next pass leaves an exact copy.
+    host.write(&["write -P 0x49 46M 64k"]);
+    host.daemon.kill9();
+    host.daemon = Daemon::start_with(&host.dir, &host.config);
+    host.write(&["write -P 0x4a 50M 64k"]);
+    pass("changed-block pass");
+
+    // The saved file damaged: every destination gets a full pass again.
+    host.daemon.terminate().wait().unwrap();
+    std::fs::write(host.dir.join("state/db.passes"), b"damaged").unwrap();
+    host.daemon = Daemon::start_with(&host.dir, &host.config);
+    pass("full pass");
+    host.write(&["write -P 0x4b 52M 64k"]);
     pass("changed-block pass");
 
     // A dry run compares without starting a pass (nothing owed is taken).
