@@ -226,6 +226,9 @@ pub struct ActivityLog {
     cursor: u32,
     /// Cold extents that writes are waiting for; the next transaction takes them in.
     wanted: HashSet<u32>,
+    /// Cold extents a sequential writer is expected to reach soon: the next transaction
+    /// takes them in while free slots last, never evicting for them.
+    ahead: Vec<u32>,
     /// Counters since open.
     pub transactions: u64,
     pub evictions: u64,
@@ -243,6 +246,7 @@ impl ActivityLog {
             next_seq,
             cursor: 0,
             wanted: HashSet::new(),
+            ahead: Vec::new(),
             transactions: 0,
             evictions: 0,
         }
@@ -311,9 +315,18 @@ impl ActivityLog {
         }
     }
 
+    /// Ask for the cold extents of `first..=last` in the next transaction if free slots
+    /// are left over (read-ahead for a sequential writer).
+    pub fn want_ahead(&mut self, first: u32, last: u32) {
+        self.ahead = (first..=last)
+            .filter(|e| !self.hot.contains_key(e))
+            .collect();
+    }
+
     /// Forget what writes were waiting for (at close, so nothing is brought in).
     pub fn clear_wanted(&mut self) {
         self.wanted.clear();
+        self.ahead.clear();
     }
 
     /// Plan the transaction that makes `first..=last` hot, taking in other wanted extents
@@ -370,6 +383,21 @@ impl ActivityLog {
                     self.evictions += 1;
                     h.slot
                 }
+            };
+            self.slots[slot as usize] = e;
+            updates.push((slot, e));
+            plan.adds.push(e);
+        }
+        // Read-ahead: free slots only, after everything a write waits for.
+        for e in std::mem::take(&mut self.ahead) {
+            if updates.len() == UPDATES_PER_TRANSACTION {
+                break;
+            }
+            if self.is_hot(e) || plan.adds.contains(&e) {
+                continue;
+            }
+            let Some(slot) = self.free.pop() else {
+                break;
             };
             self.slots[slot as usize] = e;
             updates.push((slot, e));

@@ -77,7 +77,10 @@
 //! superblock's slot-0 generation began is set in the on-disk bitmap or lies in an extent
 //! named by a valid AL transaction of the current epoch.* It holds because
 //! - a write to a cold extent waits in `before_write` until an AL transaction naming the
-//!   extent is written and `fdatasync`ed; writes to hot extents need no I/O;
+//!   extent is written and `fdatasync`ed; writes to hot extents need no I/O (a writer
+//!   moving forward, whose previous extent is hot, has the next 7 extents brought in by the
+//!   same transaction while free slots last: a sequential copy syncs the log once per
+//!   32 MiB, and a crash marks at most 28 MiB more per such writer);
 //! - `before_write` sets the bits before it returns, so before the data can land;
 //! - a hot extent with writes in flight is never evicted, and an evicted extent's bitmap
 //!   page is written and synced before the transaction that drops it from the table;

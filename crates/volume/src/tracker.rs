@@ -32,6 +32,11 @@ pub const FLAG_DIRTY: u32 = 1;
 /// Default for [`Meta::tracker_with`]'s flush interval.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Extents taken into the activity log ahead of a sequential writer (see `admit`): 7 more
+/// make one log sync per 32 MiB written in order, and cost a crash's resync at most 28 MiB
+/// per writer.
+const READ_AHEAD: u64 = 7;
+
 /// Tracks the writes of one volume; hand it to an [`nbd::Export`] as its observer and as a
 /// metadata context.
 pub struct Tracker {
@@ -132,6 +137,17 @@ impl Tracker {
             }
             // Whoever writes the next transaction takes these in too.
             st.al.want(e0, e1);
+            // A writer moving forward (the extent before is hot) gets the next extents in
+            // the same transaction: a sequential copy then syncs the log once per
+            // READ_AHEAD + 1 extents, not once per 4 MiB. An extent brought in early is
+            // only marked dirty after a crash, never missed.
+            if e0 > 0 && st.al.is_hot(e0 - 1) {
+                let end = inner.geo.extents.saturating_sub(1);
+                let last = end.min(u64::from(e1) + READ_AHEAD) as u32;
+                if last > e1 {
+                    st.al.want_ahead(e1 + 1, last);
+                }
+            }
         }
         let io = inner.io();
         let mut waited = false;
