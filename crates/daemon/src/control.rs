@@ -124,7 +124,7 @@ pub struct VolumeStatus {
     /// Why tracking stopped after a failed metadata write (writes are then refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
-    /// Destinations of changed-block passes since the daemon started.
+    /// Destinations of changed-block passes (kept across restarts, see `passes.rs`).
     #[serde(default)]
     pub destinations: Vec<DestinationStatus>,
 }
@@ -358,29 +358,31 @@ async fn pass(
             return;
         }
     };
-    let (sent, bits, why_full) = match mode {
-        PassMode::Changed(snap) => {
-            let bits = snap.to_bytes();
-            (Some(snap), bits, None)
-        }
+    let (changed_bytes, bits, why_full) = match mode {
+        PassMode::Changed { bits, bytes } => (Some(bytes), bits, None),
         PassMode::Full => {
             let why = if full {
                 "asked for"
             } else {
-                "no earlier pass to this destination since the daemon started"
+                "no confirmed earlier pass to this destination on record"
             };
             (None, Vec::new(), Some(why.to_string()))
         }
     };
     let start = PassStart {
         name: name.clone(),
-        mode: if sent.is_some() { "changed" } else { "full" }.into(),
+        mode: if changed_bytes.is_some() {
+            "changed"
+        } else {
+            "full"
+        }
+        .into(),
         why_full,
         backing: h.backing.clone(),
         size: geo.size,
         block_size: geo.block_size,
         generation: gen(gen_now.unwrap_or(0)),
-        changed_bytes: sent.as_ref().map_or(0, |s| s.bytes()),
+        changed_bytes: changed_bytes.unwrap_or(0),
         bitmap_bytes: bits.len() as u64,
     };
     tracing::info!(

@@ -51,8 +51,9 @@ struct Record {
 
 /// What a pass sends.
 pub(crate) enum PassMode {
-    /// These blocks, and nothing else.
-    Changed(Snapshot),
+    /// These blocks, and nothing else: the bitmap's bytes (`Snapshot::to_bytes`) and the
+    /// bytes of volume they cover. The record keeps the snapshot itself until the pass ends.
+    Changed { bits: Vec<u8>, bytes: u64 },
     /// A comparison of the whole device (the first pass, or one asked for).
     Full,
 }
@@ -216,8 +217,12 @@ pub(crate) fn begin(h: &Hosted, destination: &str, full: bool) -> Result<PassMod
         Some(r) if r.confirmed && !full => {
             r.busy = true;
             let owed = r.owed.take().unwrap_or_else(|| snap.cleared());
-            r.sending = Some(owed.clone());
-            Ok(PassMode::Changed(owed))
+            let mode = PassMode::Changed {
+                bits: owed.to_bytes(),
+                bytes: owed.bytes(),
+            };
+            r.sending = Some(owed);
+            Ok(mode)
         }
         _ => {
             dests.insert(
