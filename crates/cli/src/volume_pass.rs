@@ -237,17 +237,18 @@ fn destination_key(job: &SyncJob, backing: &Path) -> Result<String, String> {
     })
 }
 
-/// `path` made absolute with its links resolved, as far as it exists.
+/// `path` made absolute with the links on its way resolved, but not the last component:
+/// the destination is the name given (a symlink there is replaced, never followed).
 fn absolute(path: &Path) -> std::io::Result<PathBuf> {
-    if let Ok(p) = path.canonicalize() {
-        return Ok(p);
-    }
-    let base = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.canonicalize()?,
-        _ => std::env::current_dir()?,
+    let name = path.file_name().filter(|_| !path.ends_with(".."));
+    let parent = match (name, path.parent()) {
+        (Some(_), Some(p)) if !p.as_os_str().is_empty() => p.canonicalize()?,
+        (Some(_), _) => std::env::current_dir()?,
+        // ".", "..", "/": a directory, resolved whole.
+        (None, _) => return path.canonicalize(),
     };
-    Ok(match path.file_name() {
-        Some(n) => base.join(n),
-        None => base,
+    Ok(match name {
+        Some(n) => parent.join(n),
+        None => parent,
     })
 }

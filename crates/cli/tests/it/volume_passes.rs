@@ -403,3 +403,25 @@ fn a_plan_volume_task_passes_only_the_written_blocks() {
     let last = crate::plan::task(&crate::plan::status(&p), "db")["last_pass"].clone();
     assert_eq!(last["bytes_literal"], 64 << 10, "{last}");
 }
+
+/// A symlink where the copy goes is replaced, never written through, and the destination is
+/// remembered by the name given, not by where the link pointed (a later pass to that file
+/// must not be taken for a pass to a copy).
+#[test]
+fn a_symlink_destination_is_replaced_and_remembered_by_its_own_name() {
+    let t = tmp();
+    let host = Host::start(&t.path().join("host"));
+    let vc = s(&host.config).to_string();
+    let victim = t.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let link = t.path().join("link.img");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    sync(&["--volume-config", &vc, "volume:db", s(&link)]).ok();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+    assert!(same_content(&host.image(), &link));
+    let st = host.volume(&["status", "db", "--json"]);
+    st.ok();
+    let dests = &st.json()[0]["volumes"][0]["destinations"];
+    assert_eq!(dests[0]["destination"], s(&link), "{st}");
+}
