@@ -90,6 +90,33 @@ impl Bitmap {
         added
     }
 
+    /// Clear bits `first..=last` (clamped); returns how many were set. Pages that change
+    /// are marked for persisting.
+    pub fn clear_range(&mut self, first: u64, last: u64) -> u64 {
+        if self.len == 0 || first >= self.len {
+            return 0;
+        }
+        let last = last.min(self.len - 1);
+        if first > last {
+            return 0;
+        }
+        let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
+        let mut gone = 0;
+        for w in w0..=w1 {
+            let lo = if w == w0 { first % 64 } else { 0 };
+            let hi = if w == w1 { last % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            let old = mask & self.words[w];
+            if old != 0 {
+                self.words[w] &= !old;
+                gone += u64::from(old.count_ones());
+                self.note_changed(w);
+            }
+        }
+        self.ones -= gone;
+        gone
+    }
+
     /// Replace the contents with all clear, returning the old bits. Pages that held set
     /// bits are marked changed (the disk may still have those bits), as are pages already
     /// changed. O(pages / 64) besides the allocation: it runs under the lock every write

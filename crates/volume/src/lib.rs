@@ -30,6 +30,9 @@
 //!   [`Meta::inspect`] reads the superblock without opening for tracking.
 //! - [`Tracker`] is the export's [`nbd::WriteObserver`] and its `cutover:dirty`
 //!   [`nbd::MetaContext`] (flag [`FLAG_DIRTY`] = 1: written since the last mark).
+//! - [`Meta::attach_peers`] gives each replication peer a slot; [`Meta::replication`]
+//!   is the handle its link drives: the numbered stream of writes, resync of out-of-sync
+//!   blocks, acknowledgements ([`Replication`]).
 //! - [`Meta::mark`] starts a new generation and returns a [`Snapshot`] of the previous
 //!   one; [`Meta::flush`] persists changed bitmap pages (the daemon calls it
 //!   periodically; the tracker on NBD FLUSH, at most once a second); [`Meta::status`];
@@ -56,12 +59,12 @@
 //! `seq % 2`), always overwriting the older one, so a torn write loses only itself; `open`
 //! takes the valid copy with the highest sequence.
 //!
-//! **Generation ids** are random 64-bit values (0 = none). Per slot, the bitmap holds every
-//! block written since generation `bitmap_gen` began. v1 tracks slot 0 only, "since the
-//! mark": a mark pushes the current id into the history, makes a new one, and makes it
-//! slot 0's bitmap id. The per-slot entries (and regions, `CreateOptions::peer_slots`) are
-//! there for "Volumes 2/3": one slot per peer, each with its own bitmap and ids, for
-//! DRBD's decision table on connect.
+//! **Generation ids** are random 64-bit values (0 = none). Slot 0 belongs to marks: its
+//! bitmap holds every block written since the last mark, and a mark makes a new id for it
+//! (pushing the old one into the slot's history). Slots 1.. belong to replication peers
+//! ([`Meta::attach_peers`], `peer.rs`): each bitmap holds every block that peer may lack,
+//! and the volume's current id with its history is what peers compare on connect (DRBD's
+//! table); marks leave it alone.
 //!
 //! **Activity log** (`al.rs` has the byte table): each 4 KiB transaction carries up to 64
 //! (slot, extent) updates and a moving 880-slot slice of the table of hot extents, with a
@@ -186,6 +189,7 @@ pub mod fuzzing;
 mod layout;
 mod meta;
 mod open;
+mod peer;
 mod superblock;
 mod tracker;
 
@@ -196,6 +200,7 @@ pub use layout::{
 };
 pub use meta::{AlStatus, Counters, Meta, OpenReport, Result, Status};
 pub use open::{CreateOptions, Info};
+pub use peer::{Op, OpKind, PeerStatus, Replication, StreamOptions};
 pub use tracker::{Tracker, DEFAULT_FLUSH_INTERVAL, DIRTY_CONTEXT, FLAG_DIRTY};
 
 #[cfg(test)]

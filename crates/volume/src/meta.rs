@@ -19,6 +19,7 @@ use crate::bitmap::{Bitmap, Snapshot};
 use crate::disk::Disk;
 use crate::error::Error;
 use crate::layout::{Geometry, PAGE, SUPERBLOCK_COPIES};
+use crate::peer::{PeerStatus, PeerTrack, Replication};
 use crate::superblock::{Superblock, HISTORY, SLOT_HISTORY};
 use std::collections::HashMap;
 use std::fs::File;
@@ -106,6 +107,12 @@ pub struct Status {
     /// Why tracking stopped, after a failed metadata write.
     pub failed: Option<String>,
     pub closed: bool,
+    /// The node's role: primary (exports read-write) or secondary.
+    pub primary: bool,
+    /// The data may be incomplete (a resync into it has not finished).
+    pub inconsistent: bool,
+    /// Replication peers, by slot.
+    pub peers: Vec<PeerStatus>,
 }
 
 /// The superblock as `io` holds it.
@@ -117,6 +124,11 @@ pub(crate) struct Io {
 /// What `state` guards.
 pub(crate) struct State {
     pub bits: Bitmap,
+    /// Replication peers' slots (`peer.rs`), in slot order.
+    pub peers: Vec<PeerTrack>,
+    /// Ranges of writes waiting to be admitted while peers are attached: with
+    /// `inflight`, what a new write must not overlap (see `Tracker::admit`).
+    pub claimed: Vec<(u64, u64)>,
     pub al: ActivityLog,
     /// Writes between `before_write` and `after_write`, by (offset, length): a `mark()`
     /// marks them dirty again in the new generation (see `mark`).
@@ -140,6 +152,8 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     /// Signalled when a write finishes (an AL slot may be free, in-flight writes drain).
     pub done: Condvar,
+    /// Signalled when a peer acknowledges, or its stream ends (protocol C writers wait).
+    pub acked: Condvar,
     pub report: OpenReport,
     /// Writes spanning more extents than this bypass the AL (write-through).
     pub write_through_above: u32,
@@ -193,6 +207,8 @@ impl Inner {
             state: Mutex::new(State {
                 sb,
                 bits,
+                peers: Vec::new(),
+                claimed: Vec::new(),
                 al,
                 inflight: HashMap::new(),
                 closed: false,
@@ -200,6 +216,7 @@ impl Inner {
                 counters: Counters::default(),
             }),
             done: Condvar::new(),
+            acked: Condvar::new(),
             report: OpenReport {
                 last_shutdown_clean: true,
                 recovered_extents: 0,
@@ -295,54 +312,87 @@ impl Inner {
         self.write(io, image, at, "activity log write")
     }
 
-    fn write_page(&self, io: &Io, page: u64, image: &[u8]) -> Result<()> {
+    fn write_page(&self, io: &Io, slot: u32, page: u64, image: &[u8]) -> Result<()> {
         self.write(
             io,
             image,
-            self.geo.bitmap_at(0) + page * PAGE,
+            self.geo.bitmap_at(slot) + page * PAGE,
             "bitmap write",
         )?;
         self.state().counters.bitmap_pages_written += 1;
         Ok(())
     }
 
-    /// Write every changed bitmap page (not synced); returns how many.
+    /// Write every changed bitmap page of every slot (not synced); returns how many.
     pub fn persist_changed(&self, io: &Io) -> Result<u64> {
         let mut n = 0;
-        let mut from = 0;
-        loop {
-            // One page at a time: `state` is never held across the write.
-            let Some((page, image)) = self.state().bits.take_changed_page(from) else {
-                return Ok(n);
-            };
-            self.write_page(io, page, &image)?;
-            n += 1;
-            from = page + 1;
-        }
-    }
-
-    /// Write the pages holding blocks `first..=last` if they changed (not synced).
-    pub fn persist_blocks(&self, io: &Io, first: u64, last: u64) -> Result<u64> {
-        let mut n = 0;
-        for page in Bitmap::page_of(first)..=Bitmap::page_of(last) {
-            let image = self.state().bits.take_page_if_changed(page);
-            if let Some(image) = image {
-                self.write_page(io, page, &image)?;
+        for slot in self.slots() {
+            let mut from = 0;
+            loop {
+                // One page at a time: `state` is never held across the write.
+                let next = {
+                    let mut st = self.state();
+                    with_slot(&mut st, slot, |b| b.take_changed_page(from)).flatten()
+                };
+                let Some((page, image)) = next else {
+                    break;
+                };
+                self.write_page(io, slot, page, &image)?;
                 n += 1;
+                from = page + 1;
             }
         }
         Ok(n)
     }
 
-    /// Write every page of the bitmap, changed or not (not synced).
+    /// Write the pages holding blocks `first..=last` of every slot if they changed (not
+    /// synced).
+    pub fn persist_blocks(&self, io: &Io, first: u64, last: u64) -> Result<u64> {
+        let mut n = 0;
+        for slot in self.slots() {
+            for page in Bitmap::page_of(first)..=Bitmap::page_of(last) {
+                let image =
+                    with_slot(&mut self.state(), slot, |b| b.take_page_if_changed(page)).flatten();
+                if let Some(image) = image {
+                    self.write_page(io, slot, page, &image)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Write every page of every slot's bitmap, changed or not (not synced).
     pub fn persist_all(&self, io: &Io) -> Result<()> {
         {
             let mut st = self.state();
             let pages = st.bits.pages();
             st.bits.mark_pages_changed(0, pages.saturating_sub(1));
+            for p in &mut st.peers {
+                p.bits.mark_pages_changed(0, pages.saturating_sub(1));
+            }
         }
         self.persist_changed(io).map(|_| ())
     }
+
+    /// The slots tracked: 0 (marks) and the peers'.
+    fn slots(&self) -> Vec<u32> {
+        let st = self.state();
+        std::iter::once(0)
+            .chain(st.peers.iter().map(|p| p.slot))
+            .collect()
+    }
+}
+
+/// Run `f` on slot `slot`'s bitmap (None when the slot is not tracked).
+fn with_slot<T>(st: &mut State, slot: u32, f: impl FnOnce(&mut Bitmap) -> T) -> Option<T> {
+    if slot == 0 {
+        return Some(f(&mut st.bits));
+    }
+    st.peers
+        .iter_mut()
+        .find(|p| p.slot == slot)
+        .map(|p| f(&mut p.bits))
 }
 
 /// An open volume metadata file. Made by [`Meta::open`]; the writes it tracks come through
@@ -413,9 +463,8 @@ impl Meta {
         let sb = &mut io.sb;
         let from_gen = sb.slots[0].bitmap_gen;
         let to_gen = new_gen();
-        sb.history.copy_within(0..HISTORY - 1, 1);
-        sb.history[0] = sb.current_gen;
-        sb.current_gen = to_gen;
+        // Marks are slot 0's own generations: the volume's current id (what replication
+        // peers compare on connect) does not change with them.
         let slot = &mut sb.slots[0];
         slot.history.copy_within(0..SLOT_HISTORY - 1, 1);
         slot.history[0] = slot.bitmap_gen;
@@ -428,6 +477,34 @@ impl Meta {
             from_gen,
             to_gen,
         })
+    }
+
+    /// The handle the replication link drives this volume's peers with.
+    pub fn replication(&self) -> Replication {
+        Replication {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Make this node primary or secondary (persisted). The daemon checks what may be
+    /// promoted; this only records it.
+    pub fn set_role(&self, primary: bool) -> Result<()> {
+        let mut io = self.inner.io();
+        self.inner.usable(&self.inner.state())?;
+        io.sb.set_flag(crate::superblock::FLAG_PRIMARY, primary);
+        self.inner.write_superblock(&mut io)
+    }
+
+    /// Record whether the data may be incomplete (a resync into it is under way).
+    pub fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
+        let mut io = self.inner.io();
+        self.inner.usable(&self.inner.state())?;
+        if io.sb.inconsistent() == inconsistent {
+            return Ok(());
+        }
+        io.sb
+            .set_flag(crate::superblock::FLAG_INCONSISTENT, inconsistent);
+        self.inner.write_superblock(&mut io)
     }
 
     /// A snapshot of this volume from [`Snapshot::to_bytes`] (a consumer's saved copy of
@@ -540,6 +617,13 @@ impl Inner {
             last_shutdown_clean: self.report.last_shutdown_clean,
             failed: st.failed.clone(),
             closed: st.closed,
+            primary: sb.primary(),
+            inconsistent: sb.inconsistent(),
+            peers: st
+                .peers
+                .iter()
+                .map(|p| crate::peer::peer_status(self, p))
+                .collect(),
         }
     }
 }

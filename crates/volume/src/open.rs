@@ -14,6 +14,7 @@ use crate::disk::Disk;
 use crate::error::Error;
 use crate::layout::{Geometry, DEFAULT_AL_EXTENTS, DEFAULT_BLOCK_SIZE, PAGE, SUPERBLOCK_COPIES};
 use crate::meta::{new_gen, uuid, Inner, Meta, OpenReport, Result};
+use crate::peer::PeerTrack;
 use crate::superblock::{self, CopyError, Superblock};
 use rustix::fs::{FallocateFlags, FlockOperation};
 use std::fs::{File, OpenOptions};
@@ -251,27 +252,23 @@ impl Meta {
                 backing: expected_size,
             });
         }
-        if !sb.slots[0].in_use() || sb.slots[1..].iter().any(|s| s.in_use()) {
+        if !sb.slots[0].in_use() {
             return Err(Error::invalid(
                 path,
-                "uses peer slots other than slot 0, which this cutover cannot track; upgrade \
-                 cutover",
+                "has no slot 0 (marks); re-create it with `cutover volume create-md --force`",
             ));
         }
 
-        let mut bits = Bitmap::new(geo.blocks);
-        let chunk_pages = 256u64;
-        let mut page = 0;
-        while page < geo.bitmap_pages() {
-            let n = chunk_pages.min(geo.bitmap_pages() - page);
-            let mut buf = vec![0u8; (n * PAGE) as usize];
-            disk.read_at(&mut buf, geo.bitmap_at(0) + page * PAGE)
-                .map_err(|e| Error::io(path, "bitmap read", e))?;
-            for (i, image) in buf.chunks(PAGE as usize).enumerate() {
-                bits.load_page(page + i as u64, image);
+        let bits = load_bitmap(path, &*disk, &geo, 0)?;
+        let mut peers = Vec::new();
+        for slot in 1..geo.peer_slots {
+            let entry = sb.slots[slot as usize];
+            if entry.in_use() {
+                let b = load_bitmap(path, &*disk, &geo, slot)?;
+                peers.push(PeerTrack::new(slot, entry.peer_node, b));
             }
-            page += n;
         }
+        let mut bits = bits;
 
         let mut ring = vec![0u8; geo.al_ring as usize * PAGE as usize];
         disk.read_at(&mut ring, geo.al_offset)
@@ -299,6 +296,9 @@ impl Meta {
             for &e in &scan.extents {
                 let (first, last) = geo.extent_blocks(e);
                 report.recovered_blocks += bits.set_range(first, last);
+                for p in &mut peers {
+                    p.mark(first, last);
+                }
             }
             report.recovered_extents = scan.extents.len();
         }
@@ -307,6 +307,7 @@ impl Meta {
         sb.al_floor = next_seq;
         sb.set_clean(false);
         let mut inner = Inner::new(path.to_path_buf(), disk, lock, sb, geo, bits, al);
+        inner.state().peers = peers;
         {
             let mut io = inner.io();
             // The recovered bits must be durable before the floor that forgets the AL.
@@ -327,6 +328,24 @@ impl Meta {
             inner: Arc::new(inner),
         })
     }
+}
+
+/// Read slot `slot`'s bitmap region.
+fn load_bitmap(path: &Path, disk: &dyn Disk, geo: &Geometry, slot: u32) -> Result<Bitmap> {
+    let mut bits = Bitmap::new(geo.blocks);
+    let chunk_pages = 256u64;
+    let mut page = 0;
+    while page < geo.bitmap_pages() {
+        let n = chunk_pages.min(geo.bitmap_pages() - page);
+        let mut buf = vec![0u8; (n * PAGE) as usize];
+        disk.read_at(&mut buf, geo.bitmap_at(slot) + page * PAGE)
+            .map_err(|e| Error::io(path, "bitmap read", e))?;
+        for (i, image) in buf.chunks(PAGE as usize).enumerate() {
+            bits.load_page(page + i as u64, image);
+        }
+        page += n;
+    }
+    Ok(bits)
 }
 
 fn open_file(path: &Path, write: bool) -> Result<File> {

@@ -13,7 +13,7 @@
 //!    8  version (1)                   4   256  peer slots: 32 × 64 bytes
 //!   12  copy size (4096)              4          +0 flags (bit 0 = in use)   4
 //!   16  sequence number               8          +4 peer node id            4
-//!   24  flags (bit 0 = clean)         4          +8 bitmap generation id    8
+//!   24  flags (see below)             4          +8 bitmap generation id    8
 //!   28  node id                       4         +16 bitmap history, 2 ids  16
 //!   32  volume id (random)           16         +32 reserved (zero)        32
 //!   48  size in bytes                 8  2304  reserved (zero) up to 4064
@@ -32,6 +32,9 @@
 //!  152  marks made                    8
 //! ```
 //!
+//! Flags: bit 0 = clean shutdown, bit 1 = primary, bit 2 = inconsistent (a resync into
+//! this node has not finished).
+//!
 //! Generation ids are random 64-bit values, 0 meaning "none". Per slot, the bitmap holds
 //! every block written since generation `bitmap_gen` began; `history` keeps the volume's
 //! earlier current ids (newest first) and each slot its earlier bitmap ids, so that
@@ -46,6 +49,10 @@ pub const HISTORY: usize = 4;
 /// Earlier bitmap ids kept per slot.
 pub const SLOT_HISTORY: usize = 2;
 pub const FLAG_CLEAN: u32 = 1;
+/// The node is primary: it exports the volume read-write and replicates to its peers.
+pub const FLAG_PRIMARY: u32 = 2;
+/// A resync into this node has not finished: its data may be a mix of old and new.
+pub const FLAG_INCONSISTENT: u32 = 4;
 pub const SLOT_IN_USE: u32 = 1;
 
 pub(crate) const SUM_AT: usize = 4064;
@@ -169,6 +176,22 @@ impl Superblock {
 
     pub fn clean(&self) -> bool {
         self.flags & FLAG_CLEAN != 0
+    }
+
+    pub fn primary(&self) -> bool {
+        self.flags & FLAG_PRIMARY != 0
+    }
+
+    pub fn inconsistent(&self) -> bool {
+        self.flags & FLAG_INCONSISTENT != 0
+    }
+
+    pub fn set_flag(&mut self, flag: u32, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
     }
 
     pub fn set_clean(&mut self, clean: bool) {

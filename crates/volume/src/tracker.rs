@@ -20,7 +20,8 @@
 
 use crate::error::Error;
 use crate::meta::{Inner, Meta, Result, State, Status};
-use nbd::{Extent, MetaContext, WriteEvent, WriteObserver};
+use crate::peer::Shipped;
+use nbd::{Extent, MetaContext, WriteEvent, WriteKind, WriteObserver};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,23 @@ impl Meta {
             inner: self.inner.clone(),
             flush_interval,
         })
+    }
+}
+
+/// A claimed range (see `Tracker::claim`), given back when dropped.
+struct Claim<'a> {
+    inner: &'a Inner,
+    range: (u64, u64),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.state();
+        if let Some(i) = st.claimed.iter().position(|r| *r == self.range) {
+            st.claimed.swap_remove(i);
+        }
+        drop(st);
+        self.inner.done.notify_all();
     }
 }
 
@@ -113,6 +131,9 @@ impl Tracker {
             st.al.pin(s.extents.0, s.extents.1);
         }
         st.bits.set_range(s.blocks.0, s.blocks.1);
+        for p in &mut st.peers {
+            p.bits.set_range(s.blocks.0, s.blocks.1);
+        }
         *st.inflight.entry((s.offset, s.length)).or_insert(0) += 1;
         st.counters.writes += 1;
         st.counters.bytes_written += s.length;
@@ -123,6 +144,8 @@ impl Tracker {
         let Some(s) = self.span(offset, length)? else {
             return Ok(());
         };
+        // Held until the write is in `inflight` (or refused).
+        let _claim = self.claim(&s)?;
         if s.write_through {
             return self.admit_through(&s);
         }
@@ -186,6 +209,35 @@ impl Tracker {
         }
     }
 
+    /// With peers attached, wait until no write in progress overlaps this one, and claim
+    /// its range meanwhile: the numbers the peers' stream gives overlapping writes must
+    /// follow the order in which they reach the backing (see `peer.rs`).
+    fn claim(&self, s: &Span) -> Result<Option<Claim<'_>>> {
+        let inner = &*self.inner;
+        let mut st = inner.state();
+        if !Inner::has_peers(&st) {
+            return Ok(None);
+        }
+        let end = s.offset + s.length;
+        loop {
+            inner.usable(&st)?;
+            let overlaps = st
+                .inflight
+                .keys()
+                .chain(st.claimed.iter())
+                .any(|&(o, l)| o < end && o + l > s.offset);
+            if !overlaps {
+                break;
+            }
+            st = inner.wait(st);
+        }
+        st.claimed.push((s.offset, s.length));
+        Ok(Some(Claim {
+            inner,
+            range: (s.offset, s.length),
+        }))
+    }
+
     /// A write too wide for the AL: its bits reach the on-disk bitmap before it proceeds.
     fn admit_through(&self, s: &Span) -> Result<()> {
         let inner = &*self.inner;
@@ -214,8 +266,20 @@ impl Tracker {
 
     /// The write is over (made or failed): unpin its extents.
     pub fn release(&self, offset: u64, length: u64) {
+        self.release_shipping(offset, length, None);
+    }
+
+    /// Release the write, first numbering it for the streaming peers (`ship`: it was
+    /// made) or marking it out of sync for every peer (None). Returns what a protocol C
+    /// writer waits for.
+    fn release_shipping(
+        &self,
+        offset: u64,
+        length: u64,
+        ship: Option<&Shipped<'_>>,
+    ) -> Vec<(u32, u64, u64)> {
         let Ok(Some(s)) = self.span(offset, length) else {
-            return;
+            return Vec::new();
         };
         let inner = &*self.inner;
         let mut st = inner.state();
@@ -225,13 +289,23 @@ impl Tracker {
                 st.inflight.remove(&(offset, length));
             }
             // Never admitted.
-            None => return,
+            None => return Vec::new(),
         }
+        let waits = match ship {
+            Some(w) => crate::peer::ship_locked(&mut st, w),
+            None => {
+                for p in &mut st.peers {
+                    p.mark(s.blocks.0, s.blocks.1);
+                }
+                Vec::new()
+            }
+        };
         if !s.write_through {
             st.al.unpin(s.extents.0, s.extents.1);
         }
         drop(st);
         inner.done.notify_all();
+        waits
     }
 
     /// Dirty/clean runs of `offset..offset + length` (within the volume), at most `max`.
@@ -259,14 +333,50 @@ impl WriteObserver for Tracker {
         Ok(self.admit(write.offset, write.length)?)
     }
 
-    fn after_write(&self, write: &WriteEvent<'_>, _outcome: &io::Result<()>) {
-        // A failed write may still have changed some of the range: its bits stay set.
-        self.release(write.offset, write.length);
+    fn after_write(&self, write: &WriteEvent<'_>, outcome: &io::Result<()>) {
+        let inner = &*self.inner;
+        if outcome.is_err() || !inner.any_streaming() {
+            // A failed write may still have changed some of the range: its bits stay set
+            // (and every peer gets them to resync).
+            self.release_shipping(write.offset, write.length, None);
+            return;
+        }
+        // Protocol A's bound: at `max_lag`, the writer waits (still holding its range).
+        inner.wait_for_room();
+        let data = match (write.kind, write.data) {
+            (WriteKind::Data, Some(d)) => Some(Arc::new(d.to_vec())),
+            _ => None,
+        };
+        let Ok(Some(span)) = self.span(write.offset, write.length) else {
+            return;
+        };
+        let ship = Shipped {
+            offset: write.offset,
+            length: write.length,
+            blocks: span.blocks,
+            kind: write.kind,
+            data: data.as_ref(),
+            fua: write.fua,
+        };
+        let waits = self.release_shipping(write.offset, write.length, Some(&ship));
+        for (slot, epoch, seq) in waits {
+            inner.wait_acked(slot, epoch, seq, write.fua);
+        }
     }
 
     fn flushed(&self) -> io::Result<()> {
-        self.inner.state().counters.flushes += 1;
-        self.inner.flush(Some(self.flush_interval))?;
+        let inner = &*self.inner;
+        let waits = {
+            let mut st = inner.state();
+            st.counters.flushes += 1;
+            crate::peer::Replication::flush_locked(&mut st)
+        };
+        inner.flush(Some(self.flush_interval))?;
+        // Protocol C: the flush is complete when everything before it is durable on the
+        // peers too.
+        for (slot, epoch, seq) in waits {
+            inner.wait_acked(slot, epoch, seq, true);
+        }
         Ok(())
     }
 }

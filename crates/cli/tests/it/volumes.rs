@@ -131,7 +131,7 @@ fn serve_write_status_mark_and_clean_shutdown() {
     let st = status_json(&config, "db");
     assert_eq!(st["dirty_bytes"], 0, "{st}");
     assert_eq!(st["marks"], 1, "{st}");
-    assert_eq!(st["current_gen"], m["to_gen"], "{st}");
+    assert_eq!(st["bitmap_gen"], m["to_gen"], "{st}");
 
     let unknown = volume(&["mark", "nope", "--config", s(&config)]);
     assert_one_line_error(&unknown, &["nope", "db"]);
@@ -148,7 +148,7 @@ fn serve_write_status_mark_and_clean_shutdown() {
     let _d = Daemon::start_with(t.path(), &config);
     let st = status_json(&config, "db");
     assert_eq!(st["last_shutdown_clean"], true, "{st}");
-    assert_eq!(st["current_gen"], m["to_gen"], "{st}");
+    assert_eq!(st["bitmap_gen"], m["to_gen"], "{st}");
     assert_eq!(st["dirty_bytes"], 0, "{st}");
 }
 

@@ -1,0 +1,685 @@
+//! Replication peers' slots: for each peer, the blocks it may lack (the slot's bitmap,
+//! persisted like slot 0's) and, while a link streams to it, the numbered stream of writes
+//! it is sent.
+//!
+//! Per peer, in memory:
+//! - `oos`: blocks out of sync that no queued or sent write will fix: resync's work;
+//! - `inflight`: per block, the numbered writes not yet durable on the peer;
+//! - `bits` ⊇ `oos` ∪ blocks with `inflight` writes ∪ blocks being written now: the slot's
+//!   persisted bitmap. With the activity log's extents added after a crash, it marks every
+//!   block the peer may lack.
+//!
+//! A write sets `bits` in `before_write`, as for slot 0. `after_write` (still holding the
+//! write's range, see `Tracker::admit`) decides per peer: a streaming peer gets the write
+//! numbered and queued, its blocks counted in `inflight`; any other gets them in `oos`. A
+//! durable acknowledgement up to a number clears the blocks whose last write that was,
+//! unless `oos` or a write in progress still holds them. A link that ends moves everything
+//! numbered and not yet durable to `oos`.
+//!
+//! While a peer is attached, overlapping writes are serialised (`Tracker::admit` waits for
+//! the one in progress): numbers are given before the range is released, so the order of
+//! the numbers of two overlapping writes is the order in which they reached the backing,
+//! and the peer, applying in number order, ends with the same bytes.
+//!
+//! Resync takes runs of `oos` in disk order ([`Replication::next_resync`]) and numbers
+//! them in the same stream: the caller reads the range from the backing *after* it was
+//! numbered, so a write numbered later is applied after it on the peer, and one numbered
+//! earlier is already in the backing the caller reads.
+
+use crate::bitmap::Bitmap;
+use crate::error::Error;
+use crate::meta::{Inner, Result, State};
+use nbd::WriteKind;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// What a numbered operation does on the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Write these bytes.
+    Data(Arc<Vec<u8>>),
+    /// The range reads as zeroes.
+    Zeroes,
+    /// Discard the range (as the primary's backing did).
+    Trim,
+    /// A barrier: everything numbered before it is durable on the peer when it is
+    /// acknowledged.
+    Flush,
+    /// Resync: the caller reads the range from the backing and sends it as data.
+    Resync,
+}
+
+/// One operation of a peer's stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub seq: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub kind: OpKind,
+    /// Durable on the peer before it is acknowledged (NBD FUA).
+    pub fua: bool,
+}
+
+/// How a stream behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// Bytes numbered and not yet applied by the peer before writers wait (or pull ahead).
+    pub max_lag: u64,
+    /// Protocol C: a write's reply waits for the peer (applied; durable with FUA or for a
+    /// flush).
+    pub sync: bool,
+    /// Past `max_lag`, put writes in the bitmap for resync instead of waiting.
+    pub pull_ahead: bool,
+}
+
+/// A peer's state, as `status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub slot: u32,
+    pub node: u32,
+    /// Blocks the peer may lack (the slot's bitmap).
+    pub out_of_sync_blocks: u64,
+    pub out_of_sync_bytes: u64,
+    /// Of those, blocks waiting for resync (no numbered write will fix them).
+    pub resync_blocks: u64,
+    pub streaming: bool,
+    /// Bytes numbered and not yet applied by the peer.
+    pub lag_bytes: u64,
+    /// Operations numbered and not yet durable on the peer.
+    pub unacked: u64,
+    pub next_seq: u64,
+    pub applied: u64,
+    pub durable: u64,
+    /// Since open: bytes of application writes queued for the peer, and bytes numbered
+    /// for resync.
+    pub shipped_bytes: u64,
+    pub resync_bytes: u64,
+    /// Writes that went to the bitmap because the stream was past `max_lag`.
+    pub pulled_ahead: u64,
+}
+
+/// A numbered operation not yet durable on the peer.
+struct Numbered {
+    seq: u64,
+    bytes: u64,
+    blocks: Option<(u64, u64)>,
+}
+
+pub(crate) struct Stream {
+    epoch: u64,
+    opts: StreamOptions,
+    next_seq: u64,
+    /// Numbered and not yet taken by the link.
+    outbox: VecDeque<Op>,
+    /// Numbered and not yet durable, in number order (a superset of the outbox).
+    numbered: VecDeque<Numbered>,
+    applied: u64,
+    durable: u64,
+    /// Bytes of `numbered` entries past `applied`.
+    lag_bytes: u64,
+    wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+pub(crate) struct PeerTrack {
+    pub slot: u32,
+    pub node: u32,
+    pub bits: Bitmap,
+    oos: Bitmap,
+    inflight: HashMap<u64, u32>,
+    stream: Option<Stream>,
+    epochs: u64,
+    /// Where resync looks next (a block number).
+    cursor: u64,
+    status: PeerStatus,
+}
+
+impl PeerTrack {
+    /// A slot's tracking from its persisted bitmap: every set bit is out of sync.
+    pub fn new(slot: u32, node: u32, bits: Bitmap) -> PeerTrack {
+        let oos = bits.clone();
+        PeerTrack {
+            slot,
+            node,
+            bits,
+            oos,
+            inflight: HashMap::new(),
+            stream: None,
+            epochs: 0,
+            cursor: 0,
+            status: PeerStatus {
+                slot,
+                node,
+                ..PeerStatus::default()
+            },
+        }
+    }
+
+    /// Blocks `first..=last` are out of sync (after a crash, or a full sync).
+    pub fn mark(&mut self, first: u64, last: u64) -> u64 {
+        self.oos.set_range(first, last);
+        self.bits.set_range(first, last)
+    }
+}
+
+/// A write about to be released, as the peers see it.
+pub(crate) struct Shipped<'a> {
+    pub offset: u64,
+    pub length: u64,
+    pub blocks: (u64, u64),
+    pub kind: WriteKind,
+    pub data: Option<&'a Arc<Vec<u8>>>,
+    pub fua: bool,
+}
+
+/// Number `w` for every streaming peer or put it in their `oos`. Returns the (slot, epoch,
+/// seq) a protocol C writer waits for. Called under `state`, before the write's range is
+/// released.
+pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64)> {
+    let mut waits = Vec::new();
+    for p in &mut st.peers {
+        let (first, last) = w.blocks;
+        let kind = match (w.kind, w.data) {
+            (WriteKind::Data, Some(d)) => Some(OpKind::Data(d.clone())),
+            (WriteKind::Data, None) => None,
+            (WriteKind::Zeroes, _) => Some(OpKind::Zeroes),
+            (WriteKind::Trim, _) => Some(OpKind::Trim),
+        };
+        let Some(s) = p.stream.as_mut() else {
+            p.mark(first, last);
+            continue;
+        };
+        let Some(kind) = kind else {
+            // No copy of the data was made (the stream started meanwhile): resync sends it.
+            p.mark(first, last);
+            continue;
+        };
+        if s.opts.pull_ahead && s.lag_bytes > s.opts.max_lag {
+            p.status.pulled_ahead += 1;
+            p.mark(first, last);
+            continue;
+        }
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let bytes = if matches!(kind, OpKind::Data(_)) {
+            w.length
+        } else {
+            0
+        };
+        s.outbox.push_back(Op {
+            seq,
+            offset: w.offset,
+            length: w.length,
+            kind,
+            fua: w.fua,
+        });
+        s.numbered.push_back(Numbered {
+            seq,
+            bytes,
+            blocks: Some((first, last)),
+        });
+        s.lag_bytes += bytes;
+        for b in first..=last {
+            *p.inflight.entry(b).or_insert(0) += 1;
+        }
+        p.bits.set_range(first, last);
+        p.status.shipped_bytes += w.length;
+        (s.wake)();
+        if s.opts.sync {
+            waits.push((p.slot, s.epoch, seq));
+        }
+    }
+    waits
+}
+
+/// Whether some write is between `before_write` and its release on blocks `first..=last`.
+fn being_written(st: &State, block_size: u64, first: u64, last: u64) -> bool {
+    let (lo, hi) = (first * block_size, (last + 1) * block_size);
+    st.inflight
+        .keys()
+        .chain(st.claimed.iter())
+        .any(|&(o, l)| o < hi && o + l > lo)
+}
+
+/// A cheap handle on a volume's peers for the replication link (`Meta::replication`).
+#[derive(Clone)]
+pub struct Replication {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replication")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl Replication {
+    fn no_slot(&self, slot: u32) -> Error {
+        Error::invalid(&self.inner.path, format!("has no peer in slot {slot}"))
+    }
+
+    /// Start streaming to the peer in `slot`: writes are numbered for it from now on
+    /// (starting at 1) and resync begins with its out-of-sync blocks. `wake` is called
+    /// (under a lock: keep it short) when an operation is queued or the stream ends.
+    /// Returns the stream's epoch, which every later call names.
+    pub fn start_stream(
+        &self,
+        slot: u32,
+        opts: StreamOptions,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<u64> {
+        let mut st = self.inner.state();
+        self.inner.usable(&st)?;
+        let p = st
+            .peers
+            .iter_mut()
+            .find(|p| p.slot == slot)
+            .ok_or_else(|| self.no_slot(slot))?;
+        if let Some(old) = p.stream.take() {
+            end_stream(p, old);
+        }
+        p.epochs += 1;
+        p.cursor = 0;
+        p.stream = Some(Stream {
+            epoch: p.epochs,
+            opts,
+            next_seq: 1,
+            outbox: VecDeque::new(),
+            numbered: VecDeque::new(),
+            applied: 0,
+            durable: 0,
+            lag_bytes: 0,
+            wake,
+        });
+        Ok(p.epochs)
+    }
+
+    /// The link ended: everything numbered and not durable is out of sync again.
+    pub fn stop_stream(&self, slot: u32, epoch: u64) {
+        let mut st = self.inner.state();
+        if let Some(p) = st.peers.iter_mut().find(|p| p.slot == slot) {
+            if p.stream.as_ref().is_some_and(|s| s.epoch == epoch) {
+                if let Some(s) = p.stream.take() {
+                    end_stream(p, s);
+                }
+            }
+        }
+        drop(st);
+        self.inner.acked.notify_all();
+    }
+
+    /// Up to `max_bytes` of queued operations (at least one when any is queued), or None
+    /// when the stream `epoch` is over.
+    pub fn take_queued(&self, slot: u32, epoch: u64, max_bytes: u64) -> Option<Vec<Op>> {
+        let mut st = self.inner.state();
+        let s = stream_mut(&mut st, slot, epoch)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(op) = s.outbox.front() {
+            let n = if matches!(op.kind, OpKind::Data(_)) {
+                op.length
+            } else {
+                0
+            };
+            if !out.is_empty() && bytes + n > max_bytes {
+                break;
+            }
+            bytes += n;
+            out.extend(s.outbox.pop_front());
+        }
+        Some(out)
+    }
+
+    /// Number a flush barrier (after a local NBD FLUSH); returns what a protocol C
+    /// writer waits for.
+    pub(crate) fn flush_locked(st: &mut State) -> Vec<(u32, u64, u64)> {
+        let mut waits = Vec::new();
+        for p in &mut st.peers {
+            let Some(s) = p.stream.as_mut() else {
+                continue;
+            };
+            let seq = s.next_seq;
+            s.next_seq += 1;
+            s.outbox.push_back(Op {
+                seq,
+                offset: 0,
+                length: 0,
+                kind: OpKind::Flush,
+                fua: true,
+            });
+            s.numbered.push_back(Numbered {
+                seq,
+                bytes: 0,
+                blocks: None,
+            });
+            (s.wake)();
+            if s.opts.sync {
+                waits.push((p.slot, s.epoch, seq));
+            }
+        }
+        waits
+    }
+
+    /// The next run of out-of-sync blocks (at most `max_len` bytes), numbered in the
+    /// stream, or None when there is none (or the stream is over, or its lag is at
+    /// `max_lag`). The caller reads the range from the backing now and sends it.
+    pub fn next_resync(&self, slot: u32, epoch: u64, max_len: u64) -> Option<Op> {
+        let geo = self.inner.geo;
+        let bs = u64::from(geo.block_size);
+        let mut st = self.inner.state();
+        let st = &mut *st;
+        let p = st.peers.iter_mut().find(|p| p.slot == slot)?;
+        let s = p.stream.as_mut().filter(|s| s.epoch == epoch)?;
+        if s.lag_bytes >= s.opts.max_lag || p.oos.count() == 0 {
+            return None;
+        }
+        let mut first = p.oos.next(p.cursor, geo.blocks, true);
+        if first >= geo.blocks {
+            first = p.oos.next(0, geo.blocks, true);
+        }
+        if first >= geo.blocks {
+            return None;
+        }
+        let most = (max_len / bs).max(1);
+        let end = p.oos.next(first, (first + most).min(geo.blocks), false);
+        let last = end - 1;
+        p.oos.clear_range(first, last);
+        p.cursor = end;
+        let offset = first * bs;
+        let length = (end * bs).min(geo.size) - offset;
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        s.numbered.push_back(Numbered {
+            seq,
+            bytes: length,
+            blocks: Some((first, last)),
+        });
+        s.lag_bytes += length;
+        for b in first..=last {
+            *p.inflight.entry(b).or_insert(0) += 1;
+        }
+        p.status.resync_bytes += length;
+        Some(Op {
+            seq,
+            offset,
+            length,
+            kind: OpKind::Resync,
+            fua: false,
+        })
+    }
+
+    /// The peer applied every operation up to `applied` and made every one up to
+    /// `durable` durable (cumulative numbers). Blocks whose last numbered write is durable
+    /// and which nothing else holds leave the bitmap.
+    pub fn acked(&self, slot: u32, epoch: u64, applied: u64, durable: u64) {
+        let bs = u64::from(self.inner.geo.block_size);
+        let mut guard = self.inner.state();
+        let st = &mut *guard;
+        let Some(i) = st.peers.iter().position(|p| p.slot == slot) else {
+            return;
+        };
+        let mut done = Vec::new();
+        {
+            let p = &mut st.peers[i];
+            let Some(s) = p.stream.as_mut().filter(|s| s.epoch == epoch) else {
+                return;
+            };
+            let applied = applied.min(s.next_seq - 1);
+            let durable = durable.min(applied);
+            if applied > s.applied {
+                // Entries up to the old `applied` were counted off already; everything
+                // past it is still in `numbered` (durable never passes applied).
+                for n in s.numbered.iter() {
+                    if n.seq > applied {
+                        break;
+                    }
+                    if n.seq > s.applied {
+                        s.lag_bytes -= n.bytes;
+                    }
+                }
+                s.applied = applied;
+            }
+            if durable > s.durable {
+                s.durable = durable;
+                while s.numbered.front().is_some_and(|n| n.seq <= durable) {
+                    if let Some(Numbered {
+                        blocks: Some(b), ..
+                    }) = s.numbered.pop_front()
+                    {
+                        done.push(b);
+                    }
+                }
+            }
+        }
+        for (first, last) in done {
+            for b in first..=last {
+                let p = &mut st.peers[i];
+                let left = match p.inflight.get_mut(&b) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        true
+                    }
+                    Some(_) => {
+                        p.inflight.remove(&b);
+                        false
+                    }
+                    None => false,
+                };
+                if left || p.oos.get(b) || being_written(st, bs, b, b) {
+                    continue;
+                }
+                st.peers[i].bits.clear_range(b, b);
+            }
+        }
+        drop(guard);
+        self.inner.acked.notify_all();
+    }
+
+    /// Every block is out of sync for the peer in `slot` (a full sync).
+    pub fn mark_all(&self, slot: u32) -> Result<()> {
+        let blocks = self.inner.geo.blocks;
+        self.mark(slot, 0, blocks.saturating_sub(1))
+    }
+
+    /// Blocks `first..=last` are out of sync for the peer in `slot` (what the peer says
+    /// it lacks, or differences an online verify found).
+    pub fn mark(&self, slot: u32, first: u64, last: u64) -> Result<()> {
+        let mut st = self.inner.state();
+        let p = st
+            .peers
+            .iter_mut()
+            .find(|p| p.slot == slot)
+            .ok_or_else(|| self.no_slot(slot))?;
+        if first < self.inner.geo.blocks {
+            p.mark(first, last);
+        }
+        Ok(())
+    }
+
+    /// The peer in `slot`'s state.
+    pub fn status(&self, slot: u32) -> Option<PeerStatus> {
+        let st = self.inner.state();
+        let p = st.peers.iter().find(|p| p.slot == slot)?;
+        Some(peer_status(&self.inner, p))
+    }
+
+    /// Every peer slot in use: (slot, node).
+    pub fn slots(&self) -> Vec<(u32, u32)> {
+        let st = self.inner.state();
+        st.peers.iter().map(|p| (p.slot, p.node)).collect()
+    }
+
+    /// The volume's geometry (size, block size).
+    pub fn geometry(&self) -> crate::Geometry {
+        self.inner.geo
+    }
+
+    /// Wait until the stream `epoch` of `slot` acknowledged `seq` (applied; durable when
+    /// `durable`), or ended. Returns whether it was acknowledged.
+    pub fn wait_acked(&self, slot: u32, epoch: u64, seq: u64, durable: bool) -> bool {
+        self.inner.wait_acked(slot, epoch, seq, durable)
+    }
+}
+
+pub(crate) fn peer_status(inner: &Inner, p: &PeerTrack) -> PeerStatus {
+    let mut s = p.status.clone();
+    s.out_of_sync_blocks = p.bits.count();
+    s.out_of_sync_bytes = inner.geo.bytes_of(p.bits.count(), p.bits.last_set());
+    s.resync_blocks = p.oos.count();
+    s.streaming = p.stream.is_some();
+    if let Some(st) = &p.stream {
+        s.lag_bytes = st.lag_bytes;
+        s.unacked = st.numbered.len() as u64;
+        s.next_seq = st.next_seq;
+        s.applied = st.applied;
+        s.durable = st.durable;
+    }
+    s
+}
+
+fn stream_mut(st: &mut State, slot: u32, epoch: u64) -> Option<&mut Stream> {
+    st.peers
+        .iter_mut()
+        .find(|p| p.slot == slot)?
+        .stream
+        .as_mut()
+        .filter(|s| s.epoch == epoch)
+}
+
+/// Everything `s` numbered and the peer did not make durable is out of sync again.
+fn end_stream(p: &mut PeerTrack, s: Stream) {
+    for n in &s.numbered {
+        if let Some((first, last)) = n.blocks {
+            p.oos.set_range(first, last);
+            p.bits.set_range(first, last);
+        }
+    }
+    p.inflight.clear();
+    (s.wake)();
+}
+
+impl Inner {
+    /// See [`Replication::wait_acked`].
+    pub(crate) fn wait_acked(&self, slot: u32, epoch: u64, seq: u64, durable: bool) -> bool {
+        let mut st = self.state();
+        loop {
+            let Some(s) = st
+                .peers
+                .iter()
+                .find(|p| p.slot == slot)
+                .and_then(|p| p.stream.as_ref())
+                .filter(|s| s.epoch == epoch)
+            else {
+                return false;
+            };
+            let got = if durable { s.durable } else { s.applied };
+            if got >= seq {
+                return true;
+            }
+            st = match self.acked.wait(st) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
+
+    /// Wait while a streaming peer without pull-ahead is past its `max_lag` (protocol A's
+    /// bound on what a crash of this node can lose from the peer's view).
+    pub(crate) fn wait_for_room(&self) {
+        let mut st = self.state();
+        loop {
+            let full = st.peers.iter().any(|p| {
+                p.stream
+                    .as_ref()
+                    .is_some_and(|s| !s.opts.pull_ahead && s.lag_bytes > s.opts.max_lag)
+            });
+            if !full || st.closed {
+                return;
+            }
+            st = match self.acked.wait(st) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
+
+    /// Whether any peer slot is tracked (overlapping writes are then serialised).
+    pub(crate) fn has_peers(st: &State) -> bool {
+        !st.peers.is_empty()
+    }
+
+    /// Whether any peer streams (a write's data is then copied for it).
+    pub(crate) fn any_streaming(&self) -> bool {
+        self.state().peers.iter().any(|p| p.stream.is_some())
+    }
+}
+
+impl crate::Meta {
+    /// Track exactly these peers (by node id), each in its own slot; returns their slots
+    /// in the same order. A peer seen before keeps its slot, bitmap and ids. A new one
+    /// gets a free slot with every block out of sync (nothing is known of what it
+    /// holds: a full sync, unless its generation ids prove otherwise on connect). A slot
+    /// whose peer is no longer listed is freed: its writes could no longer be tracked.
+    pub fn attach_peers(&self, nodes: &[u32]) -> Result<Vec<u32>> {
+        let inner = &*self.inner;
+        let geo = inner.geo;
+        let mut io = inner.io();
+        let mut slots = Vec::with_capacity(nodes.len());
+        {
+            let mut st = inner.state();
+            inner.usable(&st)?;
+            if !st.inflight.is_empty() {
+                return Err(Error::invalid(
+                    &inner.path,
+                    "has writes in flight; attach peers before exporting",
+                ));
+            }
+            st.peers.retain(|p| nodes.contains(&p.node));
+            for entry in io.sb.slots.iter_mut().skip(1) {
+                if entry.in_use() && !nodes.contains(&entry.peer_node) {
+                    *entry = crate::superblock::PeerSlot::default();
+                }
+            }
+            for &node in nodes {
+                if let Some(p) = st.peers.iter().find(|p| p.node == node) {
+                    slots.push(p.slot);
+                    continue;
+                }
+                let free = (1..geo.peer_slots).find(|&s| {
+                    !io.sb.slots[s as usize].in_use() && !st.peers.iter().any(|p| p.slot == s)
+                });
+                let Some(slot) = free else {
+                    return Err(Error::invalid(
+                        &inner.path,
+                        format!(
+                            "has {} peer slots, too few for {} peers; re-create it with \
+                             `cutover volume create-md --force` (it makes one per configured \
+                             peer, plus a spare)",
+                            geo.peer_slots - 1,
+                            nodes.len()
+                        ),
+                    ));
+                };
+                io.sb.slots[slot as usize] = crate::superblock::PeerSlot {
+                    flags: crate::superblock::SLOT_IN_USE,
+                    peer_node: node,
+                    bitmap_gen: 0,
+                    history: [0; crate::superblock::SLOT_HISTORY],
+                };
+                let mut p = PeerTrack::new(slot, node, Bitmap::new(geo.blocks));
+                p.mark(0, geo.blocks.saturating_sub(1));
+                let pos = st.peers.partition_point(|q| q.slot < slot);
+                st.peers.insert(pos, p);
+                slots.push(slot);
+            }
+        }
+        // The new slots' bits reach the disk before the superblock that says they are in
+        // use, so a crash between the two never shows a slot with a clean bitmap.
+        if inner.persist_changed(&io)? > 0 {
+            inner.sync(&io)?;
+        }
+        inner.write_superblock(&mut io)?;
+        Ok(slots)
+    }
+}
