@@ -82,6 +82,12 @@ pub enum Error {
         path.display()
     )]
     Failed { path: PathBuf, why: String },
+    #[error(
+        "{}: this node is secondary: its peers' primary writes the volume; promote it with \
+         `cutover volume primary`",
+        path.display()
+    )]
+    Secondary { path: PathBuf },
 }
 
 impl Error {
@@ -107,6 +113,7 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::Io { source, .. } => source.kind(),
+            Error::Secondary { .. } => io::ErrorKind::PermissionDenied,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e.to_string())

@@ -129,6 +129,9 @@ pub(crate) struct State {
     /// Ranges of writes waiting to be admitted while peers are attached: with
     /// `inflight`, what a new write must not overlap (see `Tracker::admit`).
     pub claimed: Vec<(u64, u64)>,
+    /// A peer lost its stream while this node may write: the next write makes a new
+    /// current generation id first (see `peer.rs`, "Generation ids").
+    pub rotate: bool,
     pub al: ActivityLog,
     /// Writes between `before_write` and `after_write`, by (offset, length): a `mark()`
     /// marks them dirty again in the new generation (see `mark`).
@@ -209,6 +212,7 @@ impl Inner {
                 bits,
                 peers: Vec::new(),
                 claimed: Vec::new(),
+                rotate: false,
                 al,
                 inflight: HashMap::new(),
                 closed: false,

@@ -146,6 +146,7 @@ impl Tracker {
         };
         // Held until the write is in `inflight` (or refused).
         let _claim = self.claim(&s)?;
+        self.inner.before_replicated_write()?;
         if s.write_through {
             return self.admit_through(&s);
         }

@@ -76,6 +76,7 @@ fn a_new_peer_owes_everything_and_a_known_one_keeps_its_bitmap() {
     let m = Meta::open(&f.path, f.size).unwrap();
     let slots = m.attach_peers(&[7, 9]).unwrap();
     assert_eq!(slots, vec![1, 2]);
+    m.set_role(true).unwrap();
     let r = m.replication();
     let st = r.status(1).unwrap();
     assert_eq!(st.out_of_sync_bytes, 8 * MIB, "{st:?}");
@@ -110,6 +111,7 @@ fn durable_acks_clear_bits_and_a_lost_link_puts_back_what_was_not_durable() {
     let f = fixture(8 * MIB);
     let m = Meta::open(&f.path, f.size).unwrap();
     m.attach_peers(&[5]).unwrap();
+    m.set_role(true).unwrap();
     let r = m.replication();
     let woken = Arc::new(AtomicUsize::new(0));
     let w = woken.clone();
@@ -174,6 +176,7 @@ fn a_crash_marks_the_activity_logs_extents_for_every_peer() {
     let f = fixture(64 * MIB);
     let m = Meta::open(&f.path, f.size).unwrap();
     m.attach_peers(&[5]).unwrap();
+    m.set_role(true).unwrap();
     let r = m.replication();
     let e = r.start_stream(1, opts(false), no_wake()).unwrap();
     settle(&r, 1, e);
@@ -200,6 +203,7 @@ fn protocol_c_waits_for_the_peer_and_a_lost_link_releases_the_writer() {
     let f = fixture(8 * MIB);
     let m = Meta::open(&f.path, f.size).unwrap();
     m.attach_peers(&[5]).unwrap();
+    m.set_role(true).unwrap();
     let r = m.replication();
     let e = r.start_stream(1, opts(true), no_wake()).unwrap();
     settle(&r, 1, e);
@@ -239,6 +243,7 @@ fn overlapping_writes_are_numbered_in_the_order_they_were_made() {
     let f = fixture(8 * MIB);
     let m = Meta::open(&f.path, f.size).unwrap();
     m.attach_peers(&[5]).unwrap();
+    m.set_role(true).unwrap();
     let r = m.replication();
     let e = r.start_stream(1, opts(false), no_wake()).unwrap();
     settle(&r, 1, e);
@@ -272,5 +277,55 @@ fn overlapping_writes_are_numbered_in_the_order_they_were_made() {
         })
         .collect();
     assert_eq!(order, b"ab");
+    m.close().unwrap();
+}
+
+#[test]
+fn a_secondary_refuses_writes_and_a_primary_apart_from_its_peer_makes_a_new_generation() {
+    let f = fixture(8 * MIB);
+    let m = Meta::open(&f.path, f.size).unwrap();
+    m.attach_peers(&[5]).unwrap();
+    let t = m.tracker();
+    let e = t.admit(0, 4096).unwrap_err();
+    assert!(matches!(e, volume::Error::Secondary { .. }), "{e}");
+    assert_eq!(
+        std::io::Error::from(e).kind(),
+        std::io::ErrorKind::PermissionDenied
+    );
+    m.set_role(true).unwrap();
+    let r = m.replication();
+    let g0 = r.generations(1);
+    assert_eq!(g0.bitmap, 0);
+    // The first write without the peer: the old current becomes the slot's bitmap id.
+    data_write(&t, 0, &[1u8; 4096], false);
+    let g1 = r.generations(1);
+    assert_eq!((g1.bitmap, g1.history[0]), (g0.current, g0.current));
+    assert_ne!(g1.current, g0.current);
+    data_write(&t, BS, &[1u8; 4096], false);
+    assert_eq!(r.generations(1), g1, "only the first write after the loss");
+    // In step again: the bitmap id returns to 0; the next loss makes another generation.
+    let e = r.start_stream(1, opts(false), no_wake()).unwrap();
+    settle(&r, 1, e);
+    r.in_step(1).unwrap();
+    assert_eq!(r.generations(1).bitmap, 0);
+    r.stop_stream(1, e);
+    data_write(&t, 0, &[1u8; 4096], false);
+    let g2 = r.generations(1);
+    assert_eq!(g2.bitmap, g1.current);
+    // Ids survive a reopen; a target adopting a source's id is consistent.
+    drop(t);
+    m.set_inconsistent(true).unwrap();
+    m.close().unwrap();
+    let m = Meta::open(&f.path, f.size).unwrap();
+    m.attach_peers(&[5]).unwrap();
+    let r = m.replication();
+    assert_eq!(r.generations(1).current, g2.current);
+    assert!(r.generations(1).inconsistent);
+    r.adopt(42).unwrap();
+    let g = r.generations(1);
+    assert_eq!(
+        (g.current, g.history[0], g.inconsistent),
+        (42, g2.current, false)
+    );
     m.close().unwrap();
 }
