@@ -186,6 +186,17 @@ impl MsgReader {
         }
     }
 
+    /// Receive a value of another protocol carried in frames (replication links), up to
+    /// `MAX_FRAME`; `None` when the peer closed cleanly.
+    pub async fn recv_any<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Result<Option<T>, ConnError> {
+        match self {
+            MsgReader::Framed(r) => Ok(r.recv().await?),
+            MsgReader::Memory(_) => Err(ConnError::NotFramed),
+        }
+    }
+
     /// Next message, or `None` when the peer closed cleanly.
     pub async fn recv(&mut self) -> Result<Option<Msg>, ConnError> {
         match self {
@@ -200,6 +211,18 @@ impl MsgWriter {
     pub async fn send_value<T: serde::Serialize>(&mut self, value: &T) -> Result<(), ConnError> {
         match self {
             MsgWriter::Framed(w) => Ok(w.send(value, false).await?),
+            MsgWriter::Memory(_) => Err(ConnError::NotFramed),
+        }
+    }
+
+    /// Send a value of another protocol carried in frames (replication links).
+    pub async fn send_any<T: serde::Serialize>(
+        &mut self,
+        value: &T,
+        compress: bool,
+    ) -> Result<(), ConnError> {
+        match self {
+            MsgWriter::Framed(w) => Ok(w.send(value, compress).await?),
             MsgWriter::Memory(_) => Err(ConnError::NotFramed),
         }
     }
