@@ -36,6 +36,9 @@ use serde::Deserialize;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+mod peer;
+pub use peer::*;
+
 pub const DEFAULT_PORT: u16 = 8730;
 /// Shortest token accepted: shorter ones are guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -89,6 +92,12 @@ pub struct Volume {
     /// Where the NBD export listens; `None` for `unix:state_dir/NAME.sock`.
     #[serde(default, deserialize_with = "export_addr")]
     pub export: Option<ExportAddr>,
+    /// The `[[volume.peer]]` tables as written; checked into `peers` by [`Config::parse`].
+    #[serde(default, rename = "peer")]
+    peer_specs: Vec<peer::PeerSpec>,
+    /// The daemons this volume is replicated to.
+    #[serde(skip)]
+    pub peers: Vec<Peer>,
 }
 
 /// Where a volume's NBD export listens.
@@ -360,6 +369,9 @@ impl Config {
             if config.volumes[..i].iter().any(|o| o.name == v.name) {
                 return Err(invalid(format!("volume {:?} is defined twice", v.name)));
             }
+        }
+        for v in &mut config.volumes {
+            v.peers = peer::load_peers(v).map_err(invalid)?;
         }
         for (i, m) in config.modules.iter().enumerate() {
             if m.name.is_empty() || m.name.contains('/') {

@@ -17,6 +17,7 @@ pub mod stdio;
 pub mod volumes;
 
 pub use config::{Access, Config, ConfigError, Credential, ExportAddr, Grant, Module, Volume};
+pub use config::{OnCongestion, PeerAddress, Protocol, SplitBrainPolicy};
 pub use passes::DestinationStatus;
 pub use volumes::{VolumeError, Volumes};
 
