@@ -16,7 +16,9 @@ mod passes;
 pub mod stdio;
 pub mod volumes;
 
-pub use config::{Access, Config, ConfigError, Credential, ExportAddr, Grant, Module, Volume};
+pub use config::{
+    Access, Config, ConfigError, Credential, ExportAddr, Grant, Module, Peer, Volume,
+};
 pub use config::{OnCongestion, PeerAddress, Protocol, SplitBrainPolicy};
 pub use passes::DestinationStatus;
 pub use volumes::{VolumeError, Volumes};
@@ -217,7 +219,7 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
             join(&server, conn, &peer, session, &proof, &binding).await;
         }
         Hello::New(new) => {
-            let who = Peer {
+            let who = Client {
                 addr: &peer,
                 binding: accepted.binding.unwrap_or([0; 32]),
                 client_cert: accepted.client_cert,
@@ -277,14 +279,14 @@ pub(crate) async fn refuse_join(mut conn: Conn, failures: &AtomicU64, peer: &str
 pub(crate) const UNKNOWN_SESSION: &str = "unknown session";
 
 /// Who is asking: the address for logs, and what the client can prove.
-struct Peer<'a> {
+struct Client<'a> {
     addr: &'a str,
     binding: [u8; 32],
     client_cert: Option<Fingerprint>,
 }
 
 /// The most any of `module`'s grants gives this peer.
-fn authorize(module: &Module, new: &NewSession, who: &Peer) -> Option<Access> {
+fn authorize(module: &Module, new: &NewSession, who: &Client) -> Option<Access> {
     module
         .grants
         .iter()
@@ -302,7 +304,7 @@ async fn open(
     server: &Arc<Server>,
     mut conn: Conn,
     new: NewSession,
-    who: &Peer<'_>,
+    who: &Client<'_>,
 ) -> Result<(), String> {
     let peer = who.addr;
     let root = match check(&server.config, &new, who) {
@@ -475,7 +477,7 @@ pub(crate) struct SessionPlace {
 
 /// Everything a new session must pass before it opens: version, module, credentials,
 /// access for the role, and the path. Returns where the session works.
-fn check(config: &Config, new: &NewSession, who: &Peer) -> Result<SessionPlace, Refusal> {
+fn check(config: &Config, new: &NewSession, who: &Client) -> Result<SessionPlace, Refusal> {
     if let Some(reason) = version_mismatch(new) {
         return Err(Refusal::Because(reason));
     }

@@ -501,6 +501,10 @@ impl Meta {
 
     /// Record whether the data may be incomplete (a resync into it is under way).
     pub fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
+        self.set_inconsistent_ref(inconsistent)
+    }
+
+    pub(crate) fn set_inconsistent_ref(&self, inconsistent: bool) -> Result<()> {
         let mut io = self.inner.io();
         self.inner.usable(&self.inner.state())?;
         if io.sb.inconsistent() == inconsistent {
@@ -575,6 +579,17 @@ impl Meta {
 }
 
 impl Inner {
+    pub(crate) fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
+        let mut io = self.io();
+        self.usable(&self.state())?;
+        if io.sb.inconsistent() == inconsistent {
+            return Ok(());
+        }
+        io.sb
+            .set_flag(crate::superblock::FLAG_INCONSISTENT, inconsistent);
+        self.write_superblock(&mut io)
+    }
+
     /// Persist the changed bitmap pages, unless `due` is given and less than that has
     /// passed since the last time.
     pub fn flush(&self, due: Option<Duration>) -> Result<u64> {

@@ -817,3 +817,56 @@ impl Inner {
         Ok(())
     }
 }
+
+impl Replication {
+    /// Runs (first block, count) of the bitmap of `slot`, from block `from`, at most
+    /// `max` runs; empty at the end.
+    pub fn runs(&self, slot: u32, from: u64, max: usize) -> Vec<(u64, u64)> {
+        let blocks = self.inner.geo.blocks;
+        let st = self.inner.state();
+        let Some(p) = st.peers.iter().find(|p| p.slot == slot) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut at = from;
+        while out.len() < max {
+            let first = p.bits.next(at, blocks, true);
+            if first >= blocks {
+                break;
+            }
+            let end = p.bits.next(first, blocks, false);
+            out.push((first, end - first));
+            at = end;
+        }
+        out
+    }
+
+    /// This node (a resync target) now holds what the peer in `slot` has: its bitmap for
+    /// that peer is empty (what this node wrote was overwritten by the resync).
+    pub fn clear(&self, slot: u32) -> Result<()> {
+        let blocks = self.inner.geo.blocks;
+        {
+            let mut st = self.inner.state();
+            let p = st
+                .peers
+                .iter_mut()
+                .find(|p| p.slot == slot)
+                .ok_or_else(|| self.no_slot(slot))?;
+            if p.stream.is_some() {
+                return Err(Error::invalid(
+                    &self.inner.path,
+                    "streams to that peer; only a resync target clears its bitmap",
+                ));
+            }
+            p.bits.clear_range(0, blocks.saturating_sub(1));
+            p.oos.clear_range(0, blocks.saturating_sub(1));
+            p.inflight.clear();
+        }
+        self.inner.flush(None).map(|_| ())
+    }
+
+    /// See [`crate::Meta::set_inconsistent`].
+    pub fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
+        self.inner.set_inconsistent(inconsistent)
+    }
+}

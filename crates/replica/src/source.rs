@@ -1,0 +1,289 @@
+//! The primary's end of a link: take in the target's bitmap, start the volume's stream for
+//! the peer, and send it over every data connection (queued application writes first,
+//! resync runs read from the backing when nothing is queued), while the control
+//! connection brings acknowledgements back and, once every out-of-sync block is durable on
+//! the target, says it is in step.
+
+use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
+use crate::wire::PeerMsg;
+use net::{Conn, MsgWriter, RateLimiter};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use volume::{Op, OpKind, Replication};
+
+/// Bytes of queued writes one send takes, and the longest resync run: big enough to keep
+/// a connection's window full, small enough that N connections share the work.
+const CHUNK: u64 = 1 << 20;
+/// How often a sender with nothing to do looks again (acks free lag room for resync).
+const POLL: Duration = Duration::from_millis(50);
+/// Runs in one `Runs` message are checked against the volume as they come.
+const RATE_WINDOW: Duration = Duration::from_secs(2);
+
+/// Ends the stream when the link ends, however it ends.
+struct StreamGuard {
+    repl: Replication,
+    slot: u32,
+    epoch: u64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.repl.stop_stream(self.slot, self.epoch);
+    }
+}
+
+pub(crate) async fn run(
+    ctl: Conn,
+    data: Vec<Conn>,
+    repl: Replication,
+    backend: Arc<dyn nbd::Backend>,
+    s: &LinkSettings,
+    full: bool,
+    view: &LinkView,
+) -> Result<(), LinkError> {
+    let Conn {
+        reader: mut ctl_r,
+        writer: mut ctl_w,
+    } = ctl;
+    let blocks = repl.geometry().blocks;
+    loop {
+        match recv_within(&mut ctl_r, s.idle).await? {
+            PeerMsg::Runs(runs) => {
+                for (first, count) in runs {
+                    let end = first
+                        .checked_add(count)
+                        .filter(|&e| e <= blocks && count > 0);
+                    let Some(end) = end else {
+                        return Err(LinkError::Protocol(format!(
+                            "a bitmap run of {count} blocks at {first} is outside the volume's {blocks}"
+                        )));
+                    };
+                    repl.mark(s.slot, first, end - 1)?;
+                }
+            }
+            PeerMsg::RunsEnd => break,
+            PeerMsg::Keepalive => {}
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "{other:?} before the end of the bitmap"
+                )))
+            }
+        }
+    }
+    if full {
+        repl.mark_all(s.slot)?;
+    }
+    let notify = Arc::new(Notify::new());
+    let wake = notify.clone();
+    let epoch = repl.start_stream(s.slot, s.stream, Arc::new(move || wake.notify_one()))?;
+    let _guard = StreamGuard {
+        repl: repl.clone(),
+        slot: s.slot,
+        epoch,
+    };
+    let resync_blocks = repl.status(s.slot).map_or(0, |st| st.resync_blocks);
+    ctl_w
+        .send_any(&PeerMsg::Start { resync_blocks }, false)
+        .await?;
+    tracing::info!(
+        peer = %s.peer,
+        "replicating as source: {resync_blocks} block(s) to resync{}",
+        if full { " (full)" } else { "" }
+    );
+
+    let limiter = s.max_rate.and_then(RateLimiter::new).map(Arc::new);
+    let mut senders = tokio::task::JoinSet::new();
+    let mut readers = Vec::new();
+    for conn in data {
+        readers.push(conn.reader);
+        senders.spawn(sender(
+            conn.writer,
+            repl.clone(),
+            s.slot,
+            epoch,
+            backend.clone(),
+            notify.clone(),
+            limiter.clone(),
+        ));
+    }
+
+    let mut beat = Beat::new(s.idle);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut step_at: Option<u64> = None;
+    let mut in_step = false;
+    let mut rate = RateMeter::new();
+    loop {
+        tokio::select! {
+            msg = recv_within(&mut ctl_r, s.idle) => match msg? {
+                PeerMsg::Ack { applied, durable } => {
+                    repl.acked(s.slot, epoch, applied, durable);
+                    notify.notify_one();
+                }
+                PeerMsg::Keepalive => {}
+                other => return Err(LinkError::Protocol(format!("{other:?} from a target"))),
+            },
+            ended = senders.join_next() => {
+                return match ended {
+                    Some(Ok(Err(e))) => Err(e),
+                    Some(Err(e)) => Err(LinkError::Protocol(format!("a sender failed: {e}"))),
+                    // A sender ends cleanly only when the stream ended (stop_stream).
+                    Some(Ok(Ok(()))) | None => Err(LinkError::Closed),
+                };
+            }
+            _ = tick.tick() => {
+                let Some(st) = repl.status(s.slot) else {
+                    return Err(LinkError::Closed);
+                };
+                view.update(|v| v.resync_rate = rate.rate(st.resync_bytes));
+                if !in_step {
+                    if st.resync_blocks > 0 {
+                        step_at = None;
+                    } else {
+                        // Everything numbered so far covers every block that was out of
+                        // sync: once it is durable there, the target is in step.
+                        let at = *step_at.get_or_insert(st.next_seq.saturating_sub(1));
+                        if st.durable >= at {
+                            let current = repl.generations(s.slot).current;
+                            ctl_w.send_any(&PeerMsg::InStep { seq: at, current }, false).await?;
+                            beat.sent();
+                            repl.in_step(s.slot)?;
+                            in_step = true;
+                            tracing::info!(peer = %s.peer, "peer in step (resync done)");
+                        }
+                    }
+                }
+                if beat.due() {
+                    ctl_w.send_any(&PeerMsg::Keepalive, false).await?;
+                    beat.sent();
+                }
+            }
+        }
+    }
+}
+
+/// Send the stream on one data connection until it ends.
+async fn sender(
+    mut w: MsgWriter,
+    repl: Replication,
+    slot: u32,
+    epoch: u64,
+    backend: Arc<dyn nbd::Backend>,
+    notify: Arc<Notify>,
+    limiter: Option<Arc<RateLimiter>>,
+) -> Result<(), LinkError> {
+    loop {
+        let notified = notify.notified();
+        let Some(ops) = repl.take_queued(slot, epoch, CHUNK) else {
+            return Ok(());
+        };
+        if !ops.is_empty() {
+            // More may be queued: let another connection take it meanwhile.
+            notify.notify_one();
+            for op in ops {
+                send_op(&mut w, op, limiter.as_deref()).await?;
+            }
+            continue;
+        }
+        if let Some(op) = repl.next_resync(slot, epoch, CHUNK) {
+            notify.notify_one();
+            let (offset, length) = (op.offset, op.length);
+            let b = backend.clone();
+            let data = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; length as usize];
+                b.read_at(&mut buf, offset).map(|()| buf)
+            })
+            .await
+            .map_err(|e| LinkError::Io(std::io::Error::other(e)))??;
+            if let Some(l) = &limiter {
+                l.take(length).await;
+            }
+            w.send_any(
+                &PeerMsg::Data {
+                    seq: op.seq,
+                    offset,
+                    data,
+                    fua: false,
+                },
+                false,
+            )
+            .await?;
+            continue;
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+async fn send_op(
+    w: &mut MsgWriter,
+    op: Op,
+    limiter: Option<&RateLimiter>,
+) -> Result<(), LinkError> {
+    let msg = match op.kind {
+        OpKind::Data(d) => {
+            if let Some(l) = limiter {
+                l.take(op.length).await;
+            }
+            PeerMsg::Data {
+                seq: op.seq,
+                offset: op.offset,
+                data: Arc::try_unwrap(d).unwrap_or_else(|shared| shared.as_ref().clone()),
+                fua: op.fua,
+            }
+        }
+        OpKind::Zeroes => PeerMsg::Zeroes {
+            seq: op.seq,
+            offset: op.offset,
+            length: op.length,
+            fua: op.fua,
+        },
+        OpKind::Trim => PeerMsg::Trim {
+            seq: op.seq,
+            offset: op.offset,
+            length: op.length,
+        },
+        OpKind::Flush => PeerMsg::Flush { seq: op.seq },
+        OpKind::Resync => {
+            return Err(LinkError::Protocol(
+                "a resync operation in the queue (a bug)".into(),
+            ))
+        }
+    };
+    w.send_any(&msg, false).await?;
+    Ok(())
+}
+
+/// Bytes per second of a growing counter over the last [`RATE_WINDOW`].
+struct RateMeter {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateMeter {
+    fn new() -> RateMeter {
+        RateMeter {
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn rate(&mut self, total: u64) -> u64 {
+        let now = Instant::now();
+        self.samples.push_back((now, total));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        match self.samples.front() {
+            Some(&(t, first)) if now > t => {
+                let secs = now.duration_since(t).as_secs_f64();
+                ((total - first) as f64 / secs) as u64
+            }
+            _ => 0,
+        }
+    }
+}

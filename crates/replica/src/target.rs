@@ -1,0 +1,317 @@
+//! The secondary's end of a link: send this node's bitmap for the source (the union of
+//! both is resynced), then apply the numbered stream into the backing strictly in number
+//! order (operations come over any data connection and wait in a bounded buffer for
+//! their turn), flush for FUA writes and barriers and at least twice a second, and
+//! acknowledge what is written and what is durable. When the source says the resync is
+//! done, and it is durable, this node takes the source's generation and is consistent.
+
+use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
+use crate::wire::PeerMsg;
+use net::{Conn, MsgReader};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use volume::Replication;
+
+/// Runs per `Runs` message.
+const RUNS_PER_MESSAGE: usize = 8192;
+/// Un-flushed writes become durable at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Operations applied per blocking batch at most.
+const BATCH: usize = 256;
+/// Largest single operation accepted (NBD's own limit is 32 MiB).
+const MAX_OP: u64 = 64 << 20;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run(
+    ctl: Conn,
+    data: Vec<Conn>,
+    repl: Replication,
+    backend: Arc<dyn nbd::Backend>,
+    s: &LinkSettings,
+    full: bool,
+    view: &LinkView,
+    source_current: u64,
+) -> Result<(), LinkError> {
+    let Conn {
+        reader: mut ctl_r,
+        writer: mut ctl_w,
+    } = ctl;
+    let mut from = 0;
+    loop {
+        let runs = repl.runs(s.slot, from, RUNS_PER_MESSAGE);
+        let Some(&(first, count)) = runs.last() else {
+            break;
+        };
+        from = first + count;
+        ctl_w.send_any(&PeerMsg::Runs(runs), false).await?;
+    }
+    ctl_w.send_any(&PeerMsg::RunsEnd, false).await?;
+    let resync_blocks = loop {
+        match recv_within(&mut ctl_r, s.idle).await? {
+            PeerMsg::Start { resync_blocks } => break resync_blocks,
+            PeerMsg::Keepalive => {}
+            other => return Err(LinkError::Protocol(format!("{other:?} before the start"))),
+        }
+    };
+    if resync_blocks > 0 || full {
+        repl.set_inconsistent(true)?;
+    }
+    tracing::info!(
+        peer = %s.peer,
+        "replicating as target: {resync_blocks} block(s) to resync (source at generation {source_current:016x})"
+    );
+
+    // Enough for the source's lag bound and a margin: more is a peer that lies.
+    let limit = s.stream.max_lag.saturating_mul(2).saturating_add(MAX_OP);
+    let (tx, rx) = mpsc::channel::<PeerMsg>(64);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut writers = Vec::new();
+    let size = repl.geometry().size;
+    for conn in data {
+        writers.push(conn.writer);
+        tasks.spawn(receive(conn.reader, tx.clone(), size, s.idle));
+    }
+    drop(tx);
+    let (progress_tx, mut progress) = watch::channel(Progress::default());
+    tasks.spawn(apply(rx, backend, progress_tx, limit));
+
+    let mut beat = Beat::new(s.idle);
+    let mut tick = tokio::time::interval(s.idle / 4);
+    let mut step: Option<(u64, u64)> = None;
+    let mut sent = (0, 0);
+    loop {
+        tokio::select! {
+            changed = progress.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let p = *progress.borrow_and_update();
+                view.update(|v| v.applied_bytes = p.bytes);
+                if (p.applied, p.durable) != sent {
+                    ctl_w.send_any(&PeerMsg::Ack { applied: p.applied, durable: p.durable }, false).await?;
+                    sent = (p.applied, p.durable);
+                    beat.sent();
+                }
+                if let Some((seq, current)) = step {
+                    if p.durable >= seq {
+                        repl.adopt(current)?;
+                        repl.clear(s.slot)?;
+                        repl.in_step(s.slot)?;
+                        step = None;
+                        tracing::info!(peer = %s.peer, "in step with the source (resync done)");
+                    }
+                }
+            }
+            msg = recv_within(&mut ctl_r, s.idle) => match msg? {
+                PeerMsg::InStep { seq, current } => {
+                    step = Some((seq, current));
+                    // Already durable? The next progress report (or this check) adopts it.
+                    let p = *progress.borrow();
+                    if p.durable >= seq {
+                        repl.adopt(current)?;
+                        repl.clear(s.slot)?;
+                        repl.in_step(s.slot)?;
+                        step = None;
+                        tracing::info!(peer = %s.peer, "in step with the source (resync done)");
+                    }
+                }
+                PeerMsg::Keepalive => {}
+                other => return Err(LinkError::Protocol(format!("{other:?} on the control connection of a target"))),
+            },
+            ended = tasks.join_next() => {
+                return match ended {
+                    Some(Ok(Err(e))) => Err(e),
+                    Some(Err(e)) => Err(LinkError::Protocol(format!("a receiver failed: {e}"))),
+                    Some(Ok(Ok(()))) | None => Err(LinkError::Closed),
+                };
+            }
+            _ = tick.tick() => {
+                if beat.due() {
+                    ctl_w.send_any(&PeerMsg::Keepalive, false).await?;
+                    beat.sent();
+                }
+            }
+        }
+    }
+}
+
+/// Read one data connection's operations, check them, and pass them to the applier.
+async fn receive(
+    mut r: MsgReader,
+    tx: mpsc::Sender<PeerMsg>,
+    size: u64,
+    idle: Duration,
+) -> Result<(), LinkError> {
+    loop {
+        let msg = match tokio::time::timeout(idle, r.recv_any::<PeerMsg>()).await {
+            // Data connections may be quiet for long: the control connection's keepalives
+            // say whether the link lives.
+            Err(_) => continue,
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => return Err(LinkError::Closed),
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        let (offset, length) = match &msg {
+            PeerMsg::Data { offset, data, .. } => (*offset, data.len() as u64),
+            PeerMsg::Zeroes { offset, length, .. } | PeerMsg::Trim { offset, length, .. } => {
+                (*offset, *length)
+            }
+            PeerMsg::Flush { .. } => (0, 0),
+            PeerMsg::Keepalive => continue,
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "{other:?} on a data connection"
+                )))
+            }
+        };
+        if offset.checked_add(length).is_none_or(|end| end > size)
+            || (matches!(msg, PeerMsg::Data { .. }) && length > MAX_OP)
+        {
+            return Err(LinkError::Protocol(format!(
+                "an operation of {length} bytes at {offset} is outside the volume's {size} bytes"
+            )));
+        }
+        if tx.send(msg).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// What the applier has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Progress {
+    applied: u64,
+    durable: u64,
+    bytes: u64,
+}
+
+/// Apply operations in number order; flush for FUA and barriers, and every
+/// [`FLUSH_EVERY`] while something is not durable.
+async fn apply(
+    mut rx: mpsc::Receiver<PeerMsg>,
+    backend: Arc<dyn nbd::Backend>,
+    progress: watch::Sender<Progress>,
+    limit: u64,
+) -> Result<(), LinkError> {
+    let mut waiting: BTreeMap<u64, PeerMsg> = BTreeMap::new();
+    let mut waiting_bytes = 0u64;
+    let mut p = Progress::default();
+    let mut flush_due: Option<tokio::time::Instant> = None;
+    loop {
+        let msg = match flush_due {
+            Some(at) => tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep_until(at) => {
+                    let b = backend.clone();
+                    blocking(move || b.flush()).await?;
+                    p.durable = p.applied;
+                    flush_due = None;
+                    let _ = progress.send(p);
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(msg) = msg else {
+            return Ok(());
+        };
+        let Some(seq) = msg.seq() else { continue };
+        if seq <= p.applied || waiting.contains_key(&seq) {
+            return Err(LinkError::Protocol(format!(
+                "operation {seq} sent twice (applied up to {})",
+                p.applied
+            )));
+        }
+        waiting_bytes += op_bytes(&msg);
+        waiting.insert(seq, msg);
+        if waiting_bytes > limit {
+            return Err(LinkError::Protocol(format!(
+                "{waiting_bytes} bytes sent ahead of operation {} (more than the lag bound allows)",
+                p.applied + 1
+            )));
+        }
+        let mut batch = Vec::new();
+        while batch.len() < BATCH {
+            match waiting.remove(&(p.applied + 1 + batch.len() as u64)) {
+                Some(m) => {
+                    waiting_bytes -= op_bytes(&m);
+                    batch.push(m);
+                }
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let b = backend.clone();
+        let (n, bytes, synced) = blocking(move || apply_batch(&*b, batch)).await?;
+        p.applied += n;
+        p.bytes += bytes;
+        if synced {
+            p.durable = p.applied;
+            flush_due = None;
+        } else if p.durable < p.applied && flush_due.is_none() {
+            flush_due = Some(tokio::time::Instant::now() + FLUSH_EVERY);
+        }
+        let _ = progress.send(p);
+    }
+}
+
+fn op_bytes(m: &PeerMsg) -> u64 {
+    match m {
+        PeerMsg::Data { data, .. } => data.len() as u64,
+        _ => 64,
+    }
+}
+
+/// Apply `batch` (consecutive numbers) in order; returns how many, their data bytes, and
+/// whether the batch ended with a flush that covers all of it.
+fn apply_batch(b: &dyn nbd::Backend, batch: Vec<PeerMsg>) -> std::io::Result<(u64, u64, bool)> {
+    let n = batch.len() as u64;
+    let mut bytes = 0;
+    let mut need_flush = false;
+    for m in batch {
+        match m {
+            PeerMsg::Data {
+                offset, data, fua, ..
+            } => {
+                b.write_at(&data, offset)?;
+                bytes += data.len() as u64;
+                need_flush |= fua;
+            }
+            PeerMsg::Zeroes {
+                offset,
+                length,
+                fua,
+                ..
+            } => {
+                let how = nbd::Zeroing {
+                    may_trim: true,
+                    fast_only: false,
+                };
+                b.write_zeroes(offset, length, how)?;
+                need_flush |= fua;
+            }
+            PeerMsg::Trim { offset, length, .. } => b.trim(offset, length)?,
+            PeerMsg::Flush { .. } => need_flush = true,
+            _ => {}
+        }
+    }
+    // One flush at the end covers every FUA write and barrier of the batch: nothing of
+    // it is acknowledged as durable before.
+    if need_flush {
+        b.flush()?;
+    }
+    Ok((n, bytes, need_flush))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, LinkError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LinkError::Io(std::io::Error::other(e)))?
+        .map_err(LinkError::Io)
+}

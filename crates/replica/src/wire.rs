@@ -1,0 +1,94 @@
+//! What the two ends of a replication link say to each other. Every value travels as one
+//! frame (postcard, `net::Conn`'s framing) over TLS. Connection 0 of a link is its control
+//! connection (states, bitmaps, acknowledgements, keepalives); the others carry the
+//! numbered stream from the primary, in any order: the receiving side applies by number.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when a message changes meaning; both ends must agree.
+pub const LINK_VERSION: u32 = 1;
+
+/// One node's view, sent first by each end on the control connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub version: u32,
+    pub size: u64,
+    pub block_size: u32,
+    pub current: u64,
+    pub history: Vec<u64>,
+    /// This node's bitmap id for the peer it talks to (0: in step).
+    pub bitmap: u64,
+    pub bitmap_history: Vec<u64>,
+    pub primary: bool,
+    pub inconsistent: bool,
+    /// Blocks this node's bitmap for the peer holds (what it wrote that the peer may
+    /// lack, or marked after a crash).
+    pub out_of_sync_blocks: u64,
+}
+
+/// Everything after the states.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    /// Target to source: runs of blocks (first, count) the target's bitmap for the source
+    /// holds; the source resyncs them too (the union of both sides' bitmaps).
+    Runs(Vec<(u64, u64)>),
+    RunsEnd,
+    /// Source to target: the stream starts; `resync_blocks` are to be resynced (the
+    /// target is inconsistent until `InStep`).
+    Start {
+        resync_blocks: u64,
+    },
+    /// Numbered stream operations (data connections).
+    Data {
+        seq: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Zeroes {
+        seq: u64,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    Trim {
+        seq: u64,
+        offset: u64,
+        length: u64,
+    },
+    Flush {
+        seq: u64,
+    },
+    /// Target to source: every operation up to `applied` is written, up to `durable`
+    /// flushed (cumulative).
+    Ack {
+        applied: u64,
+        durable: u64,
+    },
+    /// Source to target: once everything up to `seq` is durable, the target holds the
+    /// source's data at generation `current`.
+    InStep {
+        seq: u64,
+        current: u64,
+    },
+    /// Either way, when nothing else was sent for a while.
+    Keepalive,
+    /// Either way: why this end will not go on (the other logs it).
+    Refuse {
+        reason: String,
+    },
+}
+
+impl PeerMsg {
+    /// The stream number of an operation.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            PeerMsg::Data { seq, .. }
+            | PeerMsg::Zeroes { seq, .. }
+            | PeerMsg::Trim { seq, .. }
+            | PeerMsg::Flush { seq } => Some(*seq),
+            _ => None,
+        }
+    }
+}
