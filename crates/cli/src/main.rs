@@ -267,13 +267,15 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
     );
     // Volumes first: a volume that cannot start stops the daemon before it listens (and
     // the port file, a test's "ready", then means every volume is exported).
-    let volumes = match daemon::Volumes::start(&cfg, &config).await {
+    let identity = std::sync::Arc::new(identity);
+    let mut volumes = match daemon::Volumes::start(&cfg, &config).await {
         Ok(v) => v,
         Err(e) => {
             errln!("cutover serve: {e}");
             return exit::FATAL;
         }
     };
+    let peers = volumes.start_peers(identity.clone());
     // Returns in this block end the listening, not the function: the volumes close below.
     let code = async {
         let addr = listen.unwrap_or_else(|| cfg.listen.clone());
@@ -304,7 +306,7 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
                 _ = tokio::signal::ctrl_c() => "SIGINT",
             }
         };
-        daemon::serve(listener, cfg, tls, shutdown).await;
+        daemon::serve_with_peers(listener, cfg, tls, peers, shutdown).await;
         exit::OK
     }
     .await;

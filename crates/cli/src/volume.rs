@@ -35,6 +35,39 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make this node the volume's primary: it exports read-write and replicates to its peers. Refused when its data is inconsistent, unless --force.
+    Primary {
+        name: String,
+        /// Promote even with inconsistent data: this node's data becomes the good copy (the first primary of a new volume; its peers then take a full sync).
+        #[arg(long)]
+        force: bool,
+        /// The daemon's configuration file, to find its state_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Make this node a secondary: it takes the primary's writes and refuses its own. Refused while NBD clients are attached.
+    Secondary {
+        name: String,
+        /// The daemon's configuration file, to find its state_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Re-enable the link to a peer (all peers when omitted) after `disconnect`.
+    Connect {
+        name: String,
+        peer: Option<String>,
+        /// The daemon's configuration file, to find its state_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Stop the link to a peer (all peers when omitted) until `connect`; the peer's bitmap keeps what it misses.
+    Disconnect {
+        name: String,
+        peer: Option<String>,
+        /// The daemon's configuration file, to find its state_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Start a new generation of a volume: prints the old and new generation ids and the bytes that were dirty; the dirty bitmap starts empty.
     Mark {
         name: String,
@@ -58,6 +91,28 @@ pub async fn run(command: VolumeCommand) -> u8 {
         } => create_md(&name, &config, force, block_size),
         VolumeCommand::Status { name, config, json } => status(name, config.as_deref(), json),
         VolumeCommand::Mark { name, config, json } => mark(name, config.as_deref(), json),
+        VolumeCommand::Primary {
+            name,
+            force,
+            config,
+        } => said(
+            config.as_deref(),
+            "primary",
+            &Request::Primary { name, force },
+        ),
+        VolumeCommand::Secondary { name, config } => {
+            said(config.as_deref(), "secondary", &Request::Secondary { name })
+        }
+        VolumeCommand::Connect { name, peer, config } => said(
+            config.as_deref(),
+            "connect",
+            &Request::Connect { name, peer },
+        ),
+        VolumeCommand::Disconnect { name, peer, config } => said(
+            config.as_deref(),
+            "disconnect",
+            &Request::Disconnect { name, peer },
+        ),
     })
     .await
     .unwrap_or(exit::FATAL)
@@ -137,8 +192,18 @@ fn create_md(name: &str, config: &Path, force: bool, block_size: Option<u32>) ->
             return exit::FATAL;
         }
     }
-    let block_size = block_size.unwrap_or(volume::DEFAULT_BLOCK_SIZE);
-    match volume::Meta::create(&meta, size, block_size, force) {
+    let opts = volume::CreateOptions {
+        block_size: block_size.unwrap_or(volume::DEFAULT_BLOCK_SIZE),
+        force,
+        // Slot 0 for marks, one per configured peer and a spare (at least two): adding a
+        // peer later should not mean re-creating the metadata.
+        peer_slots: (v.peers.len() as u32 + 2).clamp(3, volume::MAX_PEER_SLOTS),
+        // With peers, new metadata holds nothing known: a peer's data, or this node's
+        // after `primary --force`, makes it consistent.
+        inconsistent: !v.peers.is_empty(),
+        ..volume::CreateOptions::new(size)
+    };
+    match volume::Meta::create_with(&meta, &opts) {
         Ok(info) => {
             outln!(
                 "volume {name}: metadata {} created: volume id {}, {size} bytes in blocks of {} KiB, generation {:016x}",
@@ -205,10 +270,16 @@ fn status(name: Option<String>, config: Option<&Path>, json: bool) -> u8 {
 
 fn show(v: &VolumeStatus) {
     let al = &v.activity_log;
+    // The data's state matters only where a peer could hold another copy.
+    let role = if v.peers.is_empty() {
+        v.role.clone()
+    } else {
+        format!("{} ({})", v.role, v.disk)
+    };
     outln!(
         "{}: {}, {} bytes, {} bytes dirty ({} block(s) of {} KiB), {} write(s), {} flush(es)",
         v.name,
-        v.role,
+        role,
         v.size,
         v.dirty_bytes,
         v.dirty_blocks,
@@ -258,9 +329,51 @@ fn show(v: &VolumeStatus) {
             }
         );
     }
+    for p in &v.peers {
+        show_peer(p);
+    }
     if let Some(why) = &v.failed {
         outln!("  FAILED: {why}");
     }
+}
+
+fn show_peer(p: &daemon::roles::PeerStatus) {
+    let mut line = format!(
+        "  peer {} ({}, protocol {}): {}",
+        p.name,
+        if p.dials { "dialled" } else { "dials in" },
+        p.protocol,
+        p.connection
+    );
+    if p.connection == "connected" {
+        line.push_str(&format!(
+            ", {} ({} connection(s)), peer {} and {}",
+            p.replication, p.connections, p.peer_role, p.peer_disk
+        ));
+    }
+    line.push_str(&format!(
+        ", {} byte(s) out of sync, lag {} byte(s)",
+        p.out_of_sync_bytes, p.lag_bytes
+    ));
+    if p.resync_rate > 0 {
+        line.push_str(&format!(", resync {}/s", p.resync_rate));
+        if let Some(eta) = p.eta_secs {
+            line.push_str(&format!(", {eta} s left"));
+        }
+    }
+    outln!("{line}");
+    if let (Some(e), false) = (&p.last_error, p.connection == "connected") {
+        outln!("    last error: {e}");
+    }
+}
+
+/// A request whose answer is one line.
+fn said(config: Option<&Path>, cmd: &str, req: &Request) -> u8 {
+    let Some(reply) = ask(config, cmd, req) else {
+        return exit::FATAL;
+    };
+    outln!("{}", reply.message.as_deref().unwrap_or("done"));
+    exit::OK
 }
 
 fn mark(name: String, config: Option<&Path>, json: bool) -> u8 {

@@ -64,6 +64,26 @@ pub enum Request {
     },
     /// The end of the pass this connection started, and whether it succeeded.
     PassDone { ok: bool },
+    /// Make this node the volume's primary (`force`: even with inconsistent data).
+    Primary {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Make this node a secondary.
+    Secondary { name: String },
+    /// (Re)enable the link to one peer, or all.
+    Connect {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+    },
+    /// Stop the link to one peer, or all, until `connect`.
+    Disconnect {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+    },
 }
 
 /// The daemon's answer: `ok` with the result, or an `error` (one line).
@@ -78,6 +98,9 @@ pub struct Reply {
     pub mark: Option<MarkResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pass: Option<PassStart>,
+    /// What a role or link change did (one line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl Reply {
@@ -95,8 +118,11 @@ impl Reply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub name: String,
-    /// "primary" for now: replication ("Volumes 2/3") brings "secondary".
+    /// "primary", or "secondary" (a volume with peers whose primary is another node).
     pub role: String,
+    /// This node's data: "UpToDate", or "Inconsistent" (never synced, or a resync into it
+    /// has not finished).
+    pub disk: String,
     pub backing: PathBuf,
     pub meta: PathBuf,
     pub export: String,
@@ -127,6 +153,9 @@ pub struct VolumeStatus {
     /// Destinations of changed-block passes (kept across restarts, see `passes.rs`).
     #[serde(default)]
     pub destinations: Vec<DestinationStatus>,
+    /// Replication peers.
+    #[serde(default)]
+    pub peers: Vec<crate::roles::PeerStatus>,
 }
 
 /// The activity log's state.
@@ -181,7 +210,18 @@ fn status_of(h: &Hosted) -> Result<VolumeStatus, String> {
     let s = h.with_meta(|m| m.status())?;
     Ok(VolumeStatus {
         name: h.name.clone(),
-        role: "primary".into(),
+        role: if s.primary || h.peer_slots.is_empty() {
+            "primary"
+        } else {
+            "secondary"
+        }
+        .into(),
+        disk: if s.inconsistent && !h.peer_slots.is_empty() {
+            "Inconsistent"
+        } else {
+            "UpToDate"
+        }
+        .into(),
         backing: h.backing.clone(),
         meta: s.path,
         export: h.export.to_string(),
@@ -208,6 +248,7 @@ fn status_of(h: &Hosted) -> Result<VolumeStatus, String> {
         last_shutdown_clean: s.last_shutdown_clean,
         failed: s.failed,
         destinations: h.passes.status(),
+        peers: crate::roles::peers_of(h),
     })
 }
 
@@ -219,6 +260,15 @@ fn find<'h>(hosted: &'h [Arc<Hosted>], name: &str) -> Result<&'h Arc<Hosted>, St
             names.join(", ")
         )
     })
+}
+
+/// A reply that says what was done.
+fn said(message: String) -> Reply {
+    Reply {
+        ok: true,
+        message: Some(message),
+        ..Reply::default()
+    }
 }
 
 /// Answer one request (blocking: status takes locks, mark writes the superblock).
@@ -240,6 +290,16 @@ fn answer(hosted: &[Arc<Hosted>], req: Request) -> Reply {
         Request::Pass { .. } | Request::PassDone { .. } => {
             Err("`pass` and `pass-done` keep their own connection".to_string())
         }
+        Request::Primary { name, force } => {
+            find(hosted, &name).and_then(|h| crate::roles::promote(h, force).map(said))
+        }
+        Request::Secondary { name } => {
+            find(hosted, &name).and_then(|h| crate::roles::demote(h).map(said))
+        }
+        Request::Connect { name, peer } => find(hosted, &name)
+            .and_then(|h| crate::roles::set_connected(h, peer.as_deref(), true).map(said)),
+        Request::Disconnect { name, peer } => find(hosted, &name)
+            .and_then(|h| crate::roles::set_connected(h, peer.as_deref(), false).map(said)),
         Request::Mark { name } => find(hosted, &name).and_then(|h| {
             let snap = passes::mark(h)?;
             tracing::info!(

@@ -13,6 +13,8 @@ pub mod config;
 pub mod control;
 mod pass_store;
 mod passes;
+pub mod peering;
+pub mod roles;
 pub mod stdio;
 pub mod volumes;
 
@@ -67,6 +69,8 @@ struct Joinable {
 struct Server {
     config: Config,
     tls: tokio_rustls::TlsAcceptor,
+    /// The volumes' replication peers, for incoming peer links.
+    peers: Arc<peering::PeerHub>,
     sessions: Mutex<HashMap<u64, Joinable>>,
     failed_auth: AtomicU64,
 }
@@ -106,8 +110,20 @@ pub async fn serve<R: std::fmt::Display>(
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = R>,
 ) {
+    serve_with_peers(listener, config, tls, Arc::default(), shutdown).await
+}
+
+/// [`serve`], also taking the replication links of `peers` (see `Volumes::start_peers`).
+pub async fn serve_with_peers<R: std::fmt::Display>(
+    listener: TcpListener,
+    config: Config,
+    tls: Arc<rustls::ServerConfig>,
+    peers: Arc<peering::PeerHub>,
+    shutdown: impl Future<Output = R>,
+) {
     let server = Arc::new(Server {
         config,
+        peers,
         tls: tokio_rustls::TlsAcceptor::from(tls),
         sessions: Mutex::new(HashMap::new()),
         failed_auth: AtomicU64::new(0),
@@ -217,6 +233,17 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
         Hello::Join { session, proof } => {
             let binding = accepted.binding.unwrap_or([0; 32]);
             join(&server, conn, &peer, session, &proof, &binding).await;
+        }
+        Hello::Peer(hello) => {
+            peering::accept(
+                &server.peers,
+                conn,
+                accepted.client_cert,
+                hello,
+                &server.failed_auth,
+                &peer,
+            )
+            .await;
         }
         Hello::New(new) => {
             let who = Client {

@@ -68,6 +68,15 @@ pub async fn serve_stdio() -> Result<(), String> {
             let conn = Conn::framed(stdin, stdout, wire);
             open(conn, new).await
         }
+        Some(Hello::Peer(_)) => {
+            let mut conn = Conn::framed(stdin, stdout, wire);
+            refuse(
+                &mut conn,
+                "volume peer links over ssh are not supported yet; give the peer's address as HOST:PORT".into(),
+            )
+            .await;
+            Err("a volume peer link over stdio".into())
+        }
         Some(Hello::Join { session, proof }) => {
             let dir = socket_dir()?;
             let mut sock = match UnixStream::connect(socket_path(&dir, session)).await {

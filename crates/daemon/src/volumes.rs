@@ -77,6 +77,14 @@ pub struct Hosted {
     pub(crate) meta: RwLock<Option<volume::Meta>>,
     /// The destinations of changed-block passes (`passes.rs`).
     pub(crate) passes: crate::passes::Passes,
+    /// The backing, shared by the export and the replication links.
+    pub(crate) backend: Arc<dyn nbd::Backend>,
+    /// The configured peers and their slots in the metadata.
+    pub(crate) peer_slots: Vec<(crate::config::Peer, u32)>,
+    /// Their links, once started (`Volumes::start_peers`).
+    pub(crate) peers: std::sync::OnceLock<Vec<Arc<crate::peering::PeerLink>>>,
+    /// The NBD server (how many clients are attached).
+    pub(crate) server: nbd::Server,
 }
 
 impl Hosted {
@@ -175,13 +183,54 @@ impl Volumes {
                 })??
             };
             let report = meta.open_report().clone();
+            let nodes: Vec<u32> = v
+                .peers
+                .iter()
+                .map(|p| crate::peering::node_id(&p.fingerprint))
+                .collect();
+            let slots = {
+                let r = if nodes.is_empty() && meta.replication().slots().is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    meta.attach_peers(&nodes)
+                };
+                match r {
+                    Ok(s) => s,
+                    Err(source) => {
+                        let _ = meta.close();
+                        return Err(VolumeError::Meta {
+                            name: name.clone(),
+                            source,
+                        });
+                    }
+                }
+            };
+            let peer_slots: Vec<(crate::config::Peer, u32)> =
+                v.peers.iter().cloned().zip(slots).collect();
             let passes =
                 crate::passes::Passes::load(&name, meta.path().with_extension("passes"), &meta);
             let tracker = meta.tracker();
-            let mut export = nbd::Export::new(name.clone(), Arc::new(backend));
+            let backend: Arc<dyn nbd::Backend> = Arc::new(backend);
+            let mut export = nbd::Export::new(name.clone(), backend.clone());
             export.description = format!("cutover volume {name}");
             export.observer = Some(tracker.clone());
             export.meta.push(tracker);
+            let role = if peer_slots.is_empty() {
+                String::new()
+            } else {
+                let s = meta.status();
+                format!(
+                    ", {} and {}, {} peer(s)",
+                    if s.primary { "primary" } else { "secondary" },
+                    if s.inconsistent {
+                        "inconsistent"
+                    } else {
+                        "consistent"
+                    },
+                    peer_slots.len()
+                )
+            };
+            let server = nbd::Server::new(vec![export]);
             // From here the metadata is ours: a failure below must still close it.
             hosted.push(Arc::new(Hosted {
                 name: name.clone(),
@@ -189,13 +238,16 @@ impl Volumes {
                 export: export_addr.clone(),
                 meta: RwLock::new(Some(meta)),
                 passes,
+                backend,
+                peer_slots,
+                peers: std::sync::OnceLock::new(),
+                server: server.clone(),
             }));
             let listen_failed = |source| VolumeError::Listen {
                 name: name.clone(),
                 addr: export_addr.to_string(),
                 source,
             };
-            let server = nbd::Server::new(vec![export]);
             self.servers.push((name.clone(), server.clone()));
             let task = match &export_addr {
                 ExportAddr::Unix(path) => {
@@ -228,7 +280,7 @@ impl Volumes {
                 )
             };
             tracing::info!(
-                "volume {name}: serving {} ({size} bytes) on {export_addr}, metadata {} ({recovered})",
+                "volume {name}: serving {} ({size} bytes) on {export_addr}, metadata {} ({recovered}){role}",
                 v.backing.display(),
                 meta_path.display()
             );
@@ -293,6 +345,38 @@ impl Volumes {
             }
         }
         clean
+    }
+
+    /// Start the replication links of every volume's peers: dial those with an address,
+    /// wait for the others. The hub routes incoming peer links (`serve_with_peers`).
+    pub fn start_peers(
+        &mut self,
+        identity: Arc<net::tls::Identity>,
+    ) -> Arc<crate::peering::PeerHub> {
+        let mut hub = crate::peering::PeerHub::default();
+        for h in self.hosted.iter() {
+            let mut links = Vec::new();
+            for (cfg, slot) in &h.peer_slots {
+                let link = Arc::new(crate::peering::PeerLink::new(
+                    &h.name,
+                    cfg.clone(),
+                    *slot,
+                    &identity.fingerprint,
+                ));
+                link.view.update(|v| v.connection = "connecting".into());
+                if link.dials {
+                    self.tasks.push(tokio::spawn(crate::peering::dial_loop(
+                        link.clone(),
+                        h.clone(),
+                        identity.clone(),
+                    )));
+                }
+                hub.links.push((link.clone(), h.clone()));
+                links.push(link);
+            }
+            let _ = h.peers.set(links);
+        }
+        Arc::new(hub)
     }
 
     /// How many volumes run.

@@ -131,6 +131,11 @@ impl Server {
         tokio::time::timeout(limit, idle).await.is_ok()
     }
 
+    /// Connections being served now.
+    pub fn connections(&self) -> usize {
+        self.drain.live.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn with_config(mut self, config: Config) -> Server {
         self.config = config;
         self

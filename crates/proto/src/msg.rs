@@ -21,6 +21,21 @@ pub enum Hello {
     /// without TLS), so the secret never crosses the wire and the proof is worthless on any
     /// other connection.
     Join { session: u64, proof: [u8; 32] },
+    /// One connection of a volume replication link (`cutover serve` to `cutover serve`):
+    /// the dialling daemon's client certificate is its identity, which the volume's peer
+    /// entry pins. Connection `index` of `count` (0 is the control connection) of link
+    /// `link`, a random id the dialler chose.
+    Peer(PeerHello),
+}
+
+/// See [`Hello::Peer`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerHello {
+    pub version: u32,
+    pub volume: String,
+    pub link: u64,
+    pub index: u32,
+    pub count: u32,
 }
 
 /// What the client asks for when it opens a session.

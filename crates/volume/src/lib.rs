@@ -196,7 +196,8 @@ mod tracker;
 pub use bitmap::Snapshot;
 pub use error::Error;
 pub use layout::{
-    Geometry, DEFAULT_AL_EXTENTS, DEFAULT_BLOCK_SIZE, EXTENT_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
+    Geometry, DEFAULT_AL_EXTENTS, DEFAULT_BLOCK_SIZE, EXTENT_SIZE, MAX_BLOCK_SIZE, MAX_PEER_SLOTS,
+    MIN_BLOCK_SIZE,
 };
 pub use meta::{AlStatus, Counters, Meta, OpenReport, Result, Status};
 pub use open::{CreateOptions, Info};

@@ -38,6 +38,8 @@ pub struct CreateOptions {
     pub peer_slots: u32,
     /// Hot extents of 4 MiB (default 1024 = 4 GiB).
     pub al_extents: u32,
+    /// Start with the inconsistent flag (a replica that holds nothing known yet).
+    pub inconsistent: bool,
 }
 
 impl CreateOptions {
@@ -49,6 +51,7 @@ impl CreateOptions {
             node_id: 0,
             peer_slots: 1,
             al_extents: DEFAULT_AL_EXTENTS,
+            inconsistent: false,
         }
     }
 }
@@ -165,7 +168,8 @@ impl Meta {
             name.to_string_lossy(),
             std::process::id()
         ));
-        let sb = Superblock::new(&geo, opts.node_id, rand::random(), new_gen());
+        let mut sb = Superblock::new(&geo, opts.node_id, rand::random(), new_gen());
+        sb.set_flag(superblock::FLAG_INCONSISTENT, opts.inconsistent);
         let made = write_new(&tmp, path, &geo, sb.clone());
         let made = made.and_then(|()| {
             std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))

@@ -24,6 +24,7 @@ mod plan;
 mod plan_passes;
 mod plan_verify;
 mod prop;
+mod replication;
 mod resume;
 mod rsync_flags;
 mod security;
