@@ -56,6 +56,10 @@ pub enum VolumeCommand {
     Connect {
         name: String,
         peer: Option<String>,
+        /// Settle a split brain: this node (a secondary) takes the peer's data, and what
+        /// it wrote since the split is overwritten.
+        #[arg(long)]
+        discard_my_data: bool,
         /// The daemon's configuration file, to find its state_dir.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -103,10 +107,19 @@ pub async fn run(command: VolumeCommand) -> u8 {
         VolumeCommand::Secondary { name, config } => {
             said(config.as_deref(), "secondary", &Request::Secondary { name })
         }
-        VolumeCommand::Connect { name, peer, config } => said(
+        VolumeCommand::Connect {
+            name,
+            peer,
+            discard_my_data,
+            config,
+        } => said(
             config.as_deref(),
             "connect",
-            &Request::Connect { name, peer },
+            &Request::Connect {
+                name,
+                peer,
+                discard_my_data,
+            },
         ),
         VolumeCommand::Disconnect { name, peer, config } => said(
             config.as_deref(),

@@ -72,11 +72,14 @@ pub enum Request {
     },
     /// Make this node a secondary.
     Secondary { name: String },
-    /// (Re)enable the link to one peer, or all.
+    /// (Re)enable the link to one peer, or all; `discard_my_data`: settle a split brain
+    /// by taking the peer's data.
     Connect {
         name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         peer: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        discard_my_data: bool,
     },
     /// Stop the link to one peer, or all, until `connect`.
     Disconnect {
@@ -296,8 +299,12 @@ fn answer(hosted: &[Arc<Hosted>], req: Request) -> Reply {
         Request::Secondary { name } => {
             find(hosted, &name).and_then(|h| crate::roles::demote(h).map(said))
         }
-        Request::Connect { name, peer } => find(hosted, &name)
-            .and_then(|h| crate::roles::set_connected(h, peer.as_deref(), true).map(said)),
+        Request::Connect {
+            name,
+            peer,
+            discard_my_data,
+        } => find(hosted, &name)
+            .and_then(|h| crate::roles::connect(h, peer.as_deref(), discard_my_data).map(said)),
         Request::Disconnect { name, peer } => find(hosted, &name)
             .and_then(|h| crate::roles::set_connected(h, peer.as_deref(), false).map(said)),
         Request::Mark { name } => find(hosted, &name).and_then(|h| {

@@ -115,6 +115,7 @@ impl PeerLink {
 
     fn settings(&self) -> LinkSettings {
         LinkSettings {
+            volume: self.volume.clone(),
             peer: self.name.clone(),
             slot: self.slot,
             stream: volume::StreamOptions {
@@ -124,6 +125,7 @@ impl PeerLink {
             },
             max_rate: self.cfg.max_rate,
             idle: LINK_IDLE,
+            after_split_brain: self.cfg.after_split_brain,
         }
     }
 }

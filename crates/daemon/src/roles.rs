@@ -34,6 +34,10 @@ pub struct PeerStatus {
     pub connections: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// `connect --discard-my-data` is pending: the next link that needs it overwrites this
+    /// node's writes since the split.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discard_my_data: bool,
 }
 
 fn links(h: &Hosted) -> &[Arc<PeerLink>] {
@@ -67,7 +71,8 @@ pub(crate) fn peers_of(h: &Hosted) -> Vec<PeerStatus> {
                 },
                 _ => "unknown",
             };
-            let eta_secs = (v.resync_rate > 0 && resync_blocks > 0).then(|| oos / v.resync_rate);
+            let eta_secs =
+                (connected && v.resync_rate > 0 && resync_blocks > 0).then(|| oos / v.resync_rate);
             PeerStatus {
                 name: l.name.clone(),
                 connection: if l.enabled() {
@@ -90,6 +95,7 @@ pub(crate) fn peers_of(h: &Hosted) -> Vec<PeerStatus> {
                 eta_secs,
                 connections: v.connections,
                 last_error: v.last_error,
+                discard_my_data: v.discard_my_data,
             }
         })
         .collect()
@@ -170,8 +176,33 @@ pub(crate) fn demote(h: &Hosted) -> Result<String, String> {
     Ok(format!("volume {name}: secondary"))
 }
 
-/// `connect` / `disconnect` of one peer (or all).
-pub(crate) fn set_connected(h: &Hosted, peer: Option<&str>, on: bool) -> Result<String, String> {
+/// `connect [--discard-my-data]`: enable the links; with `discard`, this node (which must
+/// be secondary) takes the peer's data over its own writes on the next link that needs it.
+pub(crate) fn connect(h: &Hosted, peer: Option<&str>, discard: bool) -> Result<String, String> {
+    if discard {
+        let s = h.with_meta(|m| m.status())?;
+        if s.primary {
+            return Err(format!(
+                "volume {:?}: this node is primary and its data is in use; --discard-my-data \
+                 is for the node whose writes are to be given up: make it secondary first \
+                 (`cutover volume secondary {}`)",
+                h.name, h.name
+            ));
+        }
+        for l in chosen(h, peer)? {
+            l.view.update(|v| v.discard_my_data = true);
+        }
+    }
+    let said = set_connected(h, peer, true)?;
+    Ok(if discard {
+        format!("{said} (discarding this node's writes since the split)")
+    } else {
+        said
+    })
+}
+
+/// The links `peer` names (all when `None`), or an error listing the volume's peers.
+fn chosen<'a>(h: &'a Hosted, peer: Option<&str>) -> Result<Vec<&'a Arc<PeerLink>>, String> {
     let name = &h.name;
     let chosen: Vec<&Arc<PeerLink>> = links(h)
         .iter()
@@ -191,6 +222,13 @@ pub(crate) fn set_connected(h: &Hosted, peer: Option<&str>, on: bool) -> Result<
             None => format!("volume {name:?} has no peers"),
         });
     }
+    Ok(chosen)
+}
+
+/// `connect` / `disconnect` of one peer (or all).
+pub(crate) fn set_connected(h: &Hosted, peer: Option<&str>, on: bool) -> Result<String, String> {
+    let name = &h.name;
+    let chosen = chosen(h, peer)?;
     for l in &chosen {
         l.set_enabled(on);
         tracing::info!(

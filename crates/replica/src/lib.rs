@@ -22,3 +22,4 @@ pub mod wire;
 
 pub use decide::{decide, Verdict};
 pub use link::{run, LinkError, LinkInfo, LinkSettings, LinkView};
+pub use wire::SplitBrainPolicy;

@@ -2,7 +2,7 @@
 //! source, target, or idle until a connection breaks. The daemon reconnects.
 
 use crate::decide::{decide, Verdict};
-use crate::wire::{NodeState, PeerMsg, LINK_VERSION};
+use crate::wire::{NodeState, PeerMsg, SplitBrainPolicy, LINK_VERSION};
 use net::{Conn, ConnError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,7 +39,8 @@ impl LinkError {
 /// How one link runs.
 #[derive(Clone, Debug)]
 pub struct LinkSettings {
-    /// The peer's name (for messages).
+    /// The volume's and the peer's names (for messages).
+    pub volume: String,
     pub peer: String,
     /// The peer's slot in this node's metadata.
     pub slot: u32,
@@ -48,6 +49,7 @@ pub struct LinkSettings {
     pub max_rate: Option<u64>,
     /// A link silent this long is dead (keepalives go every `idle / 4`).
     pub idle: Duration,
+    pub after_split_brain: SplitBrainPolicy,
 }
 
 /// What `status` shows of a link.
@@ -67,6 +69,10 @@ pub struct LinkInfo {
     pub resync_rate: u64,
     /// Bytes received and applied (target side), since the link started.
     pub applied_bytes: u64,
+    /// `connect --discard-my-data`: on the next link that needs it, this node takes the
+    /// peer's data over its own writes since they parted. Cleared once that resync is
+    /// in step.
+    pub discard_my_data: bool,
 }
 
 /// A link's [`LinkInfo`], shared with the daemon's status.
@@ -83,8 +89,9 @@ impl LinkView {
     }
 }
 
-/// This node's state for the peer in `slot`.
-pub(crate) fn my_state(repl: &Replication, slot: u32) -> NodeState {
+/// This node's state for the peer of `s`.
+pub(crate) fn my_state(repl: &Replication, s: &LinkSettings, view: &LinkView) -> NodeState {
+    let slot = s.slot;
     let g = repl.generations(slot);
     let geo = repl.geometry();
     NodeState {
@@ -98,6 +105,8 @@ pub(crate) fn my_state(repl: &Replication, slot: u32) -> NodeState {
         primary: g.primary,
         inconsistent: g.inconsistent,
         out_of_sync_blocks: repl.status(slot).map_or(0, |s| s.out_of_sync_blocks),
+        discard_my_data: view.get().discard_my_data,
+        after_split_brain: s.after_split_brain,
     }
 }
 
@@ -132,7 +141,7 @@ pub async fn run(
         )));
     }
     let mut ctl = conns.remove(0);
-    let me = my_state(&repl, settings.slot);
+    let me = my_state(&repl, settings, view);
     ctl.writer.send_any(&me, false).await?;
     let peer: NodeState = match tokio::time::timeout(settings.idle, ctl.reader.recv_any()).await {
         Err(_) => return Err(LinkError::Idle(settings.idle)),
@@ -156,7 +165,7 @@ pub async fn run(
             .await;
         return Err(LinkError::Refused(reason));
     }
-    let verdict = decide(&me, &peer, &settings.peer);
+    let verdict = decide(&me, &peer, &settings.peer, &settings.volume);
     view.update(|v| {
         v.connection = "connected".into();
         v.peer_primary = Some(peer.primary);
@@ -164,12 +173,17 @@ pub async fn run(
         v.connections = conns.len();
         v.replication = match &verdict {
             Verdict::Idle => "idle",
-            Verdict::Source { .. } => "source",
-            Verdict::Target { .. } => "target",
+            Verdict::Source(_) => "source",
+            Verdict::Target(_) => "target",
             Verdict::Refuse(_) => "refused",
         }
         .into();
     });
+    if let Verdict::Source(r) | Verdict::Target(r) = &verdict {
+        if let Some(why) = &r.discards {
+            tracing::warn!(peer = %settings.peer, "{why}");
+        }
+    }
     match verdict {
         Verdict::Refuse(reason) => {
             let _ = ctl
@@ -184,17 +198,17 @@ pub async fn run(
             Err(LinkError::Refused(reason))
         }
         Verdict::Idle => idle(ctl, settings.idle).await,
-        Verdict::Source { full } => {
-            crate::source::run(ctl, conns, repl, backend, settings, full, view).await
+        Verdict::Source(r) => {
+            crate::source::run(ctl, conns, repl, backend, settings, r.full, view).await
         }
-        Verdict::Target { full } => {
+        Verdict::Target(r) => {
             crate::target::run(
                 ctl,
                 conns,
                 repl,
                 backend,
                 settings,
-                full,
+                r.full,
                 view,
                 peer.current,
             )

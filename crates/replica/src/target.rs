@@ -23,6 +23,21 @@ const BATCH: usize = 256;
 /// Largest single operation accepted (NBD's own limit is 32 MiB).
 const MAX_OP: u64 = 64 << 20;
 
+/// The resync is durable: this node holds the source's data at generation `current`.
+fn in_step(
+    repl: &Replication,
+    s: &LinkSettings,
+    view: &LinkView,
+    current: u64,
+) -> Result<(), LinkError> {
+    repl.adopt(current)?;
+    repl.clear(s.slot)?;
+    repl.in_step(s.slot)?;
+    view.update(|v| v.discard_my_data = false);
+    tracing::info!(peer = %s.peer, "in step with the source (resync done)");
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     ctl: Conn,
@@ -96,11 +111,8 @@ pub(crate) async fn run(
                 }
                 if let Some((seq, current)) = step {
                     if p.durable >= seq {
-                        repl.adopt(current)?;
-                        repl.clear(s.slot)?;
-                        repl.in_step(s.slot)?;
+                        in_step(&repl, s, view, current)?;
                         step = None;
-                        tracing::info!(peer = %s.peer, "in step with the source (resync done)");
                     }
                 }
             }
@@ -110,11 +122,8 @@ pub(crate) async fn run(
                     // Already durable? The next progress report (or this check) adopts it.
                     let p = *progress.borrow();
                     if p.durable >= seq {
-                        repl.adopt(current)?;
-                        repl.clear(s.slot)?;
-                        repl.in_step(s.slot)?;
+                        in_step(&repl, s, view, current)?;
                         step = None;
-                        tracing::info!(peer = %s.peer, "in step with the source (resync done)");
                     }
                 }
                 PeerMsg::Keepalive => {}

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped when a message changes meaning; both ends must agree.
-pub const LINK_VERSION: u32 = 1;
+pub const LINK_VERSION: u32 = 2;
 
 /// One node's view, sent first by each end on the control connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +24,37 @@ pub struct NodeState {
     /// Blocks this node's bitmap for the peer holds (what it wrote that the peer may
     /// lack, or marked after a crash).
     pub out_of_sync_blocks: u64,
+    /// The operator ran `connect --discard-my-data` here: this node takes the peer's data
+    /// over whatever it wrote while apart.
+    pub discard_my_data: bool,
+    /// How this node settles a split brain by itself (both ends must agree).
+    pub after_split_brain: SplitBrainPolicy,
+}
+
+/// `after_split_brain`: which side of a split brain, if any, gives up its writes without
+/// an operator. Only ever the secondary: the primary's data is in use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitBrainPolicy {
+    /// Refuse; an operator decides.
+    #[default]
+    Disconnect,
+    /// The secondary takes the primary's data if it wrote nothing itself since the split.
+    DiscardZeroChanges,
+    /// The secondary takes the primary's data if it changed no more blocks than the
+    /// primary did since the split.
+    DiscardLeastChanges,
+}
+
+impl SplitBrainPolicy {
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitBrainPolicy::Disconnect => "disconnect",
+            SplitBrainPolicy::DiscardZeroChanges => "discard-zero-changes",
+            SplitBrainPolicy::DiscardLeastChanges => "discard-least-changes",
+        }
+    }
 }
 
 /// Everything after the states.

@@ -86,6 +86,7 @@ async fn conns(n: usize) -> (Vec<Conn>, Vec<Conn>) {
 
 fn settings(slot: u32) -> LinkSettings {
     LinkSettings {
+        volume: "db".into(),
         peer: "other".into(),
         slot,
         stream: StreamOptions {
@@ -95,6 +96,7 @@ fn settings(slot: u32) -> LinkSettings {
         },
         max_rate: None,
         idle: Duration::from_secs(5),
+        after_split_brain: Default::default(),
     }
 }
 
@@ -228,6 +230,8 @@ async fn a_peer_that_sends_outside_the_volume_is_cut_off() {
         primary: true,
         inconsistent: false,
         out_of_sync_blocks: 0,
+        discard_my_data: false,
+        after_split_brain: Default::default(),
     };
     let ctl = &mut fake[0];
     ctl.writer.send_any(&me, false).await.unwrap();

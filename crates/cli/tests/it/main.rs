@@ -30,6 +30,7 @@ mod rsync_flags;
 mod security;
 mod select;
 mod soak;
+mod split_brain;
 mod ssh;
 mod state_damage;
 mod util;

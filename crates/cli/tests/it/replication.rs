@@ -11,18 +11,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const SIZE: u64 = 64 << 20;
+pub(crate) const SIZE: u64 = 64 << 20;
 
-struct Node {
-    dir: PathBuf,
-    config: PathBuf,
-    image: PathBuf,
-    fingerprint: String,
+pub(crate) struct Node {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub image: PathBuf,
+    pub fingerprint: String,
 }
 
 /// A node's directory with its disk image and its daemon identity made in advance (so
 /// that each config can pin the other's fingerprint).
-fn node(root: &Path, name: &str) -> Node {
+pub(crate) fn node(root: &Path, name: &str) -> Node {
     let dir = root.join(name);
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -46,7 +46,7 @@ fn node(root: &Path, name: &str) -> Node {
 }
 
 /// Write `n`'s config: volume "db" with one peer.
-fn configure(n: &Node, peer: &str, peer_fp: &str, peer_extra: &str) {
+pub(crate) fn configure(n: &Node, peer: &str, peer_fp: &str, peer_extra: &str) {
     std::fs::write(
         &n.config,
         format!(
@@ -59,26 +59,26 @@ fn configure(n: &Node, peer: &str, peer_fp: &str, peer_extra: &str) {
     .unwrap();
 }
 
-fn volume(n: &Node, args: &[&str]) -> Out {
+pub(crate) fn volume(n: &Node, args: &[&str]) -> Out {
     let mut c = cutover_cmd();
     c.arg("volume").args(args).args(["--config", s(&n.config)]);
     Running::start(c).wait()
 }
 
-fn status(n: &Node) -> Value {
+pub(crate) fn status(n: &Node) -> Value {
     let out = volume(n, &["status", "db", "--json"]);
     out.ok();
     out.json()[0]["volumes"][0].clone()
 }
 
-fn sock(n: &Node) -> String {
+pub(crate) fn sock(n: &Node) -> String {
     format!(
         "nbd+unix:///db?socket={}",
         s(&n.dir.join("state").join("db.sock"))
     )
 }
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
+pub(crate) fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw", uri]);
     for cmd in cmds {
@@ -89,7 +89,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
 
 /// Wait until the primary `p` sees its peer connected, in step and drained, and the
 /// secondary `q` knows it is up to date.
-fn wait_in_step(p: &Node, q: &Node, what: &str) -> Value {
+pub(crate) fn wait_in_step(p: &Node, q: &Node, what: &str) -> Value {
     let start = Instant::now();
     loop {
         let st = status(p);
@@ -110,7 +110,7 @@ fn wait_in_step(p: &Node, q: &Node, what: &str) -> Value {
     }
 }
 
-fn have_qemu() -> bool {
+pub(crate) fn have_qemu() -> bool {
     let ok = Command::new("qemu-io").arg("--version").output().is_ok();
     if !ok {
         eprintln!("note: qemu-io is not installed; replication test skipped");

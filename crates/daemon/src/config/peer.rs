@@ -152,18 +152,9 @@ pub enum OnCongestion {
     PullAhead,
 }
 
-/// What to do when both sides were written independently (a split brain).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SplitBrainPolicy {
-    /// Leave both sides as they are and the link down: an operator chooses which to keep.
-    #[default]
-    Disconnect,
-    /// If one side was not written since the split, it takes the other's data.
-    DiscardZeroChanges,
-    /// The side with fewer changed blocks since the split takes the other's data.
-    DiscardLeastChanges,
-}
+/// What to do when both sides were written independently (a split brain): the link's
+/// own type, which both ends compare.
+pub use replica::SplitBrainPolicy;
 
 /// A `[[volume.peer]]` table as written; see [`load_peers`].
 #[derive(Debug, Clone, Deserialize)]

@@ -1,0 +1,152 @@
+//! Split brain between two real daemons: both nodes write while apart (the link
+//! disconnected, the secondary promoted meanwhile); on reconnect the link is refused with
+//! one line naming both sides' changes, until the operator runs `connect
+//! --discard-my-data` on the node whose writes are given up, or the peers'
+//! `after_split_brain = "discard-least-changes"` settles it by itself. Either way the
+//! loser ends identical to the winner, its own writes gone.
+
+use crate::replication::{
+    configure, have_qemu, node, qemu_io, sock, status, volume, wait_in_step, Node,
+};
+use crate::util::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Two nodes on a synced volume: `a` primary (dials), `b` secondary (waits); `extra` goes
+/// into both peer tables.
+fn synced_pair(root: &Path, extra: &str) -> (Node, Daemon, Node, Daemon) {
+    let a = node(root, "a");
+    let b = node(root, "b");
+    configure(&b, "a", &a.fingerprint, extra);
+    volume(&b, &["create-md", "db"]).ok();
+    let db = Daemon::start_with(&b.dir, &b.config);
+    configure(
+        &a,
+        "b",
+        &b.fingerprint,
+        &format!(
+            "address = \"127.0.0.1:{}\"\nconnections = 2\n{extra}",
+            db.port
+        ),
+    );
+    volume(&a, &["create-md", "db"]).ok();
+    let da = Daemon::start_with(&a.dir, &a.config);
+    volume(&a, &["primary", "db", "--force"]).ok();
+    let w = qemu_io(&sock(&a), &["write -P 0x11 0 4M"]);
+    assert!(w.status.success(), "{w:?}");
+    wait_in_step(&a, &b, "initial sync");
+    (a, da, b, db)
+}
+
+/// Both write while apart: `a` (primary) `a_writes`, `b` (promoted, then demoted again)
+/// `b_writes`; then `a` connects again.
+fn split(a: &Node, b: &Node, a_writes: &[&str], b_writes: &[&str]) {
+    volume(a, &["disconnect", "db"]).ok();
+    let w = qemu_io(&sock(a), a_writes);
+    assert!(w.status.success(), "{w:?}");
+    wait_for(b, "b sees the link down", |st| {
+        st["peers"][0]["connection"] != "connected"
+    });
+    volume(b, &["primary", "db"]).ok();
+    let w = qemu_io(&sock(b), b_writes);
+    assert!(w.status.success(), "{w:?}");
+    volume(b, &["secondary", "db"]).ok();
+    volume(a, &["connect", "db"]).ok();
+}
+
+/// Poll `n`'s status until `ok` holds (30 s at most).
+fn wait_for(n: &Node, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let st = status(n);
+        if ok(&st) {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: not after 30 s: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn same_backings(a: &Node, b: &Node) -> Vec<u8> {
+    let on_a = std::fs::read(&a.image).unwrap();
+    assert!(
+        on_a == std::fs::read(&b.image).unwrap(),
+        "the backings differ"
+    );
+    on_a
+}
+
+#[test]
+fn a_split_brain_is_refused_until_the_secondary_discards_its_data() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tmp();
+    let (a, da, b, db) = synced_pair(t.path(), "");
+    // a writes 4 blocks (16 KiB each), b writes 2, one over a block a wrote too.
+    split(
+        &a,
+        &b,
+        &["write -P 0xaa 1M 64k"],
+        &["write -P 0xbb 2M 16k", "write -P 0xbb 1M 4k"],
+    );
+    let st = wait_for(&a, "the split brain refused", |st| {
+        st["peers"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("split brain"))
+    });
+    let why = st["peers"][0]["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("this node wrote 4 block(s)") && why.contains("peer b wrote 2 block(s)"),
+        "{why}"
+    );
+    assert!(!why.contains('\n'), "{why}");
+    assert_eq!(st["peers"][0]["connection"], "standalone", "{st}");
+    // Neither side's data moved.
+    let on_b = std::fs::read(&b.image).unwrap();
+    assert!(on_b[2 << 20..(2 << 20) + 16384].iter().all(|&x| x == 0xbb));
+
+    // The primary's data is in use: it cannot be the one discarded.
+    let out = volume(&a, &["connect", "db", "--discard-my-data"]);
+    assert_one_line_error(&out, &["primary", "secondary"]);
+
+    // The operator gives up b's writes: b takes a's data, through a bitmap resync.
+    volume(&b, &["connect", "db", "--discard-my-data"]).ok();
+    assert_eq!(status(&b)["peers"][0]["discard_my_data"], true);
+    volume(&a, &["connect", "db"]).ok(); // redial now, not after the backoff
+    wait_in_step(&a, &b, "after --discard-my-data");
+    let data = same_backings(&a, &b);
+    assert!(data[2 << 20..(2 << 20) + 16384].iter().all(|&x| x == 0x11));
+    assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xaa));
+    let sb = status(&b);
+    assert_eq!(sb["peers"][0].get("discard_my_data"), None, "{sb}");
+    assert_eq!(sb["disk"], "UpToDate", "{sb}");
+
+    // Replication goes on as before.
+    let w = qemu_io(&sock(&a), &["write -P 0xcc 3M 16k"]);
+    assert!(w.status.success(), "{w:?}");
+    wait_in_step(&a, &b, "after the settlement");
+    same_backings(&a, &b);
+    drop(da);
+    drop(db);
+}
+
+#[test]
+fn discard_least_changes_settles_a_split_brain_by_itself() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tmp();
+    let (a, da, b, db) = synced_pair(t.path(), "after_split_brain = \"discard-least-changes\"\n");
+    split(&a, &b, &["write -P 0xaa 1M 64k"], &["write -P 0xbb 2M 16k"]);
+    wait_in_step(&a, &b, "the policy settling the split brain");
+    let data = same_backings(&a, &b);
+    assert!(data[2 << 20..(2 << 20) + 16384].iter().all(|&x| x == 0x11));
+    assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xaa));
+    drop(da);
+    drop(db);
+}
