@@ -23,6 +23,9 @@ pub enum VolumeCommand {
         /// Bitmap granularity: bytes, or with K/M (4K to 1M, a power of two; default 16K).
         #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
         block_size: Option<u32>,
+        /// The backing already holds a copy of this peer's data (a disk shipped, or `cutover sync` of the image): the first sync compares checksums and sends only blocks that differ.
+        #[arg(long, value_name = "PEER")]
+        seeded_from: Option<String>,
     },
     /// Show the volumes of the running daemon (or one): role, size, dirty bytes, writes, activity log, clean flag.
     Status {
@@ -64,6 +67,14 @@ pub enum VolumeCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Compare every block with a connected peer's (all peers when omitted) by checksums, on the primary; blocks that differ are resent. Progress in `status`.
+    Verify {
+        name: String,
+        peer: Option<String>,
+        /// The daemon's configuration file, to find its state_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Stop the link to a peer (all peers when omitted) until `connect`; the peer's bitmap keeps what it misses.
     Disconnect {
         name: String,
@@ -92,7 +103,8 @@ pub async fn run(command: VolumeCommand) -> u8 {
             config,
             force,
             block_size,
-        } => create_md(&name, &config, force, block_size),
+            seeded_from,
+        } => create_md(&name, &config, force, block_size, seeded_from.as_deref()),
         VolumeCommand::Status { name, config, json } => status(name, config.as_deref(), json),
         VolumeCommand::Mark { name, config, json } => mark(name, config.as_deref(), json),
         VolumeCommand::Primary {
@@ -121,6 +133,9 @@ pub async fn run(command: VolumeCommand) -> u8 {
                 discard_my_data,
             },
         ),
+        VolumeCommand::Verify { name, peer, config } => {
+            said(config.as_deref(), "verify", &Request::Verify { name, peer })
+        }
         VolumeCommand::Disconnect { name, peer, config } => said(
             config.as_deref(),
             "disconnect",
@@ -170,7 +185,13 @@ fn load(config: &Path, cmd: &str) -> Option<daemon::Config> {
     }
 }
 
-fn create_md(name: &str, config: &Path, force: bool, block_size: Option<u32>) -> u8 {
+fn create_md(
+    name: &str,
+    config: &Path,
+    force: bool,
+    block_size: Option<u32>,
+    seeded_from: Option<&str>,
+) -> u8 {
     let Some(cfg) = load(config, "create-md") else {
         return exit::FATAL;
     };
@@ -181,6 +202,17 @@ fn create_md(name: &str, config: &Path, force: bool, block_size: Option<u32>) ->
             return exit::FATAL;
         }
     };
+    if let Some(peer) = seeded_from {
+        if !v.peers.iter().any(|p| p.name == peer) {
+            let names: Vec<&str> = v.peers.iter().map(|p| p.name.as_str()).collect();
+            errln!(
+                "cutover volume create-md: --seeded-from {peer}: volume {name:?} has no such peer in {} (it has: {})",
+                config.display(),
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            );
+            return exit::FATAL;
+        }
+    }
     let Some(meta) = cfg.volume_meta(v) else {
         errln!(
             "cutover volume create-md: {}: set state_dir or the volume's meta (no HOME for a default)",
@@ -214,6 +246,7 @@ fn create_md(name: &str, config: &Path, force: bool, block_size: Option<u32>) ->
         // With peers, new metadata holds nothing known: a peer's data, or this node's
         // after `primary --force`, makes it consistent.
         inconsistent: !v.peers.is_empty(),
+        seeded: seeded_from.is_some(),
         ..volume::CreateOptions::new(size)
     };
     match volume::Meta::create_with(&meta, &opts) {
@@ -225,6 +258,9 @@ fn create_md(name: &str, config: &Path, force: bool, block_size: Option<u32>) ->
                 info.block_size / 1024,
                 info.current_gen
             );
+            if let Some(peer) = seeded_from {
+                outln!("volume {name}: seeded from {peer}: its first sync compares checksums and sends only the blocks that differ");
+            }
             exit::OK
         }
         Err(e) => {
@@ -373,6 +409,18 @@ fn show_peer(p: &daemon::roles::PeerStatus) {
         if let Some(eta) = p.eta_secs {
             line.push_str(&format!(", {eta} s left"));
         }
+    }
+    if let Some(at) = p.verify_position {
+        line.push_str(&format!(", verify at byte {at}"));
+    }
+    if p.mismatched_blocks > 0 {
+        line.push_str(&format!(
+            ", {} block(s) found different and resent",
+            p.mismatched_blocks
+        ));
+    }
+    if p.discard_my_data {
+        line.push_str(", discarding this node's data on connect");
     }
     outln!("{line}");
     if let (Some(e), false) = (&p.last_error, p.connection == "connected") {

@@ -81,6 +81,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         discard_my_data: bool,
     },
+    /// Online verify against one peer, or all (this node must be their source).
+    Verify {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+    },
     /// Stop the link to one peer, or all, until `connect`.
     Disconnect {
         name: String,
@@ -307,6 +313,9 @@ fn answer(hosted: &[Arc<Hosted>], req: Request) -> Reply {
             .and_then(|h| crate::roles::connect(h, peer.as_deref(), discard_my_data).map(said)),
         Request::Disconnect { name, peer } => find(hosted, &name)
             .and_then(|h| crate::roles::set_connected(h, peer.as_deref(), false).map(said)),
+        Request::Verify { name, peer } => {
+            find(hosted, &name).and_then(|h| crate::roles::verify(h, peer.as_deref()).map(said))
+        }
         Request::Mark { name } => find(hosted, &name).and_then(|h| {
             let snap = passes::mark(h)?;
             tracing::info!(

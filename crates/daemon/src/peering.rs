@@ -122,6 +122,7 @@ impl PeerLink {
                 max_lag: self.cfg.max_lag,
                 sync: self.cfg.protocol == config::Protocol::C,
                 pull_ahead: self.cfg.on_congestion == config::OnCongestion::PullAhead,
+                csums: self.cfg.csums,
             },
             max_rate: self.cfg.max_rate,
             idle: LINK_IDLE,

@@ -34,6 +34,16 @@ pub struct PeerStatus {
     pub connections: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Blocks checksum comparisons (csums resync, online verify) found different and
+    /// resent, since the daemon started.
+    #[serde(default)]
+    pub mismatched_blocks: u64,
+    /// An online verify is under way: bytes of the volume compared so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_position: Option<u64>,
+    /// Bytes online verifies compared, since the daemon started.
+    #[serde(default)]
+    pub verified_bytes: u64,
     /// `connect --discard-my-data` is pending: the next link that needs it overwrites this
     /// node's writes since the split.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -53,7 +63,7 @@ pub(crate) fn peers_of(h: &Hosted) -> Vec<PeerStatus> {
             let v = l.view.get();
             let st = repl.as_ref().and_then(|r| r.status(l.slot));
             let connected = v.connection == "connected";
-            let (oos, lag, resync_blocks) = st.map_or((0, 0, 0), |s| {
+            let (oos, lag, resync_blocks) = st.as_ref().map_or((0, 0, 0), |s| {
                 (s.out_of_sync_bytes, s.lag_bytes, s.resync_blocks)
             });
             let peer_role = match (connected, v.peer_primary) {
@@ -96,6 +106,9 @@ pub(crate) fn peers_of(h: &Hosted) -> Vec<PeerStatus> {
                 connections: v.connections,
                 last_error: v.last_error,
                 discard_my_data: v.discard_my_data,
+                mismatched_blocks: st.as_ref().map_or(0, |s| s.mismatched_blocks),
+                verify_position: st.as_ref().and_then(|s| s.verify_position),
+                verified_bytes: st.as_ref().map_or(0, |s| s.verified_bytes),
             }
         })
         .collect()
@@ -199,6 +212,38 @@ pub(crate) fn connect(h: &Hosted, peer: Option<&str>, discard: bool) -> Result<S
     } else {
         said
     })
+}
+
+/// `verify`: compare every block with the chosen peers' (connected, this node their
+/// source); the blocks that differ are resent as the verify goes.
+pub(crate) fn verify(h: &Hosted, peer: Option<&str>) -> Result<String, String> {
+    let name = &h.name;
+    let repl = h.with_meta(|m| m.replication())?;
+    let chosen = chosen(h, peer)?;
+    for l in &chosen {
+        let v = l.view.get();
+        if v.connection != "connected" || v.replication != "source" {
+            return Err(format!(
+                "volume {name:?}: peer {} is not connected with this node as its source ({}); \
+                 verify runs on the primary of a connected link",
+                l.name,
+                if v.connection == "connected" {
+                    format!("this node is its {}", v.replication)
+                } else {
+                    v.connection.clone()
+                }
+            ));
+        }
+    }
+    for l in &chosen {
+        repl.start_verify(l.slot).map_err(|e| e.to_string())?;
+        tracing::info!("volume {name}: peer {}: online verify started", l.name);
+    }
+    let names: Vec<&str> = chosen.iter().map(|l| l.name.as_str()).collect();
+    Ok(format!(
+        "volume {name}: verifying against {} (progress in `cutover volume status`)",
+        names.join(", ")
+    ))
 }
 
 /// The links `peer` names (all when `None`), or an error listing the volume's peers.

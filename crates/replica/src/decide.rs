@@ -15,7 +15,7 @@
 //! | T.current = S.current | resync the union of both bitmaps (usually empty) |
 //! | S.bitmap = T.current | S wrote since they parted: resync S's bitmap (∪ T's) |
 //! | T discards its data (`--discard-my-data`) and the two are related | resync the union: T's writes are overwritten |
-//! | T is inconsistent (a resync into it broke off) | full resync from S |
+//! | T is inconsistent (a resync into it broke off, or new) | full resync from S; with checksums when T was seeded |
 //! | T.bitmap = S.current | T wrote, S did not: refused (make T primary, or discard T's writes) |
 //! | S.bitmap = T.bitmap | both wrote since they parted: split brain; settled by the policy when it picks T, else refused |
 //! | T.current is in S's history | full resync from S |
@@ -33,6 +33,8 @@ use crate::wire::{NodeState, SplitBrainPolicy};
 pub struct Resync {
     /// Every block, not only both bitmaps.
     pub full: bool,
+    /// Compare checksums first and send only blocks that differ (a seeded target).
+    pub checksums: bool,
     /// Set when the target's own writes since the split are overwritten: why.
     pub discards: Option<String>,
 }
@@ -88,7 +90,11 @@ pub fn decide(me: &NodeState, peer: &NodeState, peer_name: &str, volume: &str) -
         )
     };
     let resync = |full: bool, discards: Option<String>| {
-        let r = Resync { full, discards };
+        let r = Resync {
+            full,
+            checksums: full && target.seeded,
+            discards,
+        };
         if i_am_source {
             Verdict::Source(r)
         } else {
@@ -218,6 +224,7 @@ mod tests {
             bitmap_history: vec![0; 2],
             primary,
             inconsistent: false,
+            seeded: false,
             out_of_sync_blocks: 3,
             discard_my_data: false,
             after_split_brain: SplitBrainPolicy::Disconnect,
@@ -237,6 +244,7 @@ mod tests {
     fn plain(full: bool) -> (Verdict, Verdict) {
         let r = Resync {
             full,
+            checksums: false,
             discards: None,
         };
         (Verdict::Source(r.clone()), Verdict::Target(r))
@@ -301,6 +309,15 @@ mod tests {
         // A fresh (inconsistent) secondary: full.
         let fresh = with(node(99, 0, false), |n| n.inconsistent = true);
         assert_eq!(both(&node(6, 5, true), &fresh), plain(true));
+        // A seeded secondary (inconsistent, a copy made beforehand): full, by checksums.
+        let seeded = with(fresh, |n| n.seeded = true);
+        let (Verdict::Source(a), Verdict::Target(b)) = both(&node(6, 5, true), &seeded) else {
+            panic!("a seeded secondary takes a resync")
+        };
+        assert!(
+            a.full && a.checksums && b.full && b.checksums,
+            "{a:?} {b:?}"
+        );
         // The secondary's current is in the primary's history: full.
         let p = with(node(8, 0, true), |n| n.history[2] = 4);
         assert_eq!(both(&p, &node(4, 0, false)), plain(true));

@@ -104,6 +104,7 @@ pub(crate) fn my_state(repl: &Replication, s: &LinkSettings, view: &LinkView) ->
         bitmap_history: g.bitmap_history.to_vec(),
         primary: g.primary,
         inconsistent: g.inconsistent,
+        seeded: g.seeded,
         out_of_sync_blocks: repl.status(slot).map_or(0, |s| s.out_of_sync_blocks),
         discard_my_data: view.get().discard_my_data,
         after_split_brain: s.after_split_brain,
@@ -199,7 +200,9 @@ pub async fn run(
         }
         Verdict::Idle => idle(ctl, settings.idle).await,
         Verdict::Source(r) => {
-            crate::source::run(ctl, conns, repl, backend, settings, r.full, view).await
+            let mut settings = settings.clone();
+            settings.stream.csums |= r.checksums;
+            crate::source::run(ctl, conns, repl, backend, &settings, r.full, view).await
         }
         Verdict::Target(r) => {
             crate::target::run(

@@ -1,8 +1,10 @@
 //! The primary's end of a link: take in the target's bitmap, start the volume's stream for
-//! the peer, and send it over every data connection (queued application writes first,
-//! resync runs read from the backing when nothing is queued), while the control
-//! connection brings acknowledgements back and, once every out-of-sync block is durable on
-//! the target, says it is in step.
+//! the peer, and send it over every data connection (queued operations first, then resync
+//! runs read from the backing, then an online verify's ranges), while the control
+//! connection brings acknowledgements and checksum mismatches back and, once every
+//! out-of-sync block is durable on the target, says it is in step. With checksums, a
+//! resync run goes as one BLAKE3 hash per block; the blocks the target finds different
+//! are queued again as data.
 
 use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
 use crate::wire::PeerMsg;
@@ -120,6 +122,17 @@ pub(crate) async fn run(
                     repl.acked(s.slot, epoch, applied, durable);
                     notify.notify_one();
                 }
+                PeerMsg::Mismatch(runs) => {
+                    for (first, count) in runs {
+                        let last = first.checked_add(count).filter(|_| count > 0).map(|e| e - 1);
+                        let Some(last) = last.filter(|&l| l < blocks) else {
+                            return Err(LinkError::Protocol(format!(
+                                "a mismatch of {count} blocks at {first} is outside the volume's {blocks}"
+                            )));
+                        };
+                        repl.resend(s.slot, epoch, first, last)?;
+                    }
+                }
                 PeerMsg::Keepalive => {}
                 other => return Err(LinkError::Protocol(format!("{other:?} from a target"))),
             },
@@ -172,68 +185,90 @@ async fn sender(
     notify: Arc<Notify>,
     limiter: Option<Arc<RateLimiter>>,
 ) -> Result<(), LinkError> {
+    let block_size = u64::from(repl.geometry().block_size);
     loop {
         let notified = notify.notified();
-        let Some(ops) = repl.take_queued(slot, epoch, CHUNK) else {
+        let Some(mut ops) = repl.take_queued(slot, epoch, CHUNK) else {
             return Ok(());
         };
-        if !ops.is_empty() {
-            // More may be queued: let another connection take it meanwhile.
-            notify.notify_one();
-            for op in ops {
-                send_op(&mut w, op, limiter.as_deref()).await?;
+        if ops.is_empty() {
+            ops.extend(
+                repl.next_resync(slot, epoch, CHUNK)
+                    .or_else(|| repl.next_verify(slot, epoch, CHUNK)),
+            );
+        }
+        if ops.is_empty() {
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(POLL) => {}
             }
             continue;
         }
-        if let Some(op) = repl.next_resync(slot, epoch, CHUNK) {
-            notify.notify_one();
-            let (offset, length) = (op.offset, op.length);
-            let b = backend.clone();
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; length as usize];
-                b.read_at(&mut buf, offset).map(|()| buf)
-            })
-            .await
-            .map_err(|e| LinkError::Io(std::io::Error::other(e)))??;
-            if let Some(l) = &limiter {
-                l.take(length).await;
+        // More may be waiting: let another connection take it meanwhile.
+        notify.notify_one();
+        for op in ops {
+            let msg = match op.kind {
+                OpKind::Resync { check } => {
+                    read_resync(&backend, &op, check.then_some(block_size)).await?
+                }
+                _ => stream_msg(op)?,
+            };
+            if let (Some(l), PeerMsg::Data { data, .. }) = (&limiter, &msg) {
+                l.take(data.len() as u64).await;
             }
-            w.send_any(
-                &PeerMsg::Data {
-                    seq: op.seq,
-                    offset,
-                    data,
-                    fua: false,
-                },
-                false,
-            )
-            .await?;
-            continue;
-        }
-        tokio::select! {
-            _ = notified => {}
-            _ = tokio::time::sleep(POLL) => {}
+            w.send_any(&msg, false).await?;
         }
     }
 }
 
-async fn send_op(
-    w: &mut MsgWriter,
-    op: Op,
-    limiter: Option<&RateLimiter>,
-) -> Result<(), LinkError> {
-    let msg = match op.kind {
-        OpKind::Data(d) => {
-            if let Some(l) = limiter {
-                l.take(op.length).await;
-            }
-            PeerMsg::Data {
-                seq: op.seq,
-                offset: op.offset,
-                data: Arc::try_unwrap(d).unwrap_or_else(|shared| shared.as_ref().clone()),
-                fua: op.fua,
-            }
-        }
+/// A resync operation's message: the range read from the backing now (it was numbered
+/// before, so every earlier write is in it), as data or, with `check` (the block size),
+/// as one hash per block.
+async fn read_resync(
+    backend: &Arc<dyn nbd::Backend>,
+    op: &Op,
+    check: Option<u64>,
+) -> Result<PeerMsg, LinkError> {
+    let (seq, offset, length) = (op.seq, op.offset, op.length);
+    let b = backend.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut data = vec![0u8; length as usize];
+        b.read_at(&mut data, offset)?;
+        Ok(match check {
+            Some(bs) => PeerMsg::Check {
+                seq,
+                offset,
+                length,
+                hashes: block_hashes(&data, bs),
+            },
+            None => PeerMsg::Data {
+                seq,
+                offset,
+                data,
+                fua: false,
+            },
+        })
+    })
+    .await
+    .map_err(|e| LinkError::Io(std::io::Error::other(e)))?
+}
+
+/// One BLAKE3 hash per `block_size` bytes of `data` (the last block may be short).
+pub(crate) fn block_hashes(data: &[u8], block_size: u64) -> Vec<u8> {
+    data.chunks(block_size.max(1) as usize)
+        .flat_map(|b| *blake3::hash(b).as_bytes())
+        .collect()
+}
+
+/// A queued operation's message.
+fn stream_msg(op: Op) -> Result<PeerMsg, LinkError> {
+    Ok(match op.kind {
+        OpKind::Data(d) => PeerMsg::Data {
+            seq: op.seq,
+            offset: op.offset,
+            data: Arc::try_unwrap(d).unwrap_or_else(|shared| shared.as_ref().clone()),
+            fua: op.fua,
+        },
         OpKind::Zeroes => PeerMsg::Zeroes {
             seq: op.seq,
             offset: op.offset,
@@ -246,14 +281,12 @@ async fn send_op(
             length: op.length,
         },
         OpKind::Flush => PeerMsg::Flush { seq: op.seq },
-        OpKind::Resync => {
+        OpKind::Resync { .. } => {
             return Err(LinkError::Protocol(
-                "a resync operation in the queue (a bug)".into(),
+                "a resync operation taken as a queued write (a bug)".into(),
             ))
         }
-    };
-    w.send_any(&msg, false).await?;
-    Ok(())
+    })
 }
 
 /// Bytes per second of a growing counter over the last [`RATE_WINDOW`].

@@ -2,8 +2,11 @@
 //! both is resynced), then apply the numbered stream into the backing strictly in number
 //! order (operations come over any data connection and wait in a bounded buffer for
 //! their turn), flush for FUA writes and barriers and at least twice a second, and
-//! acknowledge what is written and what is durable. When the source says the resync is
-//! done, and it is durable, this node takes the source's generation and is consistent.
+//! acknowledge what is written and what is durable. A checksum operation compares this
+//! node's blocks with the source's hashes at its place in the order; the blocks that
+//! differ are reported before the operation is acknowledged. When the source says the
+//! resync is done, and it is durable, this node takes the source's generation and is
+//! consistent.
 
 use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
 use crate::wire::PeerMsg;
@@ -83,14 +86,23 @@ pub(crate) async fn run(
     let (tx, rx) = mpsc::channel::<PeerMsg>(64);
     let mut tasks = tokio::task::JoinSet::new();
     let mut writers = Vec::new();
-    let size = repl.geometry().size;
+    let geo = repl.geometry();
     for conn in data {
         writers.push(conn.writer);
-        tasks.spawn(receive(conn.reader, tx.clone(), size, s.idle));
+        tasks.spawn(receive(conn.reader, tx.clone(), geo, s.idle));
     }
     drop(tx);
     let (progress_tx, mut progress) = watch::channel(Progress::default());
-    tasks.spawn(apply(rx, backend, progress_tx, limit));
+    // Mismatches go out before the progress that acknowledges their comparison.
+    let (mismatch_tx, mut mismatches) = mpsc::unbounded_channel();
+    let applier = Applier {
+        backend,
+        progress: progress_tx,
+        mismatches: mismatch_tx,
+        limit,
+        block_size: u64::from(geo.block_size),
+    };
+    tasks.spawn(applier.run(rx));
 
     let mut beat = Beat::new(s.idle);
     let mut tick = tokio::time::interval(s.idle / 4);
@@ -104,6 +116,9 @@ pub(crate) async fn run(
                 }
                 let p = *progress.borrow_and_update();
                 view.update(|v| v.applied_bytes = p.bytes);
+                while let Ok(runs) = mismatches.try_recv() {
+                    ctl_w.send_any(&PeerMsg::Mismatch(runs), false).await?;
+                }
                 if (p.applied, p.durable) != sent {
                     ctl_w.send_any(&PeerMsg::Ack { applied: p.applied, durable: p.durable }, false).await?;
                     sent = (p.applied, p.durable);
@@ -150,9 +165,10 @@ pub(crate) async fn run(
 async fn receive(
     mut r: MsgReader,
     tx: mpsc::Sender<PeerMsg>,
-    size: u64,
+    geo: volume::Geometry,
     idle: Duration,
 ) -> Result<(), LinkError> {
+    let (size, bs) = (geo.size, u64::from(geo.block_size));
     loop {
         let msg = match tokio::time::timeout(idle, r.recv_any::<PeerMsg>()).await {
             // Data connections may be quiet for long: the control connection's keepalives
@@ -168,6 +184,24 @@ async fn receive(
                 (*offset, *length)
             }
             PeerMsg::Flush { .. } => (0, 0),
+            PeerMsg::Check {
+                offset,
+                length,
+                hashes,
+                ..
+            } => {
+                if offset % bs != 0
+                    || *length > MAX_OP
+                    || hashes.len() as u64 != length.div_ceil(bs) * 32
+                {
+                    return Err(LinkError::Protocol(format!(
+                        "a checksum operation of {length} bytes at {offset} with {} hash bytes \
+                         does not fit {bs} byte blocks",
+                        hashes.len()
+                    )));
+                }
+                (*offset, *length)
+            }
             PeerMsg::Keepalive => continue,
             other => {
                 return Err(LinkError::Protocol(format!(
@@ -196,75 +230,84 @@ struct Progress {
     bytes: u64,
 }
 
-/// Apply operations in number order; flush for FUA and barriers, and every
-/// [`FLUSH_EVERY`] while something is not durable.
-async fn apply(
-    mut rx: mpsc::Receiver<PeerMsg>,
+/// Where the applier writes and whom it tells.
+struct Applier {
     backend: Arc<dyn nbd::Backend>,
     progress: watch::Sender<Progress>,
+    mismatches: mpsc::UnboundedSender<Vec<(u64, u64)>>,
     limit: u64,
-) -> Result<(), LinkError> {
-    let mut waiting: BTreeMap<u64, PeerMsg> = BTreeMap::new();
-    let mut waiting_bytes = 0u64;
-    let mut p = Progress::default();
-    let mut flush_due: Option<tokio::time::Instant> = None;
-    loop {
-        let msg = match flush_due {
-            Some(at) => tokio::select! {
-                m = rx.recv() => m,
-                _ = tokio::time::sleep_until(at) => {
-                    let b = backend.clone();
-                    blocking(move || b.flush()).await?;
-                    p.durable = p.applied;
-                    flush_due = None;
-                    let _ = progress.send(p);
-                    continue;
-                }
-            },
-            None => rx.recv().await,
-        };
-        let Some(msg) = msg else {
-            return Ok(());
-        };
-        let Some(seq) = msg.seq() else { continue };
-        if seq <= p.applied || waiting.contains_key(&seq) {
-            return Err(LinkError::Protocol(format!(
-                "operation {seq} sent twice (applied up to {})",
-                p.applied
-            )));
-        }
-        waiting_bytes += op_bytes(&msg);
-        waiting.insert(seq, msg);
-        if waiting_bytes > limit {
-            return Err(LinkError::Protocol(format!(
-                "{waiting_bytes} bytes sent ahead of operation {} (more than the lag bound allows)",
-                p.applied + 1
-            )));
-        }
-        let mut batch = Vec::new();
-        while batch.len() < BATCH {
-            match waiting.remove(&(p.applied + 1 + batch.len() as u64)) {
-                Some(m) => {
-                    waiting_bytes -= op_bytes(&m);
-                    batch.push(m);
-                }
-                None => break,
+    block_size: u64,
+}
+
+impl Applier {
+    /// Apply operations in number order; flush for FUA and barriers, and every
+    /// [`FLUSH_EVERY`] while something is not durable.
+    async fn run(self, mut rx: mpsc::Receiver<PeerMsg>) -> Result<(), LinkError> {
+        let mut waiting: BTreeMap<u64, PeerMsg> = BTreeMap::new();
+        let mut waiting_bytes = 0u64;
+        let mut p = Progress::default();
+        let mut flush_due: Option<tokio::time::Instant> = None;
+        loop {
+            let msg = match flush_due {
+                Some(at) => tokio::select! {
+                    m = rx.recv() => m,
+                    _ = tokio::time::sleep_until(at) => {
+                        let b = self.backend.clone();
+                        blocking(move || b.flush()).await?;
+                        p.durable = p.applied;
+                        flush_due = None;
+                        let _ = self.progress.send(p);
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(msg) = msg else {
+                return Ok(());
+            };
+            let Some(seq) = msg.seq() else { continue };
+            if seq <= p.applied || waiting.contains_key(&seq) {
+                return Err(LinkError::Protocol(format!(
+                    "operation {seq} sent twice (applied up to {})",
+                    p.applied
+                )));
             }
+            waiting_bytes += op_bytes(&msg);
+            waiting.insert(seq, msg);
+            if waiting_bytes > self.limit {
+                return Err(LinkError::Protocol(format!(
+                    "{waiting_bytes} bytes sent ahead of operation {} (more than the lag bound allows)",
+                    p.applied + 1
+                )));
+            }
+            let mut batch = Vec::new();
+            while batch.len() < BATCH {
+                match waiting.remove(&(p.applied + 1 + batch.len() as u64)) {
+                    Some(m) => {
+                        waiting_bytes -= op_bytes(&m);
+                        batch.push(m);
+                    }
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let (b, bs) = (self.backend.clone(), self.block_size);
+            let done = blocking(move || apply_batch(&*b, batch, bs)).await?;
+            if !done.mismatched.is_empty() {
+                let _ = self.mismatches.send(done.mismatched);
+            }
+            p.applied += done.ops;
+            p.bytes += done.bytes;
+            if done.synced {
+                p.durable = p.applied;
+                flush_due = None;
+            } else if p.durable < p.applied && flush_due.is_none() {
+                flush_due = Some(tokio::time::Instant::now() + FLUSH_EVERY);
+            }
+            let _ = self.progress.send(p);
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let b = backend.clone();
-        let (n, bytes, synced) = blocking(move || apply_batch(&*b, batch)).await?;
-        p.applied += n;
-        p.bytes += bytes;
-        if synced {
-            p.durable = p.applied;
-            flush_due = None;
-        } else if p.durable < p.applied && flush_due.is_none() {
-            flush_due = Some(tokio::time::Instant::now() + FLUSH_EVERY);
-        }
-        let _ = progress.send(p);
     }
 }
 
@@ -275,11 +318,29 @@ fn op_bytes(m: &PeerMsg) -> u64 {
     }
 }
 
-/// Apply `batch` (consecutive numbers) in order; returns how many, their data bytes, and
-/// whether the batch ended with a flush that covers all of it.
-fn apply_batch(b: &dyn nbd::Backend, batch: Vec<PeerMsg>) -> std::io::Result<(u64, u64, bool)> {
-    let n = batch.len() as u64;
-    let mut bytes = 0;
+/// What a batch did.
+struct Applied {
+    ops: u64,
+    /// Data bytes written.
+    bytes: u64,
+    /// The batch ended with a flush that covers all of it.
+    synced: bool,
+    /// Blocks (first, count) whose checksums differed.
+    mismatched: Vec<(u64, u64)>,
+}
+
+/// Apply `batch` (consecutive numbers) in order.
+fn apply_batch(
+    b: &dyn nbd::Backend,
+    batch: Vec<PeerMsg>,
+    block_size: u64,
+) -> std::io::Result<Applied> {
+    let mut done = Applied {
+        ops: batch.len() as u64,
+        bytes: 0,
+        synced: false,
+        mismatched: Vec::new(),
+    };
     let mut need_flush = false;
     for m in batch {
         match m {
@@ -287,7 +348,7 @@ fn apply_batch(b: &dyn nbd::Backend, batch: Vec<PeerMsg>) -> std::io::Result<(u6
                 offset, data, fua, ..
             } => {
                 b.write_at(&data, offset)?;
-                bytes += data.len() as u64;
+                done.bytes += data.len() as u64;
                 need_flush |= fua;
             }
             PeerMsg::Zeroes {
@@ -305,6 +366,12 @@ fn apply_batch(b: &dyn nbd::Backend, batch: Vec<PeerMsg>) -> std::io::Result<(u6
             }
             PeerMsg::Trim { offset, length, .. } => b.trim(offset, length)?,
             PeerMsg::Flush { .. } => need_flush = true,
+            PeerMsg::Check {
+                offset,
+                length,
+                hashes,
+                ..
+            } => compare(b, offset, length, &hashes, block_size, &mut done.mismatched)?,
             _ => {}
         }
     }
@@ -313,7 +380,35 @@ fn apply_batch(b: &dyn nbd::Backend, batch: Vec<PeerMsg>) -> std::io::Result<(u6
     if need_flush {
         b.flush()?;
     }
-    Ok((n, bytes, need_flush))
+    done.synced = need_flush;
+    Ok(done)
+}
+
+/// Compare this node's blocks of a range with the source's `hashes`; add the blocks that
+/// differ to `out` as runs (first, count), merged with the previous run when adjacent.
+fn compare(
+    b: &dyn nbd::Backend,
+    offset: u64,
+    length: u64,
+    hashes: &[u8],
+    block_size: u64,
+    out: &mut Vec<(u64, u64)>,
+) -> std::io::Result<()> {
+    let mut data = vec![0u8; length as usize];
+    b.read_at(&mut data, offset)?;
+    let ours = crate::source::block_hashes(&data, block_size);
+    let first = offset / block_size;
+    for (i, (a, b)) in ours.chunks(32).zip(hashes.chunks(32)).enumerate() {
+        if a == b {
+            continue;
+        }
+        let block = first + i as u64;
+        match out.last_mut() {
+            Some((f, n)) if *f + *n == block => *n += 1,
+            _ => out.push((block, 1)),
+        }
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(

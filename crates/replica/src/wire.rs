@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped when a message changes meaning; both ends must agree.
-pub const LINK_VERSION: u32 = 2;
+pub const LINK_VERSION: u32 = 3;
 
 /// One node's view, sent first by each end on the control connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +21,9 @@ pub struct NodeState {
     pub bitmap_history: Vec<u64>,
     pub primary: bool,
     pub inconsistent: bool,
+    /// Inconsistent, but holding a copy of the peer's data made beforehand
+    /// (`create-md --seeded-from`): its full resync compares checksums.
+    pub seeded: bool,
     /// Blocks this node's bitmap for the peer holds (what it wrote that the peer may
     /// lack, or marked after a crash).
     pub out_of_sync_blocks: u64,
@@ -91,6 +94,19 @@ pub enum PeerMsg {
     Flush {
         seq: u64,
     },
+    /// Source to target: one BLAKE3 hash (32 bytes) per block of the range, in order; the
+    /// target compares its own blocks and answers with `Mismatch` for those that differ,
+    /// before it acknowledges `seq`.
+    Check {
+        seq: u64,
+        offset: u64,
+        length: u64,
+        #[serde(with = "serde_bytes")]
+        hashes: Vec<u8>,
+    },
+    /// Target to source: blocks (first, count) whose hashes differed; the source sends
+    /// them as data.
+    Mismatch(Vec<(u64, u64)>),
     /// Target to source: every operation up to `applied` is written, up to `durable`
     /// flushed (cumulative).
     Ack {
@@ -118,7 +134,8 @@ impl PeerMsg {
             PeerMsg::Data { seq, .. }
             | PeerMsg::Zeroes { seq, .. }
             | PeerMsg::Trim { seq, .. }
-            | PeerMsg::Flush { seq } => Some(*seq),
+            | PeerMsg::Flush { seq }
+            | PeerMsg::Check { seq, .. } => Some(*seq),
             _ => None,
         }
     }

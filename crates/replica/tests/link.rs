@@ -3,152 +3,13 @@
 //! broken link resyncing only what was written meanwhile, the secondary's own writes
 //! refused, and a peer that sends an operation outside the volume cut off.
 
-use nbd::{Backend, FileBackend, WriteEvent, WriteKind, WriteObserver};
-use net::Conn;
-use proto::WireCounter;
-use replica::{LinkSettings, LinkView};
+mod common;
+
+use common::*;
+use nbd::Backend;
+use replica::LinkView;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volume::{CreateOptions, Meta, StreamOptions};
-
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 16 * MIB;
-
-struct Node {
-    _dir: tempfile::TempDir,
-    backing: std::path::PathBuf,
-    meta: Meta,
-    backend: Arc<FileBackend>,
-    tracker: Arc<volume::Tracker>,
-    slot: u32,
-}
-
-fn node(primary: bool, peer: u32) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let backing = dir.path().join("disk.img");
-    let f = std::fs::File::create(&backing).unwrap();
-    f.set_len(SIZE).unwrap();
-    let md = dir.path().join("disk.md");
-    let opts = CreateOptions {
-        peer_slots: 2,
-        ..CreateOptions::new(SIZE)
-    };
-    Meta::create_with(&md, &opts).unwrap();
-    let meta = Meta::open(&md, SIZE).unwrap();
-    let slot = meta.attach_peers(&[peer]).unwrap()[0];
-    if primary {
-        meta.set_role(true).unwrap();
-        meta.set_inconsistent(false).unwrap();
-    } else {
-        meta.set_inconsistent(true).unwrap();
-    }
-    let backend = Arc::new(FileBackend::open(&backing, false).unwrap());
-    let tracker = meta.tracker();
-    Node {
-        _dir: dir,
-        backing,
-        meta,
-        backend,
-        tracker,
-        slot,
-    }
-}
-
-/// A write as the NBD server makes it: observer, backend, observer.
-fn write(n: &Node, offset: u64, data: &[u8]) -> std::io::Result<()> {
-    let ev = WriteEvent {
-        offset,
-        length: data.len() as u64,
-        kind: WriteKind::Data,
-        data: Some(data),
-        fua: false,
-    };
-    n.tracker.before_write(&ev)?;
-    let r = n.backend.write_at(data, offset);
-    n.tracker.after_write(&ev, &r);
-    r
-}
-
-/// `n + 1` connected pairs of framed loopback connections.
-async fn conns(n: usize) -> (Vec<Conn>, Vec<Conn>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..=n {
-        let dial = tokio::net::TcpStream::connect(addr);
-        let (d, acc) = tokio::join!(dial, l.accept());
-        let wire = Arc::new(WireCounter::default());
-        a.push(Conn::tcp(d.unwrap(), wire.clone()));
-        b.push(Conn::tcp(acc.unwrap().0, wire));
-    }
-    (a, b)
-}
-
-fn settings(slot: u32) -> LinkSettings {
-    LinkSettings {
-        volume: "db".into(),
-        peer: "other".into(),
-        slot,
-        stream: StreamOptions {
-            max_lag: 8 * MIB,
-            sync: false,
-            pull_ahead: false,
-        },
-        max_rate: None,
-        idle: Duration::from_secs(5),
-        after_split_brain: Default::default(),
-    }
-}
-
-/// Start both ends; returns their tasks.
-async fn link(
-    a: &Node,
-    b: &Node,
-    data_conns: usize,
-) -> (
-    tokio::task::JoinHandle<Result<(), replica::LinkError>>,
-    tokio::task::JoinHandle<Result<(), replica::LinkError>>,
-) {
-    let (ca, cb) = conns(data_conns).await;
-    let start = |conns, n: &Node| {
-        let (repl, backend, s) = (
-            n.meta.replication(),
-            n.backend.clone() as Arc<dyn Backend>,
-            settings(n.slot),
-        );
-        tokio::spawn(async move {
-            let view = LinkView::default();
-            replica::run(conns, repl, backend, &s, &view).await
-        })
-    };
-    (start(ca, a), start(cb, b))
-}
-
-async fn wait_in_step(p: &Node, s: &Node) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = p.meta.replication().status(p.slot).unwrap();
-        let g = s.meta.replication().generations(s.slot);
-        if st.out_of_sync_blocks == 0
-            && !g.inconsistent
-            && g.current == p.meta.replication().generations(p.slot).current
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "not in step: {st:?} {g:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn same(a: &Node, b: &Node) -> bool {
-    std::fs::read(&a.backing).unwrap() == std::fs::read(&b.backing).unwrap()
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sync_then_the_stream_then_a_resync_of_what_a_broken_link_missed() {
@@ -229,6 +90,7 @@ async fn a_peer_that_sends_outside_the_volume_is_cut_off() {
         bitmap_history: vec![0; 2],
         primary: true,
         inconsistent: false,
+        seeded: false,
         out_of_sync_blocks: 0,
         discard_my_data: false,
         after_split_brain: Default::default(),

@@ -192,6 +192,7 @@ mod open;
 mod peer;
 mod superblock;
 mod tracker;
+mod verify;
 
 pub use bitmap::Snapshot;
 pub use error::Error;

@@ -500,19 +500,9 @@ impl Meta {
     }
 
     /// Record whether the data may be incomplete (a resync into it is under way).
+    /// Clearing it also ends "seeded": the data is the peer's now.
     pub fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
-        self.set_inconsistent_ref(inconsistent)
-    }
-
-    pub(crate) fn set_inconsistent_ref(&self, inconsistent: bool) -> Result<()> {
-        let mut io = self.inner.io();
-        self.inner.usable(&self.inner.state())?;
-        if io.sb.inconsistent() == inconsistent {
-            return Ok(());
-        }
-        io.sb
-            .set_flag(crate::superblock::FLAG_INCONSISTENT, inconsistent);
-        self.inner.write_superblock(&mut io)
+        self.inner.set_inconsistent(inconsistent)
     }
 
     /// A snapshot of this volume from [`Snapshot::to_bytes`] (a consumer's saved copy of
@@ -582,11 +572,14 @@ impl Inner {
     pub(crate) fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
         let mut io = self.io();
         self.usable(&self.state())?;
-        if io.sb.inconsistent() == inconsistent {
+        if io.sb.inconsistent() == inconsistent && (inconsistent || !io.sb.seeded()) {
             return Ok(());
         }
         io.sb
             .set_flag(crate::superblock::FLAG_INCONSISTENT, inconsistent);
+        if !inconsistent {
+            io.sb.set_flag(crate::superblock::FLAG_SEEDED, false);
+        }
         self.write_superblock(&mut io)
     }
 

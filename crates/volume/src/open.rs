@@ -40,6 +40,9 @@ pub struct CreateOptions {
     pub al_extents: u32,
     /// Start with the inconsistent flag (a replica that holds nothing known yet).
     pub inconsistent: bool,
+    /// With `inconsistent`: the backing holds a copy of a peer's data made beforehand,
+    /// so the first resync compares checksums and sends only blocks that differ.
+    pub seeded: bool,
 }
 
 impl CreateOptions {
@@ -52,6 +55,7 @@ impl CreateOptions {
             peer_slots: 1,
             al_extents: DEFAULT_AL_EXTENTS,
             inconsistent: false,
+            seeded: false,
         }
     }
 }
@@ -170,6 +174,7 @@ impl Meta {
         ));
         let mut sb = Superblock::new(&geo, opts.node_id, rand::random(), new_gen());
         sb.set_flag(superblock::FLAG_INCONSISTENT, opts.inconsistent);
+        sb.set_flag(superblock::FLAG_SEEDED, opts.inconsistent && opts.seeded);
         let made = write_new(&tmp, path, &geo, sb.clone());
         let made = made.and_then(|()| {
             std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))

@@ -45,8 +45,10 @@ pub enum OpKind {
     /// A barrier: everything numbered before it is durable on the peer when it is
     /// acknowledged.
     Flush,
-    /// Resync: the caller reads the range from the backing and sends it as data.
-    Resync,
+    /// Resync: the caller reads the range from the backing and sends it as data, or
+    /// with `check` as one checksum per block, for the peer to compare with its own
+    /// (blocks that differ come back through [`Replication::resend`]).
+    Resync { check: bool },
 }
 
 /// One operation of a peer's stream.
@@ -70,6 +72,8 @@ pub struct StreamOptions {
     pub sync: bool,
     /// Past `max_lag`, put writes in the bitmap for resync instead of waiting.
     pub pull_ahead: bool,
+    /// Resync sends checksums first and data only for blocks that differ.
+    pub csums: bool,
 }
 
 /// A peer's state, as `status` reports it.
@@ -96,28 +100,34 @@ pub struct PeerStatus {
     pub resync_bytes: u64,
     /// Writes that went to the bitmap because the stream was past `max_lag`.
     pub pulled_ahead: u64,
+    /// Since open: blocks a checksum comparison found different on the peer (resent).
+    pub mismatched_blocks: u64,
+    /// An online verify is under way: bytes of the volume numbered for comparison so far.
+    pub verify_position: Option<u64>,
+    /// Since open: bytes compared by online verifies.
+    pub verified_bytes: u64,
 }
 
 /// A numbered operation not yet durable on the peer.
-struct Numbered {
-    seq: u64,
-    bytes: u64,
-    blocks: Option<(u64, u64)>,
+pub(crate) struct Numbered {
+    pub seq: u64,
+    pub bytes: u64,
+    pub blocks: Option<(u64, u64)>,
 }
 
 pub(crate) struct Stream {
-    epoch: u64,
-    opts: StreamOptions,
-    next_seq: u64,
+    pub epoch: u64,
+    pub opts: StreamOptions,
+    pub next_seq: u64,
     /// Numbered and not yet taken by the link.
-    outbox: VecDeque<Op>,
+    pub outbox: VecDeque<Op>,
     /// Numbered and not yet durable, in number order (a superset of the outbox).
-    numbered: VecDeque<Numbered>,
+    pub numbered: VecDeque<Numbered>,
     applied: u64,
     durable: u64,
     /// Bytes of `numbered` entries past `applied`.
-    lag_bytes: u64,
-    wake: Arc<dyn Fn() + Send + Sync>,
+    pub lag_bytes: u64,
+    pub wake: Arc<dyn Fn() + Send + Sync>,
 }
 
 pub(crate) struct PeerTrack {
@@ -125,12 +135,14 @@ pub(crate) struct PeerTrack {
     pub node: u32,
     pub bits: Bitmap,
     oos: Bitmap,
-    inflight: HashMap<u64, u32>,
-    stream: Option<Stream>,
+    pub inflight: HashMap<u64, u32>,
+    pub stream: Option<Stream>,
     epochs: u64,
     /// Where resync looks next (a block number).
     cursor: u64,
-    status: PeerStatus,
+    /// The next block an online verify compares (None: no verify under way).
+    pub verify: Option<u64>,
+    pub status: PeerStatus,
 }
 
 impl PeerTrack {
@@ -146,6 +158,7 @@ impl PeerTrack {
             stream: None,
             epochs: 0,
             cursor: 0,
+            verify: None,
             status: PeerStatus {
                 slot,
                 node,
@@ -255,7 +268,7 @@ impl std::fmt::Debug for Replication {
 }
 
 impl Replication {
-    fn no_slot(&self, slot: u32) -> Error {
+    pub(crate) fn no_slot(&self, slot: u32) -> Error {
         Error::invalid(&self.inner.path, format!("has no peer in slot {slot}"))
     }
 
@@ -318,10 +331,9 @@ impl Replication {
         let mut out = Vec::new();
         let mut bytes = 0;
         while let Some(op) = s.outbox.front() {
-            let n = if matches!(op.kind, OpKind::Data(_)) {
-                op.length
-            } else {
-                0
+            let n = match op.kind {
+                OpKind::Data(_) | OpKind::Resync { .. } => op.length,
+                _ => 0,
             };
             if !out.is_empty() && bytes + n > max_bytes {
                 break;
@@ -371,7 +383,7 @@ impl Replication {
         let mut st = self.inner.state();
         let st = &mut *st;
         let p = st.peers.iter_mut().find(|p| p.slot == slot)?;
-        let s = p.stream.as_mut().filter(|s| s.epoch == epoch)?;
+        let s = p.stream.as_ref().filter(|s| s.epoch == epoch)?;
         if s.lag_bytes >= s.opts.max_lag || p.oos.count() == 0 {
             return None;
         }
@@ -387,27 +399,8 @@ impl Replication {
         let last = end - 1;
         p.oos.clear_range(first, last);
         p.cursor = end;
-        let offset = first * bs;
-        let length = (end * bs).min(geo.size) - offset;
-        let seq = s.next_seq;
-        s.next_seq += 1;
-        s.numbered.push_back(Numbered {
-            seq,
-            bytes: length,
-            blocks: Some((first, last)),
-        });
-        s.lag_bytes += length;
-        for b in first..=last {
-            *p.inflight.entry(b).or_insert(0) += 1;
-        }
-        p.status.resync_bytes += length;
-        Some(Op {
-            seq,
-            offset,
-            length,
-            kind: OpKind::Resync,
-            fua: false,
-        })
+        let check = s.opts.csums;
+        Some(number_resync(p, &geo, first, last, check))
     }
 
     /// The peer applied every operation up to `applied` and made every one up to
@@ -548,6 +541,41 @@ fn stream_mut(st: &mut State, slot: u32, epoch: u64) -> Option<&mut Stream> {
         .filter(|s| s.epoch == epoch)
 }
 
+/// Number blocks `first..=last` for resync in `p`'s stream (which must be running): the
+/// peer is sent them (as data, or checksums when `check`), and they stay in the bitmap
+/// until that is durable there.
+pub(crate) fn number_resync(
+    p: &mut PeerTrack,
+    geo: &crate::Geometry,
+    first: u64,
+    last: u64,
+    check: bool,
+) -> Op {
+    let bs = u64::from(geo.block_size);
+    let offset = first * bs;
+    let length = ((last + 1) * bs).min(geo.size) - offset;
+    let s = p.stream.as_mut().expect("number_resync on a stream");
+    let seq = s.next_seq;
+    s.next_seq += 1;
+    s.numbered.push_back(Numbered {
+        seq,
+        bytes: length,
+        blocks: Some((first, last)),
+    });
+    s.lag_bytes += length;
+    for b in first..=last {
+        *p.inflight.entry(b).or_insert(0) += 1;
+    }
+    p.status.resync_bytes += length;
+    Op {
+        seq,
+        offset,
+        length,
+        kind: OpKind::Resync { check },
+        fua: false,
+    }
+}
+
 /// Everything `s` numbered and the peer did not make durable is out of sync again.
 fn end_stream(p: &mut PeerTrack, s: Stream) {
     for n in &s.numbered {
@@ -557,6 +585,7 @@ fn end_stream(p: &mut PeerTrack, s: Stream) {
         }
     }
     p.inflight.clear();
+    p.verify = None;
     (s.wake)();
 }
 
@@ -703,6 +732,8 @@ pub struct Generations {
     pub bitmap_history: [u64; crate::superblock::SLOT_HISTORY],
     pub primary: bool,
     pub inconsistent: bool,
+    /// Inconsistent, but a copy of the peer's data made beforehand.
+    pub seeded: bool,
 }
 
 impl Replication {
@@ -718,6 +749,7 @@ impl Replication {
             bitmap_history: entry.history,
             primary: sb.primary(),
             inconsistent: sb.inconsistent(),
+            seeded: sb.seeded(),
         }
     }
 
@@ -755,6 +787,7 @@ impl Replication {
             sb.current_gen = current;
         }
         sb.set_flag(crate::superblock::FLAG_INCONSISTENT, false);
+        sb.set_flag(crate::superblock::FLAG_SEEDED, false);
         // Every slot still collecting since an older id is relative to data this node no
         // longer has: it stays marked (a superset), the ids say "since then".
         inner.write_superblock(&mut io)

@@ -33,7 +33,8 @@
 //! ```
 //!
 //! Flags: bit 0 = clean shutdown, bit 1 = primary, bit 2 = inconsistent (a resync into
-//! this node has not finished).
+//! this node has not finished), bit 3 = seeded (inconsistent, but holding a copy of the
+//! peer's data made beforehand: its first resync compares checksums).
 //!
 //! Generation ids are random 64-bit values, 0 meaning "none". Per slot, the bitmap holds
 //! every block written since generation `bitmap_gen` began; `history` keeps the volume's
@@ -53,6 +54,9 @@ pub const FLAG_CLEAN: u32 = 1;
 pub const FLAG_PRIMARY: u32 = 2;
 /// A resync into this node has not finished: its data may be a mix of old and new.
 pub const FLAG_INCONSISTENT: u32 = 4;
+/// The data was copied from the peer beforehand (`create-md --seeded-from`): the full
+/// resync that makes it consistent sends only blocks whose checksums differ.
+pub const FLAG_SEEDED: u32 = 8;
 pub const SLOT_IN_USE: u32 = 1;
 
 pub(crate) const SUM_AT: usize = 4064;
@@ -184,6 +188,10 @@ impl Superblock {
 
     pub fn inconsistent(&self) -> bool {
         self.flags & FLAG_INCONSISTENT != 0
+    }
+
+    pub fn seeded(&self) -> bool {
+        self.flags & FLAG_SEEDED != 0
     }
 
     pub fn set_flag(&mut self, flag: u32, on: bool) {

@@ -28,6 +28,7 @@ mod replication;
 mod resume;
 mod rsync_flags;
 mod security;
+mod seeding;
 mod select;
 mod soak;
 mod split_brain;
