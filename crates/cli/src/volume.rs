@@ -67,6 +67,14 @@ pub enum VolumeCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Stream state changes (role, disk, each peer's connection, replication, role, disk, errors, verify) as JSON lines until interrupted; the first lines are the states as they are.
+    Events {
+        /// One volume; all when omitted.
+        name: Option<String>,
+        /// The daemon's configuration file, to find its state_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Compare every block with a connected peer's (all peers when omitted) by checksums, on the primary; blocks that differ are resent. Progress in `status`.
     Verify {
         name: String,
@@ -133,6 +141,7 @@ pub async fn run(command: VolumeCommand) -> u8 {
                 discard_my_data,
             },
         ),
+        VolumeCommand::Events { name, config } => events(name, config.as_deref()),
         VolumeCommand::Verify { name, peer, config } => {
             said(config.as_deref(), "verify", &Request::Verify { name, peer })
         }
@@ -401,8 +410,8 @@ fn show_peer(p: &daemon::roles::PeerStatus) {
         ));
     }
     line.push_str(&format!(
-        ", {} byte(s) out of sync, lag {} byte(s)",
-        p.out_of_sync_bytes, p.lag_bytes
+        ", {} byte(s) out of sync, lag {} byte(s) ({:.1} s)",
+        p.out_of_sync_bytes, p.lag_bytes, p.lag_secs
     ));
     if p.resync_rate > 0 {
         line.push_str(&format!(", resync {}/s", p.resync_rate));
@@ -425,6 +434,25 @@ fn show_peer(p: &daemon::roles::PeerStatus) {
     outln!("{line}");
     if let (Some(e), false) = (&p.last_error, p.connection == "connected") {
         outln!("    last error: {e}");
+    }
+}
+
+/// Print the daemon's event lines as they come (stops quietly when stdout closes).
+fn events(name: Option<String>, config: Option<&Path>) -> u8 {
+    use std::io::Write;
+    let Some(sock) = socket(config, "events") else {
+        return exit::FATAL;
+    };
+    let mut out = std::io::stdout().lock();
+    let r = daemon::events::follow(&sock, name, |line| {
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+    });
+    match r {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            errln!("cutover volume events: {e}");
+            exit::FATAL
+        }
     }
 }
 

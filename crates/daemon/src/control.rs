@@ -81,6 +81,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         discard_my_data: bool,
     },
+    /// Stream state changes as JSON lines (`events.rs`) until the client goes away.
+    Events {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
     /// Online verify against one peer, or all (this node must be their source).
     Verify {
         name: String,
@@ -113,7 +118,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn error(why: impl Into<String>) -> Reply {
+    pub(crate) fn error(why: impl Into<String>) -> Reply {
         Reply {
             ok: false,
             error: Some(why.into()),
@@ -215,7 +220,7 @@ fn gen(id: u64) -> String {
     format!("{id:016x}")
 }
 
-fn status_of(h: &Hosted) -> Result<VolumeStatus, String> {
+pub(crate) fn status_of(h: &Hosted) -> Result<VolumeStatus, String> {
     let s = h.with_meta(|m| m.status())?;
     Ok(VolumeStatus {
         name: h.name.clone(),
@@ -261,7 +266,7 @@ fn status_of(h: &Hosted) -> Result<VolumeStatus, String> {
     })
 }
 
-fn find<'h>(hosted: &'h [Arc<Hosted>], name: &str) -> Result<&'h Arc<Hosted>, String> {
+pub(crate) fn find<'h>(hosted: &'h [Arc<Hosted>], name: &str) -> Result<&'h Arc<Hosted>, String> {
     hosted.iter().find(|h| h.name == name).ok_or_else(|| {
         let names: Vec<&str> = hosted.iter().map(|h| h.name.as_str()).collect();
         format!(
@@ -296,8 +301,8 @@ fn answer(hosted: &[Arc<Hosted>], req: Request) -> Reply {
                     ..Reply::default()
                 })
         }
-        Request::Pass { .. } | Request::PassDone { .. } => {
-            Err("`pass` and `pass-done` keep their own connection".to_string())
+        Request::Pass { .. } | Request::PassDone { .. } | Request::Events { .. } => {
+            Err("`pass`, `pass-done` and `events` keep their own connection".to_string())
         }
         Request::Primary { name, force } => {
             find(hosted, &name).and_then(|h| crate::roles::promote(h, force).map(said))
@@ -379,6 +384,9 @@ async fn connection(mut stream: UnixStream, hosted: Arc<[Arc<Hosted>]>) {
                 destination,
                 full,
             })) => return pass(stream, hosted, name, destination, full).await,
+            Ok(Ok(Request::Events { name })) => {
+                return crate::events::stream(stream, hosted, name).await
+            }
             Ok(Ok(req)) => {
                 let hosted = hosted.clone();
                 tokio::task::spawn_blocking(move || answer(&hosted, req))
@@ -393,7 +401,7 @@ async fn connection(mut stream: UnixStream, hosted: Arc<[Arc<Hosted>]>) {
     let _ = stream.shutdown().await;
 }
 
-async fn send_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+pub(crate) async fn send_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     line.push(b'\n');
     stream.write_all(&line).await
@@ -528,6 +536,9 @@ pub enum ControlError {
     },
     #[error("{}: the daemon's reply is not understood ({why}); use the same cutover version for both", path.display())]
     BadReply { path: PathBuf, why: String },
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Send one request to the control socket at `socket` and return the daemon's reply (its
@@ -539,7 +550,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<Reply, ControlError> {
 
 /// Connect to the control socket and write one request line; how the write went is for
 /// [`read_reply`] (a daemon that refuses the peer answers without reading).
-fn send_request(
+pub(crate) fn send_request(
     socket: &Path,
     req: &Request,
 ) -> Result<(std::os::unix::net::UnixStream, io::Result<()>), ControlError> {

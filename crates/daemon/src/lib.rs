@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod control;
+pub mod events;
 mod pass_store;
 mod passes;
 pub mod peering;

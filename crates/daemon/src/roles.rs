@@ -24,8 +24,11 @@ pub struct PeerStatus {
     pub peer_disk: String,
     /// Bytes the peer may lack (its bitmap in this node's metadata).
     pub out_of_sync_bytes: u64,
-    /// Of the stream: bytes sent and not yet applied by the peer.
+    /// Of the stream: bytes sent and not yet applied by the peer, and how long ago the
+    /// oldest of them was written here (seconds).
     pub lag_bytes: u64,
+    #[serde(default)]
+    pub lag_secs: f64,
     /// Resync bytes per second (source side) and the time left at that rate.
     pub resync_rate: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +104,7 @@ pub(crate) fn peers_of(h: &Hosted) -> Vec<PeerStatus> {
                 peer_disk: peer_disk.into(),
                 out_of_sync_bytes: oos,
                 lag_bytes: lag,
+                lag_secs: st.as_ref().map_or(0.0, |s| s.lag_ms as f64 / 1000.0),
                 resync_rate: if connected { v.resync_rate } else { 0 },
                 eta_secs,
                 connections: v.connections,

@@ -32,6 +32,7 @@ use crate::meta::{Inner, Result, State};
 use nbd::WriteKind;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What a numbered operation does on the peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +90,9 @@ pub struct PeerStatus {
     pub streaming: bool,
     /// Bytes numbered and not yet applied by the peer.
     pub lag_bytes: u64,
+    /// How long ago the oldest operation the peer has not applied was numbered (0 when
+    /// it applied everything).
+    pub lag_ms: u64,
     /// Operations numbered and not yet durable on the peer.
     pub unacked: u64,
     pub next_seq: u64,
@@ -113,6 +117,8 @@ pub(crate) struct Numbered {
     pub seq: u64,
     pub bytes: u64,
     pub blocks: Option<(u64, u64)>,
+    /// When it was numbered (for the lag in seconds).
+    pub at: Instant,
 }
 
 pub(crate) struct Stream {
@@ -226,6 +232,7 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
             fua: w.fua,
         });
         s.numbered.push_back(Numbered {
+            at: Instant::now(),
             seq,
             bytes,
             blocks: Some((first, last)),
@@ -362,6 +369,7 @@ impl Replication {
                 fua: true,
             });
             s.numbered.push_back(Numbered {
+                at: Instant::now(),
                 seq,
                 bytes: 0,
                 blocks: None,
@@ -524,6 +532,11 @@ pub(crate) fn peer_status(inner: &Inner, p: &PeerTrack) -> PeerStatus {
     s.streaming = p.stream.is_some();
     if let Some(st) = &p.stream {
         s.lag_bytes = st.lag_bytes;
+        s.lag_ms = st
+            .numbered
+            .iter()
+            .find(|n| n.seq > st.applied)
+            .map_or(0, |n| n.at.elapsed().as_millis() as u64);
         s.unacked = st.numbered.len() as u64;
         s.next_seq = st.next_seq;
         s.applied = st.applied;
@@ -558,6 +571,7 @@ pub(crate) fn number_resync(
     let seq = s.next_seq;
     s.next_seq += 1;
     s.numbered.push_back(Numbered {
+        at: Instant::now(),
         seq,
         bytes: length,
         blocks: Some((first, last)),

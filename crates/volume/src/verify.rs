@@ -89,6 +89,7 @@ impl Replication {
         s.next_seq += 1;
         // Not out of sync: nothing to clear when it is durable.
         s.numbered.push_back(Numbered {
+            at: std::time::Instant::now(),
             seq,
             bytes: length,
             blocks: None,

@@ -3,7 +3,8 @@
 //! one line naming both sides' changes, until the operator runs `connect
 //! --discard-my-data` on the node whose writes are given up, or the peers'
 //! `after_split_brain = "discard-least-changes"` settles it by itself. Either way the
-//! loser ends identical to the winner, its own writes gone.
+//! loser ends identical to the winner, its own writes gone. `cutover volume events`
+//! reports the refusal and the reconnection as JSON lines.
 
 use crate::replication::{
     configure, have_qemu, node, qemu_io, sock, status, volume, wait_in_step, Node,
@@ -55,6 +56,40 @@ fn split(a: &Node, b: &Node, a_writes: &[&str], b_writes: &[&str]) {
     volume(a, &["connect", "db"]).ok();
 }
 
+/// `cutover volume events db` on a node, its lines collected.
+struct Events {
+    child: std::process::Child,
+    lines: std::thread::JoinHandle<Vec<Value>>,
+}
+
+impl Events {
+    fn follow(n: &Node) -> Events {
+        use std::io::BufRead;
+        let mut child = cutover_cmd()
+            .args(["volume", "events", "db", "--config", s(&n.config)])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = std::thread::spawn(move || {
+            std::io::BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l}: {e}")))
+                .collect()
+        });
+        Events { child, lines }
+    }
+
+    fn stop(mut self) -> Vec<Value> {
+        // Let the last look (every 200 ms) report what just happened.
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines.join().unwrap()
+    }
+}
+
 /// Poll `n`'s status until `ok` holds (30 s at most).
 fn wait_for(n: &Node, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
@@ -87,6 +122,8 @@ fn a_split_brain_is_refused_until_the_secondary_discards_its_data() {
     }
     let t = tmp();
     let (a, da, b, db) = synced_pair(t.path(), "");
+    let events = Events::follow(&a);
+    assert_one_line_error(&volume(&a, &["events", "nope"]), &["nope"]);
     // a writes 4 blocks (16 KiB each), b writes 2, one over a block a wrote too.
     split(
         &a,
@@ -125,6 +162,28 @@ fn a_split_brain_is_refused_until_the_secondary_discards_its_data() {
     let sb = status(&b);
     assert_eq!(sb["peers"][0].get("discard_my_data"), None, "{sb}");
     assert_eq!(sb["disk"], "UpToDate", "{sb}");
+
+    // The stream of events saw the refusal, then the link come back.
+    let lines = events.stop();
+    let refused = lines.iter().position(|e| {
+        e["peer"] == "b"
+            && e["state"]["last_error"]
+                .as_str()
+                .is_some_and(|m| m.contains("split brain"))
+    });
+    let refused = refused.unwrap_or_else(|| panic!("no split brain event in {lines:#?}"));
+    assert!(
+        lines[refused..].iter().any(|e| e["peer"] == "b"
+            && e["changed"]
+                .as_array()
+                .unwrap()
+                .contains(&"connection".into())
+            && e["state"]["connection"] == "connected"),
+        "no reconnection after the refusal in {lines:#?}"
+    );
+    assert!(lines
+        .iter()
+        .all(|e| e["time"].is_string() && e["volume"] == "db"));
 
     // Replication goes on as before.
     let w = qemu_io(&sock(&a), &["write -P 0xcc 3M 16k"]);
