@@ -51,15 +51,18 @@ enum Command {
     Sync(Box<sync::SyncArgs>),
     /// Run the daemon that serves modules to `cutover sync` and hosts block volumes.
     #[command(
-        override_usage = "cutover serve --config FILE [--listen ADDR] [--port-file FILE]\n       cutover serve --stdio"
+        override_usage = "cutover serve --config FILE [--listen ADDR] [--port-file FILE]\n       cutover serve --stdio\n       cutover serve --peer-relay [--config FILE]"
     )]
     Serve {
-        /// Configuration file (TOML) with `listen`, `[[module]]` and `[[volume]]` entries. Required, unless --stdio.
-        #[arg(long, value_name = "FILE", required_unless_present = "stdio")]
+        /// Configuration file (TOML) with `listen`, `[[module]]` and `[[volume]]` entries. Required, unless --stdio or --peer-relay.
+        #[arg(long, value_name = "FILE", required_unless_present_any = ["stdio", "peer_relay"])]
         config: Option<PathBuf>,
         /// Serve one connection on stdin/stdout (what `cutover sync` starts over ssh).
         #[arg(long, conflicts_with_all = ["config", "listen", "port_file"])]
         stdio: bool,
+        /// Join stdin/stdout to the running daemon's peer socket (what a replication peer starts over ssh); --config names that daemon's config.
+        #[arg(long, conflicts_with_all = ["stdio", "listen", "port_file"])]
+        peer_relay: bool,
         /// Listen address, overriding the file's `listen` (port 0 picks a free one).
         #[arg(long)]
         listen: Option<String>,
@@ -116,7 +119,10 @@ fn main() -> ExitCode {
     // A daemon's log is its record of sessions and refused clients; a client only warns.
     let default_level = match cli.command {
         // Over ssh, stderr goes back to the client: only what it should see.
-        Command::Serve { stdio: true, .. } => "warn",
+        Command::Serve { stdio: true, .. }
+        | Command::Serve {
+            peer_relay: true, ..
+        } => "warn",
         Command::Serve { .. } => "info",
         _ => "warn",
     };
@@ -148,6 +154,17 @@ fn main() -> ExitCode {
                 Ok(()) => exit::OK,
                 Err(e) => {
                     errln!("cutover serve --stdio: {e}");
+                    exit::FATAL
+                }
+            },
+            Command::Serve {
+                peer_relay: true,
+                config,
+                ..
+            } => match daemon::peer_ssh::relay(config.as_deref()).await {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    errln!("cutover serve --peer-relay: {e}");
                     exit::FATAL
                 }
             },

@@ -14,6 +14,7 @@ pub mod control;
 pub mod events;
 mod pass_store;
 mod passes;
+pub mod peer_ssh;
 pub mod peering;
 pub mod roles;
 pub mod stdio;

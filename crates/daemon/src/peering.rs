@@ -220,10 +220,8 @@ pub(crate) async fn dial_loop(link: Arc<PeerLink>, hosted: Arc<Hosted>, identity
 async fn dial(link: &PeerLink, identity: &Identity) -> Result<Vec<Conn>, String> {
     let addr = match &link.cfg.address {
         Some(PeerAddress::Tcp(a)) => a.clone(),
-        Some(PeerAddress::Ssh(host)) => {
-            return Err(format!(
-                "address ssh://{host}: links over ssh are not supported yet; give HOST:PORT"
-            ))
+        Some(PeerAddress::Ssh(dest)) => {
+            return crate::peer_ssh::dial(link, dest, &identity.fingerprint).await
         }
         None => return Err("no address: this side waits for the peer".into()),
     };
@@ -235,32 +233,47 @@ async fn dial(link: &PeerLink, identity: &Identity) -> Result<Vec<Conn>, String>
     let mut conns = Vec::with_capacity(count as usize);
     for index in 0..count {
         let wire = Arc::new(WireCounter::default());
-        let mut d = net::secure::connect(&addr, Some(tls.clone()), wire, Some(DIAL_PATIENCE))
+        let d = net::secure::connect(&addr, Some(tls.clone()), wire, Some(DIAL_PATIENCE))
             .await
             .map_err(|e| format!("{addr}: {e}"))?;
-        let hello = proto::Hello::Peer(PeerHello {
-            version: PROTOCOL_VERSION,
-            volume: link.volume.clone(),
-            link: id,
-            index,
-            count,
-        });
-        d.conn
-            .writer
-            .send_value(&hello)
+        let conn = greet(d.conn, link, id, index, count, identity.fingerprint.0)
             .await
             .map_err(|e| format!("{addr}: {e}"))?;
-        let welcome = tokio::time::timeout(DIAL_PATIENCE, d.conn.reader.recv_value::<Welcome>())
-            .await
-            .map_err(|_| format!("{addr}: no answer within {DIAL_PATIENCE:?}"))?
-            .map_err(|e| format!("{addr}: {e}"))?;
-        match welcome {
-            Some(Welcome::Accepted { .. }) => conns.push(d.conn),
-            Some(Welcome::Refused { reason }) => return Err(format!("{addr} refused: {reason}")),
-            None => return Err(format!("{addr} closed the connection")),
-        }
+        conns.push(conn);
     }
     Ok(conns)
+}
+
+/// Say which link and connection this is, and take the peer's welcome.
+pub(crate) async fn greet(
+    mut conn: Conn,
+    link: &PeerLink,
+    id: u64,
+    index: u32,
+    count: u32,
+    sender: [u8; 32],
+) -> Result<Conn, String> {
+    let hello = proto::Hello::Peer(PeerHello {
+        version: PROTOCOL_VERSION,
+        volume: link.volume.clone(),
+        link: id,
+        index,
+        count,
+        sender,
+    });
+    conn.writer
+        .send_value(&hello)
+        .await
+        .map_err(|e| e.to_string())?;
+    let welcome = tokio::time::timeout(DIAL_PATIENCE, conn.reader.recv_value::<Welcome>())
+        .await
+        .map_err(|_| format!("no answer within {DIAL_PATIENCE:?}"))?
+        .map_err(|e| e.to_string())?;
+    match welcome {
+        Some(Welcome::Accepted { .. }) => Ok(conn),
+        Some(Welcome::Refused { reason }) => Err(format!("refused: {reason}")),
+        None => Err("closed the connection".into()),
+    }
 }
 
 /// The links of every hosted volume, for routing incoming peer connections.

@@ -107,6 +107,8 @@ pub struct Volumes {
     sockets: Vec<PathBuf>,
     /// Each volume's NBD server, drained at shutdown.
     servers: Vec<(String, nbd::Server)>,
+    /// Where peer links relayed over ssh come in (`peer_ssh.rs`), when a volume has peers.
+    peer_socket: Option<PathBuf>,
 }
 
 impl Volumes {
@@ -119,6 +121,7 @@ impl Volumes {
             tasks: Vec::new(),
             sockets: Vec::new(),
             servers: Vec::new(),
+            peer_socket: None,
         };
         if config.volumes.is_empty() {
             return Ok(vols);
@@ -286,6 +289,11 @@ impl Volumes {
             );
         }
         let control_path = config.control_socket().ok_or(VolumeError::NoStateDir)?;
+        if hosted.iter().any(|h| !h.peer_slots.is_empty()) {
+            self.peer_socket = control_path
+                .parent()
+                .map(|d| d.join(crate::peer_ssh::PEER_SOCKET));
+        }
         let listener = bind_private(&control_path).map_err(|source| VolumeError::Control {
             path: control_path.clone(),
             source,
@@ -376,7 +384,22 @@ impl Volumes {
             }
             let _ = h.peers.set(links);
         }
-        Arc::new(hub)
+        let hub = Arc::new(hub);
+        if let Some(path) = self.peer_socket.clone() {
+            match bind_private(&path) {
+                Ok(l) => {
+                    self.sockets.push(path.clone());
+                    self.tasks
+                        .push(tokio::spawn(crate::peer_ssh::serve(l, hub.clone())));
+                    tracing::info!("peer socket {} (links relayed over ssh)", path.display());
+                }
+                Err(e) => tracing::error!(
+                    "peer socket {}: {e}; peers cannot reach this node over ssh",
+                    path.display()
+                ),
+            }
+        }
+        hub
     }
 
     /// How many volumes run.

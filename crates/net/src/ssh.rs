@@ -61,6 +61,11 @@ pub struct SshChild {
 }
 
 impl SshChild {
+    /// The last line the process wrote to stderr so far (ssh's or the remote's error).
+    pub fn stderr_line(&self) -> String {
+        last_line(&self.stderr)
+    }
+
     /// Wait up to `limit` for the process to end, then say what went wrong in one line.
     pub async fn diagnose(&self, dest: &str, cmd: &SshCommand, limit: Duration) -> SshFailure {
         let mut status = self.status.clone();
@@ -106,19 +111,31 @@ pub fn spawn(
     dest: &str,
     wire: Arc<WireCounter>,
 ) -> std::io::Result<(Conn, SshChild)> {
-    let mut child = tokio::process::Command::new(&cmd.program[0])
-        .args(&cmd.program[1..])
+    spawn_remote(&cmd.program, dest, &cmd.remote_command(), wire)
+}
+
+/// Start `PROGRAM… DEST REMOTE_COMMAND` (an ssh command line, the remote shell running
+/// `remote_command`) and wrap its pipes as a connection.
+pub fn spawn_remote(
+    program: &[String],
+    dest: &str,
+    remote_command: &str,
+    wire: Arc<WireCounter>,
+) -> std::io::Result<(Conn, SshChild)> {
+    let Some((first, rest)) = program.split_first() else {
+        return Err(std::io::Error::other("an empty ssh command"));
+    };
+    let mut child = tokio::process::Command::new(first)
+        .args(rest)
         .arg(dest)
-        .arg(cmd.remote_command())
+        .arg(remote_command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // The session ends by closing stdin; an abandoned ssh must not outlive us.
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot run {:?}: {e}", cmd.program[0]))
-        })?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {first:?}: {e}")))?;
     let (Some(stdin), Some(stdout), Some(err)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {

@@ -36,6 +36,10 @@ pub struct PeerHello {
     pub link: u64,
     pub index: u32,
     pub count: u32,
+    /// The dialler's certificate fingerprint (SHA-256), as it claims it. Believed only on
+    /// the daemon's local peer socket, which an ssh relay reaches after ssh authenticated
+    /// the dialler; over TLS the client certificate says who it is.
+    pub sender: [u8; 32],
 }
 
 /// What the client asks for when it opens a session.

@@ -15,6 +15,10 @@
 //! max_lag = "64M"
 //! connections = 8
 //! after_split_brain = "disconnect"  # or "discard-zero-changes", "discard-least-changes"
+//! # with address = "ssh://[USER@]HOST" only:
+//! ssh_command = "ssh -p 2222"       # default "ssh"
+//! remote_cutover = "cutover"        # the program on the peer's host
+//! remote_config = "/etc/cutover/serve.toml"  # the peer daemon's config (for its state_dir)
 //! ```
 //!
 //! The table is read into a [`PeerSpec`] holding the written text of the fields that need
@@ -60,6 +64,29 @@ pub struct Peer {
     /// TCP/TLS connections of the link, 1 to [`MAX_CONNECTIONS`].
     pub connections: usize,
     pub after_split_brain: SplitBrainPolicy,
+    /// With an ssh address: how each connection reaches the peer daemon.
+    pub ssh: SshVia,
+}
+
+/// How a link over ssh starts the relay on the peer's host: `SSH_COMMAND [USER@]HOST
+/// REMOTE_CUTOVER serve --peer-relay [--config REMOTE_CONFIG]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshVia {
+    /// The local command and its arguments, split like a shell would.
+    pub command: String,
+    pub remote_cutover: String,
+    /// The peer daemon's config on its host (for its state_dir); None: its default.
+    pub remote_config: Option<String>,
+}
+
+impl Default for SshVia {
+    fn default() -> SshVia {
+        SshVia {
+            command: "ssh".into(),
+            remote_cutover: "cutover".into(),
+            remote_config: None,
+        }
+    }
 }
 
 /// Where a peer is dialled.
@@ -175,6 +202,9 @@ pub(super) struct PeerSpec {
     connections: usize,
     #[serde(default)]
     after_split_brain: SplitBrainPolicy,
+    ssh_command: Option<String>,
+    remote_cutover: Option<String>,
+    remote_config: Option<String>,
 }
 
 fn default_connections() -> usize {
@@ -317,7 +347,9 @@ pub(super) fn load_peers(volume: &Volume) -> Result<Vec<Peer>, String> {
                 spec.connections
             ));
         }
+        let ssh = ssh_via(spec, address.as_ref()).map_err(|e| format!("{at}: {e}"))?;
         peers.push(Peer {
+            ssh,
             name: spec.name.clone(),
             fingerprint,
             address,
@@ -331,6 +363,42 @@ pub(super) fn load_peers(volume: &Volume) -> Result<Vec<Peer>, String> {
         });
     }
     Ok(peers)
+}
+
+/// The ssh keys of a peer: only with an ssh address, each checked.
+fn ssh_via(spec: &PeerSpec, address: Option<&PeerAddress>) -> Result<SshVia, String> {
+    let given = [
+        ("ssh_command", &spec.ssh_command),
+        ("remote_cutover", &spec.remote_cutover),
+        ("remote_config", &spec.remote_config),
+    ];
+    if !matches!(address, Some(PeerAddress::Ssh(_))) {
+        if let Some((key, _)) = given.iter().find(|(_, v)| v.is_some()) {
+            return Err(format!(
+                "{key} is only for a peer dialled over ssh (address = \"ssh://[USER@]HOST\")"
+            ));
+        }
+        return Ok(SshVia::default());
+    }
+    for (key, v) in given {
+        if v.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(format!("{key} is empty; leave it out for the default"));
+        }
+    }
+    let mut via = SshVia::default();
+    if let Some(c) = &spec.ssh_command {
+        if shlex::split(c).is_none_or(|p| p.is_empty()) {
+            return Err(format!(
+                "ssh_command = {c:?}: not a command line (unbalanced quotes?)"
+            ));
+        }
+        via.command = c.clone();
+    }
+    if let Some(r) = &spec.remote_cutover {
+        via.remote_cutover = r.clone();
+    }
+    via.remote_config = spec.remote_config.clone();
+    Ok(via)
 }
 
 #[cfg(test)]
@@ -388,7 +456,21 @@ mod tests {
                 max_lag: 3 << 29,
                 connections: 64,
                 after_split_brain: SplitBrainPolicy::DiscardLeastChanges,
+                ssh: SshVia::default(),
             }]
+        );
+        let c = one(
+            "address = \"ssh://root@dr\"\nssh_command = \"ssh -p 2222 -i 'my key'\"\n\
+             remote_cutover = \"/opt/cutover\"\nremote_config = \"/etc/c.toml\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.volumes[0].peers[0].ssh,
+            SshVia {
+                command: "ssh -p 2222 -i 'my key'".into(),
+                remote_cutover: "/opt/cutover".into(),
+                remote_config: Some("/etc/c.toml".into()),
+            }
         );
         let c = one("protocol = \"a\"\nafter_split_brain = \"discard-zero-changes\"\nmax_rate = 2048\nmax_lag = 1048576\n").unwrap();
         let p = &c.volumes[0].peers[0];
@@ -469,6 +551,22 @@ mod tests {
                 &["on_congestion", "`x`", "pull-ahead"],
             ),
             ("after_split_brain = \"x\"\n", &["after_split_brain", "`x`"]),
+            (
+                "address = \"h:1\"\nssh_command = \"ssh\"\n",
+                &["peer \"dr\": ssh_command is only for a peer dialled over ssh"],
+            ),
+            (
+                "remote_config = \"/c\"\n",
+                &["remote_config is only for a peer dialled over ssh"],
+            ),
+            (
+                "address = \"ssh://h\"\nssh_command = \"ssh 'x\"\n",
+                &["ssh_command = \"ssh 'x\": not a command line"],
+            ),
+            (
+                "address = \"ssh://h\"\nremote_cutover = \" \"\n",
+                &["remote_cutover is empty"],
+            ),
             (
                 "max_lag = \"1K\"\n",
                 &["volume \"db\": peer \"dr\": max_lag = \"1K\": give at least 1M"],
