@@ -230,8 +230,12 @@ pub(crate) fn status_of(h: &Hosted) -> Result<VolumeStatus, String> {
             "secondary"
         }
         .into(),
-        disk: if s.inconsistent && !h.peer_slots.is_empty() {
+        disk: if h.peer_slots.is_empty() {
+            "UpToDate"
+        } else if s.inconsistent {
             "Inconsistent"
+        } else if s.outdated {
+            "Outdated"
         } else {
             "UpToDate"
         }

@@ -139,6 +139,13 @@ pub(crate) fn promote(h: &Hosted, force: bool) -> Result<String, String> {
              copy (a new volume's first primary)"
         ));
     }
+    if s.outdated && !force {
+        return Err(format!(
+            "volume {name:?}: this node's data is outdated (the primary went ahead of it under \
+             congestion, and the resync that catches up has not finished); wait for it, or \
+             promote with --force to take this node's older data"
+        ));
+    }
     if let Some(l) = links(h)
         .iter()
         .find(|l| l.view.get().connection == "connected" && l.view.get().peer_primary == Some(true))
@@ -151,6 +158,7 @@ pub(crate) fn promote(h: &Hosted, force: bool) -> Result<String, String> {
     h.with_meta(|m| -> volume::Result<()> {
         if force {
             m.set_inconsistent(false)?;
+            m.set_outdated(false)?;
         }
         m.set_role(true)
     })?

@@ -114,6 +114,7 @@ pub(crate) async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut step_at: Option<u64> = None;
     let mut in_step = false;
+    let mut pulled_ahead = repl.status(s.slot).map_or(0, |st| st.pulled_ahead);
     let mut rate = RateMeter::new();
     loop {
         tokio::select! {
@@ -149,6 +150,14 @@ pub(crate) async fn run(
                     return Err(LinkError::Closed);
                 };
                 view.update(|v| v.resync_rate = rate.rate(st.resync_bytes));
+                if st.pulled_ahead > pulled_ahead {
+                    // Writes went to the bitmap: the peer is behind until a resync ends.
+                    pulled_ahead = st.pulled_ahead;
+                    ctl_w.send_any(&PeerMsg::Outdated, false).await?;
+                    beat.sent();
+                    in_step = false;
+                    step_at = None;
+                }
                 if !in_step {
                     if st.resync_blocks > 0 {
                         step_at = None;

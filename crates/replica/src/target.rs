@@ -141,6 +141,10 @@ pub(crate) async fn run(
                         step = None;
                     }
                 }
+                PeerMsg::Outdated => {
+                    repl.set_outdated(true)?;
+                    tracing::warn!(peer = %s.peer, "outdated: the primary pulled ahead; in step again after its resync");
+                }
                 PeerMsg::Keepalive => {}
                 other => return Err(LinkError::Protocol(format!("{other:?} on the control connection of a target"))),
             },

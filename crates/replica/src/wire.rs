@@ -119,6 +119,9 @@ pub enum PeerMsg {
         seq: u64,
         current: u64,
     },
+    /// Source to target: the source pulled ahead (writes went to its bitmap instead of
+    /// the stream): the target's data is older than the source's until the next `InStep`.
+    Outdated,
     /// Either way, when nothing else was sent for a while.
     Keepalive,
     /// Either way: why this end will not go on (the other logs it).

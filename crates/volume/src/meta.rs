@@ -111,6 +111,8 @@ pub struct Status {
     pub primary: bool,
     /// The data may be incomplete (a resync into it has not finished).
     pub inconsistent: bool,
+    /// The data is consistent but older than the primary's (it pulled ahead).
+    pub outdated: bool,
     /// Replication peers, by slot.
     pub peers: Vec<PeerStatus>,
 }
@@ -505,6 +507,11 @@ impl Meta {
         self.inner.set_inconsistent(inconsistent)
     }
 
+    /// Record whether the primary went ahead of this node's data (pull-ahead).
+    pub fn set_outdated(&self, outdated: bool) -> Result<()> {
+        self.inner.set_outdated(outdated)
+    }
+
     /// A snapshot of this volume from [`Snapshot::to_bytes`] (a consumer's saved copy of
     /// what it still owes a peer), with the current bitmap generation as both ids; None
     /// when the bytes are not one bit per block.
@@ -569,6 +576,17 @@ impl Meta {
 }
 
 impl Inner {
+    /// Record that the primary went ahead of this node's data (or that it caught up).
+    pub(crate) fn set_outdated(&self, outdated: bool) -> Result<()> {
+        let mut io = self.io();
+        self.usable(&self.state())?;
+        if io.sb.outdated() == outdated {
+            return Ok(());
+        }
+        io.sb.set_flag(crate::superblock::FLAG_OUTDATED, outdated);
+        self.write_superblock(&mut io)
+    }
+
     pub(crate) fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
         let mut io = self.io();
         self.usable(&self.state())?;
@@ -631,6 +649,7 @@ impl Inner {
             closed: st.closed,
             primary: sb.primary(),
             inconsistent: sb.inconsistent(),
+            outdated: sb.outdated(),
             peers: st
                 .peers
                 .iter()

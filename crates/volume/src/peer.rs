@@ -748,6 +748,8 @@ pub struct Generations {
     pub inconsistent: bool,
     /// Inconsistent, but a copy of the peer's data made beforehand.
     pub seeded: bool,
+    /// Consistent but older than the primary's (it pulled ahead).
+    pub outdated: bool,
 }
 
 impl Replication {
@@ -764,6 +766,7 @@ impl Replication {
             primary: sb.primary(),
             inconsistent: sb.inconsistent(),
             seeded: sb.seeded(),
+            outdated: sb.outdated(),
         }
     }
 
@@ -802,6 +805,7 @@ impl Replication {
         }
         sb.set_flag(crate::superblock::FLAG_INCONSISTENT, false);
         sb.set_flag(crate::superblock::FLAG_SEEDED, false);
+        sb.set_flag(crate::superblock::FLAG_OUTDATED, false);
         // Every slot still collecting since an older id is relative to data this node no
         // longer has: it stays marked (a superset), the ids say "since then".
         inner.write_superblock(&mut io)
@@ -915,5 +919,10 @@ impl Replication {
     /// See [`crate::Meta::set_inconsistent`].
     pub fn set_inconsistent(&self, inconsistent: bool) -> Result<()> {
         self.inner.set_inconsistent(inconsistent)
+    }
+
+    /// See [`crate::Meta::set_outdated`].
+    pub fn set_outdated(&self, outdated: bool) -> Result<()> {
+        self.inner.set_outdated(outdated)
     }
 }

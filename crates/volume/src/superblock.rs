@@ -34,7 +34,8 @@
 //!
 //! Flags: bit 0 = clean shutdown, bit 1 = primary, bit 2 = inconsistent (a resync into
 //! this node has not finished), bit 3 = seeded (inconsistent, but holding a copy of the
-//! peer's data made beforehand: its first resync compares checksums).
+//! peer's data made beforehand: its first resync compares checksums), bit 4 = outdated
+//! (consistent, but the primary went ahead without it: pull-ahead).
 //!
 //! Generation ids are random 64-bit values, 0 meaning "none". Per slot, the bitmap holds
 //! every block written since generation `bitmap_gen` began; `history` keeps the volume's
@@ -57,6 +58,9 @@ pub const FLAG_INCONSISTENT: u32 = 4;
 /// The data was copied from the peer beforehand (`create-md --seeded-from`): the full
 /// resync that makes it consistent sends only blocks whose checksums differ.
 pub const FLAG_SEEDED: u32 = 8;
+/// Consistent but old: the primary pulled ahead (put writes in its bitmap instead of
+/// sending them) and the resync that catches up has not finished.
+pub const FLAG_OUTDATED: u32 = 16;
 pub const SLOT_IN_USE: u32 = 1;
 
 pub(crate) const SUM_AT: usize = 4064;
@@ -192,6 +196,10 @@ impl Superblock {
 
     pub fn seeded(&self) -> bool {
         self.flags & FLAG_SEEDED != 0
+    }
+
+    pub fn outdated(&self) -> bool {
+        self.flags & FLAG_OUTDATED != 0
     }
 
     pub fn set_flag(&mut self, flag: u32, on: bool) {
