@@ -12,6 +12,7 @@
 pub mod config;
 pub mod control;
 pub mod events;
+mod link_dial;
 mod pass_store;
 mod passes;
 pub mod peer_ssh;

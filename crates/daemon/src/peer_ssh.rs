@@ -71,12 +71,9 @@ async fn relayed(stream: UnixStream, hub: Arc<PeerHub>, failures: Arc<AtomicU64>
     peering::accept(&hub, conn, Some(claimed), hello, &failures, "ssh relay").await;
 }
 
-/// Open every connection of a new link to `link`'s peer over ssh to `dest`.
-pub(crate) async fn dial(
-    link: &PeerLink,
-    dest: &str,
-    own: &Fingerprint,
-) -> Result<Vec<Conn>, String> {
+/// The command line that reaches the peer's relay: (local program and arguments, remote
+/// command).
+pub(crate) fn command(link: &PeerLink) -> Result<(Vec<String>, String), String> {
     let via = &link.cfg.ssh;
     let program = shlex::split(&via.command)
         .filter(|p| !p.is_empty())
@@ -89,28 +86,33 @@ pub(crate) async fn dial(
         remote.push_str(" --config ");
         remote.push_str(&shlex::try_quote(c).map_err(|e| e.to_string())?);
     }
-    let id: u64 = rand::random();
-    let count = link.cfg.connections as u32 + 1;
-    let mut conns = Vec::with_capacity(count as usize);
-    for index in 0..count {
-        let wire = Arc::new(WireCounter::default());
-        let (conn, child) = net::ssh::spawn_remote(&program, dest, &remote, wire)
-            .map_err(|e| format!("ssh://{dest}: {e}"))?;
-        match peering::greet(conn, link, id, index, count, own.0).await {
-            Ok(c) => conns.push(c),
-            Err(why) => {
-                // ssh's own complaint (no route, key refused, no cutover there) says more.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let said = child.stderr_line();
-                return Err(if said.is_empty() {
-                    format!("ssh://{dest}: {why}")
-                } else {
-                    format!("ssh://{dest}: {why} ({said})")
-                });
-            }
+    Ok((program, remote))
+}
+
+/// Open connection `index` of link `id` over ssh to `dest`.
+pub(crate) async fn dial_one(
+    link: &PeerLink,
+    dest: &str,
+    (program, remote): &(Vec<String>, String),
+    hello: ([u8; 32], u64, u32, u32),
+    wire: Arc<WireCounter>,
+) -> Result<Conn, String> {
+    let (own, id, index, count) = hello;
+    let (conn, child) = net::ssh::spawn_remote(program, dest, remote, wire)
+        .map_err(|e| format!("ssh://{dest}: {e}"))?;
+    match peering::greet(conn, link, id, index, count, own).await {
+        Ok(c) => Ok(c),
+        Err(why) => {
+            // ssh's own complaint (no route, key refused, no cutover there) says more.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let said = child.stderr_line();
+            Err(if said.is_empty() {
+                format!("ssh://{dest}: {why}")
+            } else {
+                format!("ssh://{dest}: {why} ({said})")
+            })
         }
     }
-    Ok(conns)
 }
 
 /// `cutover serve --peer-relay [--config FILE]`, run by ssh on the peer's host: join

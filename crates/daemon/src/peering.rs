@@ -10,22 +10,24 @@
 //! one with the smaller fingerprint refuses the other's links, so that two links never
 //! race: its own link is the one.
 
-use crate::config::{self, PeerAddress};
+use crate::config;
 use crate::volumes::Hosted;
 use net::tls::{Fingerprint, Identity};
 use net::Conn;
-use proto::{PeerHello, Welcome, WireCounter, PROTOCOL_VERSION};
+use proto::{PeerHello, Welcome, PROTOCOL_VERSION};
 use replica::{LinkError, LinkSettings, LinkView};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 /// A link silent this long (no keepalive either) is dead.
 pub const LINK_IDLE: Duration = Duration::from_secs(10);
 /// Dialling a peer: each step (TCP, TLS, welcome) within this.
-const DIAL_PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const DIAL_PATIENCE: Duration = Duration::from_secs(10);
+/// Data connections a link grows to at most (the first ones included).
+pub(crate) const MAX_LINK_CONNECTIONS: usize = config::MAX_CONNECTIONS;
 /// Pauses between attempts grow from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_LAST: Duration = Duration::from_secs(30);
@@ -58,6 +60,9 @@ pub struct PeerLink {
     /// The link the waiting side runs.
     running: Mutex<Option<JoinHandle<()>>>,
     assembling: Mutex<Option<Assembly>>,
+    /// The running link the waiting side accepted (its id), where the dialler's later
+    /// data connections join it.
+    joining: Mutex<Option<(u64, mpsc::Sender<Conn>)>>,
     links: AtomicU64,
 }
 
@@ -81,6 +86,7 @@ impl PeerLink {
             restart: Notify::new(),
             running: Mutex::new(None),
             assembling: Mutex::new(None),
+            joining: Mutex::new(None),
             links: AtomicU64::new(0),
             cfg,
         }
@@ -132,7 +138,7 @@ impl PeerLink {
 }
 
 /// Run one link over `conns` and record how it ended.
-async fn run_link(link: &PeerLink, hosted: &Hosted, conns: Vec<Conn>) {
+async fn run_link(link: &PeerLink, hosted: &Hosted, conns: Vec<Conn>, more: mpsc::Receiver<Conn>) {
     let n = link.links.fetch_add(1, Ordering::Relaxed) + 1;
     let repl = match hosted.with_meta(|m| m.replication()) {
         Ok(r) => r,
@@ -147,8 +153,9 @@ async fn run_link(link: &PeerLink, hosted: &Hosted, conns: Vec<Conn>) {
         link.name,
         conns.len().saturating_sub(1)
     );
-    let r = replica::run(
+    let r = replica::run_growing(
         conns,
+        more,
         repl,
         hosted.backend.clone(),
         &link.settings(),
@@ -188,13 +195,19 @@ pub(crate) async fn dial_loop(link: Arc<PeerLink>, hosted: Arc<Hosted>, identity
         link.view.update(|v| v.connection = "connecting".into());
         let started = Instant::now();
         let dialled = tokio::select! {
-            d = dial(&link, &identity) => d,
+            d = crate::link_dial::dial(&link, &identity) => d,
             _ = link.restart.notified() => Err("restarted".into()),
         };
         match dialled {
-            Ok(conns) => {
+            Ok((conns, d)) => {
+                let (tx, more) = mpsc::channel(MAX_LINK_CONNECTIONS);
+                let grow = async {
+                    d.grow(&link, tx).await;
+                    std::future::pending::<()>().await
+                };
                 tokio::select! {
-                    _ = run_link(&link, &hosted, conns) => {}
+                    _ = run_link(&link, &hosted, conns, more) => {}
+                    _ = grow => {}
                     _ = link.restart.notified() => {
                         link.view.update(|v| v.connection = "connecting".into());
                     }
@@ -214,34 +227,6 @@ pub(crate) async fn dial_loop(link: Arc<PeerLink>, hosted: Arc<Hosted>, identity
         }
         pause = (pause * 2).min(BACKOFF_LAST);
     }
-}
-
-/// Open every connection of a new link to the peer.
-async fn dial(link: &PeerLink, identity: &Identity) -> Result<Vec<Conn>, String> {
-    let addr = match &link.cfg.address {
-        Some(PeerAddress::Tcp(a)) => a.clone(),
-        Some(PeerAddress::Ssh(dest)) => {
-            return crate::peer_ssh::dial(link, dest, &identity.fingerprint).await
-        }
-        None => return Err("no address: this side waits for the peer".into()),
-    };
-    let seen = Arc::new(Mutex::new(None));
-    let tls = net::tls::client_config(Some(link.cfg.fingerprint), Some(identity), seen)
-        .map_err(|e| e.to_string())?;
-    let id: u64 = rand::random();
-    let count = link.cfg.connections as u32 + 1;
-    let mut conns = Vec::with_capacity(count as usize);
-    for index in 0..count {
-        let wire = Arc::new(WireCounter::default());
-        let d = net::secure::connect(&addr, Some(tls.clone()), wire, Some(DIAL_PATIENCE))
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let conn = greet(d.conn, link, id, index, count, identity.fingerprint.0)
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        conns.push(conn);
-    }
-    Ok(conns)
 }
 
 /// Say which link and connection this is, and take the peer's welcome.
@@ -339,7 +324,10 @@ pub(crate) async fn accept(
             "protocol version {} here, {} there; run the same cutover on both nodes",
             PROTOCOL_VERSION, hello.version
         ))
-    } else if hello.count < 2 || hello.count > 65 || hello.index >= hello.count {
+    } else if hello.count < 2
+        || hello.count as usize > MAX_LINK_CONNECTIONS + 1
+        || hello.index as usize > MAX_LINK_CONNECTIONS
+    {
         Some(format!(
             "connection {} of {}: a link has 2 to 65 connections",
             hello.index, hello.count
@@ -360,6 +348,21 @@ pub(crate) async fn accept(
         .await
         .is_err()
     {
+        return;
+    }
+    if hello.index >= hello.count {
+        // A connection the dialler added to its running link.
+        let joining = link
+            .joining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match joining {
+            Some((id, tx)) if id == hello.link => {
+                let _ = tx.send(conn).await;
+            }
+            _ => conn.writer.close().await,
+        }
         return;
     }
     let complete = {
@@ -392,8 +395,10 @@ pub(crate) async fn accept(
         return;
     };
     // A new link replaces the one running (the peer redialled: the old one is dead).
+    let (tx, more) = mpsc::channel(MAX_LINK_CONNECTIONS);
+    *link.joining.lock().unwrap_or_else(|p| p.into_inner()) = Some((hello.link, tx));
     let (l, h) = (link.clone(), hosted.clone());
-    let task = tokio::spawn(async move { run_link(&l, &h, conns).await });
+    let task = tokio::spawn(async move { run_link(&l, &h, conns, more).await });
     let old = link
         .running
         .lock()

@@ -495,8 +495,8 @@ async fn grow(
     delivered: Delivered,
 ) {
     let mut last = delivered();
-    let mut base_rate = 0.0f64;
-    let mut settling = false;
+    // Nothing flowing (scanning, hashing, or a delta with little to send): no verdict.
+    let mut rule = crate::growth::Doubling::new(AUTO_GAIN, AUTO_IDLE_RATE);
     loop {
         tokio::time::sleep(AUTO_STEP).await;
         if tx.is_closed() {
@@ -505,20 +505,14 @@ async fn grow(
         let now = delivered();
         let rate = now.saturating_sub(last) as f64 / AUTO_STEP.as_secs_f64();
         last = now;
-        // Nothing flowing (scanning, hashing, or a delta with little to send): no verdict.
-        if rate < AUTO_IDLE_RATE {
-            continue;
+        match rule.step(rate) {
+            crate::growth::Step::Wait => continue,
+            crate::growth::Step::Stop => {
+                tracing::debug!(count, rate, "auto connections: rate stopped rising");
+                return;
+            }
+            crate::growth::Step::Grow => {}
         }
-        // The step right after opening connections mixes old and new rates: skip it.
-        if settling {
-            settling = false;
-            continue;
-        }
-        if base_rate > 0.0 && rate < base_rate * AUTO_GAIN {
-            tracing::debug!(count, rate, "auto connections: rate stopped rising");
-            return;
-        }
-        base_rate = rate;
         let more = count.min(AUTO_MAX - count);
         if more == 0 {
             return;
@@ -537,7 +531,6 @@ async fn grow(
             }
         }
         count += more;
-        settling = true;
         tracing::debug!(count, rate, "auto connections: opened more");
     }
 }

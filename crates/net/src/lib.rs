@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod conn;
+pub mod growth;
 pub mod known_hosts;
 pub mod limit;
 pub mod remote_install;

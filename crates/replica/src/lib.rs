@@ -21,5 +21,5 @@ mod target;
 pub mod wire;
 
 pub use decide::{decide, Verdict};
-pub use link::{run, LinkError, LinkInfo, LinkSettings, LinkView};
+pub use link::{run, run_growing, LinkError, LinkInfo, LinkSettings, LinkView};
 pub use wire::SplitBrainPolicy;

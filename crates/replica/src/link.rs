@@ -129,7 +129,21 @@ pub(crate) async fn recv_within(
 /// `backend` is the volume's backing: the source reads resync data from it, the target
 /// writes the stream into it.
 pub async fn run(
+    conns: Vec<Conn>,
+    repl: Replication,
+    backend: Arc<dyn nbd::Backend>,
+    settings: &LinkSettings,
+    view: &LinkView,
+) -> Result<(), LinkError> {
+    let (_none, more) = tokio::sync::mpsc::channel(1);
+    run_growing(conns, more, repl, backend, settings, view).await
+}
+
+/// [`run`], taking more data connections from `more` while it runs (the dialling side
+/// opens them while they raise the link's rate).
+pub async fn run_growing(
     mut conns: Vec<Conn>,
+    more: tokio::sync::mpsc::Receiver<Conn>,
     repl: Replication,
     backend: Arc<dyn nbd::Backend>,
     settings: &LinkSettings,
@@ -202,12 +216,13 @@ pub async fn run(
         Verdict::Source(r) => {
             let mut settings = settings.clone();
             settings.stream.csums |= r.checksums;
-            crate::source::run(ctl, conns, repl, backend, &settings, r.full, view).await
+            crate::source::run(ctl, conns, more, repl, backend, &settings, r.full, view).await
         }
         Verdict::Target(r) => {
             crate::target::run(
                 ctl,
                 conns,
+                more,
                 repl,
                 backend,
                 settings,

@@ -11,7 +11,7 @@ use crate::wire::PeerMsg;
 use net::{Conn, MsgWriter, RateLimiter};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use volume::{Op, OpKind, Replication};
 
 /// Bytes of queued writes one send takes, and the longest resync run: big enough to keep
@@ -35,9 +35,11 @@ impl Drop for StreamGuard {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     ctl: Conn,
     data: Vec<Conn>,
+    mut more: mpsc::Receiver<Conn>,
     repl: Replication,
     backend: Arc<dyn nbd::Backend>,
     s: &LinkSettings,
@@ -97,10 +99,9 @@ pub(crate) async fn run(
     let limiter = s.max_rate.and_then(RateLimiter::new).map(Arc::new);
     let mut senders = tokio::task::JoinSet::new();
     let mut readers = Vec::new();
-    for conn in data {
-        readers.push(conn.reader);
+    let spawn_sender = |senders: &mut tokio::task::JoinSet<_>, w| {
         senders.spawn(sender(
-            conn.writer,
+            w,
             repl.clone(),
             s.slot,
             epoch,
@@ -108,6 +109,10 @@ pub(crate) async fn run(
             notify.clone(),
             limiter.clone(),
         ));
+    };
+    for conn in data {
+        readers.push(conn.reader);
+        spawn_sender(&mut senders, conn.writer);
     }
 
     let mut beat = Beat::new(s.idle);
@@ -118,6 +123,12 @@ pub(crate) async fn run(
     let mut rate = RateMeter::new();
     loop {
         tokio::select! {
+            Some(conn) = more.recv() => {
+                // The dialler opened another data connection (the link grows).
+                readers.push(conn.reader);
+                spawn_sender(&mut senders, conn.writer);
+                view.update(|v| v.connections += 1);
+            }
             msg = recv_within(&mut ctl_r, s.idle) => match msg? {
                 PeerMsg::Ack { applied, durable } => {
                     repl.acked(s.slot, epoch, applied, durable);

@@ -45,6 +45,7 @@ fn in_step(
 pub(crate) async fn run(
     ctl: Conn,
     data: Vec<Conn>,
+    mut more: mpsc::Receiver<Conn>,
     repl: Replication,
     backend: Arc<dyn nbd::Backend>,
     s: &LinkSettings,
@@ -91,7 +92,6 @@ pub(crate) async fn run(
         writers.push(conn.writer);
         tasks.spawn(receive(conn.reader, tx.clone(), geo, s.idle));
     }
-    drop(tx);
     let (progress_tx, mut progress) = watch::channel(Progress::default());
     // Mismatches go out before the progress that acknowledges their comparison.
     let (mismatch_tx, mut mismatches) = mpsc::unbounded_channel();
@@ -110,6 +110,12 @@ pub(crate) async fn run(
     let mut sent = (0, 0);
     loop {
         tokio::select! {
+            Some(conn) = more.recv() => {
+                // The dialler opened another data connection (the link grows).
+                writers.push(conn.writer);
+                tasks.spawn(receive(conn.reader, tx.clone(), geo, s.idle));
+                view.update(|v| v.connections += 1);
+            }
             changed = progress.changed() => {
                 if changed.is_err() {
                     continue;

@@ -25,6 +25,7 @@ mod plan_passes;
 mod plan_verify;
 mod prop;
 mod replication;
+mod replication_grow;
 mod replication_ssh;
 mod resume;
 mod rsync_flags;

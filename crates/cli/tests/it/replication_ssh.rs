@@ -21,7 +21,7 @@ fn a_link_over_ssh_syncs_and_streams_one_login_per_connection() {
     let db = Daemon::start_with(&b.dir, &b.config);
     let via = |remote_config: &str| {
         format!(
-            "address = \"ssh://root@127.0.0.1\"\nconnections = 2\nssh_command = \"{}\"\n\
+            "address = \"ssh://root@127.0.0.1\"\nconnections = 2\nmax_connections = 2\nssh_command = \"{}\"\n\
              remote_cutover = \"{}\"\nremote_config = \"{remote_config}\"\n",
             sshd.rsh(),
             bin()

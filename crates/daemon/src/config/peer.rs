@@ -13,7 +13,8 @@
 //! csums = false
 //! on_congestion = "block"           # or "pull-ahead"
 //! max_lag = "64M"
-//! connections = 8
+//! connections = 8                  # to start with
+//! max_connections = 64              # grown to while each doubling raises the rate
 //! after_split_brain = "disconnect"  # or "discard-zero-changes", "discard-least-changes"
 //! # with address = "ssh://[USER@]HOST" only:
 //! ssh_command = "ssh -p 2222"       # default "ssh"
@@ -63,6 +64,9 @@ pub struct Peer {
     pub max_lag: u64,
     /// TCP/TLS connections of the link, 1 to [`MAX_CONNECTIONS`].
     pub connections: usize,
+    /// The dialling side adds data connections up to this many while they raise the
+    /// link's rate (`connections` to [`MAX_CONNECTIONS`]).
+    pub max_connections: usize,
     pub after_split_brain: SplitBrainPolicy,
     /// With an ssh address: how each connection reaches the peer daemon.
     pub ssh: SshVia,
@@ -200,6 +204,7 @@ pub(super) struct PeerSpec {
     max_lag: Option<Size>,
     #[serde(default = "default_connections")]
     connections: usize,
+    max_connections: Option<usize>,
     #[serde(default)]
     after_split_brain: SplitBrainPolicy,
     ssh_command: Option<String>,
@@ -347,6 +352,13 @@ pub(super) fn load_peers(volume: &Volume) -> Result<Vec<Peer>, String> {
                 spec.connections
             ));
         }
+        let max_connections = spec.max_connections.unwrap_or(MAX_CONNECTIONS);
+        if !(spec.connections..=MAX_CONNECTIONS).contains(&max_connections) {
+            return Err(format!(
+                "{at}: max_connections = {max_connections}: give {} (connections) to {MAX_CONNECTIONS}",
+                spec.connections
+            ));
+        }
         let ssh = ssh_via(spec, address.as_ref()).map_err(|e| format!("{at}: {e}"))?;
         peers.push(Peer {
             ssh,
@@ -359,6 +371,7 @@ pub(super) fn load_peers(volume: &Volume) -> Result<Vec<Peer>, String> {
             on_congestion: spec.on_congestion,
             max_lag,
             connections: spec.connections,
+            max_connections,
             after_split_brain: spec.after_split_brain,
         });
     }
@@ -455,6 +468,7 @@ mod tests {
                 on_congestion: OnCongestion::PullAhead,
                 max_lag: 3 << 29,
                 connections: 64,
+                max_connections: 64,
                 after_split_brain: SplitBrainPolicy::DiscardLeastChanges,
                 ssh: SshVia::default(),
             }]
@@ -551,6 +565,10 @@ mod tests {
                 &["on_congestion", "`x`", "pull-ahead"],
             ),
             ("after_split_brain = \"x\"\n", &["after_split_brain", "`x`"]),
+            (
+                "connections = 4\nmax_connections = 3\n",
+                &["peer \"dr\": max_connections = 3: give 4 (connections) to 64"],
+            ),
             (
                 "address = \"h:1\"\nssh_command = \"ssh\"\n",
                 &["peer \"dr\": ssh_command is only for a peer dialled over ssh"],
