@@ -17,6 +17,9 @@ use volume::{Op, OpKind, Replication};
 /// Bytes of queued writes one send takes, and the longest resync run: big enough to keep
 /// a connection's window full, small enough that N connections share the work.
 const CHUNK: u64 = 1 << 20;
+/// One send in this many takes a resync run before queued writes (a floor of about a
+/// quarter of the link for resync while both wait).
+const RESYNC_FIRST_EVERY: u64 = 4;
 /// How often a sender with nothing to do looks again (acks free lag room for resync).
 const POLL: Duration = Duration::from_millis(50);
 /// Runs in one `Runs` message are checked against the volume as they come.
@@ -206,11 +209,23 @@ async fn sender(
     limiter: Option<Arc<RateLimiter>>,
 ) -> Result<(), LinkError> {
     let block_size = u64::from(repl.geometry().block_size);
+    let mut round = 0u64;
     loop {
         let notified = notify.notified();
-        let Some(mut ops) = repl.take_queued(slot, epoch, CHUNK) else {
-            return Ok(());
+        round += 1;
+        // The resync's floor: every few rounds it goes first, so that application writes
+        // filling the link cannot hold it back for ever.
+        let mut ops: Vec<Op> = if round % RESYNC_FIRST_EVERY == 0 {
+            repl.next_resync(slot, epoch, CHUNK).into_iter().collect()
+        } else {
+            Vec::new()
         };
+        if ops.is_empty() {
+            let Some(queued) = repl.take_queued(slot, epoch, CHUNK) else {
+                return Ok(());
+            };
+            ops = queued;
+        }
         if ops.is_empty() {
             ops.extend(
                 repl.next_resync(slot, epoch, CHUNK)
