@@ -215,7 +215,7 @@ async fn sender(
         round += 1;
         // The resync's floor: every few rounds it goes first, so that application writes
         // filling the link cannot hold it back for ever.
-        let mut ops: Vec<Op> = if round % RESYNC_FIRST_EVERY == 0 {
+        let mut ops: Vec<Op> = if round.is_multiple_of(RESYNC_FIRST_EVERY) {
             repl.next_resync(slot, epoch, CHUNK).into_iter().collect()
         } else {
             Vec::new()
