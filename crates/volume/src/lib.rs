@@ -183,6 +183,7 @@
 mod al;
 mod bitmap;
 mod disk;
+mod generations;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -202,7 +203,8 @@ pub use layout::{
 };
 pub use meta::{AlStatus, Counters, Meta, OpenReport, Result, Status};
 pub use open::{CreateOptions, Info};
-pub use peer::{Generations, Op, OpKind, PeerStatus, Replication, StreamOptions};
+pub use generations::Generations;
+pub use peer::{Op, OpKind, PeerStatus, Replication, StreamOptions};
 pub use tracker::{Tracker, DEFAULT_FLUSH_INTERVAL, DIRTY_CONTEXT, FLAG_DIRTY};
 
 #[cfg(test)]
