@@ -806,6 +806,40 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// A lag series' quantiles, and its means over the first and last `window` seconds.
+#[derive(Debug, Clone, Copy)]
+struct LagStats {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    first: f64,
+    last: f64,
+    /// The last window's mean is over 1.5× the first's plus 0.1 s.
+    grows: bool,
+}
+
+impl LagStats {
+    /// Of `(seconds since start, lag seconds)` samples.
+    fn of(series: &[(f64, f64)], window: f64) -> LagStats {
+        let end = series.last().map_or(0.0, |s| s.0);
+        let in_window = |keep: &dyn Fn(f64) -> bool| {
+            let v: Vec<f64> = series.iter().filter(|s| keep(s.0)).map(|s| s.1).collect();
+            mean(&v)
+        };
+        let first = in_window(&|t| t < window);
+        let last = in_window(&|t| t > end - window);
+        let mut all: Vec<f64> = series.iter().map(|s| s.1).collect();
+        LagStats {
+            p50: quantile(&mut all, 0.5),
+            p99: quantile(&mut all, 0.99),
+            max: quantile(&mut all, 1.0),
+            first,
+            last,
+            grows: last > first * 1.5 + 0.1,
+        }
+    }
+}
+
 /// R3: protocol A under a writer at half the link for `secs` seconds.
 fn run_lag(env: &Env, secs: u64, size: u64, dir: &Path, logs: &Path) -> Result<Measured> {
     let opts = PeerOpts {
@@ -860,58 +894,52 @@ fn run_lag(env: &Env, secs: u64, size: u64, dir: &Path, logs: &Path) -> Result<M
     fs::write(&samples_log, serde_json::to_string(&samples)?)?;
 
     let achieved = w["rate"].as_f64().unwrap_or(0.0);
-    let from_status = samples.iter().any(|s| s.2.is_some());
-    let lag_s = |s: &(f64, u64, Option<f64>, bool)| s.2.unwrap_or(s.1 as f64 / achieved.max(1.0));
-    let mut all: Vec<f64> = samples.iter().map(lag_s).collect();
     let window = secs as f64 / 6.0;
-    let end = samples.last().map_or(0.0, |s| s.0);
-    let first = mean(
-        &samples
-            .iter()
-            .filter(|s| s.0 < window)
-            .map(lag_s)
-            .collect::<Vec<_>>(),
-    );
-    let last = mean(
-        &samples
-            .iter()
-            .filter(|s| s.0 > end - window)
-            .map(lag_s)
-            .collect::<Vec<_>>(),
-    );
-    let grows = last > first * 1.5 + 0.1;
-    let (p50, p99, max) = (
-        quantile(&mut all, 0.5),
-        quantile(&mut all, 0.99),
-        quantile(&mut all, 1.0),
-    );
+    // lag_bytes ÷ the write rate, and the status's own lag_secs when it has them.
+    let estimated: Vec<(f64, f64)> = samples
+        .iter()
+        .map(|s| (s.0, s.1 as f64 / achieved.max(1.0)))
+        .collect();
+    let reported: Vec<(f64, f64)> = samples.iter().filter_map(|s| Some((s.0, s.2?))).collect();
+    let est = LagStats::of(&estimated, window);
+    let from_status = !reported.is_empty();
+    let lag = if from_status {
+        LagStats::of(&reported, window)
+    } else {
+        est
+    };
     let held = achieved >= rate * 0.95;
     let disconnected = samples.iter().filter(|s| !s.3).count();
     let judged = format!(
-        "lag p50 {:.3} s, p99 {:.3} s, max {:.3} s{}; first {window:.0} s mean {first:.3} s, last {window:.0} s {last:.3} s ({}); \
-         writer {:.1} MB/s of {:.1} asked{}",
-        p50,
-        p99,
-        max,
-        if from_status { "" } else { " (lag_bytes ÷ the write rate: status has no lag_secs)" },
-        if grows { "grows" } else { "no growth" },
+        "lag p50 {:.3} s, p99 {:.3} s, max {:.3} s ({}); first {window:.0} s mean {:.3} s, last {window:.0} s {:.3} s ({}); \
+         lag_bytes ÷ rate: p99 {:.3} s, max {:.1} MB; writer {:.1} MB/s of {:.1} asked{}",
+        lag.p50,
+        lag.p99,
+        lag.max,
+        if from_status { "status's lag_secs" } else { "lag_bytes ÷ the write rate: status has no lag_secs" },
+        lag.first,
+        lag.last,
+        if lag.grows { "grows" } else { "no growth" },
+        est.p99,
+        samples.iter().map(|s| s.1).max().unwrap_or(0) as f64 / 1e6,
         achieved / 1e6,
         rate / 1e6,
         if disconnected > 0 { format!("; {disconnected} sample(s) not connected") } else { String::new() },
     );
     let figures = json!({
         "samples": samples.len(), "samples_file": samples_log, "lag_secs_from_status": from_status,
-        "lag_p50_s": p50, "lag_p99_s": p99, "lag_max_s": max,
-        "lag_max_bytes": samples.iter().map(|s| s.1).max(),
-        "first_window_mean_s": first, "last_window_mean_s": last, "grows": grows,
+        "lag_p50_s": lag.p50, "lag_p99_s": lag.p99, "lag_max_s": lag.max,
+        "first_window_mean_s": lag.first, "last_window_mean_s": lag.last, "grows": lag.grows,
+        "estimated_p50_s": est.p50, "estimated_p99_s": est.p99, "estimated_max_s": est.max,
+        "estimated_grows": est.grows, "lag_max_bytes": samples.iter().map(|s| s.1).max(),
         "writer": w, "cpu_cores": cpu,
     });
     Ok(Measured {
         command,
-        seconds: w["seconds"].as_f64().unwrap_or(end),
+        seconds: w["seconds"].as_f64().unwrap_or(0.0),
         wire,
         figures,
-        met: Some(p99 <= 1.0 && !grows && held && disconnected == 0),
+        met: Some(lag.p99 <= 1.0 && !lag.grows && held && disconnected == 0),
         judged,
         verify,
         reference: None,
@@ -1127,6 +1155,21 @@ mod tests {
         assert_eq!(quantile(&mut v, 0.99), 5.0);
         assert_eq!(quantile(&mut v, 1.0), 5.0);
         assert_eq!(quantile(&mut [], 0.5), 0.0);
+    }
+
+    #[test]
+    fn lag_growth_compares_the_first_and_last_windows() {
+        let flat: Vec<(f64, f64)> = (0..60).map(|t| (t as f64, 0.2)).collect();
+        let s = LagStats::of(&flat, 10.0);
+        let near = |x: f64| (x - 0.2).abs() < 1e-9;
+        assert!(
+            !s.grows && near(s.p99) && near(s.first) && near(s.last),
+            "{s:?}"
+        );
+        let rising: Vec<(f64, f64)> = (0..60).map(|t| (t as f64, t as f64 / 20.0)).collect();
+        let s = LagStats::of(&rising, 10.0);
+        assert!(s.grows, "{s:?}");
+        assert_eq!(s.max, 59.0 / 20.0);
     }
 
     #[test]
