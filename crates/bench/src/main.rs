@@ -8,6 +8,7 @@ mod calib;
 mod data;
 mod listed;
 mod proc;
+mod replication;
 mod report;
 mod tls_cost;
 mod tools;
@@ -33,7 +34,8 @@ struct Args {
     /// Multiply data sizes and file counts (1.0 = the table's sizes; 0.05 for a smoke run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, V1, V2, V3, T1), comma-separated.
+    /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, V1, V2, V3, T1,
+    /// R1..R5), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Work directory: cached base data, run directories, logs, results.json.
@@ -320,6 +322,11 @@ fn run_inner(
         let image = base.path.join("big00.bin");
         return volume_io::run(env, io, &image, run_dir, &logs, res);
     }
+    if let Place::Replication(row) = spec.place {
+        res.source = base.stats;
+        let image = base.path.join("big00.bin");
+        return replication::run(env, row, &image, run_dir, &logs, res);
+    }
     if spec.place == Place::VolumePass {
         res.source = base.stats;
         return volume_pass::run(env, &base.path.join("big00.bin"), run_dir, &logs, res);
@@ -393,8 +400,9 @@ fn run_inner(
         | Place::Listed
         | Place::VolumeConvert
         | Place::VolumeWrites { .. }
-        | Place::VolumePass => {
-            unreachable!("T1, P1, V1, V2 and V3 returned above")
+        | Place::VolumePass
+        | Place::Replication(_) => {
+            unreachable!("T1, P1, V1, V2, V3 and R1–R5 returned above")
         }
         Place::Local => {
             if spec.with_cp && !args.no_peers {
@@ -535,7 +543,9 @@ fn real_main() -> Result<ExitCode> {
         }
     }
     let repo = repo_root();
-    let specs = select(workloads::all(args.scale), &args.only)?;
+    let mut all = workloads::all(args.scale);
+    all.extend(replication::specs(args.scale));
+    let specs = select(all, &args.only)?;
     let work = args.work.clone().unwrap_or_else(|| repo.join("bench-work"));
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     let work = work.canonicalize()?;

@@ -70,6 +70,22 @@ pub fn quote(s: &str) -> String {
     }
 }
 
+/// Run `cmd` to completion: its stdout, or an error naming it, with its stderr.
+pub fn stdout_of(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Run `cmd` to completion with stdout and stderr sent to files, timing it by wall clock from
 /// just before spawn to just after `wait4` returns, after a `sync(2)` that is not timed. After `timeout` the child and all its
 /// descendants get SIGTERM, and SIGKILL 10 s later.
@@ -283,6 +299,14 @@ impl Background {
 
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> Result<bool> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?.is_none()),
+            None => Ok(false),
+        }
     }
 
     /// Peak RSS so far, while it runs.

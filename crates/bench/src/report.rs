@@ -184,7 +184,7 @@ impl WorkloadResult {
 
     /// Whether the tools crossed the emulated link, so wire bytes were counted.
     fn over_wan(&self) -> bool {
-        matches!(self.place.as_str(), "wan" | "wan-ssh")
+        matches!(self.place.as_str(), "wan" | "wan-ssh" | "wan-replica")
     }
 }
 
@@ -331,6 +331,8 @@ fn row(w: &WorkloadResult) -> String {
         (None, _) => "—".into(),
     };
     let met = match w.met {
+        // R1–R5's figure is not a time ratio: the verdict carries it.
+        Some(true) if w.place == "wan-replica" => format!("yes ({})", w.judged),
         Some(true) => "yes".into(),
         Some(false) => format!("**no** ({})", w.judged),
         None => "—".into(),
@@ -544,6 +546,7 @@ pub fn markdown(r: &Results, repro: &str, work: &Path) -> String {
         "L1's two targets (≤ 1.2× `cp -a`, ≤ rsync's time) are applied to both halves, large files (L1a) and small files (L1b).",
         "P1's data is M1's layout (`mkdata.py tree`, 100 files to a directory). The destination and the source start as `cp -a` copies of the base. Timed first, in the peer's column: `cutover sync --json --delete BASE/ DST/`, a full pass with nothing to change. Then `mkdata.py edit DIR --mode files --pct 5` runs in 0.1% of the source's directories (evenly spread), and `cutover sync --json --delete --files-from LIST SRC/ DST/` is timed with LIST naming exactly those directories. Verification compares the whole source with the whole destination, so a change the list missed would show.",
         "M1's data is `mkdata.py tree --min-kb 1 --max-kb 1`: every file is exactly 1 KiB, the smallest non-empty size mkdata makes (about 1 GB of data but 4 GB on disk per copy with 4 KiB blocks; three copies exist during the run). Entries counted = files + directories.",
+        "R1–R5 replicate a volume between two `cutover serve` on 127.0.0.1 (`replication.rs` says how): the primary dials the secondary through wanem with 40 data connections; the initial full sync runs untimed over direct loopback first. cutover s is the timed phase (R1, R2: from `cutover volume connect` to the peer in step; R3: the writer's run; R4: the sum of the FUA writes' latencies; R5: from the restart after kill -9 to the peer in step); the peer's column is raw TCP through a wanem of its own (R1: the same bytes over 40 flows; R4: as many 4 KiB round trips); wire bytes: R1, R2 and R5 the timed phase's alone (a fresh relay on the same port), R3 and R4 all since the primary was routed through the relay (its reconnection, the run, the drain after it). Verification: `cmp` of the two backings at the end.",
         "Peak RSS is `ru_maxrss` from `wait4` on the tool's top process. The kernel reports the largest of that process and every descendant it waited for, so rsync's figure is the largest of its sender, receiver and generator (not their sum). Each process's VmHWM is also sampled every 100 ms from /proc and listed in the details. A local cutover sync is one process holding both sides, so its figure bounds each side.",
     ];
     for n in notes {

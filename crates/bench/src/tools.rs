@@ -304,6 +304,19 @@ impl WireCount {
 
 impl Wanem {
     pub fn start(env: &Env, target_port: u16, dir: &Path, name: &str, log: &Path) -> Result<Wanem> {
+        Wanem::start_at(env, 0, target_port, dir, name, log)
+    }
+
+    /// As [`Wanem::start`], listening on `listen_port` (0: a free one): a relay replaced by
+    /// a new one on the same port, so a daemon dialling it need not be told.
+    pub fn start_at(
+        env: &Env,
+        listen_port: u16,
+        target_port: u16,
+        dir: &Path,
+        name: &str,
+        log: &Path,
+    ) -> Result<Wanem> {
         let port_file = dir.join(format!("{name}.port"));
         let stats_file = dir.join(format!("{name}.json"));
         let _ = fs::remove_file(&port_file);
@@ -311,7 +324,9 @@ impl Wanem {
             "wanem",
             Command::new("python3")
                 .arg(env.wanem())
-                .args(["--listen", "127.0.0.1:0", "--target"])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{listen_port}"))
+                .arg("--target")
                 .arg(format!("127.0.0.1:{target_port}"))
                 .arg("--port-file")
                 .arg(&port_file)
@@ -326,6 +341,10 @@ impl Wanem {
             port,
             stats_file,
         })
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.process.pid()
     }
 
     /// Stop it (it writes its counts on SIGTERM) and read what it counted.

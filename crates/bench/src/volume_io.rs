@@ -6,7 +6,7 @@
 //! writes 4 KiB blocks 32 deep (`qemu-img bench -w -t none -s 4096 -d 32`). Afterwards the
 //! backing must hold exactly what the direct run wrote.
 
-use crate::proc::{describe, Background};
+use crate::proc::{describe, stdout_of, Background};
 use crate::report::WorkloadResult;
 use crate::tools::{self, Env, ToolRun, Verify};
 use anyhow::{bail, Context, Result};
@@ -73,47 +73,72 @@ impl VolumeHost {
                 backing.display().to_string()
             ),
         )?;
-        let mut create = Command::new(bin);
-        create
-            .args(["volume", "create-md", VOLUME, "--config"])
-            .arg(&config);
-        let made = create
-            .output()
-            .with_context(|| format!("cannot run {}", describe(&create)))?;
-        if !made.status.success() {
-            bail!(
-                "{} failed: {}",
-                describe(&create),
-                String::from_utf8_lossy(&made.stderr).trim()
-            );
-        }
-        let port_file = run_dir.join("serve.port");
-        let mut daemon = Background::spawn(
-            "cutover serve",
-            Command::new(bin)
-                .arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .arg("--port-file")
-                .arg(&port_file),
+        create_md(bin, &config, VOLUME)?;
+        let (daemon, _) = serve(
+            bin,
+            &config,
+            &run_dir.join("serve.port"),
             &logs.join("serve.log"),
         )?;
-        // Volumes are served before the listener binds, so the port means the export is up.
-        daemon.wait_port_file(&port_file, Duration::from_secs(30))?;
-        let uri = format!(
-            "nbd+unix:///{VOLUME}?socket={}",
-            state.join(format!("{VOLUME}.sock")).display()
-        );
         Ok(VolumeHost {
             daemon,
             config,
-            uri,
+            uri: export_uri(&state),
         })
     }
 }
 
+/// `nbd+unix:///bench?socket=STATE/bench.sock`: the export of a daemon whose state_dir is
+/// `state`.
+pub fn export_uri(state: &Path) -> String {
+    format!(
+        "nbd+unix:///{VOLUME}?socket={}",
+        state.join(format!("{VOLUME}.sock")).display()
+    )
+}
+
+/// `cutover volume create-md NAME --config CONFIG`.
+pub fn create_md(bin: &Path, config: &Path, name: &str) -> Result<()> {
+    let mut create = Command::new(bin);
+    create
+        .args(["volume", "create-md", name, "--config"])
+        .arg(config);
+    stdout_of(&mut create).map(drop)
+}
+
+/// `cutover serve --config CONFIG --port-file PORT_FILE`, returned once it listens (its
+/// volumes are served before the listener binds, so the port means the exports are up).
+pub fn serve(bin: &Path, config: &Path, port_file: &Path, log: &Path) -> Result<(Background, u16)> {
+    // A port left by an earlier daemon in the same directory must not be taken for ours.
+    let _ = fs::remove_file(port_file);
+    let mut daemon = Background::spawn(
+        "cutover serve",
+        Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--port-file")
+            .arg(port_file),
+        log,
+    )?;
+    let port = daemon.wait_port_file(port_file, Duration::from_secs(30))?;
+    Ok((daemon, port))
+}
+
+/// SIGTERM to a daemon; an error unless it stopped by itself within 15 s, cleanly.
+pub fn stop_cleanly(daemon: &mut Background, who: &str) -> Result<()> {
+    let (status, killed) = daemon.stop(Duration::from_secs(15))?;
+    if killed
+        || !(status.success()
+            || std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGTERM))
+    {
+        bail!("{who} did not stop cleanly ({status})");
+    }
+    Ok(())
+}
+
 /// A sparse file of `size` bytes.
-fn sparse_file(path: &Path, size: u64) -> Result<()> {
+pub fn sparse_file(path: &Path, size: u64) -> Result<()> {
     let f = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     f.set_len(size)
         .with_context(|| format!("size {}", path.display()))
@@ -158,13 +183,7 @@ pub fn run(
         logs,
         false,
     ));
-    let (status, killed) = daemon.stop(Duration::from_secs(15))?;
-    if killed
-        || !(status.success()
-            || std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGTERM))
-    {
-        bail!("cutover serve did not stop cleanly ({status})");
-    }
+    stop_cleanly(&mut daemon, "cutover serve")?;
     res.verify = Some(if through_ok {
         same_bytes(&backing, &direct)
     } else {

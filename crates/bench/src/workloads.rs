@@ -25,6 +25,8 @@ pub enum Place {
     /// On this machine: a volume's changed-block pass against a whole-device pass, after 1%
     /// of its blocks were written (V3).
     VolumePass,
+    /// Two `cutover serve` replicating a volume through wanem (R1–R5, `replication.rs`).
+    Replication(crate::replication::Row),
 }
 
 impl Place {
@@ -43,6 +45,7 @@ impl Place {
             Place::Loopback => "loopback",
             Place::Listed => "local-listed",
             Place::VolumeConvert | Place::VolumeWrites { .. } | Place::VolumePass => "local-volume",
+            Place::Replication(_) => "wan-replica",
         }
     }
 }
@@ -76,6 +79,8 @@ pub enum Target {
     /// The run through cutover's export does the same work at least `min` as fast as the
     /// run on a file directly (V1, V2; the direct run stands in the peer's slot).
     ThroughputShare { min: f64 },
+    /// R1–R5: judged by `replication.rs`, which puts its verdict in cutover's report.
+    Replication(crate::replication::Row),
 }
 
 /// Inputs to judging a target.
@@ -147,6 +152,7 @@ impl Target {
                 "reads ≤ {reads_max}× the dirty bytes on each side; time ≤ 1/{:.0} of a whole-device pass",
                 1.0 / time_max
             ),
+            Target::Replication(row) => row.target(link_mbps),
         }
     }
 
@@ -258,6 +264,7 @@ impl Target {
                 }
                 _ => (None, "no throughput share".into()),
             },
+            Target::Replication(_) => crate::replication::judge(o.cutover),
             Target::TlsCost { max } => match o.tls_cost {
                 Some(cost) => (
                     Some(cost <= max),
@@ -331,7 +338,7 @@ fn tree(files: u64, min_kb: u64, max_kb: u64) -> Vec<String> {
     v
 }
 
-fn big(count: u64, mb: u64, text: bool) -> Vec<String> {
+pub(crate) fn big(count: u64, mb: u64, text: bool) -> Vec<String> {
     let mut v = s(&["big", "--count"]);
     v.extend([count.to_string(), "--mb".into(), mb.to_string()]);
     if text {
@@ -341,7 +348,7 @@ fn big(count: u64, mb: u64, text: bool) -> Vec<String> {
     v
 }
 
-fn mib(mb: u64) -> String {
+pub(crate) fn mib(mb: u64) -> String {
     if mb >= 1024 {
         format!("{} GiB", crate::tools::fmt_num(mb as f64 / 1024.0))
     } else {
