@@ -58,6 +58,19 @@ pub struct FrameReader<R> {
     counter: Arc<WireCounter>,
     /// Largest frame this reader accepts now (`MAX_FRAME` unless lowered).
     limit: usize,
+    /// How far the frame being read has come. Kept here, not in `recv`'s locals, so that
+    /// a `recv` dropped at an await (a timeout, a losing `select!` branch) loses nothing.
+    partial: Partial,
+}
+
+/// A frame read so far: its length prefix (`got` bytes of it), then `filled` bytes of
+/// its `len` (0 until the prefix is complete).
+#[derive(Default)]
+struct Partial {
+    prefix: [u8; 4],
+    got: usize,
+    len: usize,
+    filled: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -67,6 +80,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: Vec::new(),
             counter,
             limit: MAX_FRAME,
+            partial: Partial::default(),
         }
     }
 
@@ -76,42 +90,46 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.limit = limit.min(MAX_FRAME);
     }
 
-    /// Next message, or `None` at a clean end of stream between frames.
+    /// Next message, or `None` at a clean end of stream between frames. Cancel-safe:
+    /// dropped before it returns, it keeps what it read for the next call.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        let mut len_bytes = [0u8; 4];
-        let mut got = 0;
-        while got < len_bytes.len() {
+        while self.partial.got < self.partial.prefix.len() {
+            let p = &mut self.partial;
             // An end of stream is clean only before the first byte of a length prefix. (A
             // reader may report the end as an `UnexpectedEof` error, as TLS does without a
             // close_notify; that is treated as an end of stream, as it always was.)
-            let end = match self.inner.read(&mut len_bytes[got..]).await {
+            let end = match self.inner.read(&mut p.prefix[p.got..]).await {
                 Ok(0) => true,
                 Ok(n) => {
-                    got += n;
+                    p.got += n;
                     false
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
                 Err(e) => return Err(e.into()),
             };
             if end {
-                return if got == 0 {
+                return if p.got == 0 {
                     Ok(None)
                 } else {
                     Err(FrameError::Truncated)
                 };
             }
         }
-        let len = u32::from_le_bytes(len_bytes) as usize;
-        if len > self.limit {
-            return Err(FrameError::TooLarge(len, self.limit));
+        if self.partial.len == 0 {
+            let len = u32::from_le_bytes(self.partial.prefix) as usize;
+            if len > self.limit {
+                return Err(FrameError::TooLarge(len, self.limit));
+            }
+            if len == 0 {
+                return Err(FrameError::Malformed("empty frame".into()));
+            }
+            self.partial.len = len;
         }
-        if len == 0 {
-            return Err(FrameError::Malformed("empty frame".into()));
-        }
+        let len = self.partial.len;
         // Grow the buffer with the data rather than to the announced length at once, so a peer
         // that sends a large length and then stalls or hangs up holds no more than it sent.
-        let mut filled = 0;
-        while filled < len {
+        while self.partial.filled < len {
+            let filled = self.partial.filled;
             let end = len.min(self.buf.len().max(filled.saturating_mul(2)).max(READ_STEP));
             if self.buf.len() < end {
                 self.buf.resize(end, 0);
@@ -120,15 +138,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 .buf
                 .get_mut(filled..end)
                 .ok_or_else(|| FrameError::Malformed("frame buffer out of range".into()))?;
-            self.inner.read_exact(chunk).await.map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    FrameError::Truncated
-                } else {
-                    FrameError::Io(e)
+            match self.inner.read(chunk).await {
+                Ok(0) => return Err(FrameError::Truncated),
+                Ok(n) => self.partial.filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(FrameError::Truncated)
                 }
-            })?;
-            filled = end;
+                Err(e) => return Err(FrameError::Io(e)),
+            }
         }
+        self.partial = Partial::default();
         self.counter
             .received
             .fetch_add(4 + len as u64, Ordering::Relaxed);
@@ -270,6 +289,7 @@ fn finish_header(out: &mut [u8], flag: u8) -> Result<(), FrameError> {
 mod tests {
     use super::*;
     use crate::msg::{Msg, SmallFile};
+    use std::time::Duration;
 
     async fn roundtrip(msg: &Msg, compress: bool) -> (Msg, u64) {
         let (a, b) = tokio::io::duplex(1 << 20);
@@ -279,6 +299,39 @@ mod tests {
         w.send(msg, compress).await.unwrap();
         let got: Msg = r.recv().await.unwrap().unwrap();
         (got, counter.sent.load(Ordering::Relaxed))
+    }
+
+    /// A `recv` given up (a timeout, a `select!` branch that lost) while a frame was half
+    /// read loses nothing: the next `recv` goes on where it stopped. Without that, the bytes
+    /// read so far vanish and the stream is read out of step (a "frame" length taken from
+    /// the middle of a payload).
+    #[tokio::test]
+    async fn a_recv_cancelled_mid_frame_resumes_where_it_stopped() {
+        let msg = Msg::Data {
+            id: 7,
+            offset: 9,
+            data: (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect(),
+        };
+        let mut encoded = Vec::new();
+        FrameWriter::new(&mut encoded, Arc::new(WireCounter::default()))
+            .send(&msg, false)
+            .await
+            .unwrap();
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, Arc::new(WireCounter::default()));
+        // Cut inside the length prefix, then twice inside the payload.
+        let cuts = [2, 70_000, 200_000, encoded.len()];
+        let mut from = 0;
+        for (i, &to) in cuts.iter().enumerate() {
+            a.write_all(&encoded[from..to]).await.unwrap();
+            from = to;
+            if i + 1 < cuts.len() {
+                let waited = tokio::time::timeout(Duration::from_millis(20), r.recv::<Msg>()).await;
+                assert!(waited.is_err(), "a partial frame gave a message");
+            }
+        }
+        let got: Msg = r.recv().await.unwrap().unwrap();
+        assert_eq!(got, msg);
     }
 
     #[tokio::test]
