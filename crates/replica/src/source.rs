@@ -9,6 +9,8 @@
 use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
 use crate::wire::PeerMsg;
 use net::{Conn, MsgWriter, RateLimiter};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -99,19 +101,22 @@ pub(crate) async fn run(
         if full { " (full)" } else { "" }
     );
 
-    let limiter = s.max_rate.and_then(RateLimiter::new).map(Arc::new);
+    let shared = Arc::new(Senders {
+        repl: repl.clone(),
+        slot: s.slot,
+        epoch,
+        backend: backend.clone(),
+        notify: notify.clone(),
+        limiter: s.max_rate.and_then(RateLimiter::new),
+        applied: AtomicU64::new(0),
+        count: AtomicUsize::new(0),
+        max_lag: s.stream.max_lag,
+    });
     let mut senders = tokio::task::JoinSet::new();
     let mut readers = Vec::new();
     let spawn_sender = |senders: &mut tokio::task::JoinSet<_>, w| {
-        senders.spawn(sender(
-            w,
-            repl.clone(),
-            s.slot,
-            epoch,
-            backend.clone(),
-            notify.clone(),
-            limiter.clone(),
-        ));
+        shared.count.fetch_add(1, Ordering::Relaxed);
+        senders.spawn(sender(w, shared.clone()));
     };
     for conn in data {
         readers.push(conn.reader);
@@ -135,6 +140,9 @@ pub(crate) async fn run(
             msg = recv_within(&mut ctl_r, s.idle) => match msg? {
                 PeerMsg::Ack { applied, durable } => {
                     repl.acked(s.slot, epoch, applied, durable);
+                    shared.applied.fetch_max(applied, Ordering::Relaxed);
+                    // Senders at their share of the lag may go on.
+                    notify.notify_waiters();
                     notify.notify_one();
                 }
                 PeerMsg::Mismatch(runs) => {
@@ -198,20 +206,47 @@ pub(crate) async fn run(
     }
 }
 
-/// Send the stream on one data connection until it ends.
-async fn sender(
-    mut w: MsgWriter,
+/// What the senders of one link share.
+struct Senders {
     repl: Replication,
     slot: u32,
     epoch: u64,
     backend: Arc<dyn nbd::Backend>,
     notify: Arc<Notify>,
-    limiter: Option<Arc<RateLimiter>>,
-) -> Result<(), LinkError> {
+    limiter: Option<RateLimiter>,
+    /// The target applied every operation up to this (its last ack).
+    applied: AtomicU64,
+    /// Data connections sending.
+    count: AtomicUsize,
+    max_lag: u64,
+}
+
+/// Send the stream on one data connection until it ends. A connection keeps at most its
+/// share of `max_lag` sent and not yet applied: operations are applied in number order, so
+/// bytes piled up behind one slow flow would hold every other connection's back.
+async fn sender(mut w: MsgWriter, sh: Arc<Senders>) -> Result<(), LinkError> {
+    let (repl, slot, epoch) = (&sh.repl, sh.slot, sh.epoch);
     let block_size = u64::from(repl.geometry().block_size);
     let mut round = 0u64;
+    // (number, bytes) of what this connection sent and the target has not applied.
+    let mut unapplied: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut unapplied_bytes = 0u64;
     loop {
-        let notified = notify.notified();
+        let notified = sh.notify.notified();
+        let applied = sh.applied.load(Ordering::Relaxed);
+        while unapplied.front().is_some_and(|&(seq, _)| seq <= applied) {
+            if let Some((_, n)) = unapplied.pop_front() {
+                unapplied_bytes -= n;
+            }
+        }
+        let share = (sh.max_lag / sh.count.load(Ordering::Relaxed).max(1) as u64).max(CHUNK);
+        if unapplied_bytes >= share {
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            continue;
+        }
         round += 1;
         // The resync's floor: every few rounds it goes first, so that application writes
         // filling the link cannot hold it back for ever.
@@ -240,18 +275,26 @@ async fn sender(
             continue;
         }
         // More may be waiting: let another connection take it meanwhile.
-        notify.notify_one();
+        sh.notify.notify_one();
         for op in ops {
+            let seq = op.seq;
             let msg = match op.kind {
                 OpKind::Resync { check } => {
-                    read_resync(&backend, &op, check.then_some(block_size)).await?
+                    read_resync(&sh.backend, &op, check.then_some(block_size)).await?
                 }
                 _ => stream_msg(op)?,
             };
-            if let (Some(l), PeerMsg::Data { data, .. }) = (&limiter, &msg) {
-                l.take(data.len() as u64).await;
+            let bytes = match &msg {
+                PeerMsg::Data { data, .. } => data.len() as u64,
+                PeerMsg::Check { hashes, .. } => hashes.len() as u64,
+                _ => 64,
+            };
+            if let (Some(l), PeerMsg::Data { .. }) = (&sh.limiter, &msg) {
+                l.take(bytes).await;
             }
             w.send_any(&msg, false).await?;
+            unapplied.push_back((seq, bytes));
+            unapplied_bytes += bytes;
         }
     }
 }

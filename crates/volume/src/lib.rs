@@ -183,10 +183,10 @@
 mod al;
 mod bitmap;
 mod disk;
-mod generations;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+mod generations;
 mod layout;
 mod meta;
 mod open;
@@ -197,13 +197,13 @@ mod verify;
 
 pub use bitmap::Snapshot;
 pub use error::Error;
+pub use generations::Generations;
 pub use layout::{
     Geometry, DEFAULT_AL_EXTENTS, DEFAULT_BLOCK_SIZE, EXTENT_SIZE, MAX_BLOCK_SIZE, MAX_PEER_SLOTS,
     MIN_BLOCK_SIZE,
 };
 pub use meta::{AlStatus, Counters, Meta, OpenReport, Result, Status};
 pub use open::{CreateOptions, Info};
-pub use generations::Generations;
 pub use peer::{Op, OpKind, PeerStatus, Replication, StreamOptions};
 pub use tracker::{Tracker, DEFAULT_FLUSH_INTERVAL, DIRTY_CONTEXT, FLAG_DIRTY};
 

@@ -731,7 +731,6 @@ impl crate::Meta {
     }
 }
 
-
 impl Replication {
     /// Runs (first block, count) of the bitmap of `slot`, from block `from`, at most
     /// `max` runs; empty at the end.

@@ -147,7 +147,7 @@ fn two_daemons_replicate_a_volume_and_a_killed_primary_loses_nothing_acknowledge
         "b",
         &b.fingerprint,
         &format!(
-            "address = \"127.0.0.1:{}\"\nprotocol = \"C\"\nconnections = 3\n",
+            "address = \"127.0.0.1:{}\"\nprotocol = \"C\"\nconnections = 3\nmax_connections = 3\n",
             db.port
         ),
     );
