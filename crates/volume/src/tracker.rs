@@ -358,6 +358,7 @@ impl WriteObserver for Tracker {
             kind: write.kind,
             data: data.as_ref(),
             fua: write.fua,
+            block_size: u64::from(inner.geo.block_size),
         };
         let waits = self.release_shipping(write.offset, write.length, Some(&ship));
         for (slot, epoch, seq) in waits {

@@ -330,3 +330,43 @@ fn a_secondary_refuses_writes_and_a_primary_apart_from_its_peer_makes_a_new_gene
     );
     m.close().unwrap();
 }
+
+#[test]
+fn a_large_write_goes_to_the_peer_in_numbered_pieces_with_fua_on_the_last() {
+    let f = fixture(8 * MIB);
+    let m = Meta::open(&f.path, f.size).unwrap();
+    let slot = m.attach_peers(&[7]).unwrap()[0];
+    m.set_role(true).unwrap();
+    let r = m.replication();
+    let e = r.start_stream(slot, opts(false), no_wake()).unwrap();
+    settle(&r, slot, e);
+    let t = m.tracker();
+    let data: Vec<u8> = (0..MIB as usize + 4096).map(|i| (i % 253) as u8).collect();
+    data_write(&t, 2 * MIB + 512, &data, true);
+    let q = r.take_queued(slot, e, u64::MAX).unwrap();
+    assert_eq!(
+        q.len(),
+        5,
+        "{:?}",
+        q.iter().map(|o| o.length).collect::<Vec<_>>()
+    );
+    let mut joined = Vec::new();
+    for (i, op) in q.iter().enumerate() {
+        assert_eq!(op.seq, q[0].seq + i as u64, "consecutive numbers");
+        assert_eq!(op.offset, 2 * MIB + 512 + joined.len() as u64);
+        assert_eq!(op.fua, i == q.len() - 1, "FUA on the last piece only");
+        let OpKind::Data(d) = &op.kind else {
+            panic!("{op:?}")
+        };
+        joined.extend_from_slice(d);
+    }
+    assert_eq!(joined, data);
+    // Durable up to the last piece: nothing is out of sync.
+    let last = q.last().unwrap().seq;
+    r.acked(slot, e, last - 1, last - 1);
+    assert!(r.status(slot).unwrap().out_of_sync_blocks > 0);
+    r.acked(slot, e, last, last);
+    assert_eq!(r.status(slot).unwrap().out_of_sync_blocks, 0);
+    drop(t);
+    m.close().unwrap();
+}
