@@ -31,8 +31,9 @@ pub(crate) const MAX_LINK_CONNECTIONS: usize = config::MAX_CONNECTIONS;
 /// Pauses between attempts grow from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_LAST: Duration = Duration::from_secs(30);
-/// A link that lasted this long starts the pauses over.
-const BACKOFF_RESET: Duration = Duration::from_secs(30);
+/// A link that lasted this long starts the pauses over (one refused at once keeps
+/// backing off; one that worked for a while is redialled at once after a break).
+const BACKOFF_RESET: Duration = Duration::from_secs(2);
 /// Connections of a link being assembled by the waiting side are dropped after this.
 const ASSEMBLY_PATIENCE: Duration = Duration::from_secs(30);
 

@@ -14,6 +14,7 @@
 //! | S is inconsistent | refused |
 //! | T.current = S.current | resync the union of both bitmaps (usually empty) |
 //! | S.bitmap = T.current | S wrote since they parted: resync S's bitmap (∪ T's) |
+//! | T is inconsistent and its bitmap id (the source id it noted when a resync into it began) is S.current or S.bitmap | the resync goes on: S's bitmap (∪ T's) |
 //! | T discards its data (`--discard-my-data`) and the two are related | resync the union: T's writes are overwritten |
 //! | T is inconsistent (a resync into it broke off, or new) | full resync from S; with checksums when T was seeded |
 //! | T.bitmap = S.current | T wrote, S did not: refused (make T primary, or discard T's writes) |
@@ -92,7 +93,7 @@ pub fn decide(me: &NodeState, peer: &NodeState, peer_name: &str, volume: &str) -
     let resync = |full: bool, discards: Option<String>| {
         let r = Resync {
             full,
-            checksums: full && target.seeded,
+            checksums: (full || target.inconsistent) && target.seeded,
             discards,
         };
         if i_am_source {
@@ -118,6 +119,14 @@ pub fn decide(me: &NodeState, peer: &NodeState, peer_name: &str, volume: &str) -
         return resync(false, None);
     }
     if source.bitmap != 0 && source.bitmap == target.current {
+        return resync(false, None);
+    }
+    // A resync into T from S's line broke off (T noted S's id when it began): S's bitmap
+    // still names every block T has not made durable since, so it goes on from there.
+    if target.inconsistent
+        && target.bitmap != 0
+        && (target.bitmap == source.current || target.bitmap == source.bitmap)
+    {
         return resync(false, None);
     }
     let t_wrote_alone = target.bitmap != 0 && target.bitmap == source.current;
@@ -309,6 +318,15 @@ mod tests {
         // A fresh (inconsistent) secondary: full.
         let fresh = with(node(99, 0, false), |n| n.inconsistent = true);
         assert_eq!(both(&node(6, 5, true), &fresh), plain(true));
+        // A resync into it that broke off goes on from the primary's bitmap, whether the
+        // primary wrote since (its bitmap id is the one noted) or not.
+        let resuming = with(fresh.clone(), |n| n.bitmap = 6);
+        assert_eq!(both(&node(6, 0, true), &resuming), plain(false));
+        let resuming = with(fresh.clone(), |n| n.bitmap = 5);
+        assert_eq!(both(&node(6, 5, true), &resuming), plain(false));
+        // ... but not from another line.
+        let other = with(fresh.clone(), |n| n.bitmap = 4);
+        assert_eq!(both(&node(6, 5, true), &other), plain(true));
         // A seeded secondary (inconsistent, a copy made beforehand): full, by checksums.
         let seeded = with(fresh, |n| n.seeded = true);
         let (Verdict::Source(a), Verdict::Target(b)) = both(&node(6, 5, true), &seeded) else {
@@ -364,9 +382,10 @@ mod tests {
             both(&node(6, 5, true), &victim(node(5, 0, false))),
             plain(false)
         );
-        // A broken-off resync into a victim resumes as the same bitmap resync.
-        let resuming = victim(with(node(7, 5, false), |n| n.inconsistent = true));
-        settled(both(&node(6, 5, true), &resuming), false, &["discards"]);
+        // A broken-off resync into a victim (which noted the primary's id) goes on as a
+        // plain bitmap resync: its writes are being overwritten already.
+        let resuming = victim(with(node(7, 6, false), |n| n.inconsistent = true));
+        assert_eq!(both(&node(6, 5, true), &resuming), plain(false));
     }
 
     #[test]

@@ -10,8 +10,8 @@ use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
 use crate::wire::PeerMsg;
 use net::{Conn, MsgWriter, RateLimiter};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use volume::{Op, OpKind, Replication};
@@ -22,6 +22,8 @@ const CHUNK: u64 = 1 << 20;
 /// One send in this many takes a resync run before queued writes (a floor of about a
 /// quarter of the link for resync while both wait).
 const RESYNC_FIRST_EVERY: u64 = 4;
+/// A connection loaded more than the least loaded one by this leaves the work to it.
+const BALANCE_SLACK: u64 = 256 << 10;
 /// How often a sender with nothing to do looks again (acks free lag room for resync).
 const POLL: Duration = Duration::from_millis(50);
 /// Runs in one `Runs` message are checked against the volume as they come.
@@ -85,7 +87,16 @@ pub(crate) async fn run(
     }
     let notify = Arc::new(Notify::new());
     let wake = notify.clone();
-    let epoch = repl.start_stream(s.slot, s.stream, Arc::new(move || wake.notify_one()))?;
+    // Every waiting sender looks (the least loaded takes it), and one that is not waiting
+    // yet finds a permit.
+    let epoch = repl.start_stream(
+        s.slot,
+        s.stream,
+        Arc::new(move || {
+            wake.notify_waiters();
+            wake.notify_one();
+        }),
+    )?;
     let _guard = StreamGuard {
         repl: repl.clone(),
         slot: s.slot,
@@ -109,14 +120,19 @@ pub(crate) async fn run(
         notify: notify.clone(),
         limiter: s.max_rate.and_then(RateLimiter::new),
         applied: AtomicU64::new(0),
-        count: AtomicUsize::new(0),
+        loads: Mutex::new(Vec::new()),
         max_lag: s.stream.max_lag,
     });
     let mut senders = tokio::task::JoinSet::new();
     let mut readers = Vec::new();
     let spawn_sender = |senders: &mut tokio::task::JoinSet<_>, w| {
-        shared.count.fetch_add(1, Ordering::Relaxed);
-        senders.spawn(sender(w, shared.clone()));
+        let load = Arc::new(AtomicU64::new(0));
+        shared
+            .loads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(load.clone());
+        senders.spawn(sender(w, shared.clone(), load));
     };
     for conn in data {
         readers.push(conn.reader);
@@ -129,6 +145,7 @@ pub(crate) async fn run(
     let mut in_step = false;
     let mut pulled_ahead = repl.status(s.slot).map_or(0, |st| st.pulled_ahead);
     let mut rate = RateMeter::new();
+    let mut heard = Instant::now();
     loop {
         tokio::select! {
             Some(conn) = more.recv() => {
@@ -137,7 +154,7 @@ pub(crate) async fn run(
                 spawn_sender(&mut senders, conn.writer);
                 view.update(|v| v.connections += 1);
             }
-            msg = recv_within(&mut ctl_r, s.idle) => match msg? {
+            msg = recv_within(&mut ctl_r, s.idle) => match { heard = Instant::now(); msg? } {
                 PeerMsg::Ack { applied, durable } => {
                     repl.acked(s.slot, epoch, applied, durable);
                     shared.applied.fetch_max(applied, Ordering::Relaxed);
@@ -168,6 +185,11 @@ pub(crate) async fn run(
                 };
             }
             _ = tick.tick() => {
+                // The receive above starts its timeout afresh on every turn of this loop,
+                // so silence is judged here.
+                if heard.elapsed() > s.idle {
+                    return Err(LinkError::Idle(s.idle));
+                }
                 let Some(st) = repl.status(s.slot) else {
                     return Err(LinkError::Closed);
                 };
@@ -216,15 +238,29 @@ struct Senders {
     limiter: Option<RateLimiter>,
     /// The target applied every operation up to this (its last ack).
     applied: AtomicU64,
-    /// Data connections sending.
-    count: AtomicUsize,
+    /// Per data connection: bytes it sent that the target has not applied.
+    loads: Mutex<Vec<Arc<AtomicU64>>>,
     max_lag: u64,
 }
 
-/// Send the stream on one data connection until it ends. A connection keeps at most its
-/// share of `max_lag` sent and not yet applied: operations are applied in number order, so
-/// bytes piled up behind one slow flow would hold every other connection's back.
-async fn sender(mut w: MsgWriter, sh: Arc<Senders>) -> Result<(), LinkError> {
+impl Senders {
+    /// (the smallest load of any connection, the number of connections)
+    fn least_load(&self) -> (u64, usize) {
+        let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let least = loads
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        (least, loads.len())
+    }
+}
+
+/// Send the stream on one data connection until it ends. Operations are applied in number
+/// order, so bytes piled up behind one slow flow hold every other connection's back: a
+/// connection takes work only while it is among the least loaded (bytes sent and not
+/// yet applied), and never past its share of `max_lag`.
+async fn sender(mut w: MsgWriter, sh: Arc<Senders>, load: Arc<AtomicU64>) -> Result<(), LinkError> {
     let (repl, slot, epoch) = (&sh.repl, sh.slot, sh.epoch);
     let block_size = u64::from(repl.geometry().block_size);
     let mut round = 0u64;
@@ -239,8 +275,10 @@ async fn sender(mut w: MsgWriter, sh: Arc<Senders>) -> Result<(), LinkError> {
                 unapplied_bytes -= n;
             }
         }
-        let share = (sh.max_lag / sh.count.load(Ordering::Relaxed).max(1) as u64).max(CHUNK);
-        if unapplied_bytes >= share {
+        load.store(unapplied_bytes, Ordering::Relaxed);
+        let (least, count) = sh.least_load();
+        let share = (sh.max_lag / count.max(1) as u64).max(CHUNK);
+        if unapplied_bytes >= share || unapplied_bytes > least + BALANCE_SLACK {
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep(POLL) => {}
@@ -256,7 +294,7 @@ async fn sender(mut w: MsgWriter, sh: Arc<Senders>) -> Result<(), LinkError> {
             Vec::new()
         };
         if ops.is_empty() {
-            let Some(queued) = repl.take_queued(slot, epoch, CHUNK) else {
+            let Some(queued) = repl.take_queued(slot, epoch, BALANCE_SLACK) else {
                 return Ok(());
             };
             ops = queued;
@@ -292,9 +330,10 @@ async fn sender(mut w: MsgWriter, sh: Arc<Senders>) -> Result<(), LinkError> {
             if let (Some(l), PeerMsg::Data { .. }) = (&sh.limiter, &msg) {
                 l.take(bytes).await;
             }
-            w.send_any(&msg, false).await?;
             unapplied.push_back((seq, bytes));
             unapplied_bytes += bytes;
+            load.store(unapplied_bytes, Ordering::Relaxed);
+            w.send_any(&msg, false).await?;
         }
     }
 }

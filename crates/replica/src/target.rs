@@ -13,12 +13,16 @@ use crate::wire::PeerMsg;
 use net::{Conn, MsgReader};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use volume::Replication;
 
 /// Runs per `Runs` message.
 const RUNS_PER_MESSAGE: usize = 8192;
+/// Un-flushed writes become durable once this many bytes were applied (a resync over a
+/// link that keeps breaking still makes progress: blocks leave the source's bitmap only
+/// when durable here).
+const FLUSH_BYTES: u64 = 16 << 20;
 /// Un-flushed writes become durable at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Operations applied per blocking batch at most.
@@ -75,7 +79,7 @@ pub(crate) async fn run(
         }
     };
     if resync_blocks > 0 || full {
-        repl.set_inconsistent(true)?;
+        repl.resyncing_from(s.slot, source_current)?;
     }
     tracing::info!(
         peer = %s.peer,
@@ -108,6 +112,7 @@ pub(crate) async fn run(
     let mut tick = tokio::time::interval(s.idle / 4);
     let mut step: Option<(u64, u64)> = None;
     let mut sent = (0, 0);
+    let mut heard = Instant::now();
     loop {
         tokio::select! {
             Some(conn) = more.recv() => {
@@ -137,7 +142,7 @@ pub(crate) async fn run(
                     }
                 }
             }
-            msg = recv_within(&mut ctl_r, s.idle) => match msg? {
+            msg = recv_within(&mut ctl_r, s.idle) => match { heard = Instant::now(); msg? } {
                 PeerMsg::InStep { seq, current } => {
                     step = Some((seq, current));
                     // Already durable? The next progress report (or this check) adopts it.
@@ -162,6 +167,11 @@ pub(crate) async fn run(
                 };
             }
             _ = tick.tick() => {
+                // The receive above starts its timeout afresh on every turn of this loop,
+                // so silence is judged here.
+                if heard.elapsed() > s.idle {
+                    return Err(LinkError::Idle(s.idle));
+                }
                 if beat.due() {
                     ctl_w.send_any(&PeerMsg::Keepalive, false).await?;
                     beat.sent();
@@ -257,6 +267,8 @@ impl Applier {
         let mut waiting_bytes = 0u64;
         let mut p = Progress::default();
         let mut flush_due: Option<tokio::time::Instant> = None;
+        // Data bytes applied since the last flush.
+        let mut unflushed = 0u64;
         loop {
             let msg = match flush_due {
                 Some(at) => tokio::select! {
@@ -266,6 +278,7 @@ impl Applier {
                         blocking(move || b.flush()).await?;
                         p.durable = p.applied;
                         flush_due = None;
+                        unflushed = 0;
                         let _ = self.progress.send(p);
                         continue;
                     }
@@ -310,9 +323,15 @@ impl Applier {
             }
             p.applied += done.ops;
             p.bytes += done.bytes;
-            if done.synced {
+            unflushed += done.bytes;
+            if !done.synced && unflushed >= FLUSH_BYTES {
+                let b = self.backend.clone();
+                blocking(move || b.flush()).await?;
+            }
+            if done.synced || unflushed >= FLUSH_BYTES {
                 p.durable = p.applied;
                 flush_due = None;
+                unflushed = 0;
             } else if p.durable < p.applied && flush_due.is_none() {
                 flush_due = Some(tokio::time::Instant::now() + FLUSH_EVERY);
             }

@@ -67,6 +67,34 @@ impl Replication {
         inner.write_superblock(&mut io)
     }
 
+    /// A resync into this node from a source at generation `source` begins: the data is
+    /// inconsistent until it ends, and the slot's bitmap id notes `source`, so that a link
+    /// that breaks off goes on with the rest instead of starting over.
+    pub fn resyncing_from(&self, slot: u32, source: u64) -> Result<()> {
+        let inner = &*self.inner;
+        let mut io = inner.io();
+        inner.usable(&inner.state())?;
+        let was_inconsistent = io.sb.inconsistent();
+        let Some(entry) = io.sb.slots.get_mut(slot as usize) else {
+            return Err(self.no_slot(slot));
+        };
+        let before = (entry.bitmap_gen, was_inconsistent);
+        if entry.bitmap_gen != source {
+            if entry.bitmap_gen != 0 {
+                entry
+                    .history
+                    .copy_within(0..crate::superblock::SLOT_HISTORY - 1, 1);
+                entry.history[0] = entry.bitmap_gen;
+            }
+            entry.bitmap_gen = source;
+        }
+        io.sb.set_flag(crate::superblock::FLAG_INCONSISTENT, true);
+        if before == (source, true) {
+            return Ok(());
+        }
+        inner.write_superblock(&mut io)
+    }
+
     /// This node (a resync target) now holds the source's data at generation `current`:
     /// take that id and clear the inconsistent flag.
     pub fn adopt(&self, current: u64) -> Result<()> {
