@@ -260,13 +260,10 @@ fn a_link_frozen_past_the_idle_timeout_is_dropped_and_redialled() {
 }
 
 /// TCP sockets the kernel holds (in any state but LISTEN: connecting, established, closing,
-/// TIME_WAIT for a minute after) with `port` at either end.
+/// TIME_WAIT for a minute after) with `127.0.0.1:port` at either end (IPv4, or IPv4-mapped
+/// in tcp6).
 fn sockets_on(port: u16) -> Vec<String> {
-    let port_of = |addr: &str| {
-        addr.rsplit(':')
-            .next()
-            .and_then(|p| u16::from_str_radix(p, 16).ok())
-    };
+    let end = format!("0100007F:{port:04X}");
     let mut found = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
@@ -275,7 +272,7 @@ fn sockets_on(port: u16) -> Vec<String> {
             let listening = f.get(3) == Some(&"0A");
             let ours = f
                 .get(1..3)
-                .is_some_and(|ends| ends.iter().any(|e| port_of(e) == Some(port)));
+                .is_some_and(|ends| ends.iter().any(|e| e.ends_with(&end)));
             if ours && !listening {
                 found.push(line.trim().to_string());
             }
