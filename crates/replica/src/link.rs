@@ -261,6 +261,12 @@ async fn idle(ctl: Conn, idle: Duration) -> Result<(), LinkError> {
     }
 }
 
+/// A control message arrived (or the receive failed): note when, pass it on.
+pub(crate) fn heard_now<T>(heard: &mut Instant, msg: Result<T, LinkError>) -> Result<T, LinkError> {
+    *heard = Instant::now();
+    msg
+}
+
 /// Keepalive bookkeeping for a control writer.
 pub(crate) struct Beat {
     last: Instant,

@@ -6,7 +6,7 @@
 //! resync run goes as one BLAKE3 hash per block; the blocks the target finds different
 //! are queued again as data.
 
-use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
+use crate::link::{heard_now, recv_within, Beat, LinkError, LinkSettings, LinkView};
 use crate::wire::PeerMsg;
 use net::{Conn, MsgWriter, RateLimiter};
 use std::collections::VecDeque;
@@ -154,7 +154,7 @@ pub(crate) async fn run(
                 spawn_sender(&mut senders, conn.writer);
                 view.update(|v| v.connections += 1);
             }
-            msg = recv_within(&mut ctl_r, s.idle) => match { heard = Instant::now(); msg? } {
+            msg = recv_within(&mut ctl_r, s.idle) => match heard_now(&mut heard, msg)? {
                 PeerMsg::Ack { applied, durable } => {
                     repl.acked(s.slot, epoch, applied, durable);
                     shared.applied.fetch_max(applied, Ordering::Relaxed);

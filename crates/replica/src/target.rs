@@ -8,7 +8,7 @@
 //! resync is done, and it is durable, this node takes the source's generation and is
 //! consistent.
 
-use crate::link::{recv_within, Beat, LinkError, LinkSettings, LinkView};
+use crate::link::{heard_now, recv_within, Beat, LinkError, LinkSettings, LinkView};
 use crate::wire::PeerMsg;
 use net::{Conn, MsgReader};
 use std::collections::BTreeMap;
@@ -142,7 +142,7 @@ pub(crate) async fn run(
                     }
                 }
             }
-            msg = recv_within(&mut ctl_r, s.idle) => match { heard = Instant::now(); msg? } {
+            msg = recv_within(&mut ctl_r, s.idle) => match heard_now(&mut heard, msg)? {
                 PeerMsg::InStep { seq, current } => {
                     step = Some((seq, current));
                     // Already durable? The next progress report (or this check) adopts it.

@@ -1,10 +1,13 @@
 //! Fault injection for cutover (not shipped): real processes started and killed on purpose.
 //! `procs` starts the real daemon, the WAN emulator as a byte-counting relay, and syncs;
 //! `kills` is the driver that SIGKILLs them at random moments and checks, with rsync as the
-//! oracle, that every interrupted sync finishes exact on a rerun and how much it sent again.
+//! oracle, that every interrupted sync finishes exact on a rerun and how much it sent again;
+//! `replication` kills the daemons of a replicated volume and checks both copies end
+//! identical, and what the restart cost in resync.
 
 pub mod kills;
 pub mod procs;
+pub mod replication;
 
 /// What can go wrong while driving faults (the faults themselves are expected).
 #[derive(Debug, thiserror::Error)]

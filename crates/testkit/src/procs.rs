@@ -70,9 +70,20 @@ impl Daemon {
             token
         );
         fs::write(&config, text).map_err(FaultError::io("write serve.toml"))?;
+        Daemon::with_config(bin, dir, &config, port)
+    }
+
+    /// `cutover serve --config CONFIG`, whose config listens on `127.0.0.1:port`; its log
+    /// is `dir/serve.log` (appended to across restarts).
+    pub fn with_config(
+        bin: &Path,
+        dir: &Path,
+        config: &Path,
+        port: u16,
+    ) -> Result<Daemon, FaultError> {
         let mut d = Daemon {
             bin: bin.to_path_buf(),
-            config,
+            config: config.to_path_buf(),
             log: dir.join("serve.log"),
             port,
             dir: dir.to_path_buf(),
@@ -80,6 +91,11 @@ impl Daemon {
         };
         d.restart()?;
         Ok(d)
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 
     /// Start it (again) on its port.
@@ -156,12 +172,39 @@ pub fn tail(path: &Path, n: usize) -> String {
     String::from_utf8_lossy(&text[text.len().saturating_sub(n)..]).into_owned()
 }
 
-/// `wanem.py` with no delay and no caps, in front of a port: it counts the bytes each way,
-/// and can reset connections or stall them all.
+/// `wanem.py` in front of a port (by default with no delay and no caps): it counts the bytes
+/// each way, and can reset connections or stall them all.
 pub struct Relay {
     child: Child,
     stats: PathBuf,
     pub port: u16,
+}
+
+/// How a [`Relay`] behaves (wanem's options).
+#[derive(Clone, Debug, Default)]
+pub struct RelayOptions {
+    /// Round-trip time added, in milliseconds.
+    pub rtt_ms: f64,
+    /// Each connection's rate cap, MB/s (0: none).
+    pub flow_mbps: f64,
+    /// Reset every connection with a TCP RST after a random 0.5-1.5 × this many MB.
+    pub reset_mb: Option<f64>,
+    /// wanem's `--seed` (where its resets fall).
+    pub seed: u64,
+    /// The port to listen on (0: any free one): a relay started again where the last one
+    /// was.
+    pub listen_port: u16,
+}
+
+/// What a relay counted over its life (wanem's `--stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RelayStats {
+    /// Connections it accepted.
+    pub connections: u64,
+    /// Connections it reset.
+    pub resets: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
 }
 
 impl Relay {
@@ -177,16 +220,34 @@ impl Relay {
         target: u16,
         reset_mb: Option<f64>,
     ) -> Result<Relay, FaultError> {
+        let opts = RelayOptions {
+            reset_mb,
+            seed: 1,
+            ..RelayOptions::default()
+        };
+        Relay::spawn(wanem, dir, target, &opts)
+    }
+
+    /// A relay to `127.0.0.1:target` with `opts`; its stats and port files go in `dir`.
+    pub fn spawn(
+        wanem: &Path,
+        dir: &Path,
+        target: u16,
+        opts: &RelayOptions,
+    ) -> Result<Relay, FaultError> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stats = dir.join(format!("relay-{n}.json"));
-        let port_file = dir.join(format!("relay-{n}.port"));
+        let stats = dir.join(format!("relay-{}-{n}.json", std::process::id()));
+        let port_file = stats.with_extension("port");
         let mut child = Command::new("python3")
             .arg(wanem)
-            .args(["--listen", "127.0.0.1:0", "--target"])
-            .arg(format!("127.0.0.1:{target}"))
-            .args(["--rtt-ms", "0", "--flow-mbps", "0", "--total-mbps", "0"])
-            .args(reset_mb.map(|mb| format!("--reset-mb={mb}")))
+            .arg(format!("--listen=127.0.0.1:{}", opts.listen_port))
+            .arg(format!("--target=127.0.0.1:{target}"))
+            .arg(format!("--rtt-ms={}", opts.rtt_ms))
+            .arg(format!("--flow-mbps={}", opts.flow_mbps))
+            .arg("--total-mbps=0")
+            .args(opts.reset_mb.map(|mb| format!("--reset-mb={mb}")))
+            .arg(format!("--seed={}", opts.seed))
             .arg("--stats")
             .arg(&stats)
             .arg("--port-file")
@@ -214,6 +275,11 @@ impl Relay {
         Ok(Relay { child, stats, port })
     }
 
+    /// The relay's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Freeze every connection: no data, no FIN, no RST (SIGSTOP); new connections queue in
     /// the kernel unanswered, as behind a dead route.
     pub fn stall(&self) {
@@ -230,7 +296,13 @@ impl Relay {
     }
 
     /// Stop it; the bytes it carried both ways.
-    pub fn finish(mut self) -> Result<u64, FaultError> {
+    pub fn finish(self) -> Result<u64, FaultError> {
+        let s = self.finish_stats()?;
+        Ok(s.bytes_up + s.bytes_down)
+    }
+
+    /// Stop it (SIGCONT, then SIGTERM, so that it writes its counts); what it counted.
+    pub fn finish_stats(mut self) -> Result<RelayStats, FaultError> {
         self.resume();
         let _ = rustix::process::kill_process(
             rustix::process::Pid::from_child(&self.child),
@@ -242,7 +314,22 @@ impl Relay {
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| FaultError::Setup(format!("wanem stats: {e}")))?;
         let n = |k: &str| v[k].as_u64().unwrap_or(0);
-        Ok(n("bytes_up") + n("bytes_down"))
+        Ok(RelayStats {
+            connections: n("connections"),
+            resets: n("resets"),
+            bytes_up: n("bytes_up"),
+            bytes_down: n("bytes_down"),
+        })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // Stopped and reaped by `finish`; here only when a run gave up on it.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.resume();
+            sigkill(&mut self.child);
+        }
     }
 }
 

@@ -25,6 +25,8 @@ mod plan_passes;
 mod plan_verify;
 mod prop;
 mod replication;
+mod replication_faults;
+mod replication_fs;
 mod replication_grow;
 mod replication_ssh;
 mod resume;

@@ -3,7 +3,8 @@
 //! at the end; a secondary refusing writes through its export; protocol C keeping an
 //! acknowledged FUA write on the peer when the primary is killed right after it; the
 //! primary restarted after kill -9 resyncing only what its activity log and bitmap name;
-//! `disconnect` / `connect`; and the refusals in one line.
+//! `disconnect` / `connect`; and the refusals in one line. Its helpers (nodes, configs,
+//! `pair`, `synced_pair`, `wait_in_step`) serve the other replication test modules.
 
 use crate::util::*;
 use serde_json::Value;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) const SIZE: u64 = 64 << 20;
 
+#[derive(Clone)]
 pub(crate) struct Node {
     pub dir: PathBuf,
     pub config: PathBuf,
@@ -59,6 +61,53 @@ pub(crate) fn configure(n: &Node, peer: &str, peer_fp: &str, peer_extra: &str) {
     .unwrap();
 }
 
+/// Two nodes with volume "db", neither primary yet: `b` waits (its peer has no address),
+/// `a` dials it at the port `route` gives for b's listen port (that port itself, or a
+/// relay's in front of it), with two data connections; `extra` goes into both peer
+/// tables.
+pub(crate) fn pair(
+    root: &Path,
+    extra: &str,
+    route: impl FnOnce(u16) -> u16,
+) -> (Node, Daemon, Node, Daemon) {
+    let a = node(root, "a");
+    let b = node(root, "b");
+    configure(&b, "a", &a.fingerprint, extra);
+    volume(&b, &["create-md", "db"]).ok();
+    let db = Daemon::start_with(&b.dir, &b.config);
+    let port = route(db.port);
+    configure(
+        &a,
+        "b",
+        &b.fingerprint,
+        &format!("address = \"127.0.0.1:{port}\"\nconnections = 2\n{extra}"),
+    );
+    volume(&a, &["create-md", "db"]).ok();
+    let da = Daemon::start_with(&a.dir, &a.config);
+    (a, da, b, db)
+}
+
+/// Two nodes on a synced volume: `a` primary (dials), `b` secondary (waits); `extra` goes
+/// into both peer tables.
+pub(crate) fn synced_pair(root: &Path, extra: &str) -> (Node, Daemon, Node, Daemon) {
+    let (a, da, b, db) = pair(root, extra, |port| port);
+    volume(&a, &["primary", "db", "--force"]).ok();
+    let w = qemu_io(&sock(&a), &["write -P 0x11 0 4M"]);
+    assert!(w.status.success(), "{w:?}");
+    wait_in_step(&a, &b, "initial sync");
+    (a, da, b, db)
+}
+
+/// Both backings hold the same bytes (the data, for more checks).
+pub(crate) fn same_backings(a: &Node, b: &Node) -> Vec<u8> {
+    let on_a = std::fs::read(&a.image).unwrap();
+    assert!(
+        on_a == std::fs::read(&b.image).unwrap(),
+        "the backings differ"
+    );
+    on_a
+}
+
 pub(crate) fn volume(n: &Node, args: &[&str]) -> Out {
     let mut c = cutover_cmd();
     c.arg("volume").args(args).args(["--config", s(&n.config)]);
@@ -90,6 +139,17 @@ pub(crate) fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
 /// Wait until the primary `p` sees its peer connected, in step and drained, and the
 /// secondary `q` knows it is up to date.
 pub(crate) fn wait_in_step(p: &Node, q: &Node, what: &str) -> Value {
+    wait_in_step_within(p, q, Duration::from_secs(60), what, String::new)
+}
+
+/// `wait_in_step` within `limit`; a failure's message ends with what `more` says.
+pub(crate) fn wait_in_step_within(
+    p: &Node,
+    q: &Node,
+    limit: Duration,
+    what: &str,
+    more: impl Fn() -> String,
+) -> Value {
     let start = Instant::now();
     loop {
         let st = status(p);
@@ -103,8 +163,9 @@ pub(crate) fn wait_in_step(p: &Node, q: &Node, what: &str) -> Value {
             return st;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{what}: not in step after 60 s: {st}"
+            start.elapsed() < limit,
+            "{what}: not in step after {limit:?}: {st}{}",
+            more()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

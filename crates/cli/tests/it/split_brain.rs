@@ -7,38 +7,11 @@
 //! reports the refusal and the reconnection as JSON lines.
 
 use crate::replication::{
-    configure, have_qemu, node, qemu_io, sock, status, volume, wait_in_step, Node,
+    have_qemu, qemu_io, same_backings, sock, status, synced_pair, volume, wait_in_step, Node,
 };
 use crate::util::*;
 use serde_json::Value;
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Two nodes on a synced volume: `a` primary (dials), `b` secondary (waits); `extra` goes
-/// into both peer tables.
-fn synced_pair(root: &Path, extra: &str) -> (Node, Daemon, Node, Daemon) {
-    let a = node(root, "a");
-    let b = node(root, "b");
-    configure(&b, "a", &a.fingerprint, extra);
-    volume(&b, &["create-md", "db"]).ok();
-    let db = Daemon::start_with(&b.dir, &b.config);
-    configure(
-        &a,
-        "b",
-        &b.fingerprint,
-        &format!(
-            "address = \"127.0.0.1:{}\"\nconnections = 2\n{extra}",
-            db.port
-        ),
-    );
-    volume(&a, &["create-md", "db"]).ok();
-    let da = Daemon::start_with(&a.dir, &a.config);
-    volume(&a, &["primary", "db", "--force"]).ok();
-    let w = qemu_io(&sock(&a), &["write -P 0x11 0 4M"]);
-    assert!(w.status.success(), "{w:?}");
-    wait_in_step(&a, &b, "initial sync");
-    (a, da, b, db)
-}
 
 /// Both write while apart: `a` (primary) `a_writes`, `b` (promoted, then demoted again)
 /// `b_writes`; then `a` connects again.
@@ -104,15 +77,6 @@ fn wait_for(n: &Node, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn same_backings(a: &Node, b: &Node) -> Vec<u8> {
-    let on_a = std::fs::read(&a.image).unwrap();
-    assert!(
-        on_a == std::fs::read(&b.image).unwrap(),
-        "the backings differ"
-    );
-    on_a
 }
 
 #[test]

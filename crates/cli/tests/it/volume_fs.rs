@@ -6,7 +6,8 @@
 //! nothing to fix, the backing file mounted read-only must hold the tree exactly (kind, mode,
 //! size, mtime, content, link target), and the volume must have recorded dirty bytes.
 //! Skipped with a note where the machine cannot do it: not root, no /dev/fuse, no
-//! qemu-storage-daemon or its FUSE export refused, no loop devices, mount refused.
+//! qemu-storage-daemon or its FUSE export refused, no loop devices, mount refused. The
+//! machinery (`Stack`, `missing`, `skip`) serves `replication_fs` too.
 
 use crate::util::*;
 use std::collections::BTreeSet;
@@ -18,8 +19,22 @@ use std::time::{Duration, Instant};
 /// The volume's size (a sparse backing file).
 const SIZE: u64 = 64 << 20;
 
-fn skip(why: &str) {
-    eprintln!("note: volume_fs test skipped: {why}");
+pub(crate) fn skip(why: &str) {
+    eprintln!("note: filesystem test skipped: {why}");
+}
+
+/// Why this machine cannot run the filesystem tests, if it cannot.
+pub(crate) fn missing() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root (losetup and mount need it)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse".into());
+    }
+    ["losetup", "mount", "umount", "mkfs.ext4", "e2fsck"]
+        .into_iter()
+        .find(|tool| Command::new(tool).arg("-V").output().is_err())
+        .map(|tool| format!("{tool} is not installed"))
 }
 
 /// Run `cmd` to the end (killed after the suite's timeout).
@@ -63,15 +78,28 @@ fn wait_for(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// What `Stack::ext4_with_tree` made.
+pub(crate) struct Mounted {
+    /// The export as a regular file (qemu-storage-daemon's FUSE export).
+    pub fuse_file: PathBuf,
+    /// The loop device on it.
+    pub dev: String,
+    /// Where the filesystem is mounted.
+    pub mnt: PathBuf,
+    /// The tree copied in (as `mnt/tree`).
+    pub src: PathBuf,
+}
+
 /// What the test sets up outside its temporary directory. Drop undoes whatever is still
 /// there, in reverse order (mounts, loop devices, then qemu-storage-daemon and its FUSE
 /// mount), so a failed assertion leaves no mount or loop device behind. Declared after the
 /// daemon, so it drops first.
 #[derive(Default)]
-struct Stack {
+pub(crate) struct Stack {
     mounts: Vec<PathBuf>,
     loops: Vec<String>,
     qsd: Option<Child>,
+    qsd_log: PathBuf,
     fuse_file: Option<PathBuf>,
 }
 
@@ -120,9 +148,138 @@ impl Stack {
         self.mounts.retain(|m| m != dir);
     }
 
+    /// The NBD export at unix socket `sock` (export "db") as the regular file
+    /// `dir/export.raw`: qemu-storage-daemon's FUSE export of an NBD blockdev (the mount
+    /// point must be an existing regular file). `Err` says why the machine cannot (skip).
+    fn fuse_export(&mut self, dir: &Path, sock: &Path) -> Result<PathBuf, String> {
+        let fuse_file = dir.join("export.raw");
+        File::create(&fuse_file).expect("create the FUSE mount point");
+        self.qsd_log = dir.join("qsd.log");
+        let log_file = File::create(&self.qsd_log).expect("create qsd.log");
+        let log_err = log_file.try_clone().expect("clone qsd.log");
+        let spawned = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=nbd,node-name=n,server.type=unix,server.path={},export=db",
+                s(sock)
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=fuse,id=e,node-name=n,mountpoint={},writable=on",
+                s(&fuse_file)
+            ))
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn();
+        match spawned {
+            Ok(child) => self.qsd = Some(child),
+            Err(e) => return Err(format!("cannot run qemu-storage-daemon ({e})")),
+        }
+        self.fuse_file = Some(fuse_file.clone());
+        let started = Instant::now();
+        while !mounted(&fuse_file) {
+            let qsd = self.qsd.as_mut().expect("qemu-storage-daemon started");
+            if let Ok(Some(st)) = qsd.try_wait() {
+                self.qsd = None;
+                let log = std::fs::read_to_string(&self.qsd_log).unwrap_or_default();
+                // Its errors name the option that failed: the NBD blockdev is ours to serve,
+                // the FUSE export is the machine's to allow.
+                assert!(
+                    log.contains("--export"),
+                    "qemu-storage-daemon could not use the export ({st:?}): {log}"
+                );
+                return Err(format!("FUSE export refused ({})", log.trim()));
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "qemu-storage-daemon mounted nothing within 20 s: {}",
+                std::fs::read_to_string(&self.qsd_log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(fuse_file)
+    }
+
+    /// A loop device on `file`, ext4 on it (256-byte inodes: nanosecond mtimes to
+    /// compare), mounted read-write on `mnt`; the device. The first loop device and the
+    /// first mount are where a machine without loop devices or without the right to mount
+    /// says so: `Err` says why (skip). Once they worked, every later failure is the test's.
+    fn format_and_mount(&mut self, file: &Path, mnt: &Path) -> Result<String, String> {
+        let dev = self
+            .attach(file, false)
+            .map_err(|out| format!("losetup refused ({})", out.stderr.trim()))?;
+        must(cmd("mkfs.ext4", &["-q", "-I", "256", &dev]));
+        if let Err(out) = self.mount(&dev, mnt, "rw") {
+            let err = out.stderr.to_lowercase();
+            // Not a refusal but a failure: mkfs wrote something mount cannot read.
+            assert!(
+                err.contains("permission denied") || err.contains("not permitted"),
+                "mount {dev} failed\n{out}"
+            );
+            return Err(format!("mount refused ({})", out.stderr.trim()));
+        }
+        Ok(dev)
+    }
+
+    /// The export at `sock` as a file (`fuse_export`), ext4 on it mounted on `dir/mnt`
+    /// (`format_and_mount`), `make_tree(dir/src)` copied in as `tree` with `cp -a`, and
+    /// `sync`. `Err` says why the machine cannot (skip).
+    pub(crate) fn ext4_with_tree(&mut self, dir: &Path, sock: &Path) -> Result<Mounted, String> {
+        let fuse_file = self.fuse_export(dir, sock)?;
+        let mnt = dir.join("mnt");
+        let dev = self.format_and_mount(&fuse_file, &mnt)?;
+        let src = dir.join("src");
+        make_tree(&src);
+        must(cmd("cp", &["-a", s(&src), s(&mnt.join("tree"))]));
+        must(cmd("sync", &[]));
+        Ok(Mounted {
+            fuse_file,
+            dev,
+            mnt,
+            src,
+        })
+    }
+
+    /// Undo `ext4_with_tree`: unmount, detach the loop device, stop the FUSE export.
+    pub(crate) fn unmount(&mut self, m: &Mounted) {
+        self.umount(&m.mnt);
+        self.detach(&m.dev);
+        self.stop_qsd();
+    }
+
+    /// The backing file alone is a clean filesystem (`e2fsck -fn`) whose `tree`, mounted
+    /// read-only on `mnt`, is `src` exactly (kind, mode, size, mtime, content, link target).
+    pub(crate) fn assert_holds_tree(&mut self, backing: &Path, src: &Path, mnt: &Path) {
+        must(cmd("e2fsck", &["-fn", s(backing)]));
+        let ro = self
+            .attach(backing, true)
+            .unwrap_or_else(|out| panic!("losetup of the backing file failed\n{out}"));
+        if let Err(out) = self.mount(&ro, mnt, "ro") {
+            panic!("mounting the backing file failed\n{out}");
+        }
+        let want = snapshot(src);
+        assert_eq!(want.len(), 9, "the tree as made: {want:#?}");
+        let got = snapshot(&mnt.join("tree"));
+        let differ: BTreeSet<_> = want
+            .keys()
+            .chain(got.keys())
+            .filter(|p| want.get(*p) != got.get(*p))
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "the tree read back from {} differs from the one copied in at {differ:?}\n\
+             copied in: {want:#?}\nread back: {got:#?}",
+            backing.display()
+        );
+        self.umount(mnt);
+        self.detach(&ro);
+    }
+
     /// Stop qemu-storage-daemon with SIGTERM and wait for it: it must exit 0 and take its
     /// FUSE mount away.
-    fn stop_qsd(&mut self, log: &Path) {
+    fn stop_qsd(&mut self) {
+        let log = &self.qsd_log;
         let mut child = self.qsd.take().expect("qemu-storage-daemon running");
         rustix::process::kill_process(
             rustix::process::Pid::from_child(&child),
@@ -194,16 +351,8 @@ fn make_tree(root: &Path) {
 
 #[test]
 fn ext4_on_the_export_through_fuse_and_loop_survives_and_checks_clean() {
-    if !rustix::process::geteuid().is_root() {
-        return skip("not root (losetup and mount need it)");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip("no /dev/fuse");
-    }
-    for tool in ["losetup", "mount", "umount", "mkfs.ext4", "e2fsck"] {
-        if Command::new(tool).arg("-V").output().is_err() {
-            return skip(&format!("{tool} is not installed"));
-        }
+    if let Some(why) = missing() {
+        return skip(&why);
     }
 
     let t = tmp();
@@ -227,89 +376,18 @@ fn ext4_on_the_export_through_fuse_and_loop_survives_and_checks_clean() {
     c.args(["volume", "create-md", "db", "--config", s(&config)]);
     must(c);
     let mut daemon = Daemon::start_with(dir, &config);
-    let sock = state.join("db.sock");
 
-    // The export as a regular file: qemu-storage-daemon's FUSE export of an NBD blockdev
-    // (the mount point must be an existing regular file).
+    // The export as a file, a block device on it, ext4 on that, the tree copied in.
     let mut stack = Stack::default();
-    let fuse_file = dir.join("export.raw");
-    File::create(&fuse_file).expect("create the FUSE mount point");
-    let qsd_log = dir.join("qsd.log");
-    let log_file = File::create(&qsd_log).expect("create qsd.log");
-    let log_err = log_file.try_clone().expect("clone qsd.log");
-    let spawned = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=nbd,node-name=n,server.type=unix,server.path={},export=db",
-            s(&sock)
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=fuse,id=e,node-name=n,mountpoint={},writable=on",
-            s(&fuse_file)
-        ))
-        .stdin(Stdio::null())
-        .stdout(log_file)
-        .stderr(log_err)
-        .spawn();
-    match spawned {
-        Ok(child) => stack.qsd = Some(child),
-        Err(e) => return skip(&format!("cannot run qemu-storage-daemon ({e})")),
-    }
-    stack.fuse_file = Some(fuse_file.clone());
-    let started = Instant::now();
-    while !mounted(&fuse_file) {
-        let qsd = stack.qsd.as_mut().expect("qemu-storage-daemon started");
-        if let Ok(Some(st)) = qsd.try_wait() {
-            stack.qsd = None;
-            let log = std::fs::read_to_string(&qsd_log).unwrap_or_default();
-            // Its errors name the option that failed: the NBD blockdev is ours to serve,
-            // the FUSE export is the machine's to allow.
-            assert!(
-                log.contains("--export"),
-                "qemu-storage-daemon could not use the export ({st:?}): {log}"
-            );
-            return skip(&format!("FUSE export refused ({})", log.trim()));
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "qemu-storage-daemon mounted nothing within 20 s: {}",
-            std::fs::read_to_string(&qsd_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let len = std::fs::metadata(&fuse_file)
+    let fs = match stack.ext4_with_tree(dir, &state.join("db.sock")) {
+        Ok(fs) => fs,
+        Err(why) => return skip(&why),
+    };
+    let len = std::fs::metadata(&fs.fuse_file)
         .expect("stat the FUSE file")
         .len();
     assert_eq!(len, SIZE, "the FUSE file has the volume's size");
-
-    // A block device on it, ext4 on that (256-byte inodes: nanosecond mtimes to compare),
-    // the tree copied in with `cp -a`.
-    // The first loop device and the first mount are where a machine without loop devices
-    // or without the right to mount says so: skip there. Once they worked, every later
-    // failure is the test's.
-    let dev = match stack.attach(&fuse_file, false) {
-        Ok(dev) => dev,
-        Err(out) => return skip(&format!("losetup refused ({})", out.stderr.trim())),
-    };
-    must(cmd("mkfs.ext4", &["-q", "-I", "256", &dev]));
-    let mnt = dir.join("mnt");
-    if let Err(out) = stack.mount(&dev, &mnt, "rw") {
-        let err = out.stderr.to_lowercase();
-        // Not a refusal but a failure: mkfs wrote something mount cannot read.
-        assert!(
-            err.contains("permission denied") || err.contains("not permitted"),
-            "mount {dev} failed\n{out}"
-        );
-        return skip(&format!("mount refused ({})", out.stderr.trim()));
-    }
-    let src = dir.join("src");
-    make_tree(&src);
-    must(cmd("cp", &["-a", s(&src), s(&mnt.join("tree"))]));
-    must(cmd("sync", &[]));
-    stack.umount(&mnt);
-    stack.detach(&dev);
-    stack.stop_qsd(&qsd_log);
+    stack.unmount(&fs);
 
     // Every write went through the export, so the volume recorded them.
     let mut c = cutover_cmd();
@@ -338,27 +416,5 @@ fn ext4_on_the_export_through_fuse_and_loop_survives_and_checks_clean() {
     );
 
     // The backing file alone: a clean filesystem holding the tree exactly.
-    must(cmd("e2fsck", &["-fn", s(&backing)]));
-    let ro = stack
-        .attach(&backing, true)
-        .unwrap_or_else(|out| panic!("losetup of the backing file failed\n{out}"));
-    let back = dir.join("back");
-    if let Err(out) = stack.mount(&ro, &back, "ro") {
-        panic!("mounting the backing file failed\n{out}");
-    }
-    let want = snapshot(&src);
-    assert_eq!(want.len(), 9, "the tree as made: {want:#?}");
-    let got = snapshot(&back.join("tree"));
-    let differ: BTreeSet<_> = want
-        .keys()
-        .chain(got.keys())
-        .filter(|p| want.get(*p) != got.get(*p))
-        .collect();
-    assert!(
-        differ.is_empty(),
-        "the tree read back from the backing file differs from the one copied in at {differ:?}\n\
-         copied in: {want:#?}\nread back: {got:#?}"
-    );
-    stack.umount(&back);
-    stack.detach(&ro);
+    stack.assert_holds_tree(&backing, &fs.src, &dir.join("back"));
 }
