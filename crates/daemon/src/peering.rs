@@ -138,14 +138,20 @@ impl PeerLink {
     }
 }
 
-/// Run one link over `conns` and record how it ended.
-async fn run_link(link: &PeerLink, hosted: &Hosted, conns: Vec<Conn>, more: mpsc::Receiver<Conn>) {
+/// Run one link over `conns` and record how it ended. Returns whether it got as far as
+/// replicating (both sides agreed) and then broke: worth redialling at once.
+async fn run_link(
+    link: &PeerLink,
+    hosted: &Hosted,
+    conns: Vec<Conn>,
+    more: mpsc::Receiver<Conn>,
+) -> bool {
     let n = link.links.fetch_add(1, Ordering::Relaxed) + 1;
     let repl = match hosted.with_meta(|m| m.replication()) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("volume {}: peer {}: {e}", link.volume, link.name);
-            return;
+            return false;
         }
     };
     tracing::info!(
@@ -178,11 +184,14 @@ async fn run_link(link: &PeerLink, hosted: &Hosted, conns: Vec<Conn>, more: mpsc
             link.name
         ),
     }
+    let replicated =
+        matches!(&r, Err(e) if e.is_transient()) && link.view.get().connection == "connected";
     link.view.update(|v| {
         v.connection = state.into();
         v.replication = String::new();
         v.last_error = Some(why);
     });
+    replicated
 }
 
 /// Dial `link`'s peer and run links to it until the daemon stops.
@@ -207,7 +216,13 @@ pub(crate) async fn dial_loop(link: Arc<PeerLink>, hosted: Arc<Hosted>, identity
                     std::future::pending::<()>().await
                 };
                 tokio::select! {
-                    _ = run_link(&link, &hosted, conns, more) => {}
+                    broke = run_link(&link, &hosted, conns, more) => {
+                        // A link that worked and broke is redialled at once; one refused
+                        // or failing in its handshake keeps backing off.
+                        if broke {
+                            pause = BACKOFF_FIRST;
+                        }
+                    }
                     _ = grow => {}
                     _ = link.restart.notified() => {
                         link.view.update(|v| v.connection = "connecting".into());
@@ -399,7 +414,9 @@ pub(crate) async fn accept(
     let (tx, more) = mpsc::channel(MAX_LINK_CONNECTIONS);
     *link.joining.lock().unwrap_or_else(|p| p.into_inner()) = Some((hello.link, tx));
     let (l, h) = (link.clone(), hosted.clone());
-    let task = tokio::spawn(async move { run_link(&l, &h, conns, more).await });
+    let task = tokio::spawn(async move {
+        run_link(&l, &h, conns, more).await;
+    });
     let old = link
         .running
         .lock()

@@ -22,6 +22,8 @@ const CHUNK: u64 = 1 << 20;
 /// One send in this many takes a resync run before queued writes (a floor of about a
 /// quarter of the link for resync while both wait).
 const RESYNC_FIRST_EVERY: u64 = 4;
+/// How long a link whose data connection broke waits for the target's last ack.
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(1);
 /// A connection loaded more than the least loaded one by this leaves the work to it.
 const BALANCE_SLACK: u64 = 256 << 10;
 /// How often a sender with nothing to do looks again (acks free lag room for resync).
@@ -177,6 +179,17 @@ pub(crate) async fn run(
                 other => return Err(LinkError::Protocol(format!("{other:?} from a target"))),
             },
             ended = senders.join_next() => {
+                // A data connection broke. The target may still say over the control
+                // connection what it made durable: take that before ending the link, so
+                // a link that keeps breaking still makes progress.
+                let last_word = async {
+                    while let Ok(m) = recv_within(&mut ctl_r, FINAL_ACK_WAIT).await {
+                        if let PeerMsg::Ack { applied, durable } = m {
+                            repl.acked(s.slot, epoch, applied, durable);
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(FINAL_ACK_WAIT, last_word).await;
                 return match ended {
                     Some(Ok(Err(e))) => Err(e),
                     Some(Err(e)) => Err(LinkError::Protocol(format!("a sender failed: {e}"))),

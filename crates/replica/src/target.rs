@@ -22,9 +22,9 @@ const RUNS_PER_MESSAGE: usize = 8192;
 /// Un-flushed writes become durable once this many bytes were applied (a resync over a
 /// link that keeps breaking still makes progress: blocks leave the source's bitmap only
 /// when durable here).
-const FLUSH_BYTES: u64 = 16 << 20;
+const FLUSH_BYTES: u64 = 8 << 20;
 /// Un-flushed writes become durable at least this often.
-const FLUSH_EVERY: Duration = Duration::from_millis(500);
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Operations applied per blocking batch at most.
 const BATCH: usize = 256;
 /// Largest single operation accepted (NBD's own limit is 32 MiB).
@@ -99,6 +99,7 @@ pub(crate) async fn run(
     let (progress_tx, mut progress) = watch::channel(Progress::default());
     // Mismatches go out before the progress that acknowledges their comparison.
     let (mismatch_tx, mut mismatches) = mpsc::unbounded_channel();
+    let backend_for_last_word = backend.clone();
     let applier = Applier {
         backend,
         progress: progress_tx,
@@ -160,6 +161,17 @@ pub(crate) async fn run(
                 other => return Err(LinkError::Protocol(format!("{other:?} on the control connection of a target"))),
             },
             ended = tasks.join_next() => {
+                // A connection broke: what is applied is made durable and said so on the
+                // control connection (if it still works) before the link ends, so a link
+                // that keeps breaking still makes progress.
+                let p = *progress.borrow();
+                if p.applied > sent.1 {
+                    let b = backend_for_last_word.clone();
+                    if blocking(move || b.flush()).await.is_ok() {
+                        let ack = PeerMsg::Ack { applied: p.applied, durable: p.applied };
+                        let _ = ctl_w.send_any(&ack, false).await;
+                    }
+                }
                 return match ended {
                     Some(Ok(Err(e))) => Err(e),
                     Some(Err(e)) => Err(LinkError::Protocol(format!("a receiver failed: {e}"))),

@@ -168,10 +168,6 @@ fn resets_every_few_mb_while_writing_are_redialled_and_resynced_by_bitmap() {
 }
 
 #[test]
-#[ignore = "bug: resync progress is kept only once the target says it is durable, which it \
-            does after a flush every 500 ms (target.rs FLUSH_EVERY), and the redial pause \
-            keeps doubling: through cuts every few MB a resync starts over at the same \
-            block count on every link and never ends"]
 fn a_resync_through_resets_every_few_mb_ends_in_step() {
     if !have_qemu() {
         return;
@@ -190,9 +186,10 @@ fn a_resync_through_resets_every_few_mb_ends_in_step() {
 }
 
 #[test]
-#[ignore = "bug: a link broken during the initial sync starts a full resync again on every \
-            reconnect (decide.rs: an inconsistent secondary takes a full resync), and the \
-            redial pause keeps doubling: through cuts every few MB the sync never ends"]
+#[ignore = "open: through connections cut every 1.5-4.5 MB the resumed initial sync still makes \
+            no progress (every link starts 4096 blocks); not understood yet, suspected: the \
+            connection with the lowest numbers is cut before they arrive, so nothing applies \
+            in order"]
 fn an_initial_sync_through_resets_every_few_mb_ends_in_step() {
     if !have_qemu() {
         return;
@@ -217,9 +214,6 @@ fn an_initial_sync_through_resets_every_few_mb_ends_in_step() {
 }
 
 #[test]
-#[ignore = "bug: an active link never times out (source.rs and target.rs re-arm the idle \
-            timeout of recv_within on every turn of their select loops): a frozen path \
-            stays 'connected' and holds protocol C writers for as long as it is frozen"]
 fn a_link_frozen_past_the_idle_timeout_is_dropped_and_redialled() {
     if !have_qemu() {
         return;
