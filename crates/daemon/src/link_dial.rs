@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Connections dialled at the same time (sshd drops logins past its MaxStartups, 10 by
+/// TLS connections dialled at the same time (each costs a handshake's CPU on both ends).
+const AT_ONCE_TLS: usize = 32;
+/// ssh logins started at the same time (sshd drops logins past its MaxStartups, 10 by
 /// default).
-const AT_ONCE: usize = 8;
+const AT_ONCE_SSH: usize = 8;
 /// How often the link's rate is looked at.
 const GROW_STEP: Duration = Duration::from_secs(1);
 /// A doubling must raise the rate by this factor to be followed by another.
@@ -84,14 +86,18 @@ pub(crate) async fn dial(
 }
 
 impl Dialled {
-    /// Open connections `indexes` of the link, [`AT_ONCE`] at a time; in index order.
+    /// Open connections `indexes` of the link, several at a time; in index order.
     async fn open_many(
         self: &Arc<Self>,
         link: &Arc<PeerLink>,
         indexes: std::ops::Range<u32>,
     ) -> Result<Vec<Conn>, String> {
         let first = indexes.start;
-        let gate = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+        let at_once = match self.route {
+            Route::Tls { .. } => AT_ONCE_TLS,
+            Route::Ssh { .. } => AT_ONCE_SSH,
+        };
+        let gate = Arc::new(tokio::sync::Semaphore::new(at_once));
         let mut tasks = tokio::task::JoinSet::new();
         for index in indexes.clone() {
             let (d, l, gate) = (self.clone(), link.clone(), gate.clone());
