@@ -1,5 +1,5 @@
 //! Volume replication between two real daemons on loopback (`[[volume.peer]]`): the
-//! initial full sync of a volume while qemu-io writes to the primary, both backings equal
+//! initial full sync of a 256 MiB volume while qemu-io writes to the primary, both backings equal
 //! at the end; a secondary refusing writes through its export; protocol C keeping an
 //! acknowledged FUA write on the peer when the primary is killed right after it; the
 //! primary restarted after kill -9 resyncing only what its activity log and bitmap name;
@@ -13,6 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub(crate) const SIZE: u64 = 64 << 20;
+/// The volume of the main test: the initial sync of 256 MiB while qemu-io writes.
+const BIG: u64 = 256 << 20;
 
 #[derive(Clone)]
 pub(crate) struct Node {
@@ -25,13 +27,18 @@ pub(crate) struct Node {
 /// A node's directory with its disk image and its daemon identity made in advance (so
 /// that each config can pin the other's fingerprint).
 pub(crate) fn node(root: &Path, name: &str) -> Node {
+    node_of(root, name, SIZE)
+}
+
+/// [`node`] with a disk of `size` bytes.
+pub(crate) fn node_of(root: &Path, name: &str, size: u64) -> Node {
     let dir = root.join(name);
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     let image = dir.join("disk.img");
     std::fs::File::create(&image)
         .unwrap()
-        .set_len(SIZE)
+        .set_len(size)
         .unwrap();
     let out = {
         let mut c = cutover_cmd();
@@ -185,10 +192,10 @@ fn two_daemons_replicate_a_volume_and_a_killed_primary_loses_nothing_acknowledge
         return;
     }
     let t = tmp();
-    let a = node(t.path(), "a");
-    let b = node(t.path(), "b");
+    let a = node_of(t.path(), "a", BIG);
+    let b = node_of(t.path(), "b", BIG);
     // Data the primary already holds: the initial sync must carry it.
-    let seed: Vec<u8> = (0..SIZE as usize / 4)
+    let seed: Vec<u8> = (0..SIZE as usize)
         .map(|i| (i as u8).wrapping_mul(7))
         .collect();
     std::fs::write(&a.image, &seed).unwrap();
@@ -196,7 +203,7 @@ fn two_daemons_replicate_a_volume_and_a_killed_primary_loses_nothing_acknowledge
         .write(true)
         .open(&a.image)
         .unwrap()
-        .set_len(SIZE)
+        .set_len(BIG)
         .unwrap();
 
     // b waits for a (no address); a dials b.
@@ -231,6 +238,7 @@ fn two_daemons_replicate_a_volume_and_a_killed_primary_loses_nothing_acknowledge
         &[
             "write -P 0x5a 1M 2M",
             "aio_write -P 0x6b 40M 64k",
+            "aio_write -P 0x6c 200M 1M",
             "aio_flush",
             "write -z 50M 1M",
         ],
