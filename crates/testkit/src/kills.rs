@@ -555,6 +555,15 @@ impl TrialCtx<'_> {
         // A kill that came after the end leaves a finished run; else rerun until success.
         let mut last: Option<Finished> = Some(first).filter(Finished::ok);
         while last.as_ref().is_none_or(|f| !f.ok()) && trial.reruns < MAX_RERUNS {
+            // As a user would: a destination still locked by the killed run's session (the
+            // daemon has not seen its client go yet) is tried again after a moment, longer
+            // each time, not five times in the same instant.
+            if last
+                .as_ref()
+                .is_some_and(|f| f.stderr.contains("another cutover sync is writing"))
+            {
+                std::thread::sleep(Duration::from_millis(500) * (trial.reruns as u32 + 1));
+            }
             trial.reruns += 1;
             let log = self.log(&format!("rerun{}", trial.reruns));
             let rerun = SyncRun::spawn(self.sync_cmd(relay.port, target, &faulty), &log)?;
