@@ -9,6 +9,7 @@ mod data;
 mod listed;
 mod proc;
 mod replication;
+mod replication_pair;
 mod report;
 mod tls_cost;
 mod tools;
