@@ -94,7 +94,7 @@ pub(crate) async fn run(
     let geo = repl.geometry();
     for conn in data {
         writers.push(conn.writer);
-        tasks.spawn(receive(conn.reader, tx.clone(), geo, s.idle));
+        tasks.spawn(receive(conn.reader, tx.clone(), geo));
     }
     let (progress_tx, mut progress) = watch::channel(Progress::default());
     // Mismatches go out before the progress that acknowledges their comparison.
@@ -119,7 +119,7 @@ pub(crate) async fn run(
             Some(conn) = more.recv() => {
                 // The dialler opened another data connection (the link grows).
                 writers.push(conn.writer);
-                tasks.spawn(receive(conn.reader, tx.clone(), geo, s.idle));
+                tasks.spawn(receive(conn.reader, tx.clone(), geo));
                 view.update(|v| v.connections += 1);
             }
             changed = progress.changed() => {
@@ -198,17 +198,15 @@ async fn receive(
     mut r: MsgReader,
     tx: mpsc::Sender<PeerMsg>,
     geo: volume::Geometry,
-    idle: Duration,
 ) -> Result<(), LinkError> {
     let (size, bs) = (geo.size, u64::from(geo.block_size));
     loop {
-        let msg = match tokio::time::timeout(idle, r.recv_any::<PeerMsg>()).await {
-            // Data connections may be quiet for long: the control connection's keepalives
-            // say whether the link lives.
-            Err(_) => continue,
-            Ok(Ok(Some(m))) => m,
-            Ok(Ok(None)) => return Err(LinkError::Closed),
-            Ok(Err(e)) => return Err(e.into()),
+        // No timeout: data connections may be quiet for long, and the control
+        // connection's keepalives say whether the link lives.
+        let msg = match r.recv_any::<PeerMsg>().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(LinkError::Closed),
+            Err(e) => return Err(e.into()),
         };
         let (offset, length) = match &msg {
             PeerMsg::Data { offset, data, .. } => (*offset, data.len() as u64),

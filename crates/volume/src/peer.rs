@@ -186,7 +186,8 @@ pub(crate) struct Shipped<'a> {
     pub length: u64,
     pub blocks: (u64, u64),
     pub kind: WriteKind,
-    pub data: Option<&'a Arc<Vec<u8>>>,
+    /// The data's pieces ([`data_pieces`]), for a data write.
+    pub data: Option<&'a [Arc<Vec<u8>>]>,
     pub fua: bool,
     pub block_size: u64,
 }
@@ -196,21 +197,51 @@ pub(crate) struct Shipped<'a> {
 /// wait for a single capped flow (1 MiB at 2 MB/s is half a second).
 const PIECE: u64 = 256 << 10;
 
-/// `w`'s operations: data in pieces of at most [`PIECE`], anything else whole.
-fn pieces(w: &Shipped<'_>, kind: OpKind) -> Vec<(u64, u64, OpKind)> {
-    let OpKind::Data(d) = &kind else {
-        return vec![(w.offset, w.length, kind)];
-    };
-    if w.length <= PIECE || d.len() as u64 != w.length {
-        return vec![(w.offset, w.length, kind)];
-    }
-    d.chunks(PIECE as usize)
-        .enumerate()
-        .map(|(i, c)| {
-            let at = w.offset + i as u64 * PIECE;
-            (at, c.len() as u64, OpKind::Data(Arc::new(c.to_vec())))
-        })
+/// A write's data as the peers are sent it: one copy, cut into pieces of at most
+/// [`PIECE`] bytes that every streaming peer shares.
+pub(crate) fn data_pieces(data: &[u8]) -> Vec<Arc<Vec<u8>>> {
+    data.chunks(PIECE as usize)
+        .map(|c| Arc::new(c.to_vec()))
         .collect()
+}
+
+/// `w`'s operations: its data pieces, or the whole range for zeroes and trims; None when
+/// no copy of the data was made (the stream started meanwhile: resync sends it).
+fn operations(w: &Shipped<'_>) -> Option<Vec<(u64, u64, OpKind)>> {
+    match (w.kind, w.data) {
+        (WriteKind::Data, Some(pieces)) => {
+            let mut at = w.offset;
+            let ops = pieces
+                .iter()
+                .map(|d| {
+                    let op = (at, d.len() as u64, OpKind::Data(d.clone()));
+                    at += d.len() as u64;
+                    op
+                })
+                .collect();
+            Some(ops)
+        }
+        (WriteKind::Data, None) => None,
+        (WriteKind::Zeroes, _) => Some(vec![(w.offset, w.length, OpKind::Zeroes)]),
+        (WriteKind::Trim, _) => Some(vec![(w.offset, w.length, OpKind::Trim)]),
+    }
+}
+
+impl Stream {
+    /// Give the next number to an operation of `bytes` (what the peer must take in)
+    /// touching `blocks` (None: nothing to clear when it is durable).
+    pub(crate) fn number(&mut self, bytes: u64, blocks: Option<(u64, u64)>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.numbered.push_back(Numbered {
+            at: Instant::now(),
+            seq,
+            bytes,
+            blocks,
+        });
+        self.lag_bytes += bytes;
+        seq
+    }
 }
 
 /// Number `w` for every streaming peer or put it in their `oos`. Returns the (slot, epoch,
@@ -220,18 +251,11 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
     let mut waits = Vec::new();
     for p in &mut st.peers {
         let (first, last) = w.blocks;
-        let kind = match (w.kind, w.data) {
-            (WriteKind::Data, Some(d)) => Some(OpKind::Data(d.clone())),
-            (WriteKind::Data, None) => None,
-            (WriteKind::Zeroes, _) => Some(OpKind::Zeroes),
-            (WriteKind::Trim, _) => Some(OpKind::Trim),
-        };
         let Some(s) = p.stream.as_mut() else {
             p.mark(first, last);
             continue;
         };
-        let Some(kind) = kind else {
-            // No copy of the data was made (the stream started meanwhile): resync sends it.
+        let Some(ops) = operations(w) else {
             p.mark(first, last);
             continue;
         };
@@ -241,15 +265,14 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
             continue;
         }
         let mut seq = 0;
-        for (offset, length, kind) in pieces(w, kind) {
-            seq = s.next_seq;
-            s.next_seq += 1;
+        for (offset, length, kind) in ops {
             let bytes = if matches!(kind, OpKind::Data(_)) {
                 length
             } else {
                 0
             };
             let blocks = (offset / w.block_size, (offset + length - 1) / w.block_size);
+            seq = s.number(bytes, Some(blocks));
             s.outbox.push_back(Op {
                 seq,
                 offset,
@@ -258,13 +281,6 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
                 // The last piece's flush covers the earlier ones (applied in order).
                 fua: w.fua && offset + length == w.offset + w.length,
             });
-            s.numbered.push_back(Numbered {
-                at: Instant::now(),
-                seq,
-                bytes,
-                blocks: Some(blocks),
-            });
-            s.lag_bytes += bytes;
             for b in blocks.0..=blocks.1 {
                 *p.inflight.entry(b).or_insert(0) += 1;
             }
@@ -387,20 +403,13 @@ impl Replication {
             let Some(s) = p.stream.as_mut() else {
                 continue;
             };
-            let seq = s.next_seq;
-            s.next_seq += 1;
+            let seq = s.number(0, None);
             s.outbox.push_back(Op {
                 seq,
                 offset: 0,
                 length: 0,
                 kind: OpKind::Flush,
                 fua: true,
-            });
-            s.numbered.push_back(Numbered {
-                at: Instant::now(),
-                seq,
-                bytes: 0,
-                blocks: None,
             });
             (s.wake)();
             if s.opts.sync {
@@ -596,15 +605,7 @@ pub(crate) fn number_resync(
     let offset = first * bs;
     let length = ((last + 1) * bs).min(geo.size) - offset;
     let s = p.stream.as_mut().expect("number_resync on a stream");
-    let seq = s.next_seq;
-    s.next_seq += 1;
-    s.numbered.push_back(Numbered {
-        at: Instant::now(),
-        seq,
-        bytes: length,
-        blocks: Some((first, last)),
-    });
-    s.lag_bytes += length;
+    let seq = s.number(length, Some((first, last)));
     for b in first..=last {
         *p.inflight.entry(b).or_insert(0) += 1;
     }

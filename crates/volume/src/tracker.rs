@@ -345,7 +345,7 @@ impl WriteObserver for Tracker {
         // Protocol A's bound: at `max_lag`, the writer waits (still holding its range).
         inner.wait_for_room();
         let data = match (write.kind, write.data) {
-            (WriteKind::Data, Some(d)) => Some(Arc::new(d.to_vec())),
+            (WriteKind::Data, Some(d)) => Some(crate::peer::data_pieces(d)),
             _ => None,
         };
         let Ok(Some(span)) = self.span(write.offset, write.length) else {
@@ -356,7 +356,7 @@ impl WriteObserver for Tracker {
             length: write.length,
             blocks: span.blocks,
             kind: write.kind,
-            data: data.as_ref(),
+            data: data.as_deref(),
             fua: write.fua,
             block_size: u64::from(inner.geo.block_size),
         };

@@ -8,7 +8,7 @@
 //! verify that breaks off leaves the bitmap as it was).
 
 use crate::meta::Result;
-use crate::peer::{number_resync, Numbered, Op, OpKind, Replication};
+use crate::peer::{number_resync, Op, OpKind, Replication};
 
 impl Replication {
     /// The peer in `slot` found blocks `first..=last` different from what a checksum of
@@ -85,16 +85,8 @@ impl Replication {
         let last = (first + (max_len / bs).max(1) - 1).min(geo.blocks - 1);
         let offset = first * bs;
         let length = ((last + 1) * bs).min(geo.size) - offset;
-        let seq = s.next_seq;
-        s.next_seq += 1;
         // Not out of sync: nothing to clear when it is durable.
-        s.numbered.push_back(Numbered {
-            at: std::time::Instant::now(),
-            seq,
-            bytes: length,
-            blocks: None,
-        });
-        s.lag_bytes += length;
+        let seq = s.number(length, None);
         p.status.verified_bytes += length;
         if last + 1 >= geo.blocks {
             p.verify = None;
