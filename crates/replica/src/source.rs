@@ -28,7 +28,9 @@ const FINAL_ACK_WAIT: Duration = Duration::from_secs(1);
 const BALANCE_SLACK: u64 = 256 << 10;
 /// How often a sender with nothing to do looks again (acks free lag room for resync).
 const POLL: Duration = Duration::from_millis(50);
-/// Runs in one `Runs` message are checked against the volume as they come.
+/// Peer acknowledgements that did not change are said again this often.
+const PEER_HOLDS_AGAIN: Duration = Duration::from_secs(1);
+/// The resync rate is measured over this window.
 const RATE_WINDOW: Duration = Duration::from_secs(2);
 
 /// Ends the stream when the link ends, however it ends.
@@ -148,6 +150,14 @@ pub(crate) async fn run(
     let mut pulled_ahead = repl.status(s.slot).map_or(0, |st| st.pulled_ahead);
     let mut rate = RateMeter::new();
     let mut heard = Instant::now();
+    // Peer acknowledgements: which of this node's other peers hold which writes, as last
+    // told to this one.
+    let target_node = repl
+        .slots()
+        .into_iter()
+        .find_map(|(slot, node)| (slot == s.slot).then_some(node));
+    let target_node = target_node.unwrap_or(u32::MAX);
+    let mut told: (Vec<(u32, u64)>, Instant) = (Vec::new(), Instant::now());
     loop {
         tokio::select! {
             Some(conn) = more.recv() => {
@@ -231,6 +241,18 @@ pub(crate) async fn run(
                             tracing::info!(peer = %s.peer, "peer in step (resync done)");
                         }
                     }
+                }
+                let holds: Vec<(u32, u64)> = repl
+                    .peers_hold()
+                    .into_iter()
+                    .filter(|&(node, _)| node != target_node)
+                    .collect();
+                // Said again now and then: the target acts on it only once it is in step.
+                let stale = told.1.elapsed() >= PEER_HOLDS_AGAIN;
+                if !holds.is_empty() && (holds != told.0 || stale) {
+                    ctl_w.send_any(&PeerMsg::PeerHolds(holds.clone()), false).await?;
+                    beat.sent();
+                    told = (holds, Instant::now());
                 }
                 if beat.due() {
                     ctl_w.send_any(&PeerMsg::Keepalive, false).await?;
@@ -331,7 +353,7 @@ async fn sender(mut w: MsgWriter, sh: Arc<Senders>, load: Arc<AtomicU64>) -> Res
             let seq = op.seq;
             let msg = match op.kind {
                 OpKind::Resync { check } => {
-                    read_resync(&sh.backend, &op, check.then_some(block_size)).await?
+                    read_resync(repl, &sh.backend, &op, check.then_some(block_size)).await?
                 }
                 _ => stream_msg(op)?,
             };
@@ -355,15 +377,18 @@ async fn sender(mut w: MsgWriter, sh: Arc<Senders>, load: Arc<AtomicU64>) -> Res
 /// before, so every earlier write is in it), as data or, with `check` (the block size),
 /// as one hash per block.
 async fn read_resync(
+    repl: &Replication,
     backend: &Arc<dyn nbd::Backend>,
     op: &Op,
     check: Option<u64>,
 ) -> Result<PeerMsg, LinkError> {
     let (seq, offset, length) = (op.seq, op.offset, op.length);
-    let b = backend.clone();
+    let (b, repl) = (backend.clone(), repl.clone());
     tokio::task::spawn_blocking(move || {
         let mut data = vec![0u8; length as usize];
         b.read_at(&mut data, offset)?;
+        // Which writes the data holds, for peer acknowledgements.
+        let wid = repl.resync_wid(offset, length);
         Ok(match check {
             Some(bs) => PeerMsg::Check {
                 seq,
@@ -376,6 +401,7 @@ async fn read_resync(
                 offset,
                 data,
                 fua: false,
+                wid,
             },
         })
     })
@@ -398,17 +424,20 @@ fn stream_msg(op: Op) -> Result<PeerMsg, LinkError> {
             offset: op.offset,
             data: Arc::try_unwrap(d).unwrap_or_else(|shared| shared.as_ref().clone()),
             fua: op.fua,
+            wid: op.wid,
         },
         OpKind::Zeroes => PeerMsg::Zeroes {
             seq: op.seq,
             offset: op.offset,
             length: op.length,
             fua: op.fua,
+            wid: op.wid,
         },
         OpKind::Trim => PeerMsg::Trim {
             seq: op.seq,
             offset: op.offset,
             length: op.length,
+            wid: op.wid,
         },
         OpKind::Flush => PeerMsg::Flush { seq: op.seq },
         OpKind::Resync { .. } => {

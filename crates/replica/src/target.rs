@@ -81,6 +81,10 @@ pub(crate) async fn run(
     if resync_blocks > 0 || full {
         repl.resyncing_from(s.slot, source_current)?;
     }
+    // This node holds the source's data but for what the stream brings (for peer acks).
+    let mut holds_source = resync_blocks == 0 && !full;
+    let _pending = PendingGuard(repl.clone());
+    repl.end_peer_acks();
     tracing::info!(
         peer = %s.peer,
         "replicating as target: {resync_blocks} block(s) to resync (source at generation {source_current:016x})"
@@ -101,6 +105,8 @@ pub(crate) async fn run(
     let (mismatch_tx, mut mismatches) = mpsc::unbounded_channel();
     let backend_for_last_word = backend.clone();
     let applier = Applier {
+        repl: repl.clone(),
+        slot: s.slot,
         backend,
         progress: progress_tx,
         mismatches: mismatch_tx,
@@ -139,6 +145,7 @@ pub(crate) async fn run(
                 if let Some((seq, current)) = step {
                     if p.durable >= seq {
                         in_step(&repl, s, view, current)?;
+                        holds_source = true;
                         step = None;
                     }
                 }
@@ -150,10 +157,17 @@ pub(crate) async fn run(
                     let p = *progress.borrow();
                     if p.durable >= seq {
                         in_step(&repl, s, view, current)?;
+                        holds_source = true;
                         step = None;
                     }
                 }
+                PeerMsg::PeerHolds(holds) => {
+                    for (node, wid) in holds {
+                        repl.peer_holds(s.slot, node, wid, holds_source)?;
+                    }
+                }
                 PeerMsg::Outdated => {
+                    holds_source = false;
                     repl.set_outdated(true)?;
                     tracing::warn!(peer = %s.peer, "outdated: the primary pulled ahead; in step again after its resync");
                 }
@@ -260,8 +274,21 @@ struct Progress {
     bytes: u64,
 }
 
+/// Ends this link's peer acknowledgements however the link ends: what was pending for
+/// the other peers stays marked.
+struct PendingGuard(Replication);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.end_peer_acks();
+    }
+}
+
 /// Where the applier writes and whom it tells.
 struct Applier {
+    /// The volume, and the source's slot: writes applied are marked for the other peers.
+    repl: Replication,
+    slot: u32,
     backend: Arc<dyn nbd::Backend>,
     progress: watch::Sender<Progress>,
     mismatches: mpsc::UnboundedSender<Vec<(u64, u64)>>,
@@ -279,11 +306,14 @@ impl Applier {
         let mut flush_due: Option<tokio::time::Instant> = None;
         // Data bytes applied since the last flush.
         let mut unflushed = 0u64;
+        // Marks for the other peers set since they were last persisted.
+        let mut marked = false;
         loop {
             let msg = match flush_due {
                 Some(at) => tokio::select! {
                     m = rx.recv() => m,
                     _ = tokio::time::sleep_until(at) => {
+                        self.persist_marks(&mut marked).await?;
                         let b = self.backend.clone();
                         blocking(move || b.flush()).await?;
                         p.durable = p.applied;
@@ -326,6 +356,9 @@ impl Applier {
             if batch.is_empty() {
                 continue;
             }
+            // Marked before the data lands: the other peers' bitmaps never miss a block
+            // this node holds.
+            marked |= self.repl.applying(self.slot, &write_ids(&batch));
             let (b, bs) = (self.backend.clone(), self.block_size);
             let done = blocking(move || apply_batch(&*b, batch, bs)).await?;
             if !done.mismatched.is_empty() {
@@ -339,6 +372,8 @@ impl Applier {
                 blocking(move || b.flush()).await?;
             }
             if done.synced || unflushed >= FLUSH_BYTES {
+                // What is said durable has its marks for the other peers on disk too.
+                self.persist_marks(&mut marked).await?;
                 p.durable = p.applied;
                 flush_due = None;
                 unflushed = 0;
@@ -348,6 +383,44 @@ impl Applier {
             let _ = self.progress.send(p);
         }
     }
+}
+
+impl Applier {
+    /// Persist the marks set for the other peers, if any were.
+    async fn persist_marks(&self, marked: &mut bool) -> Result<(), LinkError> {
+        if std::mem::take(marked) {
+            let repl = self.repl.clone();
+            tokio::task::spawn_blocking(move || repl.persist())
+                .await
+                .map_err(|e| LinkError::Io(std::io::Error::other(e)))??;
+        }
+        Ok(())
+    }
+}
+
+/// (write id, offset, length) of the operations of `batch` that change data.
+fn write_ids(batch: &[PeerMsg]) -> Vec<(u64, u64, u64)> {
+    batch
+        .iter()
+        .filter_map(|m| match m {
+            PeerMsg::Data {
+                wid, offset, data, ..
+            } => Some((*wid, *offset, data.len() as u64)),
+            PeerMsg::Zeroes {
+                wid,
+                offset,
+                length,
+                ..
+            }
+            | PeerMsg::Trim {
+                wid,
+                offset,
+                length,
+                ..
+            } => Some((*wid, *offset, *length)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn op_bytes(m: &PeerMsg) -> u64 {

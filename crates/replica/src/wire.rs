@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped when a message changes meaning; both ends must agree.
-pub const LINK_VERSION: u32 = 3;
+pub const LINK_VERSION: u32 = 4;
 
 /// One node's view, sent first by each end on the control connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,24 +72,29 @@ pub enum PeerMsg {
     Start {
         resync_blocks: u64,
     },
-    /// Numbered stream operations (data connections).
+    /// Numbered stream operations (data connections). `wid`: the source's id of the
+    /// write (for a resync run, of the last write it had when it read the run), which
+    /// `PeerHolds` refers to.
     Data {
         seq: u64,
         offset: u64,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         fua: bool,
+        wid: u64,
     },
     Zeroes {
         seq: u64,
         offset: u64,
         length: u64,
         fua: bool,
+        wid: u64,
     },
     Trim {
         seq: u64,
         offset: u64,
         length: u64,
+        wid: u64,
     },
     Flush {
         seq: u64,
@@ -122,6 +127,10 @@ pub enum PeerMsg {
     /// Source to target: the source pulled ahead (writes went to its bitmap instead of
     /// the stream): the target's data is older than the source's until the next `InStep`.
     Outdated,
+    /// Source to target: (node id, write id): that fellow peer of the source holds every
+    /// write up to the id (and every block as of it); the target stops marking them for
+    /// it (peer acknowledgements, see the volume crate's `peer_acks`).
+    PeerHolds(Vec<(u32, u64)>),
     /// Either way, when nothing else was sent for a while.
     Keepalive,
     /// Either way: why this end will not go on (the other logs it).

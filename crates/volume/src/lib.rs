@@ -191,6 +191,7 @@ mod layout;
 mod meta;
 mod open;
 mod peer;
+mod peer_acks;
 mod superblock;
 mod tracker;
 mod verify;

@@ -134,6 +134,8 @@ pub(crate) struct State {
     /// A peer lost its stream while this node may write: the next write makes a new
     /// current generation id first (see `peer.rs`, "Generation ids").
     pub rotate: bool,
+    /// The last application write id given (see `peer_acks.rs`); counts from 0 at open.
+    pub wid: u64,
     pub al: ActivityLog,
     /// Writes between `before_write` and `after_write`, by (offset, length): a `mark()`
     /// marks them dirty again in the new generation (see `mark`).
@@ -215,6 +217,7 @@ impl Inner {
                 peers: Vec::new(),
                 claimed: Vec::new(),
                 rotate: false,
+                wid: 0,
                 al,
                 inflight: HashMap::new(),
                 closed: false,

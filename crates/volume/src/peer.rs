@@ -61,6 +61,10 @@ pub struct Op {
     pub kind: OpKind,
     /// Durable on the peer before it is acknowledged (NBD FUA).
     pub fua: bool,
+    /// For an application write: its write id, the same in every peer's stream (the
+    /// peers learn through peer acknowledgements which writes their fellows hold, see
+    /// `peer_acks.rs`); 0 for other operations.
+    pub wid: u64,
 }
 
 /// How a stream behaves.
@@ -119,6 +123,11 @@ pub(crate) struct Numbered {
     pub blocks: Option<(u64, u64)>,
     /// When it was numbered (for the lag in seconds).
     pub at: Instant,
+    /// An application write's id.
+    pub wid: Option<u64>,
+    /// A resync run (data or checksums): while one is not durable, the peer may lack
+    /// blocks of writes older than any still in the stream.
+    pub resync: bool,
 }
 
 pub(crate) struct Stream {
@@ -133,6 +142,8 @@ pub(crate) struct Stream {
     durable: u64,
     /// Bytes of `numbered` entries past `applied`.
     pub lag_bytes: u64,
+    /// Resync runs numbered and not yet durable.
+    pub resyncs: u64,
     pub wake: Arc<dyn Fn() + Send + Sync>,
 }
 
@@ -149,6 +160,9 @@ pub(crate) struct PeerTrack {
     /// The next block an online verify compares (None: no verify under way).
     pub verify: Option<u64>,
     pub status: PeerStatus,
+    /// On a secondary: the writes the primary sent that this peer may not hold yet
+    /// (see `peer_acks.rs`).
+    pub pending: Option<crate::peer_acks::Pending>,
 }
 
 impl PeerTrack {
@@ -165,6 +179,7 @@ impl PeerTrack {
             epochs: 0,
             cursor: 0,
             verify: None,
+            pending: None,
             status: PeerStatus {
                 slot,
                 node,
@@ -177,6 +192,18 @@ impl PeerTrack {
     pub fn mark(&mut self, first: u64, last: u64) -> u64 {
         self.oos.set_range(first, last);
         self.bits.set_range(first, last)
+    }
+
+    /// Blocks waiting for resync.
+    pub(crate) fn oos_count(&self) -> u64 {
+        self.oos.count()
+    }
+
+    /// Blocks `first..=last` are in sync (on a slot that does not stream: nothing is
+    /// numbered for it).
+    pub(crate) fn clear_marks(&mut self, first: u64, last: u64) {
+        self.oos.clear_range(first, last);
+        self.bits.clear_range(first, last);
     }
 }
 
@@ -231,6 +258,17 @@ impl Stream {
     /// Give the next number to an operation of `bytes` (what the peer must take in)
     /// touching `blocks` (None: nothing to clear when it is durable).
     pub(crate) fn number(&mut self, bytes: u64, blocks: Option<(u64, u64)>) -> u64 {
+        self.number_op(bytes, blocks, None, false)
+    }
+
+    /// [`Stream::number`] for an application write with id `wid`, or a resync run.
+    pub(crate) fn number_op(
+        &mut self,
+        bytes: u64,
+        blocks: Option<(u64, u64)>,
+        wid: Option<u64>,
+        resync: bool,
+    ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.numbered.push_back(Numbered {
@@ -238,8 +276,11 @@ impl Stream {
             seq,
             bytes,
             blocks,
+            wid,
+            resync,
         });
         self.lag_bytes += bytes;
+        self.resyncs += u64::from(resync);
         seq
     }
 }
@@ -249,6 +290,8 @@ impl Stream {
 /// released.
 pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64)> {
     let mut waits = Vec::new();
+    st.wid += 1;
+    let wid = st.wid;
     for p in &mut st.peers {
         let (first, last) = w.blocks;
         let Some(s) = p.stream.as_mut() else {
@@ -272,7 +315,7 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
                 0
             };
             let blocks = (offset / w.block_size, (offset + length - 1) / w.block_size);
-            seq = s.number(bytes, Some(blocks));
+            seq = s.number_op(bytes, Some(blocks), Some(wid), false);
             s.outbox.push_back(Op {
                 seq,
                 offset,
@@ -280,6 +323,7 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
                 kind,
                 // The last piece's flush covers the earlier ones (applied in order).
                 fua: w.fua && offset + length == w.offset + w.length,
+                wid,
             });
             for b in blocks.0..=blocks.1 {
                 *p.inflight.entry(b).or_insert(0) += 1;
@@ -296,7 +340,7 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
 }
 
 /// Whether some write is between `before_write` and its release on blocks `first..=last`.
-fn being_written(st: &State, block_size: u64, first: u64, last: u64) -> bool {
+pub(crate) fn being_written(st: &State, block_size: u64, first: u64, last: u64) -> bool {
     let (lo, hi) = (first * block_size, (last + 1) * block_size);
     st.inflight
         .keys()
@@ -354,6 +398,7 @@ impl Replication {
             applied: 0,
             durable: 0,
             lag_bytes: 0,
+            resyncs: 0,
             wake,
         });
         Ok(p.epochs)
@@ -410,6 +455,7 @@ impl Replication {
                 length: 0,
                 kind: OpKind::Flush,
                 fua: true,
+                wid: 0,
             });
             (s.wake)();
             if s.opts.sync {
@@ -482,10 +528,11 @@ impl Replication {
             if durable > s.durable {
                 s.durable = durable;
                 while s.numbered.front().is_some_and(|n| n.seq <= durable) {
-                    if let Some(Numbered {
-                        blocks: Some(b), ..
-                    }) = s.numbered.pop_front()
-                    {
+                    let Some(n) = s.numbered.pop_front() else {
+                        break;
+                    };
+                    s.resyncs -= u64::from(n.resync);
+                    if let Some(b) = n.blocks {
                         done.push(b);
                     }
                 }
@@ -605,7 +652,7 @@ pub(crate) fn number_resync(
     let offset = first * bs;
     let length = ((last + 1) * bs).min(geo.size) - offset;
     let s = p.stream.as_mut().expect("number_resync on a stream");
-    let seq = s.number(length, Some((first, last)));
+    let seq = s.number_op(length, Some((first, last)), None, true);
     for b in first..=last {
         *p.inflight.entry(b).or_insert(0) += 1;
     }
@@ -616,6 +663,7 @@ pub(crate) fn number_resync(
         length,
         kind: OpKind::Resync { check },
         fua: false,
+        wid: 0,
     }
 }
 

@@ -101,6 +101,7 @@ impl Replication {
             length,
             kind: OpKind::Resync { check: true },
             fua: false,
+            wid: 0,
         })
     }
 }

@@ -29,6 +29,7 @@ mod replication_faults;
 mod replication_fs;
 mod replication_grow;
 mod replication_ssh;
+mod replication_three;
 mod resume;
 mod rsync_flags;
 mod security;

@@ -8,10 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `wanem.py` relaying to `target` with `args`; killed on drop.
-struct Wanem(Child, u16);
+pub(crate) struct Wanem(Child, pub(crate) u16);
 
 impl Wanem {
-    fn start(dir: &std::path::Path, target: u16, args: &[&str]) -> Wanem {
+    pub(crate) fn start(dir: &std::path::Path, target: u16, args: &[&str]) -> Wanem {
         let port_file = dir.join("wanem.port");
         let child = Command::new("python3")
             .arg(mkdata_path().with_file_name("wanem.py"))
@@ -36,6 +36,17 @@ impl Wanem {
             std::thread::sleep(Duration::from_millis(20));
         };
         Wanem(child, port)
+    }
+}
+
+impl Wanem {
+    /// Stop it (SIGTERM) and return what it wrote to its `--stats` file, `stats`.
+    pub(crate) fn stats(mut self, stats: &std::path::Path) -> serde_json::Value {
+        let pid = rustix::process::Pid::from_child(&self.0);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill wanem");
+        let _ = self.0.wait();
+        let text = std::fs::read_to_string(stats).expect("wanem's stats");
+        serde_json::from_str(&text).expect("wanem's stats are JSON")
     }
 }
 

@@ -26,6 +26,40 @@ pub fn node(primary: bool, peer: u32) -> Node {
     node_with(primary, peer, None)
 }
 
+/// A node with several peers (by node id); `slot` is the first one's. Returns the slots
+/// in the order of `peers`.
+pub fn node_of_many(primary: bool, peers: &[u32]) -> (Node, Vec<u32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("disk.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let md = dir.path().join("disk.md");
+    let opts = CreateOptions {
+        peer_slots: peers.len() as u32 + 1,
+        inconsistent: !primary,
+        ..CreateOptions::new(SIZE)
+    };
+    Meta::create_with(&md, &opts).unwrap();
+    let meta = Meta::open(&md, SIZE).unwrap();
+    let slots = meta.attach_peers(peers).unwrap();
+    if primary {
+        meta.set_role(true).unwrap();
+    }
+    let backend = Arc::new(FileBackend::open(&backing, false).unwrap());
+    let tracker = meta.tracker();
+    let node = Node {
+        _dir: dir,
+        backing,
+        meta,
+        backend,
+        tracker,
+        slot: slots[0],
+    };
+    (node, slots)
+}
+
 /// A node whose backing starts as `content` (else zeroes); a secondary with content is
 /// "seeded" (a copy made beforehand).
 pub fn node_with(primary: bool, peer: u32, content: Option<&[u8]>) -> Node {
@@ -144,6 +178,30 @@ pub async fn link_with(
         })
     };
     (start(ca, a), start(cb, b))
+}
+
+/// Start a link between `a` (its peer in `a_slot`) and `b` (in `b_slot`), counting its
+/// bytes in `wire`.
+pub async fn link_slots(
+    a: &Node,
+    a_slot: u32,
+    b: &Node,
+    b_slot: u32,
+    wire: Arc<WireCounter>,
+) -> (LinkTask, LinkTask) {
+    let (ca, cb) = conns_counted(2, wire).await;
+    let start = |conns, n: &Node, slot| {
+        let (repl, backend, s) = (
+            n.meta.replication(),
+            n.backend.clone() as Arc<dyn Backend>,
+            settings(slot),
+        );
+        tokio::spawn(async move {
+            let view = LinkView::default();
+            replica::run(conns, repl, backend, &s, &view).await
+        })
+    };
+    (start(ca, a, a_slot), start(cb, b, b_slot))
 }
 
 pub async fn wait_in_step(p: &Node, s: &Node) {
