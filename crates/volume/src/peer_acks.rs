@@ -96,13 +96,33 @@ impl Replication {
 
     /// On a secondary, before applying `ops` (write id, offset, length) from the primary
     /// in slot `from`: mark them for every other peer until the primary says that peer
-    /// holds them. Returns whether a bit was newly set (persist before saying durable:
+    /// holds them, and take the whole blocks they cover out of this node's bitmap for
+    /// the primary. Returns whether a bit was newly set (persist before saying durable:
     /// after a crash of this node the marks must still be there).
     pub fn applying(&self, from: u32, ops: &[(u64, u64, u64)]) -> bool {
-        let bs = u64::from(self.inner.geo.block_size);
+        let geo = self.inner.geo;
+        let bs = u64::from(geo.block_size);
         let mut st = self.inner.state();
         let mut newly = false;
         for p in st.peers.iter_mut() {
+            if p.slot == from && p.stream.is_none() {
+                // Blocks this node now holds as the primary has them are no longer ones
+                // it wrote apart from it (whole blocks only): a resync that keeps
+                // breaking off does not get them back from this node's bitmap each time.
+                for &(_, offset, length) in ops {
+                    let first = offset.div_ceil(bs);
+                    let end = offset.saturating_add(length);
+                    let last = if end >= geo.size {
+                        geo.blocks
+                    } else {
+                        end / bs
+                    };
+                    if last > first {
+                        p.clear_marks(first, last - 1);
+                    }
+                }
+                continue;
+            }
             if p.slot == from || p.stream.is_some() {
                 continue;
             }
