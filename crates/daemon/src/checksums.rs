@@ -65,13 +65,12 @@ pub(crate) fn checksums(
     Ok(Checksums { pieces, next })
 }
 
+/// Pieces to hash (`(offset, length)`) and where the next request starts.
+type Wanted = (Vec<(u64, u64)>, Option<u64>);
+
 /// The pieces of slot 0's dirty runs from byte `from` (at most [`MAX_PIECES`]), and where
 /// the next request starts when there may be more.
-fn dirty_pieces(
-    h: &Hosted,
-    from: u64,
-    size: u64,
-) -> Result<(Vec<(u64, u64)>, Option<u64>), String> {
+fn dirty_pieces(h: &Hosted, from: u64, size: u64) -> Result<Wanted, String> {
     let tracker = h.with_meta(|m| m.tracker())?;
     let mut out = Vec::new();
     let mut at = from.min(size);

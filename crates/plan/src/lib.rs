@@ -76,7 +76,7 @@ pub struct PassStats {
     /// directory, link or node it created), as the engine names them.
     pub sent: Vec<String>,
     /// A `replica` task's presync pass: what it measured (kept for the prediction).
-    pub replica: Option<replica::ReplicaMeasure>,
+    pub replica: Option<Box<replica::ReplicaMeasure>>,
 }
 
 /// One difference `verify_mode` found between source and destination after a final pass.

@@ -280,14 +280,14 @@ fn presync(pair: &Pair, mark: bool, log: &TaskLog) -> Result<PassStats, String> 
     let resyncing = !in_step(&peer);
     let (drain_ms, drain_by) = if !resyncing {
         (
-            Some(peer.lag_secs.mul_add(1000.0, 0.0) as u64 + PEER_FLUSH_MS),
+            Some((peer.lag_secs * 1000.0) as u64 + PEER_FLUSH_MS),
             "the stream's lag plus the peer's flush interval".to_string(),
         )
     } else if peer.connection != "connected" {
         (None, format!("the link is {}", peer.connection))
-    } else if peer.resync_rate > 0 {
+    } else if let Some(d) = (peer.out_of_sync_bytes * 1000).checked_div(peer.resync_rate) {
         (
-            Some(peer.out_of_sync_bytes * 1000 / peer.resync_rate),
+            Some(d),
             format!(
                 "{} out of sync at the resync rate, {}/s",
                 human_bytes(peer.out_of_sync_bytes),
@@ -323,7 +323,7 @@ fn presync(pair: &Pair, mark: bool, log: &TaskLog) -> Result<PassStats, String> 
     ));
     Ok(PassStats {
         bytes_changed: peer.out_of_sync_bytes + peer.lag_bytes,
-        replica: Some(m),
+        replica: Some(Box::new(m)),
         ..PassStats::default()
     })
 }
@@ -579,7 +579,7 @@ fn cutover(pair: &Pair, cancel: &AtomicBool, log: &TaskLog) -> Result<PassStats,
     ));
     Ok(PassStats {
         bytes_changed: p.out_of_sync_bytes + p.lag_bytes,
-        replica: Some(::plan::replica::ReplicaMeasure {
+        replica: Some(Box::new(::plan::replica::ReplicaMeasure {
             drain_ms: Some(ms(drained)),
             drain_by: "measured at the cutover".into(),
             verify_bytes: compared,
@@ -587,7 +587,7 @@ fn cutover(pair: &Pair, cancel: &AtomicBool, log: &TaskLog) -> Result<PassStats,
             fixed_ms: ms(switched),
             switch_ms: Some(ms(switched)),
             ..Default::default()
-        }),
+        })),
         ..PassStats::default()
     })
 }
