@@ -9,7 +9,7 @@ use crate::names;
 use crate::print::{errln, outln};
 use crate::security::SecurityArgs;
 use crate::sync::{parse_rate, run_job, FilesFrom, SyncJob};
-use ::plan::run::{human_bytes, PresyncReport, Status, Verdict};
+use ::plan::run::{human_bytes, human_duration, PresyncReport, Status, Verdict};
 use ::plan::{
     BoxFuture, Echo, KeyError, Kind, Mismatch, PassContext, PassStats, Plan, SourceSide, TaskLog,
     TaskRunner, TaskSpec,
@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 mod check;
 mod events;
+mod replica;
 mod runner;
 mod status;
 
@@ -93,7 +94,7 @@ pub async fn run(cmd: PlanCommand) -> u8 {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
-    let runner: Arc<dyn TaskRunner> = Arc::new(CliRunner);
+    let runner: Arc<dyn TaskRunner> = Arc::new(CliRunner::default());
     let echo: Echo = Arc::new(|line: &str| outln!("{line}"));
     match cmd {
         PlanCommand::Check { .. } => {

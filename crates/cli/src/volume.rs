@@ -91,6 +91,13 @@ pub enum VolumeCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// One control request as JSON on stdin, the daemon's reply as JSON on stdout (how a plan's `replica` task drives a daemon on another host, through ssh); exit 0 when the daemon said ok.
+    #[command(hide = true)]
+    Request {
+        /// The daemon's configuration file, to find its state_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Start a new generation of a volume: prints the old and new generation ids and the bytes that were dirty; the dirty bitmap starts empty.
     Mark {
         name: String,
@@ -142,6 +149,7 @@ pub async fn run(command: VolumeCommand) -> u8 {
             },
         ),
         VolumeCommand::Events { name, config } => events(name, config.as_deref()),
+        VolumeCommand::Request { config } => request(config.as_deref()),
         VolumeCommand::Verify { name, peer, config } => {
             said(config.as_deref(), "verify", &Request::Verify { name, peer })
         }
@@ -451,6 +459,39 @@ fn events(name: Option<String>, config: Option<&Path>) -> u8 {
         Ok(()) => exit::OK,
         Err(e) => {
             errln!("cutover volume events: {e}");
+            exit::FATAL
+        }
+    }
+}
+
+/// `request`: one JSON request from stdin to the daemon, its JSON reply to stdout.
+fn request(config: Option<&Path>) -> u8 {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        errln!("cutover volume request: stdin: {e}");
+        return exit::FATAL;
+    }
+    let req: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => {
+            errln!("cutover volume request: not a control request: {e}; use the same cutover version on both hosts");
+            return exit::FATAL;
+        }
+    };
+    let Some(sock) = socket(config, "request") else {
+        return exit::FATAL;
+    };
+    match control::call(&sock, &req) {
+        Ok(r) => {
+            outln!("{}", serde_json::json!(r));
+            if r.ok {
+                exit::OK
+            } else {
+                exit::FATAL
+            }
+        }
+        Err(e) => {
+            errln!("cutover volume request: {e}");
             exit::FATAL
         }
     }

@@ -21,6 +21,12 @@
 //!
 //! A connection that closes before `pass-done` is a failed pass: its blocks are owed again.
 //!
+//! ```text
+//! → {"cmd":"checksums","name":"db","dirty":true}            (the pieces written since the mark)
+//! → {"cmd":"checksums","name":"db","ranges":[[0,1048576]]}  (these pieces)
+//! ← {"ok":true,"checksums":{"pieces":[{"offset":0,"length":1048576,"hash":"…"}],"next":N}}
+//! ```
+//!
 //! Access: the socket has mode 0600 (root bypasses that, the daemon's user owns it), and the
 //! daemon also checks the peer's uid (`SO_PEERCRED`): only root and the daemon's own user
 //! are answered, so a socket whose mode was loosened still serves nobody else.
@@ -98,6 +104,22 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         peer: Option<String>,
     },
+    /// BLAKE3 hashes of pieces of the volume's backing (`checksums.rs`): the pieces
+    /// `ranges` names (`[offset, length]`), or with `dirty` those written since the last
+    /// mark, from byte `from` on.
+    Checksums {
+        name: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dirty: bool,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        from: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The daemon's answer: `ok` with the result, or an `error` (one line).
@@ -115,6 +137,25 @@ pub struct Reply {
     /// What a role or link change did (one line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksums: Option<Checksums>,
+}
+
+/// The hashes a `checksums` request asked for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checksums {
+    pub pieces: Vec<Piece>,
+    /// With `dirty`: where the next request starts (None: nothing more is dirty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
+/// One piece of a volume and the BLAKE3 hash (hex) of its bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Piece {
+    pub offset: u64,
+    pub length: u64,
+    pub hash: String,
 }
 
 impl Reply {
@@ -325,6 +366,18 @@ fn answer(hosted: &[Arc<Hosted>], req: Request) -> Reply {
         Request::Verify { name, peer } => {
             find(hosted, &name).and_then(|h| crate::roles::verify(h, peer.as_deref()).map(said))
         }
+        Request::Checksums {
+            name,
+            dirty,
+            from,
+            ranges,
+        } => find(hosted, &name)
+            .and_then(|h| crate::checksums::checksums(h, dirty, from, &ranges))
+            .map(|c| Reply {
+                ok: true,
+                checksums: Some(c),
+                ..Reply::default()
+            }),
         Request::Mark { name } => find(hosted, &name).and_then(|h| {
             let snap = passes::mark(h)?;
             tracing::info!(

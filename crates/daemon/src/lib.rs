@@ -9,6 +9,7 @@
 //! Paths from clients are validated lexically (relative, no `..`, no NUL) before they are
 //! joined to a module root.
 
+pub mod checksums;
 pub mod config;
 pub mod control;
 pub mod events;

@@ -15,6 +15,7 @@ pub mod logs;
 pub mod passes;
 pub mod paths_from;
 pub mod predict;
+pub mod replica;
 pub mod report;
 pub mod run;
 pub mod spool;
@@ -74,6 +75,8 @@ pub struct PassStats {
     /// With [`PassContext::collect_sent`]: the paths whose content the pass sent (or whose
     /// directory, link or node it created), as the engine names them.
     pub sent: Vec<String>,
+    /// A `replica` task's presync pass: what it measured (kept for the prediction).
+    pub replica: Option<Box<replica::ReplicaMeasure>>,
 }
 
 /// One difference `verify_mode` found between source and destination after a final pass.

@@ -87,8 +87,14 @@ impl Pass {
             .into_iter()
             .chain(plan.post_pass.iter().cloned())
             .collect();
+        let mut spec = spec.clone();
+        if spec.kind == Kind::Replica {
+            // The runner sees the mode the plan resolves (the plan's own default included).
+            spec.verify_mode = Some(plan.verify_mode(&spec));
+        }
         Pass {
-            spec: spec.clone(),
+            list: plan.paths_list(&spec),
+            spec,
             kind: kind.to_string(),
             ctx,
             runner,
@@ -98,7 +104,6 @@ impl Pass {
             plan_path: plan.path.clone(),
             base_dir: plan.base_dir.clone(),
             hooks_log: plan.log_dir().join("hooks.log"),
-            list: plan.paths_list(spec),
             stop,
         }
     }

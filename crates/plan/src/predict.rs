@@ -52,12 +52,17 @@ pub struct TaskModel {
     pub r2: Option<f64>,
     /// √(SS_res/(passes − terms)) / mean duration; None with no more passes than terms.
     pub rel_residual: Option<f64>,
+    /// How a model that is not a fit was made (a `replica` task's measurements).
+    pub note: Option<String>,
 }
 
 impl TaskModel {
     /// How far to trust it, for people: `overhead + per byte fitted to 4 passes (R² 0.98,
     /// residual ±5%)`, and when the floor applied, what the model said.
     pub fn confidence(&self) -> String {
+        if let Some(n) = &self.note {
+            return n.clone();
+        }
         let passes = if self.passes == 1 {
             "1 pass".to_string()
         } else {
@@ -195,6 +200,7 @@ pub fn model(passes: &[PassRecord]) -> Option<TaskModel> {
         floored: false,
         r2,
         rel_residual,
+        note: None,
     };
     let modelled = m.modelled_s();
     // A millisecond of slack: the overhead-only model *is* the floor.
@@ -290,7 +296,12 @@ impl Prediction {
 pub fn predict(plan: &Plan, store: &dyn Store) -> Result<Prediction, StateError> {
     let mut tasks = Vec::with_capacity(plan.tasks.len());
     for t in &plan.tasks {
-        tasks.push((t.name.clone(), model(&store.passes(&t.name)?)));
+        let m = if t.kind == crate::Kind::Replica {
+            crate::replica::model(plan, &t.name)
+        } else {
+            model(&store.passes(&t.name)?)
+        };
+        tasks.push((t.name.clone(), m));
     }
     let total_s = tasks
         .iter()

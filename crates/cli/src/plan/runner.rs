@@ -5,7 +5,12 @@
 use super::*;
 
 /// Runs plan tasks through the same function as `cutover sync`.
-pub(super) struct CliRunner;
+#[derive(Default)]
+pub(super) struct CliRunner {
+    /// `replica` tasks whose source this command marked already (a presync marks once,
+    /// at its first pass).
+    marked: std::sync::Mutex<std::collections::HashSet<String>>,
+}
 
 /// A task's local paths are taken from the plan file's directory, made absolute so that a
 /// colon in it can never make the path read as an ssh endpoint.
@@ -157,6 +162,17 @@ impl Drop for AbortOnDrop {
 
 impl TaskRunner for CliRunner {
     fn check(&self, t: &TaskSpec) -> Result<(), KeyError> {
+        if t.kind == Kind::Replica {
+            if let Some(ssh) = &t.ssh_command {
+                if shlex::split(ssh).is_none_or(|a| a.is_empty()) {
+                    return Err(KeyError {
+                        key: "ssh_command",
+                        message: format!("{ssh:?} is not a command line (unbalanced quotes?)"),
+                    });
+                }
+            }
+            return Ok(());
+        }
         let mut remote = 0;
         for (key, v) in [
             ("source", &t.source),
@@ -254,6 +270,17 @@ impl TaskRunner for CliRunner {
     }
 
     fn run_pass(&self, t: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>> {
+        if t.kind == Kind::Replica {
+            let mode = t.verify_mode.unwrap_or(::plan::VerifyMode::Blocks);
+            let first = ctx.kind != "final"
+                && !ctx.dry_run
+                && self
+                    .marked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(t.name.clone());
+            return super::replica::run_pass(t, ctx, mode, first);
+        }
         Box::pin(async move {
             let mut job = job_for(&t, &ctx.base_dir, ctx.dry_run, &ctx.spool)?;
             job.files_from = ctx.files_from.as_ref().map(|list| FilesFrom {
@@ -357,6 +384,7 @@ impl TaskRunner for CliRunner {
                 errors: s.errors,
                 changed_during_copy: s.changed,
                 delete_limit_hit: s.delete_limit_hit,
+                replica: None,
             })
         })
     }

@@ -22,6 +22,7 @@ mod odd_names;
 mod openssl;
 mod plan;
 mod plan_passes;
+mod plan_replica;
 mod plan_verify;
 mod prop;
 mod replication;

@@ -101,6 +101,12 @@ impl Plan {
                     .into(),
             ));
         }
+        if self.verify_mode == VerifyMode::Blocks {
+            return Err(self.at(
+                &[Seg::Key("verify_mode")],
+                "verify_mode = \"blocks\" only applies to replica tasks (it is already their default); remove it here".into(),
+            ));
+        }
         if self.tasks.is_empty() {
             return Err(PlanError::Plan {
                 path: self.path.clone(),
@@ -193,7 +199,7 @@ impl Plan {
                     "does not apply to a command task (its data is the command's output); remove it".into(),
                 ))
             }
-            (Kind::Tree | Kind::Volume, None, _) => {
+            (Kind::Tree | Kind::Volume | Kind::Replica, None, _) => {
                 return Err(self.task_key(
                     i,
                     "source",
@@ -224,7 +230,7 @@ impl Plan {
             .source
             .as_deref()
             .is_some_and(|s| s.starts_with("volume:"));
-        if volume_source && t.kind != Kind::Volume {
+        if volume_source && !matches!(t.kind, Kind::Volume | Kind::Replica) {
             return Err(self.task_key(
                 i,
                 "source",
@@ -238,6 +244,7 @@ impl Plan {
                 "only applies to a volume task whose source is volume:NAME; remove it".into(),
             ));
         }
+        self.validate_replica(i, t)?;
         crate::passes::check_task(self, i)?;
         if t.max_delete.is_some() && !t.delete {
             return Err(self.task_key(

@@ -263,6 +263,14 @@ fn record_pass(
             _ => Outcome::Interrupted,
         },
     };
+    if let (Some(m), false) = (&stats.replica, ctx.dry_run) {
+        if let Err(e) = crate::replica::save(ctx.plan, name, m) {
+            ctx.logs.summary(&format!(
+                "{name}: cannot keep the measurements in {}: {e}",
+                crate::replica::path(ctx.plan, name).display()
+            ));
+        }
+    }
     if let Err(e) = ctx.store.record_pass(&record) {
         ctx.logs
             .summary(&format!("{name}: cannot record the pass: {e}"));
