@@ -293,8 +293,22 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
         }
     };
     let peers = volumes.start_peers(identity.clone());
+    let counters = std::sync::Arc::new(daemon::metrics::DaemonCounters::default());
     // Returns in this block end the listening, not the function: the volumes close below.
     let code = async {
+        // Before the port file: a test that reads it finds the metrics address logged.
+        let _metrics =
+            match daemon::metrics::start(&cfg, &identity, &volumes, counters.clone()).await {
+                Ok(Some(m)) => {
+                    errln!("cutover serve: metrics on {}", m.url());
+                    Some(m)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    errln!("cutover serve: {e}");
+                    return exit::FATAL;
+                }
+            };
         let addr = listen.unwrap_or_else(|| cfg.listen.clone());
         let listener = match daemon::bind(&addr, cfg.insecure_plaintext).await {
             Ok(l) => l,
@@ -323,7 +337,7 @@ async fn serve(config: PathBuf, listen: Option<String>, port_file: Option<PathBu
                 _ = tokio::signal::ctrl_c() => "SIGINT",
             }
         };
-        daemon::serve_with_peers(listener, cfg, tls, peers, shutdown).await;
+        daemon::serve_with_peers(listener, cfg, tls, peers, counters, shutdown).await;
         exit::OK
     }
     .await;

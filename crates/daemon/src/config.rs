@@ -73,6 +73,12 @@ pub struct Config {
     /// Seconds sessions in flight get to finish after SIGTERM before the daemon exits.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// Where `GET /metrics` answers in the Prometheus text format (`IP:PORT`); none when
+    /// absent. Plain HTTP only on loopback (see `metrics.rs`).
+    pub metrics_listen: Option<String>,
+    /// Serve the metrics over HTTPS with the daemon's certificate.
+    #[serde(default)]
+    pub metrics_tls: bool,
     #[serde(default, rename = "module")]
     pub modules: Vec<Module>,
     #[serde(default, rename = "volume")]
@@ -339,6 +345,8 @@ impl Config {
                 config.idle_timeout_secs
             )));
         }
+        crate::metrics::check_config(config.metrics_listen.as_deref(), config.metrics_tls)
+            .map_err(invalid)?;
         if config.modules.is_empty() && config.volumes.is_empty() {
             return Err(invalid(
                 "no [[module]] or [[volume]] defined; add a module (name, path) or a volume (name, backing)".into(),

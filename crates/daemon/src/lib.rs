@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 mod link_dial;
+pub mod metrics;
 mod pass_store;
 mod passes;
 pub mod peer_ssh;
@@ -76,7 +77,8 @@ struct Server {
     /// The volumes' replication peers, for incoming peer links.
     peers: Arc<peering::PeerHub>,
     sessions: Mutex<HashMap<u64, Joinable>>,
-    failed_auth: AtomicU64,
+    /// Sessions, their bytes and refused connections, for the metrics.
+    counters: Arc<metrics::DaemonCounters>,
 }
 
 impl Server {
@@ -114,15 +116,25 @@ pub async fn serve<R: std::fmt::Display>(
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = R>,
 ) {
-    serve_with_peers(listener, config, tls, Arc::default(), shutdown).await
+    serve_with_peers(
+        listener,
+        config,
+        tls,
+        Arc::default(),
+        Arc::default(),
+        shutdown,
+    )
+    .await
 }
 
-/// [`serve`], also taking the replication links of `peers` (see `Volumes::start_peers`).
+/// [`serve`], also taking the replication links of `peers` (see `Volumes::start_peers`)
+/// and the counters the metrics listener reads.
 pub async fn serve_with_peers<R: std::fmt::Display>(
     listener: TcpListener,
     config: Config,
     tls: Arc<rustls::ServerConfig>,
     peers: Arc<peering::PeerHub>,
+    counters: Arc<metrics::DaemonCounters>,
     shutdown: impl Future<Output = R>,
 ) {
     let server = Arc::new(Server {
@@ -130,7 +142,7 @@ pub async fn serve_with_peers<R: std::fmt::Display>(
         peers,
         tls: tokio_rustls::TlsAcceptor::from(tls),
         sessions: Mutex::new(HashMap::new()),
-        failed_auth: AtomicU64::new(0),
+        counters,
     });
     tokio::pin!(shutdown);
     let reason = loop {
@@ -188,15 +200,17 @@ pub(crate) async fn refuse(conn: &mut Conn, reason: String) {
     conn.writer.close().await;
 }
 
-/// The TLS handshake and the hello of one connection, within the handshake timeout.
+/// The TLS handshake and the hello of one connection, within the handshake timeout; the
+/// connection's bytes are counted in `wire`.
 async fn greet(
     server: &Server,
     stream: tokio::net::TcpStream,
+    wire: Arc<WireCounter>,
 ) -> Result<(Accepted, Hello), String> {
-    let wire = Arc::new(WireCounter::default());
     let mut accepted = net::secure::accept(stream, Some(&server.tls), wire)
         .await
         .map_err(|e| {
+            server.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
             format!(
                 "TLS handshake failed: {}",
                 net::tls::describe_handshake_failure(&e)
@@ -212,7 +226,9 @@ async fn greet(
 /// Read the hello of one connection and open or join a session.
 async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String) {
     let timeout = Duration::from_secs(server.config.handshake_timeout_secs);
-    let (accepted, hello) = match tokio::time::timeout(timeout, greet(&server, stream)).await {
+    let wire = Arc::new(WireCounter::default());
+    let greeting = greet(&server, stream, wire.clone());
+    let (accepted, hello) = match tokio::time::timeout(timeout, greeting).await {
         Ok(Ok(greeted)) => greeted,
         Ok(Err(why)) => {
             tracing::info!(%peer, "connection dropped: {why}");
@@ -235,6 +251,7 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
     }
     match hello {
         Hello::Join { session, proof } => {
+            server.counters.track_session_wire(wire);
             let binding = accepted.binding.unwrap_or([0; 32]);
             join(&server, conn, &peer, session, &proof, &binding).await;
         }
@@ -244,12 +261,13 @@ async fn handle(server: Arc<Server>, stream: tokio::net::TcpStream, peer: String
                 conn,
                 accepted.client_cert,
                 hello,
-                &server.failed_auth,
+                &server.counters.auth_failures,
                 &peer,
             )
             .await;
         }
         Hello::New(new) => {
+            server.counters.track_session_wire(wire);
             let who = Client {
                 addr: &peer,
                 binding: accepted.binding.unwrap_or([0; 32]),
@@ -293,7 +311,7 @@ async fn join(
     match joined {
         Some(Ok((tx, secret))) => admit(conn, session, secret, tx).await,
         Some(Err(reason)) => refuse(&mut conn, reason).await,
-        None => refuse_join(conn, &server.failed_auth, peer).await,
+        None => refuse_join(conn, &server.counters.auth_failures, peer).await,
     }
 }
 
@@ -343,7 +361,11 @@ async fn open(
         Err(refusal) => {
             let reason = match refusal {
                 Refusal::Unauthenticated => {
-                    let n = server.failed_auth.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = server
+                        .counters
+                        .auth_failures
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
                     tracing::warn!(%peer, module = %new.module, failures = n, "authentication failed");
                     tokio::time::sleep(AUTH_FAILURE_DELAY).await;
                     format!(
@@ -387,6 +409,14 @@ async fn open(
                     joined: 0,
                 },
             );
+            server
+                .counters
+                .sessions_total
+                .fetch_add(1, Ordering::Relaxed);
+            server
+                .counters
+                .sessions_active
+                .fetch_add(1, Ordering::Relaxed);
             None
         }
     };
@@ -424,6 +454,8 @@ struct SessionSlot {
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.server.sessions().remove(&self.session);
+        let active = &self.server.counters.sessions_active;
+        active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

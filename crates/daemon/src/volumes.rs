@@ -85,6 +85,8 @@ pub struct Hosted {
     pub(crate) peers: std::sync::OnceLock<Vec<Arc<crate::peering::PeerLink>>>,
     /// The NBD server (how many clients are attached).
     pub(crate) server: nbd::Server,
+    /// The export's write latencies, for the metrics.
+    pub(crate) write_latency: Arc<nbd::LatencyHistogram>,
 }
 
 impl Hosted {
@@ -233,6 +235,7 @@ impl Volumes {
                     peer_slots.len()
                 )
             };
+            let write_latency = export.write_latency.clone();
             let server = nbd::Server::new(vec![export]);
             // From here the metadata is ours: a failure below must still close it.
             hosted.push(Arc::new(Hosted {
@@ -245,6 +248,7 @@ impl Volumes {
                 peer_slots,
                 peers: std::sync::OnceLock::new(),
                 server: server.clone(),
+                write_latency,
             }));
             let listen_failed = |source| VolumeError::Listen {
                 name: name.clone(),
@@ -400,6 +404,11 @@ impl Volumes {
             }
         }
         hub
+    }
+
+    /// The running volumes, for the metrics listener.
+    pub(crate) fn hosted(&self) -> Arc<[Arc<Hosted>]> {
+        self.hosted.clone()
     }
 
     /// How many volumes run.

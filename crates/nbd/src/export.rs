@@ -6,6 +6,7 @@
 //! Like [`Backend`], both traits are called from tokio's blocking pool and may block.
 
 use crate::backend::Backend;
+use crate::latency::LatencyHistogram;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub struct Export {
     pub observer: Option<Arc<dyn WriteObserver>>,
     /// Refuse writes (`NBD_EPERM`) and advertise `NBD_FLAG_READ_ONLY`.
     pub read_only: bool,
+    /// How long its WRITE, WRITE_ZEROES and TRIM requests took (shared by the clones).
+    pub write_latency: Arc<LatencyHistogram>,
 }
 
 impl Export {
@@ -37,6 +40,7 @@ impl Export {
             meta: Vec::new(),
             observer: None,
             read_only: false,
+            write_latency: Arc::default(),
         }
     }
 }

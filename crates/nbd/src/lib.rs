@@ -23,13 +23,15 @@
 //! Files follow the protocol's phases: `handshake.rs` (greeting, option loop on the wire),
 //! `options.rs` (what each option does), `request.rs` (request decoding and checks),
 //! `reply.rs` (reply encoding), `server.rs` (transmission: reader, handlers, writer),
-//! `backend.rs`, `export.rs` (what the embedder supplies), `wire.rs` (the numbers).
+//! `backend.rs`, `export.rs` (what the embedder supplies), `latency.rs` (the write latency
+//! histogram), `wire.rs` (the numbers).
 
 mod backend;
 mod direct;
 mod error;
 mod export;
 mod handshake;
+mod latency;
 pub mod options;
 pub mod reply;
 pub mod request;
@@ -39,5 +41,6 @@ pub mod wire;
 pub use backend::{write_zero_buffers, Allocation, Backend, FileBackend, Zeroing};
 pub use error::Error;
 pub use export::{Export, Extent, MetaContext, WriteEvent, WriteKind, WriteObserver};
+pub use latency::{LatencyHistogram, LatencySnapshot};
 pub use server::{serve_connection, serve_tcp, serve_unix, Config, Server};
 pub use wire::Errno;

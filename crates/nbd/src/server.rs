@@ -533,18 +533,23 @@ fn handle(conn: &Conn, req: &Request, payload: Option<Payload>) -> Reply {
     }
 }
 
-/// Run a change of the export between the observer's two calls.
+/// Run a change of the export between the observer's two calls, timed into the export's
+/// write latency histogram (a refused write too: the client waited for its answer).
 fn observed(
     conn: &Conn,
     ev: &WriteEvent<'_>,
     op: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<()> {
-    let Some(o) = &conn.export.observer else {
-        return op();
+    let started = std::time::Instant::now();
+    let r = match &conn.export.observer {
+        None => op(),
+        Some(o) => o.before_write(ev).and_then(|()| {
+            let r = op();
+            o.after_write(ev, &r);
+            r
+        }),
     };
-    o.before_write(ev)?;
-    let r = op();
-    o.after_write(ev, &r);
+    conn.export.write_latency.record(started.elapsed());
     r
 }
 

@@ -249,6 +249,19 @@ pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, T
     Ok(Arc::new(config))
 }
 
+/// The daemon's metrics listener over HTTPS (`metrics_tls`): the same identity and TLS 1.3
+/// suites as [`server_config`], but for HTTP/1.1 clients (curl, Prometheus), which offer no
+/// cutover ALPN and show no client certificate.
+pub fn https_server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
 /// The daemon's one certificate, for clients that offer ALPN at all. rustls itself accepts a
 /// client that offers no ALPN; refusing to pick a certificate makes it fail such a handshake
 /// with an access_denied alert. A client that offers only other protocols gets rustls's own

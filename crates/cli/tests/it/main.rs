@@ -17,6 +17,7 @@ mod live_writer;
 mod lying;
 mod manual;
 mod metadata;
+mod metrics;
 mod no_loss;
 mod odd_names;
 mod openssl;
