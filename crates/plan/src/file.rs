@@ -13,6 +13,7 @@ mod check;
 mod locate;
 mod suggest;
 
+pub use check::{hook_name, hook_run};
 pub use locate::Seg;
 use locate::*;
 use suggest::*;
