@@ -11,6 +11,7 @@ mod security;
 mod sync;
 mod volume;
 mod volume_pass;
+mod volume_watch;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use print::{errln, outln};

@@ -59,6 +59,16 @@ pub fn err_line(args: std::fmt::Arguments<'_>) {
     Stream::Err.write(format!("{args}\n").as_bytes());
 }
 
+/// Text already split into lines (each ending in `\n`) on stdout, in one write.
+pub fn out_text(text: &str) {
+    Stream::Out.write(text.as_bytes());
+}
+
+/// Whether stdout was found to be a closed pipe (whoever read it is gone).
+pub fn stdout_gone() -> bool {
+    Stream::Out.gone().load(Ordering::Relaxed)
+}
+
 /// `println!` that never panics: see the module's documentation.
 macro_rules! outln {
     () => {

@@ -27,16 +27,22 @@ pub enum VolumeCommand {
         #[arg(long, value_name = "PEER")]
         seeded_from: Option<String>,
     },
-    /// Show the volumes of the running daemon (or one): role, size, dirty bytes, writes, activity log, clean flag.
+    /// Show the volumes of the running daemon (or one): role, size, dirty bytes, writes, activity log, clean flag, peers. With --watch, keep showing them.
     Status {
         /// One volume; all when omitted.
         name: Option<String>,
         /// The daemon's configuration file, to find its state_dir (default: the state directory `cutover serve` uses without one).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Print JSON: {"volumes": [...]}.
+        /// Print JSON: {"volumes": [...]} (with --watch: one such document per line, with its "time").
         #[arg(long)]
         json: bool,
+        /// Keep showing the status, as watch(1) does: on a terminal the screen is redrawn every interval; otherwise each state that differs from the last one printed is printed as a block after a blank line (with --json, as one line). Stops on Ctrl-C (exit 0); exits 1 when the daemon goes away.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between looks with --watch (default 1; at least 0.1).
+        #[arg(long, value_name = "SECS", requires = "watch", value_parser = crate::volume_watch::parse_interval)]
+        interval: Option<std::time::Duration>,
     },
     /// Make this node the volume's primary: it exports read-write and replicates to its peers. Refused when its data is inconsistent, unless --force.
     Primary {
@@ -111,6 +117,21 @@ pub enum VolumeCommand {
 }
 
 pub async fn run(command: VolumeCommand) -> u8 {
+    // Watching waits on Ctrl-C between looks: it stays on the runtime.
+    if let VolumeCommand::Status {
+        name,
+        config,
+        json,
+        watch: true,
+        interval,
+    } = command
+    {
+        let Some(sock) = socket(config.as_deref(), "status") else {
+            return exit::FATAL;
+        };
+        let every = interval.unwrap_or(crate::volume_watch::DEFAULT_INTERVAL);
+        return crate::volume_watch::watch(sock, name, json, every).await;
+    }
     // Everything here blocks briefly on files or the control socket.
     tokio::task::spawn_blocking(move || match command {
         VolumeCommand::CreateMd {
@@ -120,7 +141,9 @@ pub async fn run(command: VolumeCommand) -> u8 {
             block_size,
             seeded_from,
         } => create_md(&name, &config, force, block_size, seeded_from.as_deref()),
-        VolumeCommand::Status { name, config, json } => status(name, config.as_deref(), json),
+        VolumeCommand::Status {
+            name, config, json, ..
+        } => status(name, config.as_deref(), json),
         VolumeCommand::Mark { name, config, json } => mark(name, config.as_deref(), json),
         VolumeCommand::Primary {
             name,
@@ -289,7 +312,7 @@ fn create_md(
 
 /// The control socket: in the config's state_dir, else in the daemon's default state
 /// directory.
-fn socket(config: Option<&Path>, cmd: &str) -> Option<PathBuf> {
+pub(crate) fn socket(config: Option<&Path>, cmd: &str) -> Option<PathBuf> {
     let found = match config {
         Some(c) => load(c, cmd)?.control_socket(),
         None => daemon::config::default_state_dir().map(|d| d.join(daemon::config::CONTROL_SOCKET)),
@@ -327,14 +350,22 @@ fn status(name: Option<String>, config: Option<&Path>, json: bool) -> u8 {
     if json {
         outln!("{}", serde_json::json!({ "volumes": volumes }));
     } else {
-        for v in &volumes {
-            show(v);
-        }
+        crate::print::out_text(&render(&volumes));
     }
     exit::OK
 }
 
-fn show(v: &VolumeStatus) {
+/// The volumes as `status` shows them, one line per item (`--watch` redraws this).
+pub(crate) fn render(volumes: &[VolumeStatus]) -> String {
+    let mut out = String::new();
+    for v in volumes {
+        show(v, &mut out);
+    }
+    out
+}
+
+fn show(v: &VolumeStatus, out: &mut String) {
+    use std::fmt::Write;
     let al = &v.activity_log;
     // The data's state matters only where a peer could hold another copy.
     let role = if v.peers.is_empty() {
@@ -342,7 +373,8 @@ fn show(v: &VolumeStatus) {
     } else {
         format!("{} ({})", v.role, v.disk)
     };
-    outln!(
+    let _ = writeln!(
+        out,
         "{}: {}, {} bytes, {} bytes dirty ({} block(s) of {} KiB), {} write(s), {} flush(es)",
         v.name,
         role,
@@ -353,19 +385,20 @@ fn show(v: &VolumeStatus) {
         v.writes,
         v.flushes
     );
-    outln!("  export {}", v.export);
-    outln!(
+    let _ = writeln!(out, "  export {}", v.export);
+    let _ = writeln!(
+        out,
         "  backing {}, metadata {}",
         v.backing.display(),
         v.meta.display()
     );
-    outln!(
+    let _ = writeln!(
+        out,
         "  volume id {}, generation {}, {} mark(s)",
-        v.volume_id,
-        v.current_gen,
-        v.marks
+        v.volume_id, v.current_gen, v.marks
     );
-    outln!(
+    let _ = writeln!(
+        out,
         "  activity log: {}/{} hot extent(s), {} with writes in flight, {} transaction(s), {} eviction(s)",
         al.hot_extents,
         al.capacity,
@@ -373,7 +406,8 @@ fn show(v: &VolumeStatus) {
         al.transactions,
         al.evictions
     );
-    outln!(
+    let _ = writeln!(
+        out,
         "  metadata: clean flag {} (set at shutdown), last shutdown {}, {} bitmap page(s) to write",
         if v.clean_flag { "set" } else { "clear" },
         if v.last_shutdown_clean {
@@ -384,7 +418,8 @@ fn show(v: &VolumeStatus) {
         v.unpersisted_pages
     );
     for d in &v.destinations {
-        outln!(
+        let _ = writeln!(
+            out,
             "  sync destination {}: {} byte(s) owed to it, {}",
             d.destination,
             d.owed_bytes,
@@ -396,14 +431,15 @@ fn show(v: &VolumeStatus) {
         );
     }
     for p in &v.peers {
-        show_peer(p);
+        show_peer(p, out);
     }
     if let Some(why) = &v.failed {
-        outln!("  FAILED: {why}");
+        let _ = writeln!(out, "  FAILED: {why}");
     }
 }
 
-fn show_peer(p: &daemon::roles::PeerStatus) {
+fn show_peer(p: &daemon::roles::PeerStatus, out: &mut String) {
+    use std::fmt::Write;
     let mut line = format!(
         "  peer {} ({}, protocol {}): {}",
         p.name,
@@ -439,9 +475,9 @@ fn show_peer(p: &daemon::roles::PeerStatus) {
     if p.discard_my_data {
         line.push_str(", discarding this node's data on connect");
     }
-    outln!("{line}");
+    let _ = writeln!(out, "{line}");
     if let (Some(e), false) = (&p.last_error, p.connection == "connected") {
-        outln!("    last error: {e}");
+        let _ = writeln!(out, "    last error: {e}");
     }
 }
 

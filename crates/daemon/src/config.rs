@@ -36,7 +36,9 @@ use serde::Deserialize;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+mod notify;
 mod peer;
+pub use notify::{NotifyEvent, VolumeNotify};
 pub use peer::*;
 
 pub const DEFAULT_PORT: u16 = 8730;
@@ -83,6 +85,12 @@ pub struct Config {
     pub modules: Vec<Module>,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<Volume>,
+    /// The `[[volume_notify]]` tables as written; checked into `volume_notify`.
+    #[serde(default, rename = "volume_notify")]
+    notify_specs: Vec<notify::NotifySpec>,
+    /// Hooks run when a volume's state changes (`config/notify.rs`).
+    #[serde(skip)]
+    pub volume_notify: Vec<VolumeNotify>,
 }
 
 /// A `[[volume]]`: a block volume this node hosts and exports over NBD.
@@ -381,6 +389,8 @@ impl Config {
         for v in &mut config.volumes {
             v.peers = peer::load_peers(v).map_err(invalid)?;
         }
+        config.volume_notify =
+            notify::load_notify(&config.notify_specs, &config.volumes).map_err(invalid)?;
         for (i, m) in config.modules.iter().enumerate() {
             if m.name.is_empty() || m.name.contains('/') {
                 return Err(invalid(format!(

@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 /// How often the states are looked at.
-const POLL: Duration = Duration::from_millis(200);
+pub(crate) const POLL: Duration = Duration::from_millis(200);
 
 /// One line of the stream.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +78,20 @@ fn changed(
         .collect()
 }
 
+/// The status of each of `chosen` (volumes shutting down left out), taken off the runtime
+/// (it takes the volumes' locks); None when the runtime is going away. Also what the
+/// notify hooks (`notify.rs`) watch.
+pub(crate) async fn look(chosen: &[Arc<Hosted>]) -> Option<Vec<crate::control::VolumeStatus>> {
+    let hs = chosen.to_vec();
+    tokio::task::spawn_blocking(move || {
+        hs.iter()
+            .filter_map(|h| crate::control::status_of(h).ok())
+            .collect()
+    })
+    .await
+    .ok()
+}
+
 /// Stream the events of `name` (every volume when None) until the client goes away.
 pub(crate) async fn stream(mut conn: UnixStream, hosted: Arc<[Arc<Hosted>]>, name: Option<String>) {
     let chosen: Vec<Arc<Hosted>> = match &name {
@@ -94,14 +108,7 @@ pub(crate) async fn stream(mut conn: UnixStream, hosted: Arc<[Arc<Hosted>]>, nam
     let mut tick = tokio::time::interval(POLL);
     loop {
         tick.tick().await;
-        let hs = chosen.clone();
-        let Ok(states) = tokio::task::spawn_blocking(move || {
-            hs.iter()
-                .filter_map(|h| crate::control::status_of(h).ok())
-                .collect::<Vec<_>>()
-        })
-        .await
-        else {
+        let Some(states) = look(&chosen).await else {
             return;
         };
         let mut lines = Vec::new();

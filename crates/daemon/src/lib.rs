@@ -4,7 +4,8 @@
 //! the engine's sender or receiver for each session.
 //!
 //! It also hosts the node's block volumes (`volumes.rs`: NBD exports tracked by their
-//! metadata) and answers `cutover volume` on a root-only control socket (`control.rs`).
+//! metadata) and answers `cutover volume` on a root-only control socket (`control.rs`); the
+//! `[[volume_notify]]` hooks hear of their state changes (`notify.rs`).
 //!
 //! Paths from clients are validated lexically (relative, no `..`, no NUL) before they are
 //! joined to a module root.
@@ -15,6 +16,7 @@ pub mod control;
 pub mod events;
 mod link_dial;
 pub mod metrics;
+pub mod notify;
 mod pass_store;
 mod passes;
 pub mod peer_ssh;

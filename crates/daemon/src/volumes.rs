@@ -134,6 +134,16 @@ impl Volumes {
                 vols.hosted = Arc::from(hosted);
                 vols.tasks
                     .push(tokio::spawn(flush_loop(vols.hosted.clone())));
+                if !config.volume_notify.is_empty() {
+                    // Hooks run in the state directory (a config without one has no
+                    // volumes running by now).
+                    let dir = config.state_dir().unwrap_or_else(|| PathBuf::from("/"));
+                    vols.tasks.push(tokio::spawn(crate::notify::run(
+                        vols.hosted.clone(),
+                        config.volume_notify.clone(),
+                        dir,
+                    )));
+                }
                 Ok(vols)
             }
             Err(e) => {

@@ -14,6 +14,7 @@ mod locate;
 mod replica;
 mod suggest;
 
+pub use check::{hook_name, hook_run};
 pub use locate::Seg;
 use locate::*;
 use suggest::*;

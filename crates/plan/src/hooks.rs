@@ -1,8 +1,8 @@
 //! Hooks (`[[pre_final]]`, `[[post_final]]`, the per-pass `pre_pass`/`post_pass`, notify
-//! hooks): a shell command run in its own process group with a timeout, output appended to
-//! `hooks.log`; on timeout or Ctrl-C the whole group is killed, so whatever the command
-//! started (a `pg_dump`, a `sleep`) dies with it. A notify hook may be a webhook instead: its
-//! input POSTed as JSON (ureq, rustls).
+//! hooks, and the daemon's `[[volume_notify]]`): a shell command run in its own process
+//! group with a timeout, output appended to `hooks.log`; on timeout or Ctrl-C the whole
+//! group is killed, so whatever the command started (a `pg_dump`, a `sleep`) dies with it.
+//! A notify hook may be a webhook instead: its input POSTed as JSON (ureq, rustls).
 
 use crate::file::{webhook_shown, Hook, HookRun};
 use crate::logs::stamp;
@@ -17,9 +17,10 @@ use tokio::sync::watch;
 pub struct HookCall<'a> {
     /// `pre_final`, `pre_pass`, `on_success`…: `CUTOVER_HOOK`, and the tag of its log lines.
     pub phase: &'a str,
-    /// `CUTOVER_PLAN`.
+    /// `CUTOVER_PLAN`; empty for a hook outside a plan (the daemon's volume notify
+    /// hooks), which then has no `CUTOVER_PLAN`.
     pub plan_path: &'a Path,
-    /// The working directory (the plan's).
+    /// The working directory (the plan's; the daemon's state directory).
     pub dir: &'a Path,
     /// Receives its stdout and stderr (appended).
     pub log: Option<&'a Path>,
@@ -91,11 +92,14 @@ pub async fn run_hook(
         }
         None => (Stdio::null(), Stdio::null()),
     };
-    let mut child = tokio::process::Command::new("sh")
+    let mut sh = tokio::process::Command::new("sh");
+    if !plan_path.as_os_str().is_empty() {
+        sh.env("CUTOVER_PLAN", plan_path);
+    }
+    let mut child = sh
         .arg("-c")
         .arg(command)
         .current_dir(dir)
-        .env("CUTOVER_PLAN", plan_path)
         .env("CUTOVER_HOOK", phase)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(if input.is_some() {

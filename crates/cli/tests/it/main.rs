@@ -45,4 +45,5 @@ mod util;
 mod volume;
 mod volume_fs;
 mod volume_passes;
+mod volume_watch;
 mod volumes;

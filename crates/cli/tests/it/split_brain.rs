@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// Both write while apart: `a` (primary) `a_writes`, `b` (promoted, then demoted again)
 /// `b_writes`; then `a` connects again.
-fn split(a: &Node, b: &Node, a_writes: &[&str], b_writes: &[&str]) {
+pub(crate) fn split(a: &Node, b: &Node, a_writes: &[&str], b_writes: &[&str]) {
     volume(a, &["disconnect", "db"]).ok();
     let w = qemu_io(&sock(a), a_writes);
     assert!(w.status.success(), "{w:?}");
@@ -64,7 +64,7 @@ impl Events {
 }
 
 /// Poll `n`'s status until `ok` holds (30 s at most).
-fn wait_for(n: &Node, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_for(n: &Node, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
     loop {
         let st = status(n);

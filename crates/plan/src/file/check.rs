@@ -12,6 +12,62 @@ fn valid_name(n: &str) -> bool {
         && !n.starts_with('.')
 }
 
+/// A hook's `command` or `webhook`, checked: exactly one of them, a command not empty, a
+/// webhook (only where `notify`) an http(s) URL with a host. The error names the key at
+/// fault (None: the `[[section]]` table) and says what to write. Also for the daemon's
+/// `[[volume_notify]]` hooks.
+pub fn hook_run(
+    section: &str,
+    notify: bool,
+    command: Option<&str>,
+    webhook: Option<&str>,
+) -> Result<HookRun, (Option<&'static str>, String)> {
+    match (command, webhook) {
+        (Some(_), Some(_)) => Err((
+            Some("webhook"),
+            format!("[[{section}]] has both command and webhook: give one of them (a second hook can do the other)"),
+        )),
+        (None, None) => Err((
+            None,
+            if notify {
+                format!("[[{section}]] needs command = \"…\" or webhook = \"https://…\"")
+            } else {
+                format!("[[{section}]] needs command = \"…\"")
+            },
+        )),
+        (Some(c), None) if c.trim().is_empty() => Err((
+            Some("command"),
+            format!("[[{section}]] command is empty: name the command to run"),
+        )),
+        (Some(c), None) => Ok(HookRun::Command(c.to_string())),
+        (None, Some(_)) if !notify => Err((
+            Some("webhook"),
+            format!("[[{section}]] webhook only applies to notify hooks ([[on_success]], [[on_failure]]); here use command = \"curl …\""),
+        )),
+        (None, Some(url)) => {
+            let ok = url.parse::<ureq::http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                return Err((
+                    Some("webhook"),
+                    format!("[[{section}]] webhook = {url:?} is not an http:// or https:// URL with a host"),
+                ));
+            }
+            Ok(HookRun::Webhook(url.to_string()))
+        }
+    }
+}
+
+/// A hook's name for logs: its `name`, else its command, else its webhook's scheme and host.
+pub fn hook_name(name: Option<&str>, run: &HookRun) -> String {
+    name.map(str::to_string).unwrap_or_else(|| match run {
+        HookRun::Command(c) => c.clone(),
+        HookRun::Webhook(u) => format!("webhook to {}", webhook_shown(u)),
+    })
+}
+
 impl Plan {
     /// Check the hooks of one section (`[[pre_final]]`, `[[on_success]]`, …) and give them
     /// their defaults.
@@ -24,50 +80,11 @@ impl Plan {
         let mut hooks = Vec::with_capacity(specs.len());
         for (i, h) in specs.iter().enumerate() {
             let at = |key| [Seg::Key(section), Seg::Index(i), Seg::Key(key)];
-            let run = match (&h.command, &h.webhook) {
-                (Some(_), Some(_)) => {
-                    return Err(self.at(
-                        &at("webhook"),
-                        format!("[[{section}]] has both command and webhook: give one of them (a second hook can do the other)"),
-                    ))
-                }
-                (None, None) => {
-                    return Err(self.at(
-                        &[Seg::Key(section), Seg::Index(i)],
-                        if notify {
-                            format!("[[{section}]] needs command = \"…\" or webhook = \"https://…\"")
-                        } else {
-                            format!("[[{section}]] needs command = \"…\"")
-                        },
-                    ))
-                }
-                (Some(c), None) if c.trim().is_empty() => {
-                    return Err(self.at(
-                        &at("command"),
-                        format!("[[{section}]] command is empty: name the command to run"),
-                    ))
-                }
-                (Some(c), None) => HookRun::Command(c.clone()),
-                (None, Some(_)) if !notify => {
-                    return Err(self.at(
-                        &at("webhook"),
-                        format!("[[{section}]] webhook only applies to notify hooks ([[on_success]], [[on_failure]]); here use command = \"curl …\""),
-                    ))
-                }
-                (None, Some(url)) => {
-                    let ok = url.parse::<ureq::http::Uri>().is_ok_and(|u| {
-                        matches!(u.scheme_str(), Some("http" | "https"))
-                            && u.host().is_some_and(|h| !h.is_empty())
-                    });
-                    if !ok {
-                        return Err(self.at(
-                            &at("webhook"),
-                            format!("[[{section}]] webhook = {url:?} is not an http:// or https:// URL with a host"),
-                        ));
-                    }
-                    HookRun::Webhook(url.clone())
-                }
-            };
+            let run = hook_run(section, notify, h.command.as_deref(), h.webhook.as_deref())
+                .map_err(|(key, message)| match key {
+                    Some(key) => self.at(&at(key), message),
+                    None => self.at(&[Seg::Key(section), Seg::Index(i)], message),
+                })?;
             let timeout = match &h.timeout {
                 Some(t) => parse_duration(t)
                     .map_err(|m| self.at(&at("timeout"), format!("[[{section}]] timeout = {m}")))?,
@@ -79,10 +96,7 @@ impl Plan {
                     format!("[[{section}]] err_is_fatal does not apply: a notify hook never changes the run's outcome; remove it"),
                 ));
             }
-            let name = h.name.clone().unwrap_or_else(|| match &run {
-                HookRun::Command(c) => c.clone(),
-                HookRun::Webhook(u) => format!("webhook to {}", webhook_shown(u)),
-            });
+            let name = hook_name(h.name.as_deref(), &run);
             hooks.push(Hook {
                 name,
                 run,
