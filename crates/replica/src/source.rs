@@ -388,7 +388,7 @@ async fn read_resync(
         let mut data = vec![0u8; length as usize];
         b.read_at(&mut data, offset)?;
         // Which writes the data holds, for peer acknowledgements.
-        let wid = repl.resync_wid(offset, length);
+        let (wid, unknown) = repl.resync_wid(offset, length);
         Ok(match check {
             Some(bs) => PeerMsg::Check {
                 seq,
@@ -402,6 +402,7 @@ async fn read_resync(
                 data,
                 fua: false,
                 wid,
+                unknown,
             },
         })
     })
@@ -425,6 +426,7 @@ fn stream_msg(op: Op) -> Result<PeerMsg, LinkError> {
             data: Arc::try_unwrap(d).unwrap_or_else(|shared| shared.as_ref().clone()),
             fua: op.fua,
             wid: op.wid,
+            unknown: Vec::new(),
         },
         OpKind::Zeroes => PeerMsg::Zeroes {
             seq: op.seq,

@@ -398,14 +398,23 @@ impl Applier {
     }
 }
 
-/// (write id, offset, length) of the operations of `batch` that change data.
-fn write_ids(batch: &[PeerMsg]) -> Vec<(u64, u64, u64)> {
+/// The operations of `batch` that change data, for peer acknowledgements.
+fn write_ids(batch: &[PeerMsg]) -> Vec<volume::Applied> {
     batch
         .iter()
         .filter_map(|m| match m {
             PeerMsg::Data {
-                wid, offset, data, ..
-            } => Some((*wid, *offset, data.len() as u64)),
+                wid,
+                offset,
+                data,
+                unknown,
+                ..
+            } => Some(volume::Applied {
+                wid: *wid,
+                offset: *offset,
+                length: data.len() as u64,
+                unknown: unknown.clone(),
+            }),
             PeerMsg::Zeroes {
                 wid,
                 offset,
@@ -417,7 +426,12 @@ fn write_ids(batch: &[PeerMsg]) -> Vec<(u64, u64, u64)> {
                 offset,
                 length,
                 ..
-            } => Some((*wid, *offset, *length)),
+            } => Some(volume::Applied {
+                wid: *wid,
+                offset: *offset,
+                length: *length,
+                unknown: Vec::new(),
+            }),
             _ => None,
         })
         .collect()

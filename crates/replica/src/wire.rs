@@ -74,7 +74,8 @@ pub enum PeerMsg {
     },
     /// Numbered stream operations (data connections). `wid`: the source's id of the
     /// write (for a resync run, of the last write it had when it read the run), which
-    /// `PeerHolds` refers to.
+    /// `PeerHolds` refers to; `unknown`: of a resync run, blocks (first, last) a write in
+    /// progress may have changed while it was read.
     Data {
         seq: u64,
         offset: u64,
@@ -82,6 +83,7 @@ pub enum PeerMsg {
         data: Vec<u8>,
         fua: bool,
         wid: u64,
+        unknown: Vec<(u64, u64)>,
     },
     Zeroes {
         seq: u64,

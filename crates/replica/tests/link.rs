@@ -118,6 +118,7 @@ async fn a_peer_that_sends_outside_the_volume_is_cut_off() {
                 data: vec![0; 4096],
                 fua: false,
                 wid: 1,
+                unknown: Vec::new(),
             },
             false,
         )

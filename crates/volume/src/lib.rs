@@ -206,6 +206,7 @@ pub use layout::{
 pub use meta::{AlStatus, Counters, Meta, OpenReport, Result, Status};
 pub use open::{CreateOptions, Info};
 pub use peer::{Op, OpKind, PeerStatus, Replication, StreamOptions};
+pub use peer_acks::Applied;
 pub use tracker::{Tracker, DEFAULT_FLUSH_INTERVAL, DIRTY_CONTEXT, FLAG_DIRTY};
 
 #[cfg(test)]

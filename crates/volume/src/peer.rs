@@ -340,7 +340,7 @@ pub(crate) fn ship_locked(st: &mut State, w: &Shipped<'_>) -> Vec<(u32, u64, u64
 }
 
 /// Whether some write is between `before_write` and its release on blocks `first..=last`.
-pub(crate) fn being_written(st: &State, block_size: u64, first: u64, last: u64) -> bool {
+fn being_written(st: &State, block_size: u64, first: u64, last: u64) -> bool {
     let (lo, hi) = (first * block_size, (last + 1) * block_size);
     st.inflight
         .keys()

@@ -19,17 +19,26 @@
 //! every other mark for N, once per link, and its bitmap id for N returns to "in step".
 //!
 //! A resync run a secondary applies carries the id of the last write the primary had given
-//! when it finished reading the run. A write to those blocks still in progress then (its
-//! bytes may be in the run, its id is not given yet) makes the run's id [`UNKNOWN`]: the
-//! secondary keeps its blocks marked for the others for the rest of the link.
+//! when it finished reading the run, and the blocks a write still in progress then may have
+//! changed (its bytes may be in the run, its id is not given yet). The secondary keeps
+//! those blocks marked until the next operation on them, which is that write (overlapping
+//! writes are serialised and numbered in order), whose id then bounds them.
 
 use crate::meta::Result;
 use crate::peer::Replication;
 use std::collections::{HashMap, HashSet, VecDeque};
 
-/// The write id of a resync run whose blocks were being written while it was read: which
-/// writes it holds is not known.
-pub const UNKNOWN: u64 = u64::MAX;
+/// An operation a secondary applies, as peer acknowledgements see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The primary's write id (for a resync run: the last one given when it was read).
+    pub wid: u64,
+    pub offset: u64,
+    pub length: u64,
+    /// Of a resync run: blocks (first, last) a write in progress may have changed while
+    /// it was read.
+    pub unknown: Vec<(u64, u64)>,
+}
 
 /// Blocks a secondary keeps pending per peer at most; past it, the pending writes stay
 /// marked until the primary says the peer holds every one of them.
@@ -46,7 +55,8 @@ pub(crate) struct Pending {
     /// Entries given up to bound memory had ids up to this: their blocks stay marked
     /// until the peer is said to hold this id.
     dropped_upto: u64,
-    /// Blocks marked for the rest of the link (a resync run of [`UNKNOWN`] id).
+    /// Blocks of a resync run that a write in progress may have changed, which no later
+    /// operation touched yet: marked until one does.
     sticky: HashSet<u64>,
     /// The older marks were dropped on this link.
     baseline_done: bool,
@@ -77,21 +87,25 @@ impl Replication {
             .collect()
     }
 
-    /// The write id of a resync run of `offset..offset + length` just read from the
-    /// backing: the last id given, or [`UNKNOWN`] while a write to the range is in
-    /// progress (its bytes may be in the run before it has an id).
-    pub fn resync_wid(&self, offset: u64, length: u64) -> u64 {
+    /// For a resync run of `offset..offset + length` just read from the backing: the last
+    /// write id given, and the blocks (first, last) of writes in progress on the range
+    /// (their bytes may be in the run before they have an id).
+    pub fn resync_wid(&self, offset: u64, length: u64) -> (u64, Vec<(u64, u64)>) {
         let bs = u64::from(self.inner.geo.block_size);
         let st = self.inner.state();
         if length == 0 {
-            return st.wid;
+            return (st.wid, Vec::new());
         }
         let (first, last) = (offset / bs, (offset + length - 1) / bs);
-        if crate::peer::being_written(&st, bs, first, last) {
-            UNKNOWN
-        } else {
-            st.wid
-        }
+        let (lo, hi) = (first * bs, (last + 1) * bs);
+        let unknown = st
+            .inflight
+            .keys()
+            .chain(st.claimed.iter())
+            .filter(|&&(o, l)| l > 0 && o < hi && o + l > lo)
+            .map(|&(o, l)| ((o / bs).max(first), ((o + l - 1) / bs).min(last)))
+            .collect();
+        (st.wid, unknown)
     }
 
     /// On a secondary, before applying `ops` (write id, offset, length) from the primary
@@ -99,7 +113,7 @@ impl Replication {
     /// holds them, and take the whole blocks they cover out of this node's bitmap for
     /// the primary. Returns whether a bit was newly set (persist before saying durable:
     /// after a crash of this node the marks must still be there).
-    pub fn applying(&self, from: u32, ops: &[(u64, u64, u64)]) -> bool {
+    pub fn applying(&self, from: u32, ops: &[Applied]) -> bool {
         let geo = self.inner.geo;
         let bs = u64::from(geo.block_size);
         let mut st = self.inner.state();
@@ -109,9 +123,9 @@ impl Replication {
                 // Blocks this node now holds as the primary has them are no longer ones
                 // it wrote apart from it (whole blocks only): a resync that keeps
                 // breaking off does not get them back from this node's bitmap each time.
-                for &(_, offset, length) in ops {
-                    let first = offset.div_ceil(bs);
-                    let end = offset.saturating_add(length);
+                for op in ops {
+                    let first = op.offset.div_ceil(bs);
+                    let end = op.offset.saturating_add(op.length);
                     let last = if end >= geo.size {
                         geo.blocks
                     } else {
@@ -126,21 +140,23 @@ impl Replication {
             if p.slot == from || p.stream.is_some() {
                 continue;
             }
-            for &(wid, offset, length) in ops {
-                if length == 0 {
+            for op in ops {
+                if op.length == 0 {
                     continue;
                 }
-                let (first, last) = (offset / bs, (offset + length - 1) / bs);
+                let (first, last) = (op.offset / bs, (op.offset + op.length - 1) / bs);
                 newly |= p.mark(first, last) > 0;
                 let pending = p.pending.get_or_insert_with(Pending::default);
-                if wid == UNKNOWN {
-                    pending.sticky.extend(first..=last);
-                    continue;
-                }
-                pending.entries.push_back((wid, first, last));
+                pending.entries.push_back((op.wid, first, last));
                 for b in first..=last {
-                    let w = pending.latest.entry(b).or_insert(wid);
-                    *w = (*w).max(wid);
+                    // The write in progress when a run was read is the next operation on
+                    // its blocks: from here on, this id bounds them.
+                    pending.sticky.remove(&b);
+                    let w = pending.latest.entry(b).or_insert(op.wid);
+                    *w = (*w).max(op.wid);
+                }
+                for &(f, l) in &op.unknown {
+                    pending.sticky.extend(f.max(first)..=l.min(last));
                 }
             }
             if let Some(pending) = p.pending.as_mut() {

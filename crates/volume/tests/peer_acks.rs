@@ -1,12 +1,12 @@
 //! Peer acknowledgements through the public API on real files: the primary says a peer
 //! holds everything up to a write id only while it owes it no resync and up to the oldest
 //! write not yet durable there; a secondary marks the writes it applies for its fellow
-//! peers and clears them when told, drops older marks once in step, and keeps a resync
-//! run whose writes are not known marked for the rest of the link.
+//! peers and clears them when told, drops older marks once in step, and keeps the blocks
+//! a write in progress may have changed during a resync read marked until it follows.
 
 use nbd::{WriteEvent, WriteKind, WriteObserver};
 use std::sync::Arc;
-use volume::{CreateOptions, Meta, StreamOptions};
+use volume::{Applied, CreateOptions, Meta, StreamOptions};
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 16 << 10;
@@ -44,6 +44,16 @@ fn stream() -> StreamOptions {
         sync: false,
         pull_ahead: false,
         csums: false,
+    }
+}
+
+/// An applied write of `length` bytes at `offset` with id `wid`.
+fn op(wid: u64, offset: u64, length: u64) -> Applied {
+    Applied {
+        wid,
+        offset,
+        length,
+        unknown: Vec::new(),
     }
 }
 
@@ -96,9 +106,9 @@ fn a_secondary_marks_applied_writes_for_its_fellows_until_told_they_hold_them() 
     r.peer_holds(from, 3, 0, true).unwrap();
     assert_eq!(oos(&m, fellow), 0);
     assert_eq!(r.generations(fellow).bitmap, 0);
-    assert!(r.applying(from, &[(5, 0, BS), (6, 4 * BS, 2 * BS)]));
+    assert!(r.applying(from, &[op(5, 0, BS), op(6, 4 * BS, 2 * BS)]));
     assert!(
-        !r.applying(from, &[(7, 0, BS)]),
+        !r.applying(from, &[op(7, 0, BS)]),
         "block 0 was marked already"
     );
     assert_eq!(oos(&m, fellow), 3);
@@ -110,7 +120,7 @@ fn a_secondary_marks_applied_writes_for_its_fellows_until_told_they_hold_them() 
     r.peer_holds(from, 3, 7, true).unwrap();
     assert_eq!(oos(&m, fellow), 0);
     // The primary's own slot is never marked by what it sends.
-    r.applying(from, &[(8, 8 * BS, BS)]);
+    r.applying(from, &[op(8, 8 * BS, BS)]);
     assert_eq!(oos(&m, fellow), 1);
     // The link ends: pending writes stay marked, and a new link's ids do not clear them.
     r.end_peer_acks();
@@ -119,40 +129,55 @@ fn a_secondary_marks_applied_writes_for_its_fellows_until_told_they_hold_them() 
 }
 
 #[test]
-fn a_resync_run_of_unknown_writes_stays_marked_for_the_rest_of_the_link() {
+fn blocks_a_write_in_progress_may_have_changed_stay_marked_until_it_follows() {
     let dir = tempfile::tempdir().unwrap();
     let (m, slots) = meta(&dir, &[1, 3]);
     let (from, fellow) = (slots[0], slots[1]);
     let r = m.replication();
-    r.applying(from, &[(u64::MAX, 2 * BS, BS), (4, 3 * BS, BS)]);
+    // A run of blocks 0..=3 read while block 3 was being written.
+    let run = Applied {
+        unknown: vec![(3, 3)],
+        ..op(4, 0, 4 * BS)
+    };
+    r.applying(from, &[run, op(5, 5 * BS, BS)]);
     r.peer_holds(from, 3, 1000, true).unwrap();
-    assert_eq!(oos(&m, fellow), 1, "the run of unknown writes stays");
     assert_eq!(
         r.runs(fellow, 0, 8),
-        vec![(2, 1)],
-        "block 2 is the one kept marked"
+        vec![(3, 1)],
+        "the block being written stays marked"
     );
+    // The write that was in progress arrives: its id bounds that block.
+    r.applying(from, &[op(1001, 3 * BS + 512, 512)]);
+    r.peer_holds(from, 3, 1000, true).unwrap();
+    assert_eq!(r.runs(fellow, 0, 8), vec![(3, 1)]);
+    r.peer_holds(from, 3, 1001, true).unwrap();
+    assert_eq!(r.runs(fellow, 0, 8), vec![]);
 }
 
 #[test]
-fn a_resync_run_read_while_its_blocks_are_written_has_an_unknown_id() {
+fn a_resync_run_read_while_its_blocks_are_written_names_them() {
     let dir = tempfile::tempdir().unwrap();
     let (m, _) = meta(&dir, &[2]);
     m.set_role(true).unwrap();
     let r = m.replication();
     let t = m.tracker();
     write(&t, 0, BS as usize);
-    assert_eq!(r.resync_wid(0, MIB), 0, "no stream: no id given");
+    assert_eq!(r.resync_wid(0, MIB), (0, vec![]), "no stream: no id given");
     let ev = WriteEvent {
-        offset: BS,
+        offset: BS + 100,
         length: BS,
         kind: WriteKind::Zeroes,
         data: None,
         fua: false,
     };
     t.before_write(&ev).unwrap();
-    assert_eq!(r.resync_wid(0, MIB), u64::MAX);
-    assert_eq!(r.resync_wid(4 * BS, BS), 0, "another range is not affected");
+    assert_eq!(r.resync_wid(0, MIB), (0, vec![(1, 2)]));
+    assert_eq!(
+        r.resync_wid(2 * BS, MIB),
+        (0, vec![(2, 2)]),
+        "clipped to the run"
+    );
+    assert_eq!(r.resync_wid(4 * BS, BS), (0, vec![]), "another range");
     t.after_write(&ev, &Ok(()));
-    assert_eq!(r.resync_wid(0, MIB), 0);
+    assert_eq!(r.resync_wid(0, MIB), (0, vec![]));
 }
