@@ -10,6 +10,7 @@ mod listed;
 mod proc;
 mod replication;
 mod replication_pair;
+mod replication_three;
 mod report;
 mod tls_cost;
 mod tools;
@@ -36,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
     /// Run only these ids (W1..W5, W1s, L1 (= L1a,L1b), L1a, L1b, M1, P1, V1, V2, V3, T1,
-    /// R1..R5), comma-separated.
+    /// R1..R5, R7), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Work directory: cached base data, run directories, logs, results.json.
@@ -403,7 +404,7 @@ fn run_inner(
         | Place::VolumeWrites { .. }
         | Place::VolumePass
         | Place::Replication(_) => {
-            unreachable!("T1, P1, V1, V2, V3 and R1–R5 returned above")
+            unreachable!("T1, P1, V1, V2, V3, R1–R5 and R7 returned above")
         }
         Place::Local => {
             if spec.with_cp && !args.no_peers {

@@ -1,6 +1,10 @@
 """nbd_load: the bench's writers into a volume's NBD export (libnbd's Python bindings).
 
-  paced URI SIZE RATE SECONDS CHUNK   CHUNK-byte writes, in order, at RATE bytes/s
+  paced URI SIZE RATE SECONDS CHUNK [until-gone]
+                                       CHUNK-byte writes, in order, at RATE bytes/s (with
+                                       until-gone: stop quietly when the daemon goes away)
+  spread URI SIZE TOTAL CHUNK SEED     TOTAL bytes in CHUNK-byte writes at distinct
+                                       CHUNK-aligned offsets in random order, at full speed
   fua URI COUNT BS                     COUNT writes of BS bytes with FUA, one at a time
   scattered URI SIZE THREADS SECONDS   4-64 KiB writes at random offsets, one connection
                                        per thread, until SECONDS or the daemon goes away
@@ -31,8 +35,9 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def paced(uri, size, rate, seconds, chunk):
+def paced(uri, size, rate, seconds, chunk, until_gone=False):
     h = connect(uri)
+    error = None
     pool = os.urandom(32 << 20)
     span = size - size % chunk
     lat = []
@@ -50,12 +55,19 @@ def paced(uri, size, rate, seconds, chunk):
             behind = max(behind, now - due)
         at = (n * 4096 * 97) % (len(pool) - chunk)
         t = time.monotonic()
-        h.pwrite(pool[at:at + chunk], (n * chunk) % span)
+        try:
+            h.pwrite(pool[at:at + chunk], (n * chunk) % span)
+        except Exception as e:  # the daemon went away under the writer
+            if not until_gone:
+                raise
+            error = str(e)[:200]
+            break
         lat.append(time.monotonic() - t)
         n += 1
     took = time.monotonic() - start
-    h.shutdown()
-    return {
+    if error is None:
+        h.shutdown()
+    out = {
         "mode": "paced",
         "writes": n,
         "bytes": n * chunk,
@@ -66,6 +78,25 @@ def paced(uri, size, rate, seconds, chunk):
         "latency_p50_ms": round(pct(lat, 0.5) * 1e3, 3),
         "latency_max_ms": round(max(lat) * 1e3, 3),
     }
+    if until_gone:
+        out["error"] = error
+    return out
+
+
+def spread(uri, size, total, chunk, seed):
+    h = connect(uri)
+    pool = os.urandom(32 << 20)
+    slots = size // chunk
+    # Distinct slots: every byte written is a byte the peers must get, none twice.
+    order = random.Random(seed).sample(range(slots), min(total // chunk, slots))
+    start = time.monotonic()
+    for i, slot in enumerate(order):
+        at = (i * 4096 * 97) % (len(pool) - chunk)
+        h.pwrite(pool[at:at + chunk], slot * chunk)
+    took = time.monotonic() - start
+    h.shutdown()
+    return {"mode": "spread", "writes": len(order), "bytes": len(order) * chunk,
+            "seconds": round(took, 3), "rate": len(order) * chunk / max(took, 1e-9)}
 
 
 def fua(uri, count, bs):
@@ -116,9 +147,13 @@ def scattered(uri, size, threads, seconds):
 
 
 def main():
-    mode, uri, rest = sys.argv[1], sys.argv[2], [float(x) for x in sys.argv[3:]]
+    mode, uri, words = sys.argv[1], sys.argv[2], sys.argv[3:]
+    until_gone = "until-gone" in words
+    rest = [float(x) for x in words if x != "until-gone"]
     if mode == "paced":
-        out = paced(uri, int(rest[0]), rest[1], rest[2], int(rest[3]))
+        out = paced(uri, int(rest[0]), rest[1], rest[2], int(rest[3]), until_gone)
+    elif mode == "spread":
+        out = spread(uri, int(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
     elif mode == "fua":
         out = fua(uri, int(rest[0]), int(rest[1]))
     elif mode == "scattered":

@@ -21,10 +21,14 @@
 //! The relay is replaced by a fresh one on the same port while alpha is disconnected or
 //! dead (R1, R2, R5), so its byte count is the measured phase's alone. Writers are
 //! `nbd_load.py` (libnbd's Python bindings). Afterwards both backings must be equal.
+//!
+//! R7 (three daemons: failover to the partner, the third node's catch-up) is listed and
+//! dispatched here and runs in `replication_three.rs`.
 
 use crate::calib;
-use crate::proc::{describe, stdout_of, tail};
+use crate::proc::{describe, stdout_of};
 use crate::replication_pair::*;
+use crate::replication_three;
 use crate::report::WorkloadResult;
 use crate::tools::{self, Env, ToolRun, Verify, Wanem, WireCount};
 use crate::volume_io::export_uri;
@@ -66,6 +70,10 @@ pub enum Row {
     Fua { writes: u64 },
     /// R5: kill -9 of the primary after `load_secs` of scattered writes, and restart.
     Crash { load_secs: u64 },
+    /// R7 (three nodes, `replication_three.rs`): kill -9 of the primary after `load_secs`
+    /// of paced writes, its partner promoted and `written` bytes written to it; the third
+    /// node's catch-up.
+    Failover { load_secs: u64, written: u64 },
 }
 
 impl Row {
@@ -77,11 +85,16 @@ impl Row {
             Row::Lag { .. } => "lag p99 ≤ 1 s, no growth".into(),
             Row::Fua { .. } => "p50 ≤ RTT + 10 ms".into(),
             Row::Crash { .. } => "bytes resynced ≤ the activity log's span".into(),
+            Row::Failover { written, .. } => format!(
+                "bytes to the third node ≤ 1.2 × the {} written",
+                mib(written >> 20)
+            ),
         }
     }
 }
 
-/// R1–R5 at `scale` (1.0: a 1 GiB volume, R3 for 60 s, R4 200 writes, R5 10 s of load).
+/// R1–R5 and R7 at `scale` (1.0: a 1 GiB volume, R3 for 60 s, R4 200 writes, R5 10 s of
+/// load, R7 10 s of load and 256 MiB written after the failover).
 pub fn specs(scale: f64) -> Vec<Spec> {
     let mb = scaled(1024, scale);
     let vol = mib(mb);
@@ -130,6 +143,18 @@ pub fn specs(scale: f64) -> Vec<Spec> {
                  (protocol C, {vol} volume), restart"
             ),
         ),
+        spec(
+            "R7",
+            Row::Failover {
+                load_secs,
+                written: scaled(256, scale) << 20,
+            },
+            format!(
+                "failover to the partner, then catch-up of the third node after {} written \
+                 during the failover ({vol} volume)",
+                mib(scaled(256, scale))
+            ),
+        ),
     ]
 }
 
@@ -145,18 +170,18 @@ pub fn judge(run: Option<&ToolRun>) -> (Option<bool>, String) {
 }
 
 /// What one row measured.
-struct Measured {
+pub(crate) struct Measured {
     /// How to repeat the timed phase by hand.
-    command: String,
-    seconds: f64,
-    wire: WireCount,
+    pub(crate) command: String,
+    pub(crate) seconds: f64,
+    pub(crate) wire: WireCount,
     /// The row's figures (an object); `met` and `judged` are added to it.
-    figures: Value,
-    met: Option<bool>,
-    judged: String,
-    verify: Verify,
+    pub(crate) figures: Value,
+    pub(crate) met: Option<bool>,
+    pub(crate) judged: String,
+    pub(crate) verify: Verify,
     /// The reference measured beside it (the peer's column), if any.
-    reference: Option<ToolRun>,
+    pub(crate) reference: Option<ToolRun>,
 }
 
 /// Run one row; `image` (the base set's one file) gives the volume's size.
@@ -168,8 +193,12 @@ pub fn run(
     logs: &Path,
     res: &mut WorkloadResult,
 ) -> Result<()> {
-    res.order
-        .push("cutover: two daemons, the link through wanem".into());
+    res.order.push(match row {
+        Row::Failover { .. } => {
+            "cutover: three daemons, the links to the third through wanem".into()
+        }
+        _ => "cutover: two daemons, the link through wanem".into(),
+    });
     let size = fs::metadata(image)
         .with_context(|| format!("stat {}", image.display()))?
         .len();
@@ -179,6 +208,9 @@ pub fn run(
         Row::Lag { secs } => run_lag(env, secs, size, run_dir, logs),
         Row::Fua { writes } => run_fua(env, writes, size, run_dir, logs),
         Row::Crash { load_secs } => run_crash(env, load_secs, size, run_dir, logs),
+        Row::Failover { load_secs, written } => {
+            replication_three::run(env, load_secs, written, size, run_dir, logs)
+        }
     };
     let mut run = ToolRun {
         tool: "cutover replication".into(),
@@ -526,7 +558,7 @@ fn run_lag(env: &Env, secs: u64, size: u64, dir: &Path, logs: &Path) -> Result<M
 }
 
 /// The writer's command line and what it wrote, as the report shows it.
-fn describe_writer(command: &str, w: &Value) -> String {
+pub(crate) fn describe_writer(command: &str, w: &Value) -> String {
     format!("{command} (it wrote {} bytes)", w["bytes"])
 }
 
@@ -657,13 +689,7 @@ fn run_crash(env: &Env, load_secs: u64, size: u64, dir: &Path, logs: &Path) -> R
         "3600".into(),
     ];
     let mut writer = Writer::spawn(dir, logs, "writer", &args)?;
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(load_secs) {
-        if !writer.running()? {
-            bail!("the writer ended early: {}", tail(&writer.log, 1500));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    writer.keep_for(Duration::from_secs(load_secs))?;
     let before = pair.status()?;
     pair.kill_alpha()?;
     let writer_cmd = writer.command.clone();
@@ -782,9 +808,9 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_named_r1_to_r5() {
+    fn rows_are_named_r1_to_r5_and_r7() {
         let ids: Vec<_> = specs(0.05).iter().map(|s| s.id).collect();
-        assert_eq!(ids, ["R1", "R2", "R3", "R4", "R5"]);
+        assert_eq!(ids, ["R1", "R2", "R3", "R4", "R5", "R7"]);
         assert!(cpu_secs(std::process::id() as i32).is_some());
     }
 }

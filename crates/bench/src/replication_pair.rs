@@ -1,6 +1,6 @@
-//! The two daemons of the replication rows (R1–R5): each node's state directory, config
-//! and daemon, the pair dialling through a wanem relay or direct, waiting until the peer
-//! is in step, CPU marks, and the `nbd_load.py` writers.
+//! The daemons of the replication rows: each node's state directory, config (one peer for
+//! R1–R5, several for R7) and daemon, the pair of R1–R5 dialling through a wanem relay or
+//! direct, waiting until a peer is in step, CPU marks, and the `nbd_load.py` writers.
 
 use crate::proc::{describe, quote, stdout_of, tail, Background};
 use crate::replication::{CONNECTIONS, NBD_LOAD, POLL};
@@ -75,32 +75,76 @@ impl Node {
         address: Option<u16>,
         o: PeerOpts,
     ) -> Result<()> {
+        self.configure_peers(&[PeerLine {
+            name: peer_name,
+            node: peer,
+            address,
+            opts: o,
+        }])
+    }
+
+    /// This node's config: the volume with `peers`, in that order.
+    pub(crate) fn configure_peers(&self, peers: &[PeerLine]) -> Result<()> {
         let mut text = format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\n[[volume]]\nname = \"{VOLUME}\"\nbacking = {:?}\n\
-             [[volume.peer]]\nname = \"{peer_name}\"\nfingerprint = \"{}\"\nprotocol = \"{}\"\n\
-             connections = {CONNECTIONS}\ncsums = {}\n",
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\n[[volume]]\nname = \"{VOLUME}\"\nbacking = {:?}\n",
             self.state().display().to_string(),
             self.backing.display().to_string(),
-            peer.fingerprint,
-            o.protocol,
-            o.csums,
         );
-        if let Some(port) = address {
-            text.push_str(&format!("address = \"127.0.0.1:{port}\"\n"));
+        for p in peers {
+            text.push_str(&format!(
+                "[[volume.peer]]\nname = \"{}\"\nfingerprint = \"{}\"\nprotocol = \"{}\"\n\
+                 connections = {CONNECTIONS}\ncsums = {}\n",
+                p.name, p.node.fingerprint, p.opts.protocol, p.opts.csums,
+            ));
+            if let Some(port) = p.address {
+                text.push_str(&format!("address = \"127.0.0.1:{port}\"\n"));
+            }
         }
         fs::write(&self.config, text).with_context(|| format!("write {}", self.config.display()))
     }
 }
 
-/// Whether alpha's status says its peer is in step: connected, alpha the source, nothing
-/// out of sync, nothing in flight, the peer up to date.
-pub(crate) fn in_step(st: &Value) -> bool {
-    let p = &st["peers"][0];
+/// One `[[volume.peer]]` of a node's config.
+pub(crate) struct PeerLine<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) node: &'a Node,
+    /// Dialled at `127.0.0.1:PORT` when given, else waited for.
+    pub(crate) address: Option<u16>,
+    pub(crate) opts: PeerOpts,
+}
+
+/// `cutover volume ARGS --config NODE's config`.
+pub(crate) fn volume_at(bin: &Path, node: &Node, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("volume")
+        .args(args)
+        .arg("--config")
+        .arg(&node.config);
+    stdout_of(&mut cmd)
+}
+
+/// The volume's entry in `status --json` on `node`.
+pub(crate) fn status_at(bin: &Path, node: &Node) -> Result<Value> {
+    let text = volume_at(bin, node, &["status", VOLUME, "--json"])?;
+    let v: Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("status --json printed {text:?}"))?;
+    Ok(v["volumes"][0].clone())
+}
+
+/// Whether a peer in a status is in step: connected, this node the source, nothing out of
+/// sync, nothing in flight, the peer up to date.
+pub(crate) fn peer_in_step(p: &Value) -> bool {
     p["connection"] == "connected"
         && p["replication"] == "source"
         && p["out_of_sync_bytes"] == 0
         && p["lag_bytes"] == 0
         && p["peer_disk"] == "UpToDate"
+}
+
+/// Whether alpha's status says its peer is in step: connected, alpha the source, nothing
+/// out of sync, nothing in flight, the peer up to date.
+pub(crate) fn in_step(st: &Value) -> bool {
+    peer_in_step(&st["peers"][0])
 }
 
 /// Note in `up` when a status sample first shows the link connected.
@@ -244,25 +288,12 @@ impl Pair {
 
     /// SIGKILL to alpha's daemon, and reap it.
     pub(crate) fn kill_alpha(&mut self) -> Result<()> {
-        let mut d = self
-            .alpha_d
-            .take()
-            .context("alpha's daemon is not running")?;
-        let pid = d.pid().context("alpha's daemon has no pid")?;
-        // SAFETY: kill has no memory effects; the pid is our own unreaped child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-        d.stop(Duration::from_secs(10))?;
-        Ok(())
+        kill9(&mut self.alpha_d, "alpha's daemon")
     }
 
     /// `cutover volume ARGS --config alpha's` (or beta's).
     pub(crate) fn volume_on(&self, beta: bool, args: &[&str]) -> Result<String> {
-        let n = if beta { &self.beta } else { &self.alpha };
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("volume").args(args).arg("--config").arg(&n.config);
-        stdout_of(&mut cmd)
+        volume_at(&self.bin, if beta { &self.beta } else { &self.alpha }, args)
     }
 
     pub(crate) fn volume(&self, args: &[&str]) -> Result<String> {
@@ -271,10 +302,7 @@ impl Pair {
 
     /// The volume's entry in `status --json` on alpha (or beta).
     pub(crate) fn status_on(&self, beta: bool) -> Result<Value> {
-        let text = self.volume_on(beta, &["status", VOLUME, "--json"])?;
-        let v: Value = serde_json::from_str(text.trim())
-            .with_context(|| format!("status --json printed {text:?}"))?;
-        Ok(v["volumes"][0].clone())
+        status_at(&self.bin, if beta { &self.beta } else { &self.alpha })
     }
 
     pub(crate) fn status(&self) -> Result<Value> {
@@ -368,6 +396,20 @@ impl Pair {
     }
 }
 
+/// SIGKILL to the daemon in `slot` (`who`), and reap it.
+pub(crate) fn kill9(slot: &mut Option<Background>, who: &str) -> Result<()> {
+    let mut d = slot
+        .take()
+        .with_context(|| format!("{who} is not running"))?;
+    let pid = d.pid().with_context(|| format!("{who} has no pid"))?;
+    // SAFETY: kill has no memory effects; the pid is our own unreaped child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    d.stop(Duration::from_secs(10))?;
+    Ok(())
+}
+
 /// A python3 that can `import nbd` (the bench's own may lack libnbd's bindings).
 pub(crate) fn python_with_nbd() -> Result<String> {
     for p in ["python3", "/usr/bin/python3"] {
@@ -411,6 +453,18 @@ impl Writer {
         self.process.running()
     }
 
+    /// Let it write for `load` (it must not end before).
+    pub(crate) fn keep_for(&mut self, load: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < load {
+            if !self.running()? {
+                bail!("the writer ended early: {}", tail(&self.log, 1500));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
     /// Wait for it (at most `limit`, then stop it) and read the JSON line it printed.
     pub(crate) fn finish(mut self, limit: Duration) -> Result<Value> {
         let t = Instant::now();
@@ -433,5 +487,71 @@ impl Writer {
                 tail(&self.log, 1500)
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(dir: &Path, name: &str) -> Node {
+        Node {
+            dir: dir.join(name),
+            config: dir.join(format!("{name}.toml")),
+            backing: dir.join(name).join("backing.img"),
+            fingerprint: format!("sha256:{name}"),
+        }
+    }
+
+    #[test]
+    fn one_peer_or_several_make_the_same_peer_tables() {
+        let dir = std::env::temp_dir().join(format!("rbench-cfg-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (a, b, g) = (node(&dir, "a"), node(&dir, "b"), node(&dir, "g"));
+        let c = PeerOpts {
+            protocol: "C",
+            csums: true,
+        };
+        // R1–R5's config: one peer, dialled.
+        a.configure("beta", &b, Some(7000), c).unwrap();
+        let one = fs::read_to_string(&a.config).unwrap();
+        let head = format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\n[[volume]]\nname = \"{VOLUME}\"\nbacking = {:?}\n",
+            a.state().display().to_string(),
+            a.backing.display().to_string()
+        );
+        let beta = format!(
+            "[[volume.peer]]\nname = \"beta\"\nfingerprint = \"sha256:b\"\nprotocol = \"C\"\n\
+             connections = {CONNECTIONS}\ncsums = true\naddress = \"127.0.0.1:7000\"\n"
+        );
+        assert_eq!(one, format!("{head}{beta}"));
+        let a_opts = PeerOpts {
+            protocol: "A",
+            csums: false,
+        };
+        a.configure_peers(&[
+            PeerLine {
+                name: "beta",
+                node: &b,
+                address: Some(7000),
+                opts: c,
+            },
+            PeerLine {
+                name: "gamma",
+                node: &g,
+                address: None,
+                opts: a_opts,
+            },
+        ])
+        .unwrap();
+        let gamma = format!(
+            "[[volume.peer]]\nname = \"gamma\"\nfingerprint = \"sha256:g\"\nprotocol = \"A\"\n\
+             connections = {CONNECTIONS}\ncsums = false\n"
+        );
+        assert_eq!(
+            fs::read_to_string(&a.config).unwrap(),
+            format!("{head}{beta}{gamma}")
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

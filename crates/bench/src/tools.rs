@@ -288,10 +288,13 @@ pub struct Wanem {
     stats_file: PathBuf,
 }
 
-/// What wanem counted: bytes both ways and TCP connections.
+/// What wanem counted: bytes both ways, each way (up: from the dialling side to the target),
+/// and TCP connections.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WireCount {
     pub bytes_total: Option<u64>,
+    pub bytes_up: Option<u64>,
+    pub bytes_down: Option<u64>,
     pub connections: Option<u64>,
 }
 
@@ -360,6 +363,8 @@ impl Wanem {
             .context("wanem stats are not JSON")?;
         Ok(WireCount {
             bytes_total: stats.get("bytes_total").and_then(|v| v.as_u64()),
+            bytes_up: stats.get("bytes_up").and_then(|v| v.as_u64()),
+            bytes_down: stats.get("bytes_down").and_then(|v| v.as_u64()),
             connections: stats.get("connections").and_then(|v| v.as_u64()),
         })
     }

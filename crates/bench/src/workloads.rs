@@ -25,7 +25,8 @@ pub enum Place {
     /// On this machine: a volume's changed-block pass against a whole-device pass, after 1%
     /// of its blocks were written (V3).
     VolumePass,
-    /// Two `cutover serve` replicating a volume through wanem (R1–R5, `replication.rs`).
+    /// `cutover serve` daemons replicating a volume through wanem (R1–R5, `replication.rs`;
+    /// R7, three of them, `replication_three.rs`).
     Replication(crate::replication::Row),
 }
 
@@ -79,7 +80,7 @@ pub enum Target {
     /// The run through cutover's export does the same work at least `min` as fast as the
     /// run on a file directly (V1, V2; the direct run stands in the peer's slot).
     ThroughputShare { min: f64 },
-    /// R1–R5: judged by `replication.rs`, which puts its verdict in cutover's report.
+    /// R1–R5 and R7: judged by `replication.rs`, which puts its verdict in cutover's report.
     Replication(crate::replication::Row),
 }
 
