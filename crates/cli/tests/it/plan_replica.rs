@@ -148,3 +148,40 @@ fn a_failed_replica_cutover_leaves_the_old_primary_primary_and_writable() {
     let w = qemu_io(&sock(&a), &["write -P 0x23 4M 4k"]);
     assert!(w.status.success(), "the old primary refuses writes: {w:?}");
 }
+
+#[test]
+fn a_replica_task_reaches_the_destination_daemon_over_ssh() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tmp();
+    let sshd = Sshd::start(&t.path().join("sshd"));
+    let (a, _da, b, _db) = synced_pair(t.path(), "");
+    let p = t.path().join("move.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[[task]]\nname = \"db-disk\"\nkind = \"replica\"\nsource = \"volume:db\"\n\
+             volume_config = \"{}\"\ndestination = \"b\"\ndestination_config = \"{}\"\n\
+             destination_ssh = \"root@127.0.0.1\"\nssh_command = \"{}\"\nremote_cutover = \"{}\"\n",
+            s(&a.config),
+            s(&b.config),
+            sshd.rsh(),
+            bin()
+        ),
+    )
+    .unwrap();
+    plan(&["presync", s(&p)]).ok();
+    let logins = sshd.logins();
+    assert!(logins > 0, "presync asked the destination nothing over ssh");
+    let w = qemu_io(&sock(&a), &["write -P 0x44 3M 64k"]);
+    assert!(w.status.success(), "{w:?}");
+    plan(&["cutover", s(&p)]).ok();
+    assert!(
+        sshd.logins() > logins,
+        "the cutover did not reach the destination over ssh"
+    );
+    assert_eq!(status(&b)["role"], "primary");
+    assert_eq!(status(&a)["role"], "secondary");
+    same_backings(&a, &b);
+}
