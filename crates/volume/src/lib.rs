@@ -192,6 +192,7 @@ mod meta;
 mod open;
 mod peer;
 mod peer_acks;
+mod slots;
 mod superblock;
 mod tracker;
 mod verify;
