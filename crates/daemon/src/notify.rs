@@ -26,7 +26,7 @@ use crate::config::{NotifyEvent, VolumeNotify};
 use crate::control::VolumeStatus;
 use crate::roles::PeerStatus;
 use crate::volumes::Hosted;
-use plan::hooks::{run_hook, HookCall};
+use hooks::{run_hook, HookCall};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -273,7 +273,7 @@ pub(crate) async fn run(hosted: Arc<[Arc<Hosted>]>, hooks: Vec<VolumeNotify>, di
 }
 
 /// Run `hook` on each notice of `queue`, one after the other.
-async fn deliver(hook: plan::file::Hook, mut queue: mpsc::Receiver<Notice>, dir: PathBuf) {
+async fn deliver(hook: hooks::Hook, mut queue: mpsc::Receiver<Notice>, dir: PathBuf) {
     // Nothing stops a hook under way but its timeout (a stopping daemon lets it finish).
     let (_never, mut stop) = watch::channel(false);
     let log = dir.join(NOTIFY_LOG);
@@ -323,9 +323,9 @@ mod tests {
 
     fn hooks(on: &[NotifyEvent], volumes: &[&str]) -> Arc<[VolumeNotify]> {
         Arc::from(vec![VolumeNotify {
-            hook: plan::file::Hook {
+            hook: hooks::Hook {
                 name: "t".into(),
-                run: plan::file::HookRun::Command("true".into()),
+                run: hooks::HookRun::Command("true".into()),
                 timeout: Duration::from_secs(1),
                 err_is_fatal: false,
             },

@@ -14,7 +14,8 @@ mod locate;
 mod replica;
 mod suggest;
 
-pub use check::{hook_name, hook_run};
+// Hooks are their own crate (the daemon runs them too); plan's API names them as before.
+pub use hooks::{hook_name, hook_run, parse_duration, webhook_shown, Hook, HookRun};
 pub use locate::Seg;
 use locate::*;
 use suggest::*;
@@ -208,37 +209,6 @@ pub struct HookSpec {
     pub err_is_fatal: Option<bool>,
 }
 
-/// A validated hook.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Hook {
-    pub name: String,
-    pub run: HookRun,
-    pub timeout: Duration,
-    pub err_is_fatal: bool,
-}
-
-/// What a hook does.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HookRun {
-    /// `sh -c COMMAND` in the plan's directory.
-    Command(String),
-    /// POST the report (JSON) to this URL (notify hooks).
-    Webhook(String),
-}
-
-/// A webhook URL as logs may show it: scheme and host only (the path and query of a
-/// webhook often hold its secret).
-pub fn webhook_shown(url: &str) -> String {
-    match url.parse::<ureq::http::Uri>() {
-        Ok(u) => format!(
-            "{}://{}",
-            u.scheme_str().unwrap_or("?"),
-            u.authority().map(|a| a.as_str()).unwrap_or("?")
-        ),
-        Err(_) => "?".into(),
-    }
-}
-
 /// Hooks run this long at most unless they say otherwise.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -397,12 +367,6 @@ pub struct Plan {
 pub struct KeyError {
     pub key: &'static str,
     pub message: String,
-}
-
-/// Parse "10m", "90s", "1h 30m" (humantime's syntax).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?}: {e} (write e.g. 90s, 10m, 1h30m)"))
 }
 
 impl Plan {

@@ -8,15 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// RFC 3339 UTC with milliseconds, e.g. `2026-11-24T01:02:03.456Z`.
-pub fn stamp(ms: Millis) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let f = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    t.format(&f).unwrap_or_else(|_| ms.to_string())
-}
+/// RFC 3339 UTC with milliseconds (the one stamp of plan and hook logs).
+pub use ::hooks::stamp;
 
 /// `20261124T010203Z`, for file names.
 fn file_stamp(ms: Millis) -> String {

@@ -4,6 +4,9 @@
 //! until the predicted final pass fits), `cutover` (pre_final hooks, final pass, post_final
 //! hooks, downtime against the prediction) and `rerun --failed`.
 
+/// Resolves when `stop` becomes true (never, if its sender is gone); hooks wait alike.
+pub(crate) use ::hooks::stopped;
+
 use crate::file::{Plan, VerifyMode};
 use crate::logs::{stamp, Echo, Logs};
 use crate::passes::Pass;
@@ -106,18 +109,6 @@ struct Ctx<'a> {
     logs: Logs,
     run: RunId,
     dry_run: bool,
-}
-
-/// Resolves when `stop` becomes true (never, if its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// Bytes for people, one decimal (plan tables).

@@ -3,6 +3,9 @@
 //! and the destination command fed the transferred file. Each runs in its own process group,
 //! killed with everything it started when its pass is dropped (Ctrl-C) or ends.
 
+// Process groups are killed, and failures told, as hooks' are.
+pub(crate) use ::hooks::{exit_reason, kill_group};
+
 use crate::logs::TaskLog;
 use std::path::Path;
 use std::process::Stdio;
@@ -14,22 +17,6 @@ pub(crate) struct GroupGuard(pub(crate) Option<rustix::process::Pid>);
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         kill_group(self.0);
-    }
-}
-
-/// SIGKILL the process group led by `pid`, if there is one.
-pub(crate) fn kill_group(pid: Option<rustix::process::Pid>) {
-    if let Some(pid) = pid {
-        // Already gone is fine: the group is empty once every member exited.
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-}
-
-/// How a process that did not succeed ended, for a one-line error.
-pub(crate) fn exit_reason(status: std::process::ExitStatus) -> String {
-    match status.code() {
-        Some(c) => format!("exited with status {c}"),
-        None => format!("was killed ({status})"),
     }
 }
 

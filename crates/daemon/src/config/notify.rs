@@ -1,7 +1,7 @@
 //! `[[volume_notify]]`: hooks the daemon runs when a hosted volume's state changes (the
 //! daemon's `notify.rs` watches and runs them). A hook is a command (`sh -c`, the event's
 //! JSON on stdin) or a webhook (the JSON POSTed), as a plan's `[[on_failure]]` is; the same
-//! keys and the same checks (`plan::file::hook_run`).
+//! keys and the same checks (`hooks::hook_run`).
 //!
 //! ```toml
 //! [[volume_notify]]
@@ -79,7 +79,7 @@ pub(super) struct NotifySpec {
 /// A checked `[[volume_notify]]` hook.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VolumeNotify {
-    pub hook: plan::file::Hook,
+    pub hook: hooks::Hook,
     /// The events it is told about (never empty).
     pub on: Vec<NotifyEvent>,
     /// The volumes it watches; empty for all.
@@ -108,12 +108,10 @@ pub(super) fn load_notify(
     let mut hooks = Vec::with_capacity(specs.len());
     for (i, s) in specs.iter().enumerate() {
         let at = format!("volume_notify #{}", i + 1);
-        let run = plan::file::hook_run(SECTION, true, s.command.as_deref(), s.webhook.as_deref())
+        let run = hooks::hook_run(SECTION, true, s.command.as_deref(), s.webhook.as_deref())
             .map_err(|(_, why)| format!("{at}: {why}"))?;
         let timeout = match &s.timeout {
-            Some(t) => {
-                plan::file::parse_duration(t).map_err(|why| format!("{at}: timeout = {why}"))?
-            }
+            Some(t) => hooks::parse_duration(t).map_err(|why| format!("{at}: timeout = {why}"))?,
             None => DEFAULT_NOTIFY_TIMEOUT,
         };
         let on = s.on.clone().unwrap_or_else(|| NotifyEvent::ALL.to_vec());
@@ -146,8 +144,8 @@ pub(super) fn load_notify(
             ));
         }
         hooks.push(VolumeNotify {
-            hook: plan::file::Hook {
-                name: plan::file::hook_name(s.name.as_deref(), &run),
+            hook: hooks::Hook {
+                name: hooks::hook_name(s.name.as_deref(), &run),
                 run,
                 timeout,
                 err_is_fatal: false,

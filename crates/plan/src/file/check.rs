@@ -1,5 +1,6 @@
-//! Validation: each hook section's hooks, and the checks that need the whole plan (valid,
-//! unique names, the keys each kind takes, known `depends_on`, no cycles).
+//! Validation: each hook section's hooks (one by one with `hooks::hook_run`), and the
+//! checks that need the whole plan (valid, unique names, the keys each kind takes, known
+//! `depends_on`, no cycles).
 
 use super::*;
 
@@ -10,62 +11,6 @@ fn valid_name(n: &str) -> bool {
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !n.starts_with('.')
-}
-
-/// A hook's `command` or `webhook`, checked: exactly one of them, a command not empty, a
-/// webhook (only where `notify`) an http(s) URL with a host. The error names the key at
-/// fault (None: the `[[section]]` table) and says what to write. Also for the daemon's
-/// `[[volume_notify]]` hooks.
-pub fn hook_run(
-    section: &str,
-    notify: bool,
-    command: Option<&str>,
-    webhook: Option<&str>,
-) -> Result<HookRun, (Option<&'static str>, String)> {
-    match (command, webhook) {
-        (Some(_), Some(_)) => Err((
-            Some("webhook"),
-            format!("[[{section}]] has both command and webhook: give one of them (a second hook can do the other)"),
-        )),
-        (None, None) => Err((
-            None,
-            if notify {
-                format!("[[{section}]] needs command = \"…\" or webhook = \"https://…\"")
-            } else {
-                format!("[[{section}]] needs command = \"…\"")
-            },
-        )),
-        (Some(c), None) if c.trim().is_empty() => Err((
-            Some("command"),
-            format!("[[{section}]] command is empty: name the command to run"),
-        )),
-        (Some(c), None) => Ok(HookRun::Command(c.to_string())),
-        (None, Some(_)) if !notify => Err((
-            Some("webhook"),
-            format!("[[{section}]] webhook only applies to notify hooks ([[on_success]], [[on_failure]]); here use command = \"curl …\""),
-        )),
-        (None, Some(url)) => {
-            let ok = url.parse::<ureq::http::Uri>().is_ok_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https"))
-                    && u.host().is_some_and(|h| !h.is_empty())
-            });
-            if !ok {
-                return Err((
-                    Some("webhook"),
-                    format!("[[{section}]] webhook = {url:?} is not an http:// or https:// URL with a host"),
-                ));
-            }
-            Ok(HookRun::Webhook(url.to_string()))
-        }
-    }
-}
-
-/// A hook's name for logs: its `name`, else its command, else its webhook's scheme and host.
-pub fn hook_name(name: Option<&str>, run: &HookRun) -> String {
-    name.map(str::to_string).unwrap_or_else(|| match run {
-        HookRun::Command(c) => c.clone(),
-        HookRun::Webhook(u) => format!("webhook to {}", webhook_shown(u)),
-    })
 }
 
 impl Plan {
