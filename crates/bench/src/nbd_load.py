@@ -1,6 +1,11 @@
 """nbd_load: the bench's writers into a volume's NBD export (libnbd's Python bindings).
 
-  paced URI SIZE RATE SECONDS CHUNK   CHUNK-byte writes, in order, at RATE bytes/s
+  paced URI SIZE RATE SECONDS CHUNK [PIDFILE]
+                                       CHUNK-byte writes, in order, at RATE bytes/s; with
+                                       PIDFILE, an application a hook can stop: its pid is
+                                       written there once connected, SIGTERM ends it after
+                                       the write in progress (disconnected, result printed),
+                                       and the file is removed last
   fua URI COUNT BS                     COUNT writes of BS bytes with FUA, one at a time
   scattered URI SIZE THREADS SECONDS   4-64 KiB writes at random offsets, one connection
                                        per thread, until SECONDS or the daemon goes away
@@ -11,6 +16,7 @@ Each prints one JSON line of what it did. Data are random bytes, never repeated 
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -31,32 +37,46 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def paced(uri, size, rate, seconds, chunk):
+def paced(uri, size, rate, seconds, chunk, pidfile=None):
     h = connect(uri)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(time.time()))
+    if pidfile:
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(pidfile + ".tmp", pidfile)
     pool = os.urandom(32 << 20)
     span = size - size % chunk
     lat = []
     behind = 0.0
     n = 0
+    last_end = time.time()
     start = time.monotonic()
     while True:
         now = time.monotonic()
-        if now - start >= seconds:
+        if now - start >= seconds or stop:
             break
         due = start + n * chunk / rate
         if due > now:
             time.sleep(due - now)
+            if stop:
+                break
         else:
             behind = max(behind, now - due)
         at = (n * 4096 * 97) % (len(pool) - chunk)
         t = time.monotonic()
         h.pwrite(pool[at:at + chunk], (n * chunk) % span)
         lat.append(time.monotonic() - t)
+        last_end = time.time()
         n += 1
     took = time.monotonic() - start
     h.shutdown()
+    # Closes the socket now, so the export has no client left once the pid file is gone.
+    del h
     return {
         "mode": "paced",
+        "stopped_by_sigterm": bool(stop),
+        "last_write_end_epoch": round(last_end, 3),
         "writes": n,
         "bytes": n * chunk,
         "seconds": round(took, 3),
@@ -116,9 +136,13 @@ def scattered(uri, size, threads, seconds):
 
 
 def main():
-    mode, uri, rest = sys.argv[1], sys.argv[2], [float(x) for x in sys.argv[3:]]
+    mode, uri = sys.argv[1], sys.argv[2]
+    pidfile = None
+    if mode == "paced" and len(sys.argv) > 7:
+        pidfile = sys.argv.pop(7)
+    rest = [float(x) for x in sys.argv[3:]]
     if mode == "paced":
-        out = paced(uri, int(rest[0]), rest[1], rest[2], int(rest[3]))
+        out = paced(uri, int(rest[0]), rest[1], rest[2], int(rest[3]), pidfile)
     elif mode == "fua":
         out = fua(uri, int(rest[0]), int(rest[1]))
     elif mode == "scattered":
@@ -126,6 +150,8 @@ def main():
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out), flush=True)
+    if pidfile:
+        os.remove(pidfile)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ pub enum Row {
     Fua { writes: u64 },
     /// R5: kill -9 of the primary after `load_secs` of scattered writes, and restart.
     Crash { load_secs: u64 },
+    /// R6: a plan's `replica` task cuts a `mb` MiB volume over to its peer under a steady
+    /// writer, `warm_secs` before presync and between presync and cutover
+    /// (`replication_cutover.rs`).
+    Cutover { mb: u64, warm_secs: u64 },
 }
 
 impl Row {
@@ -77,6 +81,7 @@ impl Row {
             Row::Lag { .. } => "lag p99 ≤ 1 s, no growth".into(),
             Row::Fua { .. } => "p50 ≤ RTT + 10 ms".into(),
             Row::Crash { .. } => "bytes resynced ≤ the activity log's span".into(),
+            Row::Cutover { .. } => crate::replication_cutover::TARGET.into(),
         }
     }
 }
@@ -88,19 +93,7 @@ pub fn specs(scale: f64) -> Vec<Spec> {
     let secs = scaled(60, scale).max(10);
     let writes = scaled(200, scale).max(20);
     let load_secs = scaled(10, scale).max(3);
-    let spec = |id: &'static str, row: Row, work: String| Spec {
-        id,
-        family: id,
-        work,
-        generate: big(1, mb, false),
-        edit: None,
-        resync: true,
-        place: Place::Replication(row),
-        with_cp: false,
-        sample_rss: false,
-        rsync_as_in: None,
-        target: Target::Replication(row),
-    };
+    let spec = |id, row, work| row_spec(id, row, work, big(1, mb, false));
     vec![
         spec(
             "R1",
@@ -133,6 +126,23 @@ pub fn specs(scale: f64) -> Vec<Spec> {
     ]
 }
 
+/// A replication row `id` whose base set is made by `generate` (mkdata's arguments).
+pub(crate) fn row_spec(id: &'static str, row: Row, work: String, generate: Vec<String>) -> Spec {
+    Spec {
+        id,
+        family: id,
+        work,
+        generate,
+        edit: None,
+        resync: true,
+        place: Place::Replication(row),
+        with_cp: false,
+        sample_rss: false,
+        rsync_as_in: None,
+        target: Target::Replication(row),
+    }
+}
+
 /// The verdict the row's run left in its report.
 pub fn judge(run: Option<&ToolRun>) -> (Option<bool>, String) {
     match run.filter(|r| r.ok()).and_then(|r| r.report.as_ref()) {
@@ -145,18 +155,18 @@ pub fn judge(run: Option<&ToolRun>) -> (Option<bool>, String) {
 }
 
 /// What one row measured.
-struct Measured {
+pub(crate) struct Measured {
     /// How to repeat the timed phase by hand.
-    command: String,
-    seconds: f64,
-    wire: WireCount,
+    pub(crate) command: String,
+    pub(crate) seconds: f64,
+    pub(crate) wire: WireCount,
     /// The row's figures (an object); `met` and `judged` are added to it.
-    figures: Value,
-    met: Option<bool>,
-    judged: String,
-    verify: Verify,
+    pub(crate) figures: Value,
+    pub(crate) met: Option<bool>,
+    pub(crate) judged: String,
+    pub(crate) verify: Verify,
     /// The reference measured beside it (the peer's column), if any.
-    reference: Option<ToolRun>,
+    pub(crate) reference: Option<ToolRun>,
 }
 
 /// Run one row; `image` (the base set's one file) gives the volume's size.
@@ -179,6 +189,9 @@ pub fn run(
         Row::Lag { secs } => run_lag(env, secs, size, run_dir, logs),
         Row::Fua { writes } => run_fua(env, writes, size, run_dir, logs),
         Row::Crash { load_secs } => run_crash(env, load_secs, size, run_dir, logs),
+        Row::Cutover { mb, warm_secs } => {
+            crate::replication_cutover::run(env, mb << 20, warm_secs, run_dir, logs)
+        }
     };
     let mut run = ToolRun {
         tool: "cutover replication".into(),
@@ -526,7 +539,7 @@ fn run_lag(env: &Env, secs: u64, size: u64, dir: &Path, logs: &Path) -> Result<M
 }
 
 /// The writer's command line and what it wrote, as the report shows it.
-fn describe_writer(command: &str, w: &Value) -> String {
+pub(crate) fn describe_writer(command: &str, w: &Value) -> String {
     format!("{command} (it wrote {} bytes)", w["bytes"])
 }
 
