@@ -9,6 +9,7 @@ mod data;
 mod listed;
 mod proc;
 mod replication;
+mod replication_cutover;
 mod replication_pair;
 mod replication_three;
 mod report;
@@ -547,6 +548,7 @@ fn real_main() -> Result<ExitCode> {
     let repo = repo_root();
     let mut all = workloads::all(args.scale);
     all.extend(replication::specs(args.scale));
+    all.extend(replication_cutover::specs(args.scale));
     let specs = select(all, &args.only)?;
     let work = args.work.clone().unwrap_or_else(|| repo.join("bench-work"));
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;

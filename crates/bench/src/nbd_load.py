@@ -1,8 +1,12 @@
 """nbd_load: the bench's writers into a volume's NBD export (libnbd's Python bindings).
 
-  paced URI SIZE RATE SECONDS CHUNK [until-gone]
+  paced URI SIZE RATE SECONDS CHUNK [until-gone] [PIDFILE]
                                        CHUNK-byte writes, in order, at RATE bytes/s (with
-                                       until-gone: stop quietly when the daemon goes away)
+                                       until-gone: stop quietly when the daemon goes away;
+                                       with PIDFILE, an application a hook can stop: its pid
+                                       is written there once connected, SIGTERM ends it after
+                                       the write in progress (disconnected, result printed),
+                                       and the file is removed last)
   spread URI SIZE TOTAL CHUNK SEED     TOTAL bytes in CHUNK-byte writes at distinct
                                        CHUNK-aligned offsets in random order, at full speed
   fua URI COUNT BS                     COUNT writes of BS bytes with FUA, one at a time
@@ -15,6 +19,7 @@ Each prints one JSON line of what it did. Data are random bytes, never repeated 
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -35,22 +40,31 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def paced(uri, size, rate, seconds, chunk, until_gone=False):
+def paced(uri, size, rate, seconds, chunk, until_gone=False, pidfile=None):
     h = connect(uri)
     error = None
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(time.time()))
+    if pidfile:
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(pidfile + ".tmp", pidfile)
     pool = os.urandom(32 << 20)
     span = size - size % chunk
     lat = []
     behind = 0.0
     n = 0
+    last_end = time.time()
     start = time.monotonic()
     while True:
         now = time.monotonic()
-        if now - start >= seconds:
+        if now - start >= seconds or stop:
             break
         due = start + n * chunk / rate
         if due > now:
             time.sleep(due - now)
+            if stop:
+                break
         else:
             behind = max(behind, now - due)
         at = (n * 4096 * 97) % (len(pool) - chunk)
@@ -63,12 +77,17 @@ def paced(uri, size, rate, seconds, chunk, until_gone=False):
             error = str(e)[:200]
             break
         lat.append(time.monotonic() - t)
+        last_end = time.time()
         n += 1
     took = time.monotonic() - start
     if error is None:
         h.shutdown()
+    # Closes the socket now, so the export has no client left once the pid file is gone.
+    del h
     out = {
         "mode": "paced",
+        "stopped_by_sigterm": bool(stop),
+        "last_write_end_epoch": round(last_end, 3),
         "writes": n,
         "bytes": n * chunk,
         "seconds": round(took, 3),
@@ -149,9 +168,13 @@ def scattered(uri, size, threads, seconds):
 def main():
     mode, uri, words = sys.argv[1], sys.argv[2], sys.argv[3:]
     until_gone = "until-gone" in words
-    rest = [float(x) for x in words if x != "until-gone"]
+    words = [w for w in words if w != "until-gone"]
+    pidfile = None
+    if mode == "paced" and len(words) > 4:
+        pidfile = words.pop(4)
+    rest = [float(x) for x in words]
     if mode == "paced":
-        out = paced(uri, int(rest[0]), rest[1], rest[2], int(rest[3]), until_gone)
+        out = paced(uri, int(rest[0]), rest[1], rest[2], int(rest[3]), until_gone, pidfile)
     elif mode == "spread":
         out = spread(uri, int(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
     elif mode == "fua":
@@ -161,6 +184,8 @@ def main():
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out), flush=True)
+    if pidfile:
+        os.remove(pidfile)
 
 
 if __name__ == "__main__":

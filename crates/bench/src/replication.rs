@@ -74,6 +74,10 @@ pub enum Row {
     /// of paced writes, its partner promoted and `written` bytes written to it; the third
     /// node's catch-up.
     Failover { load_secs: u64, written: u64 },
+    /// R6: a plan's `replica` task cuts a `mb` MiB volume over to its peer under a steady
+    /// writer, `warm_secs` before presync and between presync and cutover
+    /// (`replication_cutover.rs`).
+    Cutover { mb: u64, warm_secs: u64 },
 }
 
 impl Row {
@@ -89,6 +93,7 @@ impl Row {
                 "bytes to the third node ≤ 1.2 × the {} written",
                 mib(written >> 20)
             ),
+            Row::Cutover { .. } => crate::replication_cutover::TARGET.into(),
         }
     }
 }
@@ -101,19 +106,7 @@ pub fn specs(scale: f64) -> Vec<Spec> {
     let secs = scaled(60, scale).max(10);
     let writes = scaled(200, scale).max(20);
     let load_secs = scaled(10, scale).max(3);
-    let spec = |id: &'static str, row: Row, work: String| Spec {
-        id,
-        family: id,
-        work,
-        generate: big(1, mb, false),
-        edit: None,
-        resync: true,
-        place: Place::Replication(row),
-        with_cp: false,
-        sample_rss: false,
-        rsync_as_in: None,
-        target: Target::Replication(row),
-    };
+    let spec = |id, row, work| row_spec(id, row, work, big(1, mb, false));
     vec![
         spec(
             "R1",
@@ -156,6 +149,23 @@ pub fn specs(scale: f64) -> Vec<Spec> {
             ),
         ),
     ]
+}
+
+/// A replication row `id` whose base set is made by `generate` (mkdata's arguments).
+pub(crate) fn row_spec(id: &'static str, row: Row, work: String, generate: Vec<String>) -> Spec {
+    Spec {
+        id,
+        family: id,
+        work,
+        generate,
+        edit: None,
+        resync: true,
+        place: Place::Replication(row),
+        with_cp: false,
+        sample_rss: false,
+        rsync_as_in: None,
+        target: Target::Replication(row),
+    }
 }
 
 /// The verdict the row's run left in its report.
@@ -210,6 +220,9 @@ pub fn run(
         Row::Crash { load_secs } => run_crash(env, load_secs, size, run_dir, logs),
         Row::Failover { load_secs, written } => {
             replication_three::run(env, load_secs, written, size, run_dir, logs)
+        }
+        Row::Cutover { mb, warm_secs } => {
+            crate::replication_cutover::run(env, mb << 20, warm_secs, run_dir, logs)
         }
     };
     let mut run = ToolRun {
