@@ -144,6 +144,16 @@ impl Ctl {
             "the daemon's reply has no checksums; use the same cutover version on both".into()
         })
     }
+
+    /// The hashes of exactly the pieces `ranges` (offset, length) of volume `name`.
+    fn hashes_of(&self, name: &str, ranges: Vec<(u64, u64)>) -> Result<Checksums, String> {
+        self.checksums(Request::Checksums {
+            name: name.to_string(),
+            dirty: false,
+            from: 0,
+            ranges,
+        })
+    }
 }
 
 /// The two daemons of a replica task and the names involved.
@@ -445,12 +455,7 @@ fn verify(pair: &Pair, size: u64, cancel: &AtomicBool) -> Result<u64, String> {
                 let ranges = pieces(from, window);
                 let c = pair
                     .src
-                    .checksums(Request::Checksums {
-                        name: pair.name.clone(),
-                        dirty: false,
-                        from: 0,
-                        ranges,
-                    })
+                    .hashes_of(&pair.name, ranges)
                     .map_err(|e| format!("verify: source: {e}"))?;
                 let next = (from + window < size).then_some(from + window);
                 (c.pieces, next)
@@ -461,12 +466,7 @@ fn verify(pair: &Pair, size: u64, cancel: &AtomicBool) -> Result<u64, String> {
             let ranges = src.iter().map(|p| (p.offset, p.length)).collect();
             let dst = pair
                 .dst
-                .checksums(Request::Checksums {
-                    name: pair.name.clone(),
-                    dirty: false,
-                    from: 0,
-                    ranges,
-                })
+                .hashes_of(&pair.name, ranges)
                 .map_err(|e| format!("verify: destination: {e}"))?;
             if dst.pieces.len() != src.len() {
                 return Err("verify: the destination answered for other pieces; use the same cutover version on both".into());
