@@ -109,7 +109,8 @@ pub struct WriteEvent<'a> {
 
 /// Told of every change to an export, in the order the server makes them for one request:
 /// `before_write`, the backend's write (plus its flush for FUA), `after_write`, then the
-/// reply. Writes of different requests run concurrently; the observer gets no ordering
+/// reply (for a write done behind its reply, the reply comes right after `before_write`:
+/// see [`WriteObserver::may_answer_early`]). Writes of different requests run concurrently; the observer gets no ordering
 /// between them beyond what the client waited for.
 pub trait WriteObserver: Send + Sync + 'static {
     /// Called before the range is touched; cutover records a cold extent in its activity
@@ -117,9 +118,18 @@ pub trait WriteObserver: Send + Sync + 'static {
     /// and the write is not made.
     fn before_write(&self, write: &WriteEvent<'_>) -> io::Result<()>;
 
-    /// Called after the backend's write finished (with its outcome) and before the reply
-    /// is sent: blocking here holds the reply back (replication protocol C).
+    /// Called after the backend's write finished (with its outcome) and, unless the write
+    /// was answered early, before the reply is sent: blocking here holds the reply back
+    /// (replication protocol C).
     fn after_write(&self, write: &WriteEvent<'_>, outcome: &io::Result<()>);
+
+    /// Whether a WRITE without FUA may be answered once `before_write` recorded it, before
+    /// it is made (the server's write-behind, see [`crate::Config::write_behind`]); its
+    /// `after_write` still follows the write. False while the embedder must hold replies
+    /// until `after_write` (replication protocol C). The default: true.
+    fn may_answer_early(&self) -> bool {
+        true
+    }
 
     /// Called after a successful NBD_CMD_FLUSH made the backend durable, before the reply;
     /// an error fails the flush. The default does nothing.

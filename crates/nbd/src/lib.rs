@@ -22,14 +22,17 @@
 //!
 //! Files follow the protocol's phases: `handshake.rs` (greeting, option loop on the wire),
 //! `options.rs` (what each option does), `request.rs` (request decoding and checks),
-//! `reply.rs` (reply encoding), `server.rs` (transmission: reader, handlers, writer),
+//! `reply.rs` (reply encoding), `server.rs` (transmission: reader, writer), `handle.rs`
+//! (the handlers), `behind.rs` (writes answered before they are made),
 //! `backend.rs`, `export.rs` (what the embedder supplies), `latency.rs` (the write latency
 //! histogram), `wire.rs` (the numbers).
 
 mod backend;
+mod behind;
 mod direct;
 mod error;
 mod export;
+mod handle;
 mod handshake;
 mod latency;
 pub mod options;

@@ -16,14 +16,14 @@
 //! client closing) the reader stops; the handlers in flight still complete and their
 //! replies are written before the connection closes.
 
-use crate::backend::Zeroing;
+use crate::behind::Behind;
 use crate::direct::Payload;
 use crate::error::Error;
-use crate::export::{Export, Extent, WriteEvent, WriteKind};
+use crate::export::Export;
 use crate::handshake::{negotiate, Outcome};
-use crate::options::{ContextKind, Selected, Session};
+use crate::options::{Selected, Session};
 use crate::reply::{self, Reply};
-use crate::request::{self, decode_header, validate, Command, Rejection, Request, HEADER_LEN};
+use crate::request::{self, decode_header, validate, Command, Rejection, HEADER_LEN};
 use crate::wire::*;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -45,6 +45,9 @@ pub struct Config {
     pub max_in_flight_bytes: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Answer a WRITE without FUA once it is recorded, before it is made (see
+    /// `behind.rs`); a FLUSH still waits for it. Off: every write is answered once made.
+    pub write_behind: bool,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
             max_in_flight: 64,
             max_in_flight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(60),
+            write_behind: true,
         }
     }
 }
@@ -61,6 +65,9 @@ impl Default for Config {
 #[derive(Clone, Debug)]
 pub struct Server {
     exports: Arc<[Export]>,
+    /// Each export's writes done behind their replies, shared by its connections (a
+    /// FLUSH on one covers those answered on the others).
+    behind: Arc<[Arc<Behind>]>,
     config: Config,
     drain: Arc<Drain>,
 }
@@ -101,8 +108,10 @@ impl Drop for Live {
 
 impl Server {
     pub fn new(exports: impl Into<Arc<[Export]>>) -> Server {
+        let exports: Arc<[Export]> = exports.into();
         Server {
-            exports: exports.into(),
+            behind: exports.iter().map(|_| Arc::default()).collect(),
+            exports,
             config: Config::default(),
             drain: Arc::default(),
         }
@@ -203,11 +212,12 @@ impl Server {
             return Ok(());
         };
         let export = self.exports[session.export].clone();
+        let behind = self.behind[session.export].clone();
         let (reader, writer) = tokio::io::split(stream);
         transmit(
             reader,
             writer,
-            export,
+            (export, behind),
             session,
             self.config,
             self.drain.clone(),
@@ -245,25 +255,28 @@ where
 }
 
 /// What a connection in transmission knows.
-struct Conn {
-    export: Export,
-    structured: bool,
-    contexts: Vec<Selected>,
+pub(crate) struct Conn {
+    pub(crate) export: Export,
+    pub(crate) behind: Arc<Behind>,
+    pub(crate) structured: bool,
+    pub(crate) contexts: Vec<Selected>,
     limits: request::Limits,
     drain: Arc<Drain>,
+    write_behind: bool,
 }
 
-/// A reply on its way to the writer, with the slot and bytes it holds until written.
+/// A reply on its way to the writer, with the slot and bytes it holds until written (none
+/// when answered early: the write done behind it holds them until made).
 struct Outgoing {
     reply: Reply,
-    _slot: OwnedSemaphorePermit,
+    _slot: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
 async fn transmit<R, W>(
     reader: R,
     writer: W,
-    export: Export,
+    (export, behind): (Export, Arc<Behind>),
     session: Session,
     config: Config,
     drain: Arc<Drain>,
@@ -281,10 +294,12 @@ where
     };
     let conn = Arc::new(Conn {
         export,
+        behind,
         structured: session.structured,
         contexts: session.contexts,
         limits,
         drain,
+        write_behind: config.write_behind,
     });
     let max_in_flight = config.max_in_flight.max(1);
     let budget = config.max_in_flight_bytes.max(MAX_PAYLOAD as usize);
@@ -301,6 +316,10 @@ where
     let written = writer_task
         .await
         .map_err(|_| Error::Protocol("reply writer task failed"))?;
+    // Writes done behind their replies hold their slots until made: the connection is
+    // over when they are (even when the client stopped reading replies).
+    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+    drop(gates.slots.acquire_many(all).await);
     read?;
     written.map_err(Error::from)
 }
@@ -378,7 +397,7 @@ where
                 let reply = reply::error(raw.cookie, conn.structured, errno, reason);
                 let out = Outgoing {
                     reply,
-                    _slot: slot,
+                    _slot: Some(slot),
                     _bytes: None,
                 };
                 if tx.send(out).await.is_err() {
@@ -414,24 +433,48 @@ where
             }
             _ => None,
         };
+        let behind_range = match req.command {
+            Command::Write { fua: false } if conn.write_behind => {
+                Some((req.offset, u64::from(req.length)))
+            }
+            _ => None,
+        };
+        // In arrival order: what this request must wait for, and its own number.
+        let ticket = conn.behind.arrive(behind_range);
         let conn = conn.clone();
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || {
-            let reply = catch_unwind(AssertUnwindSafe(|| handle(&conn, &req, payload)))
-                .unwrap_or_else(|_| {
-                    reply::error(
-                        req.cookie,
-                        conn.structured,
-                        Errno::Io,
-                        "internal error while serving the request",
-                    )
+            let answered = std::cell::Cell::new(false);
+            let early = |reply| {
+                answered.set(true);
+                // Fails only when the writer is gone; the reply has nowhere to go then.
+                let _ = tx.blocking_send(Outgoing {
+                    reply,
+                    _slot: None,
+                    _bytes: None,
                 });
+            };
+            let served = catch_unwind(AssertUnwindSafe(|| {
+                crate::handle::serve(&conn, &req, payload, ticket, &early)
+            }));
+            let reply = match served {
+                Ok(Some(reply)) => reply,
+                // Answered early: the permits go now, with the write made (a panic
+                // then is reported by the next FLUSH).
+                Ok(None) => return,
+                Err(_) if answered.get() => return,
+                Err(_) => reply::error(
+                    req.cookie,
+                    conn.structured,
+                    Errno::Io,
+                    "internal error while serving the request",
+                ),
+            };
             let out = Outgoing {
                 reply,
-                _slot: slot,
+                _slot: Some(slot),
                 _bytes: bytes,
             };
-            // Fails only when the writer is gone; the reply has nowhere to go then.
             let _ = tx.blocking_send(out);
         });
     }
@@ -456,287 +499,4 @@ where
     }
     w.flush().await?;
     w.shutdown().await
-}
-
-/// The error message and value for a failed backend or observer call.
-fn failure(what: &str, e: &io::Error) -> (Errno, String) {
-    (Errno::from_io(e), format!("{what}: {e}"))
-}
-
-/// Serve one checked request (on the blocking pool).
-fn handle(conn: &Conn, req: &Request, payload: Option<Payload>) -> Reply {
-    let (c, s) = (req.cookie, conn.structured);
-    let backend = &*conn.export.backend;
-    let (offset, length) = (req.offset, u64::from(req.length));
-    let done = |r: Result<(), (Errno, String)>| match r {
-        Ok(()) => reply::simple(c, None),
-        Err((errno, msg)) => reply::error(c, s, errno, &msg),
-    };
-    let event = |kind, data, fua| WriteEvent {
-        offset,
-        length,
-        kind,
-        data,
-        fua,
-    };
-    let fua_flush = |fua: bool| if fua { backend.flush() } else { Ok(()) };
-    match req.command {
-        Command::Read { df } => read(conn, req, df),
-        Command::Write { fua } => {
-            let data = payload.unwrap_or_else(|| Payload::new(0));
-            let ev = event(WriteKind::Data, Some(data.as_slice()), fua);
-            done(
-                observed(conn, &ev, || {
-                    backend.write_at(data.as_slice(), offset)?;
-                    fua_flush(fua)
-                })
-                .map_err(|e| failure("write", &e)),
-            )
-        }
-        Command::Trim { fua } => done(
-            observed(conn, &event(WriteKind::Trim, None, fua), || {
-                backend.trim(offset, length)?;
-                fua_flush(fua)
-            })
-            .map_err(|e| failure("trim", &e)),
-        ),
-        Command::WriteZeroes { fua, no_hole, fast } => {
-            let how = Zeroing {
-                may_trim: !no_hole,
-                fast_only: fast,
-            };
-            let r = observed(conn, &event(WriteKind::Zeroes, None, fua), || {
-                backend.write_zeroes(offset, length, how)?;
-                fua_flush(fua)
-            });
-            done(r.map_err(|e| {
-                if fast && e.kind() == io::ErrorKind::Unsupported {
-                    (
-                        Errno::NotSup,
-                        "zeroing would not be faster than writing".into(),
-                    )
-                } else {
-                    failure("write zeroes", &e)
-                }
-            }))
-        }
-        Command::Flush => {
-            let mut r = backend.flush().map_err(|e| failure("flush", &e));
-            if let (Ok(()), Some(o)) = (&r, &conn.export.observer) {
-                r = o.flushed().map_err(|e| failure("flush (observer)", &e));
-            }
-            done(r)
-        }
-        Command::BlockStatus { req_one } => block_status(conn, req, req_one),
-        // Never handed to a handler; answering it would be harmless.
-        Command::Disc => reply::simple(c, None),
-    }
-}
-
-/// Run a change of the export between the observer's two calls, timed into the export's
-/// write latency histogram (a refused write too: the client waited for its answer).
-fn observed(
-    conn: &Conn,
-    ev: &WriteEvent<'_>,
-    op: impl FnOnce() -> io::Result<()>,
-) -> io::Result<()> {
-    let started = std::time::Instant::now();
-    let r = match &conn.export.observer {
-        None => op(),
-        Some(o) => o.before_write(ev).and_then(|()| {
-            let r = op();
-            o.after_write(ev, &r);
-            r
-        }),
-    };
-    conn.export.write_latency.record(started.elapsed());
-    r
-}
-
-/// A READ: simple reply with the data, or structured chunks with holes as `OFFSET_HOLE`.
-fn read(conn: &Conn, req: &Request, df: bool) -> Reply {
-    let backend = &*conn.export.backend;
-    let (c, offset, len) = (req.cookie, req.offset, req.length as usize);
-    let mut buf = vec![0u8; len];
-    if !conn.structured {
-        return match backend.read_at(&mut buf, offset) {
-            Ok(()) => reply::simple_read(c, buf),
-            Err(e) => reply::simple(c, Some(Errno::from_io(&e))),
-        };
-    }
-    if len == 0 {
-        return reply::structured_done(c);
-    }
-    let runs = if df {
-        // One content chunk: holes are sent as the zeroes they read as.
-        vec![(len, false)]
-    } else {
-        match backend.allocation(offset, len as u64, MAX_EXTENTS) {
-            Ok(runs) => read_runs(runs.iter().map(|r| (r.length, r.hole)), len),
-            Err(e) => {
-                tracing::debug!("NBD: allocation map failed, reading all: {e}");
-                vec![(len, false)]
-            }
-        }
-    };
-    let mut at = 0usize;
-    for &(n, hole) in &runs {
-        if !hole {
-            if let Err(e) = backend.read_at(&mut buf[at..at + n], offset + at as u64) {
-                let (errno, msg) = failure("read", &e);
-                return reply::structured_error(c, errno, &msg);
-            }
-        }
-        at += n;
-    }
-    reply::structured_read(c, offset, buf, &runs)
-}
-
-/// Turn a backend's runs into runs that cover exactly `len` bytes: cut what goes past,
-/// count what is missing as data, drop empty runs and merge neighbours of a kind.
-pub(crate) fn read_runs(runs: impl Iterator<Item = (u64, bool)>, len: usize) -> Vec<(usize, bool)> {
-    let mut out: Vec<(usize, bool)> = Vec::new();
-    let mut covered = 0usize;
-    let push = |n: usize, hole: bool, out: &mut Vec<(usize, bool)>| match out.last_mut() {
-        Some(last) if last.1 == hole => last.0 += n,
-        _ => out.push((n, hole)),
-    };
-    for (n, hole) in runs {
-        let n = usize::try_from(n).unwrap_or(usize::MAX).min(len - covered);
-        if n > 0 {
-            push(n, hole, &mut out);
-            covered += n;
-        }
-        if covered == len {
-            break;
-        }
-    }
-    if covered < len {
-        push(len - covered, false, &mut out);
-    }
-    out
-}
-
-/// A BLOCK_STATUS: one chunk per selected context.
-fn block_status(conn: &Conn, req: &Request, req_one: bool) -> Reply {
-    let (c, offset, len) = (req.cookie, req.offset, req.length);
-    let mut chunks = Vec::with_capacity(conn.contexts.len());
-    for sel in &conn.contexts {
-        let extents = match sel.kind {
-            ContextKind::Allocation => conn
-                .export
-                .backend
-                .allocation(offset, u64::from(len), MAX_EXTENTS)
-                .map(|runs| {
-                    runs.iter()
-                        .map(|r| Extent {
-                            length: u32::try_from(r.length).unwrap_or(u32::MAX),
-                            flags: if r.hole { STATE_HOLE | STATE_ZERO } else { 0 },
-                        })
-                        .collect()
-                }),
-            ContextKind::Custom(i) => match conn.export.meta.get(i) {
-                Some(m) => m.extents(offset, len, MAX_EXTENTS),
-                None => Err(io::Error::other("metadata context vanished")),
-            },
-        };
-        match extents {
-            Ok(e) => match fit_extents(e, len, req_one) {
-                Some(e) => chunks.push((sel.id, e)),
-                None => {
-                    return reply::structured_error(
-                        c,
-                        Errno::Io,
-                        "metadata context gave no extents",
-                    )
-                }
-            },
-            Err(e) => {
-                let (errno, msg) = failure("block status", &e);
-                return reply::structured_error(c, errno, &msg);
-            }
-        }
-    }
-    reply::block_status(c, &chunks)
-}
-
-/// Make a context's answer valid for a request of `len` bytes: no zero-length extents,
-/// nothing past the request (hence nothing past the export), neighbours with the same
-/// flags merged, at most `MAX_EXTENTS` (one with REQ_ONE). `None` if nothing is left.
-pub(crate) fn fit_extents(extents: Vec<Extent>, len: u32, req_one: bool) -> Option<Vec<Extent>> {
-    let mut out: Vec<Extent> = Vec::new();
-    let mut covered = 0u32;
-    for e in extents {
-        if covered == len {
-            break;
-        }
-        let n = e.length.min(len - covered);
-        if n == 0 {
-            continue;
-        }
-        covered += n;
-        match out.last_mut() {
-            Some(last) if last.flags == e.flags => last.length += n,
-            _ => out.push(Extent {
-                length: n,
-                flags: e.flags,
-            }),
-        }
-    }
-    out.truncate(if req_one { 1 } else { MAX_EXTENTS });
-    if out.is_empty() {
-        None
-    } else {
-        Some(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_runs_cover_exactly() {
-        assert_eq!(read_runs([].into_iter(), 10), vec![(10, false)]);
-        assert_eq!(
-            read_runs(
-                [(4, true), (0, false), (2, true), (100, false)].into_iter(),
-                10
-            ),
-            vec![(6, true), (4, false)]
-        );
-        assert_eq!(
-            read_runs([(3, false), (3, false)].into_iter(), 10),
-            vec![(10, false)]
-        );
-        assert_eq!(
-            read_runs([(u64::MAX, true)].into_iter(), 10),
-            vec![(10, true)]
-        );
-    }
-
-    #[test]
-    fn extents_are_cut_merged_and_limited() {
-        let e = |length, flags| Extent { length, flags };
-        assert_eq!(fit_extents(vec![], 10, false), None);
-        assert_eq!(fit_extents(vec![e(0, 1)], 10, false), None);
-        assert_eq!(
-            fit_extents(
-                vec![e(4, 1), e(0, 0), e(4, 1), e(u32::MAX, 0), e(5, 1)],
-                10,
-                false
-            ),
-            Some(vec![e(8, 1), e(2, 0)])
-        );
-        assert_eq!(
-            fit_extents(vec![e(4, 1), e(4, 0)], 10, true),
-            Some(vec![e(4, 1)])
-        );
-        assert_eq!(fit_extents(vec![e(40, 1)], 10, true), Some(vec![e(10, 1)]));
-        let many: Vec<_> = (0..MAX_EXTENTS as u32 + 10).map(|i| e(1, i % 2)).collect();
-        assert_eq!(
-            fit_extents(many, u32::MAX, false).map(|v| v.len()),
-            Some(MAX_EXTENTS)
-        );
-    }
 }

@@ -734,4 +734,12 @@ impl Inner {
     pub(crate) fn any_streaming(&self) -> bool {
         self.state().peers.iter().any(|p| p.stream.is_some())
     }
+
+    /// Whether a peer streams in protocol C (a write completes once that peer has it).
+    pub(crate) fn any_sync_stream(&self) -> bool {
+        self.state()
+            .peers
+            .iter()
+            .any(|p| p.stream.as_ref().is_some_and(|s| s.opts.sync))
+    }
 }

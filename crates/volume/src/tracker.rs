@@ -366,6 +366,11 @@ impl WriteObserver for Tracker {
         }
     }
 
+    fn may_answer_early(&self) -> bool {
+        // Protocol C: the reply waits for the peer (in `after_write`).
+        !self.inner.any_sync_stream()
+    }
+
     fn flushed(&self) -> io::Result<()> {
         let inner = &*self.inner;
         let waits = {

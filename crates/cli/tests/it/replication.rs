@@ -262,8 +262,39 @@ fn two_daemons_replicate_a_volume_and_a_killed_primary_loses_nothing_acknowledge
     let w = qemu_io(&sock(&b), &["write -P 1 0 4k"]);
     assert!(!w.status.success(), "a secondary took a write: {w:?}");
 
-    // Protocol C: a FUA write is acknowledged only once it is durable on the peer (a
-    // stopped peer holds it back), and is there even if the primary dies the next instant.
+    // Protocol C: a write without FUA is acknowledged only once the peer has it (the
+    // export answers no write before it is made while a peer streams in C).
+    // (nbdsh, not qemu-io, which flushes before it exits; the marker shows the reply.)
+    let answered = a.dir.join("answered");
+    db.signal(rustix::process::Signal::STOP);
+    let mut writer = Command::new("nbdsh")
+        .env(
+            "PATH",
+            format!(
+                "/usr/bin:/bin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .arg("-c")
+        .arg(format!(
+            "h.connect_uri({:?})\nh.pwrite(b'\\xc4' * 65536, 31 << 20)\nopen({:?}, 'w').close()",
+            sock(&a),
+            s(&answered)
+        ))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let early = answered.exists();
+    db.signal(rustix::process::Signal::CONT);
+    assert!(
+        !early,
+        "protocol C acknowledged a write without FUA the stopped peer did not have"
+    );
+    assert!(writer.wait().unwrap().success());
+    assert!(answered.exists(), "the write was never answered");
+
+    // And a FUA write only once it is durable on the peer (a stopped peer holds it back),
+    // and is there even if the primary dies the next instant.
     db.signal(rustix::process::Signal::STOP);
     let mut writer = Command::new("qemu-io")
         .args(["-f", "raw", &sock(&a), "-c", "write -f -P 0xc3 30M 64k"])
