@@ -17,10 +17,13 @@
 //!
 //! The figures come from the plan itself: the cutover report's first note, `downtime D
 //! (final pass F, predicted P, ±X%)`, where F is the downtime without the hooks (the row's
-//! figure, against [`LIMIT_S`]), the task's own duration in the report (ms), and the
-//! task's measurements in `<state_dir>/replica/TASK.json`: after presync the predicted
-//! drain, verify and demote + promote, after the cutover the measured ones. Afterwards beta
-//! must be primary and alpha secondary, and the two backings equal (`cmp`).
+//! figure, against [`LIMIT_S`]) and P the prediction the cutover compared it against (made
+//! at the cutover's start, before the stop hook), the task's own duration in the report
+//! (ms), and the task's measurements in `<state_dir>/replica/TASK.json`: after presync the
+//! prediction presync made (shown beside P: it cannot know what the writer adds before the
+//! cutover), after the cutover the measured drain, verify and demote + promote, with the
+//! prediction made at the cutover's start under `predicted`. Afterwards beta must be
+//! primary and alpha secondary, and the two backings equal (`cmp`).
 
 use crate::proc::{describe, quote, run_timed, tail, Timed};
 use crate::replication::{row_spec, Measured, Row};
@@ -110,12 +113,31 @@ fn parse_secs(text: &str) -> Option<f64> {
     (!t.is_empty()).then_some(total)
 }
 
-/// From the cutover's note `downtime D (final pass F, predicted P, ±X%)`: D and F.
-fn parse_downtime(note: &str) -> Option<(f64, f64)> {
+/// What the cutover's note `downtime D (final pass F, predicted P, ±X%)` says.
+#[derive(Debug, PartialEq)]
+struct Downtime {
+    downtime_s: f64,
+    final_pass_s: f64,
+    /// None: `no prediction`.
+    predicted_s: Option<f64>,
+}
+
+/// The cutover's note `downtime D (final pass F, predicted P, ±X%)` (or `…, predicted P)`,
+/// or `…, no prediction)`) read back.
+fn parse_downtime(note: &str) -> Option<Downtime> {
     let rest = note.strip_prefix("downtime ")?;
     let (d, rest) = rest.split_once(" (final pass ")?;
-    let f = rest.split([',', ')']).next()?;
-    Some((parse_secs(d)?, parse_secs(f)?))
+    let mut parts = rest.split([',', ')']);
+    let f = parts.next()?;
+    let predicted_s = match parts.next()?.trim() {
+        "no prediction" => None,
+        p => Some(parse_secs(p.strip_prefix("predicted ")?)?),
+    };
+    Some(Downtime {
+        downtime_s: parse_secs(d)?,
+        final_pass_s: parse_secs(f)?,
+        predicted_s,
+    })
 }
 
 /// The JSON report a plan command named on its stdout (`report: J.json and M.md`).
@@ -170,6 +192,36 @@ fn ms(v: &Value, key: &str) -> f64 {
     v[key].as_u64().unwrap_or(0) as f64 / 1000.0
 }
 
+/// The demote + promote a prediction counts, as `ReplicaMeasure::predicted_ms` does: a
+/// switch measured earlier, else the estimate.
+fn switch_s(m: &Value) -> f64 {
+    m["switch_ms"]
+        .as_u64()
+        .or(m["fixed_ms"].as_u64())
+        .unwrap_or(0) as f64
+        / 1000.0
+}
+
+/// A kept prediction's total (seconds).
+fn predicted_s_of(m: &Value) -> f64 {
+    ms(m, "drain_ms") + ms(m, "verify_ms") + switch_s(m)
+}
+
+/// A kept prediction's terms, for the row's text.
+fn terms(m: &Value) -> String {
+    if m.is_null() {
+        return "its terms were not kept".into();
+    }
+    format!(
+        "drain {:.2} s at a lag of {:.2} s, verify {:.2} s of {:.0} MB, demote + promote {:.2} s",
+        ms(m, "drain_ms"),
+        ms(m, "lag_ms"),
+        ms(m, "verify_ms"),
+        m["verify_bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
+        switch_s(m)
+    )
+}
+
 /// Wait until the writer has connected and written its pid file.
 fn wait_pid_file(writer: &mut Writer, pid_file: &Path) -> Result<()> {
     let t = Instant::now();
@@ -201,11 +253,11 @@ fn keep_writing(writer: &mut Writer, secs: u64) -> Result<()> {
 }
 
 /// What the plan's two commands did: each run with its stdout and command line, and the
-/// task's measurements right after presync (the prediction).
+/// task's measurements right after presync (presync's prediction).
 struct PlanRun {
     presync: (Timed, String, String),
     cutover: (Timed, String, String),
-    predicted: Value,
+    after_presync: Value,
 }
 
 /// `plan presync --until-under 2s`, the writer on for `pause_secs` more, `plan cutover`.
@@ -221,8 +273,8 @@ fn drive_plan(
     let until = format!("{LIMIT_S}s");
     let args = ["presync", plan, "--until-under", &until];
     let presync = plan_cmd(&pair.bin, &args, logs, "plan-presync", env.timeout)?;
-    // Now: the cutover overwrites them with what it measured.
-    let predicted = measures(state_dir)?;
+    // Now: the cutover makes the prediction again, then overwrites it with what it measured.
+    let after_presync = measures(state_dir)?;
     keep_writing(writer, pause_secs)?;
     let cutover = plan_cmd(
         &pair.bin,
@@ -234,7 +286,7 @@ fn drive_plan(
     Ok(PlanRun {
         presync,
         cutover,
-        predicted,
+        after_presync,
     })
 }
 
@@ -292,14 +344,20 @@ pub(crate) fn run(
     let PlanRun {
         presync: (presync_t, presync_out, presync_cmd),
         cutover: (cutover_t, cutover_out, cutover_cmd),
-        predicted,
+        after_presync,
     } = ran?;
     let w = w?;
     let measured = measures(&state_dir)?;
     let report = report_of(&cutover_out)?;
     let note = report["notes"][0].as_str().unwrap_or_default().to_string();
-    let (downtime, final_pass) = parse_downtime(&note)
+    let Downtime {
+        downtime_s: downtime,
+        final_pass_s: final_pass,
+        predicted_s,
+    } = parse_downtime(&note)
         .with_context(|| format!("the cutover report's first note is not a downtime: {note:?}"))?;
+    // The prediction the cutover compared against, term by term (made at its start).
+    let at_start = &measured["predicted"];
     let task_s = report["tasks"][0]["duration_s"].as_f64();
     let role = |st: Value| st["role"].as_str().unwrap_or("of no role").to_string();
     let beta_role = role(pair.status_on(true)?);
@@ -315,13 +373,7 @@ pub(crate) fn run(
     ]);
     let (wire, verify) = pair.finish()?;
 
-    // As `ReplicaMeasure::predicted_ms`: a switch measured earlier, else the estimate.
-    let switch_pred = predicted["switch_ms"]
-        .as_u64()
-        .or(predicted["fixed_ms"].as_u64())
-        .unwrap_or(0) as f64
-        / 1000.0;
-    let predicted_s = ms(&predicted, "drain_ms") + ms(&predicted, "verify_ms") + switch_pred;
+    let after_presync_s = predicted_s_of(&after_presync);
     let switched = beta_role == "primary" && alpha_role == "secondary";
     let ready = presync_out.contains("ready for cutover");
     let passes = presync_out
@@ -330,19 +382,17 @@ pub(crate) fn run(
         .count();
     let judged = format!(
         "downtime without hooks (final pass) {final_pass:.1} s (task {:.2} s: drain {:.2} s, verify {:.2} s of {:.0} MB, \
-         demote + promote {:.2} s), {downtime:.1} s with the stop hook; predicted {predicted_s:.2} s after presync \
-         (drain {:.2} s at a lag of {:.2} s, verify {:.2} s of {:.0} MB, demote + promote {:.2} s); beta {beta_role}, \
-         alpha {alpha_role}; presync {:.1} s in {passes} pass(es){}; writer {:.1} MB/s of {:.1} asked",
+         demote + promote {:.2} s), {downtime:.1} s with the stop hook; predicted {} at the cutover's start ({}), \
+         {after_presync_s:.2} s after presync ({}); beta {beta_role}, alpha {alpha_role}; presync {:.1} s in \
+         {passes} pass(es){}; writer {:.1} MB/s of {:.1} asked",
         task_s.unwrap_or(0.0),
         ms(&measured, "drain_ms"),
         ms(&measured, "verify_ms"),
         measured["verify_bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
         ms(&measured, "switch_ms"),
-        ms(&predicted, "drain_ms"),
-        ms(&predicted, "lag_ms"),
-        ms(&predicted, "verify_ms"),
-        predicted["verify_bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
-        switch_pred,
+        predicted_s.map_or("nothing".into(), |p| format!("{p:.2} s")),
+        terms(at_start),
+        terms(&after_presync),
         presync_t.seconds,
         if ready { ", ready for cutover" } else { ", **not** ready" },
         w["rate"].as_f64().unwrap_or(0.0) / 1e6,
@@ -350,22 +400,25 @@ pub(crate) fn run(
     );
     let figures = json!({
         "downtime_s": downtime, "final_pass_s": final_pass, "task_final_pass_s": task_s,
-        "note": note, "predicted_s": predicted_s, "predicted": predicted.clone(), "measured": measured,
-        "presync_s": presync_t.seconds, "presync_passes": passes, "ready": ready,
-        "cutover_command_s": cutover_t.seconds, "beta_role": beta_role, "alpha_role": alpha_role,
-        "writer": w, "cpu_cores": cpu, "warm_secs": warm_secs, "pause_before_cutover_s": warm_secs,
+        "note": note, "predicted_s": predicted_s, "predicted": at_start.clone(),
+        "predicted_after_presync_s": after_presync_s, "predicted_after_presync": after_presync,
+        "measured": measured.clone(), "presync_s": presync_t.seconds, "presync_passes": passes,
+        "ready": ready, "cutover_command_s": cutover_t.seconds, "beta_role": beta_role,
+        "alpha_role": alpha_role, "writer": w, "cpu_cores": cpu, "warm_secs": warm_secs,
+        "pause_before_cutover_s": warm_secs,
     });
     let reference = ToolRun {
-        tool: "the plan's prediction after presync".into(),
+        tool: "the plan's prediction at the cutover's start".into(),
         command: format!(
-            "drain + verify + demote/promote from {}",
+            "drain + verify + demote/promote, `predicted` in the cutover's downtime note (terms \
+             under `predicted` in {})",
             state_dir
                 .join("replica")
                 .join(format!("{TASK}.json"))
                 .display()
         ),
-        seconds: Some(predicted_s),
-        report: Some(predicted),
+        seconds: predicted_s,
+        report: Some(at_start.clone()),
         ..Default::default()
     };
     Ok(Measured {
@@ -395,12 +448,23 @@ mod tests {
     }
 
     #[test]
-    fn the_downtime_note_gives_both_figures() {
+    fn the_downtime_note_gives_its_three_figures() {
+        let read =
+            |n: &str| parse_downtime(n).map(|d| (d.downtime_s, d.final_pass_s, d.predicted_s));
         let n = "downtime 1.4 s (final pass 0.9 s, predicted 1.1 s, -18%)";
-        assert_eq!(parse_downtime(n), Some((1.4, 0.9)));
+        assert_eq!(read(n), Some((1.4, 0.9, Some(1.1))));
+        let n = "downtime 12s (final pass 9.5 s, predicted 1m 3s, -85%)";
+        assert_eq!(read(n), Some((12.0, 9.5, Some(63.0))));
+        // A prediction of 0.0 s has no percentage.
+        let n = "downtime 1.0 s (final pass 0.2 s, predicted 0.0 s)";
+        assert_eq!(read(n), Some((1.0, 0.2, Some(0.0))));
         let n = "downtime 12s (final pass 9.5 s, no prediction)";
-        assert_eq!(parse_downtime(n), Some((12.0, 9.5)));
-        assert_eq!(parse_downtime("pre_final hook failed"), None);
+        assert_eq!(read(n), Some((12.0, 9.5, None)));
+        assert_eq!(read("pre_final hook failed"), None);
+        assert_eq!(
+            read("downtime 1.0 s (final pass 0.2 s, predicted soon)"),
+            None
+        );
     }
 
     #[test]

@@ -144,6 +144,20 @@ pub trait TaskRunner: Send + Sync + 'static {
         ctx: PassContext,
         only: Option<Vec<String>>,
     ) -> BoxFuture<Result<Vec<Mismatch>, String>>;
+    /// At a cutover's start, before its `pre_final` hooks: a `replica` task's prediction
+    /// (`kept`, its presync's) made again from what can be asked cheaply now (the link and
+    /// the bytes to verify, from its source daemon; no hashing). `Ok(None)` keeps `kept`
+    /// (the default); `Err` says in one line why it could not be made (never fatal: `kept`
+    /// stands).
+    fn refresh_replica(
+        &self,
+        task: TaskSpec,
+        base_dir: PathBuf,
+        kept: replica::ReplicaMeasure,
+    ) -> BoxFuture<Result<Option<replica::ReplicaMeasure>, String>> {
+        let _ = (task, base_dir, kept);
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Where a running pass reports progress; writes reach the state store at most twice a

@@ -305,7 +305,7 @@ pub(crate) fn judge(task: &TaskSpec, r: Result<PassStats, String>, strict: bool)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::Path;
 
@@ -405,29 +405,42 @@ mod tests {
         }
     }
 
-    struct NoRunner;
+    /// The required methods of a [`TaskRunner`] that runs nothing, for test runners.
+    macro_rules! runs_nothing {
+        () => {
+            fn check(&self, _: &crate::TaskSpec) -> Result<(), crate::KeyError> {
+                Ok(())
+            }
+            fn source_side(
+                &self,
+                _: &crate::TaskSpec,
+                _: &std::path::Path,
+            ) -> Result<crate::SourceSide, String> {
+                Err("none".into())
+            }
+            fn run_pass(
+                &self,
+                _: crate::TaskSpec,
+                _: crate::PassContext,
+            ) -> crate::BoxFuture<Result<crate::PassStats, String>> {
+                Box::pin(async { Err("none".into()) })
+            }
+            fn verify(
+                &self,
+                _: crate::TaskSpec,
+                _: crate::PassContext,
+                _: Option<Vec<String>>,
+            ) -> crate::BoxFuture<Result<Vec<crate::Mismatch>, String>> {
+                Box::pin(async { Err("none".into()) })
+            }
+        };
+    }
+    pub(crate) use runs_nothing;
+
+    /// Runs nothing (and refreshes no prediction: the trait's default).
+    pub(crate) struct NoRunner;
 
     impl TaskRunner for NoRunner {
-        fn check(&self, _: &TaskSpec) -> Result<(), crate::KeyError> {
-            Ok(())
-        }
-        fn source_side(&self, _: &TaskSpec, _: &Path) -> Result<crate::SourceSide, String> {
-            Err("none".into())
-        }
-        fn run_pass(
-            &self,
-            _: TaskSpec,
-            _: PassContext,
-        ) -> crate::BoxFuture<Result<PassStats, String>> {
-            Box::pin(async { Err("none".into()) })
-        }
-        fn verify(
-            &self,
-            _: TaskSpec,
-            _: PassContext,
-            _: Option<Vec<String>>,
-        ) -> crate::BoxFuture<Result<Vec<crate::Mismatch>, String>> {
-            Box::pin(async { Err("none".into()) })
-        }
+        runs_nothing!();
     }
 }

@@ -27,9 +27,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(600);
 const LINK_GRACE: Duration = Duration::from_secs(10);
 /// How long a presync pass watches a resync that is still running.
 const PRESYNC_WATCH: Duration = Duration::from_secs(10);
-/// The peer makes applied writes durable at least this often (the drain's tail).
-const PEER_FLUSH_MS: u64 = 500;
-/// A full verify's rate is measured on this much of the volume.
+/// The verify's rate is measured on at least this much (of the blocks to verify, or else
+/// of the volume from its start).
 const RATE_SAMPLE: u64 = 64 << 20;
 
 /// One daemon's control socket, here or through ssh.
@@ -286,40 +285,17 @@ fn presync(pair: &Pair, mark: bool, log: &TaskLog) -> Result<PassStats, String> 
             pair.name
         ));
     }
-    let (verify_bytes, verify_ms) = verify_estimate(pair, &v)?;
-    let resyncing = !in_step(&peer);
-    let (drain_ms, drain_by) = if !resyncing {
-        (
-            Some((peer.lag_secs * 1000.0) as u64 + PEER_FLUSH_MS),
-            "the stream's lag plus the peer's flush interval".to_string(),
-        )
-    } else if peer.connection != "connected" {
-        (None, format!("the link is {}", peer.connection))
-    } else if let Some(d) = (peer.out_of_sync_bytes * 1000).checked_div(peer.resync_rate) {
-        (
-            Some(d),
-            format!(
-                "{} out of sync at the resync rate, {}/s",
-                human_bytes(peer.out_of_sync_bytes),
-                human_bytes(peer.resync_rate)
-            ),
-        )
-    } else {
-        (None, "a resync without a rate yet".into())
-    };
-    let m = ::plan::replica::ReplicaMeasure {
-        out_of_sync_bytes: peer.out_of_sync_bytes,
-        lag_bytes: peer.lag_bytes,
-        lag_ms: (peer.lag_secs * 1000.0) as u64,
-        resync_rate: peer.resync_rate,
-        resyncing,
-        drain_ms,
-        drain_by,
+    let verify_rate = verify_rate(pair, &v)?;
+    let (verify_bytes, verify_by) = to_verify(pair.mode, &v);
+    let link = link_of(&peer);
+    let m = ::plan::replica::ReplicaMeasure::predict(
+        &link,
         verify_bytes,
-        verify_ms,
-        fixed_ms: ms(t_mark.max(rtt_src) + rtt_src + rtt_dst),
-        switch_ms: None,
-    };
+        verify_by,
+        verify_rate,
+        ms(t_mark.max(rtt_src) + rtt_src + rtt_dst),
+    );
+    let resyncing = m.resyncing;
     log.line(&format!(
         "link to {}: {}, {}; {}",
         pair.peer,
@@ -338,45 +314,70 @@ fn presync(pair: &Pair, mark: bool, log: &TaskLog) -> Result<PassStats, String> 
     })
 }
 
-/// What the cutover's verify reads on each side, and its time at the rate a hash of
-/// (part of) that on the source takes now.
-fn verify_estimate(pair: &Pair, v: &VolumeStatus) -> Result<(u64, u64), String> {
+/// The source's link to the destination, as a prediction needs it.
+fn link_of(p: &PeerStatus) -> ::plan::replica::Link {
+    ::plan::replica::Link {
+        connection: p.connection.clone(),
+        in_step: in_step(p),
+        out_of_sync_bytes: p.out_of_sync_bytes,
+        lag_bytes: p.lag_bytes,
+        lag_ms: (p.lag_secs * 1000.0) as u64,
+        resync_rate: p.resync_rate,
+    }
+}
+
+/// The bytes the cutover's verify compares on each side if it started now (from the
+/// source's status), and which ones, for people.
+fn to_verify(mode: ::plan::VerifyMode, v: &VolumeStatus) -> (u64, &'static str) {
+    match mode {
+        ::plan::VerifyMode::Blocks => (v.dirty_bytes, "written since the presync mark"),
+        ::plan::VerifyMode::Full => (v.size, "the whole volume"),
+        _ => (0, "verify_mode = \"none\""),
+    }
+}
+
+/// Bytes a verify compares a second, timed as the cutover's does it: the source hashes
+/// pieces, then the destination the same ones (at most [`RATE_SAMPLE`] of them); the two
+/// times a byte add up. Timed on the blocks to verify (their first window) when there are
+/// at least [`RATE_SAMPLE`] of them, else on the volume's first [`RATE_SAMPLE`] (right
+/// after the mark there is next to nothing to time, and the cutover verifies what the
+/// application writes until it is stopped). 0 without a verify.
+fn verify_rate(pair: &Pair, v: &VolumeStatus) -> Result<u64, String> {
     use ::plan::VerifyMode;
-    let (bytes, req) = match pair.mode {
-        VerifyMode::Blocks => (
-            v.dirty_bytes,
-            Request::Checksums {
+    let (src, took_src) = match pair.mode {
+        VerifyMode::Blocks if v.dirty_bytes >= RATE_SAMPLE => timed(|| {
+            pair.src.checksums(Request::Checksums {
                 name: pair.name.clone(),
                 dirty: true,
                 from: 0,
                 ranges: Vec::new(),
-            },
-        ),
-        VerifyMode::Full => (
-            v.size,
-            Request::Checksums {
-                name: pair.name.clone(),
-                dirty: false,
-                from: 0,
-                ranges: pieces(0, v.size.min(RATE_SAMPLE)),
-            },
-        ),
-        _ => return Ok((0, 0)),
+            })
+        }),
+        VerifyMode::Blocks | VerifyMode::Full => timed(|| {
+            pair.src
+                .hashes_of(&pair.name, pieces(0, v.size.min(RATE_SAMPLE)))
+        }),
+        _ => return Ok(0),
     };
-    let (r, took) = timed(|| pair.src.checksums(req));
-    let sampled: u64 = r
-        .map_err(|e| format!("source: checksums: {e}"))?
-        .pieces
-        .iter()
-        .map(|p| p.length)
-        .sum();
-    if sampled == 0 || bytes <= sampled {
-        return Ok((bytes, ms(took)));
+    let src = src.map_err(|e| format!("source: checksums: {e}"))?;
+    let src_bytes: u64 = src.pieces.iter().map(|p| p.length).sum();
+    if src_bytes == 0 {
+        return Ok(0);
     }
-    Ok((
-        bytes,
-        (took.as_secs_f64() * bytes as f64 / sampled as f64 * 1000.0) as u64,
-    ))
+    // The destination hashes the first RATE_SAMPLE of them (a dirty window reaches 1 GiB).
+    let (mut dst_ranges, mut dst_bytes) = (Vec::new(), 0);
+    for p in &src.pieces {
+        if dst_bytes >= RATE_SAMPLE {
+            break;
+        }
+        dst_bytes += p.length;
+        dst_ranges.push((p.offset, p.length));
+    }
+    let per_byte = |took: Duration, bytes: u64| took.as_secs_f64() / bytes as f64;
+    let (dst, took_dst) = timed(|| pair.dst.hashes_of(&pair.name, dst_ranges));
+    dst.map_err(|e| format!("destination: checksums: {e}"))?;
+    let secs = per_byte(took_src, src_bytes) + per_byte(took_dst, dst_bytes);
+    Ok((1.0 / secs.max(1e-12)) as u64)
 }
 
 /// `[offset, length]` pieces of at most `daemon::checksums::PIECE` covering `from..from+len`.
@@ -584,11 +585,33 @@ fn cutover(pair: &Pair, cancel: &AtomicBool, log: &TaskLog) -> Result<PassStats,
             drain_by: "measured at the cutover".into(),
             verify_bytes: compared,
             verify_ms: ms(verified),
+            verify_rate: (compared as f64 / verified.as_secs_f64().max(1e-6)) as u64,
             fixed_ms: ms(switched),
             switch_ms: Some(ms(switched)),
+            made: ::plan::replica::Made::Cutover,
             ..Default::default()
         })),
         ..PassStats::default()
+    })
+}
+
+/// At a cutover's start ([`TaskRunner::refresh_replica`]): `kept` made again from one
+/// status request to the source daemon, the link and the bytes to verify as they are now.
+pub(super) fn refresh(
+    t: TaskSpec,
+    base_dir: PathBuf,
+    mode: ::plan::VerifyMode,
+    kept: ::plan::replica::ReplicaMeasure,
+) -> BoxFuture<Result<Option<::plan::replica::ReplicaMeasure>, String>> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || {
+            let pair = Pair::of(&t, &base_dir, mode)?;
+            let (v, p) = pair.source()?;
+            let (bytes, _) = to_verify(mode, &v);
+            Ok(Some(kept.at_cutover_start(&link_of(&p), bytes)))
+        })
+        .await
+        .map_err(|e| format!("internal error: {e}"))?
     })
 }
 

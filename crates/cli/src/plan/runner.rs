@@ -37,6 +37,11 @@ pub(super) fn resolve(endpoint: &str, base_dir: &Path) -> String {
     }
 }
 
+/// A `replica` task's verify mode ("blocks" unless it says otherwise).
+fn replica_verify_mode(t: &TaskSpec) -> ::plan::VerifyMode {
+    t.verify_mode.unwrap_or(::plan::VerifyMode::Blocks)
+}
+
 /// The `cutover sync` a task stands for; a command task syncs its spool file.
 pub fn job_for(
     t: &TaskSpec,
@@ -269,9 +274,19 @@ impl TaskRunner for CliRunner {
         verify_task(t, ctx, only)
     }
 
+    fn refresh_replica(
+        &self,
+        t: TaskSpec,
+        base_dir: PathBuf,
+        kept: ::plan::replica::ReplicaMeasure,
+    ) -> BoxFuture<Result<Option<::plan::replica::ReplicaMeasure>, String>> {
+        let mode = replica_verify_mode(&t);
+        super::replica::refresh(t, base_dir, mode, kept)
+    }
+
     fn run_pass(&self, t: TaskSpec, ctx: PassContext) -> BoxFuture<Result<PassStats, String>> {
         if t.kind == Kind::Replica {
-            let mode = t.verify_mode.unwrap_or(::plan::VerifyMode::Blocks);
+            let mode = replica_verify_mode(&t);
             let first = ctx.kind != "final"
                 && !ctx.dry_run
                 && self

@@ -59,6 +59,14 @@ fn a_replica_task_presyncs_and_cuts_a_volume_over_to_its_peer() {
         "{log}"
     );
     assert!(log.contains("out of sync, lag"), "{log}");
+    // Presync marked the volume just before it predicted: nothing to verify yet.
+    assert!(
+        out.stdout.contains("at presync: drain ")
+            && out
+                .stdout
+                .contains("+ verify 0.0 s (0 B written since the presync mark)"),
+        "{out}"
+    );
     // The application writes after presync began: those blocks (whole 16 KiB blocks) are
     // what the cutover verifies.
     let w = qemu_io(
@@ -72,12 +80,32 @@ fn a_replica_task_presyncs_and_cuts_a_volume_over_to_its_peer() {
     assert!(t.path().join("pre_final.done").exists() && t.path().join("post_final.done").exists());
     assert!(out.stdout.contains("downtime "), "{out}");
     assert!(out.stdout.contains("predicted "), "{out}");
+    // The prediction the downtime is compared against was made at the cutover's start,
+    // before the pre_final hooks: it verifies what was written since presync.
+    let predicted = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("prediction for db-disk: "))
+        .unwrap_or_else(|| panic!("no prediction line: {out}"));
+    assert!(
+        predicted.contains(", at the cutover's start: drain ")
+            && predicted.contains(" (208.0 KiB written since the presync mark, at "),
+        "{predicted}"
+    );
     let log = std::fs::read_to_string(t.path().join("move.state/logs/db-disk.log")).unwrap();
     assert!(
         log.contains("verify blocks: 208.0 KiB compared, the same on both sides"),
         "{log}"
     );
     assert!(log.contains("b is primary, the source secondary"), "{log}");
+    // The cutover's measurements keep the prediction they were compared against.
+    let kept: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.path().join("move.state/replica/db-disk.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(kept["made"], "cutover", "{kept}");
+    assert_eq!(kept["predicted"]["made"], "cutover_start", "{kept}");
+    assert_eq!(kept["predicted"]["verify_bytes"], 208 * 1024, "{kept}");
     assert_eq!(status(&b)["role"], "primary");
     assert_eq!(status(&a)["role"], "secondary");
     let data = same_backings(&a, &b);
@@ -99,7 +127,7 @@ fn a_replica_task_presyncs_and_cuts_a_volume_over_to_its_peer() {
     )
     .unwrap();
     assert!(
-        report.contains("downtime") && report.contains("prediction for db-disk"),
+        report.contains("downtime") && report.contains(predicted),
         "{report}"
     );
 }

@@ -66,6 +66,36 @@ async fn run_hooks(
     Ok(None)
 }
 
+/// Every `replica` task's prediction made again now, before the `pre_final` hooks stop the
+/// application: what it wrote since presync is verified by the final pass too, and the
+/// link's lag is the one the drain starts from. A task whose daemon cannot be asked keeps
+/// its presync's prediction, with one line saying so.
+async fn refresh_replicas(plan: &Plan, runner: &dyn TaskRunner, logs: &Logs) {
+    for t in plan.tasks.iter().filter(|t| t.kind == crate::Kind::Replica) {
+        let Some(kept) = crate::replica::load(plan, &t.name) else {
+            continue;
+        };
+        let why = match runner
+            .refresh_replica(t.clone(), plan.base_dir.clone(), kept)
+            .await
+        {
+            Ok(None) => continue,
+            Ok(Some(m)) => match crate::replica::save(plan, &t.name, &m) {
+                Ok(()) => continue,
+                Err(e) => format!(
+                    "cannot keep it in {}: {e}",
+                    crate::replica::path(plan, &t.name).display()
+                ),
+            },
+            Err(e) => e,
+        };
+        logs.summary(&format!(
+            "prediction for {}: not made again at the cutover's start ({why}); the kept one stands",
+            t.name
+        ));
+    }
+}
+
 /// `cutover`: the `pre_final` hooks (a fatal failure stops everything before any final
 /// pass), the final pass of every task (a file that changes during it fails the task),
 /// then the `post_final` hooks; reports the downtime against the prediction. A plan
@@ -78,6 +108,7 @@ pub async fn cutover(
     mut stop: watch::Receiver<bool>,
 ) -> Result<CutoverReport, Error> {
     let ctx = open(plan, runner, echo, "cutover", true, force)?;
+    refresh_replicas(plan, ctx.runner.as_ref(), &ctx.logs).await;
     let prediction = predict(plan, ctx.store.as_ref())?;
     let predicted_s = prediction.total_s;
     ctx.logs.summary(&format!(
@@ -164,4 +195,104 @@ pub async fn cutover(
     notes.extend(confidence);
     close(&ctx, "cutover", &out.report, outcome, &notes).await?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::{Link, Made, ReplicaMeasure};
+    use crate::TaskSpec;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// Answers a refresh with the link in step and `Ok(verify bytes)`, or `Err`.
+    struct Refresher(Result<u64, String>);
+
+    impl TaskRunner for Refresher {
+        crate::passes::tests::runs_nothing!();
+        fn refresh_replica(
+            &self,
+            _: TaskSpec,
+            _: PathBuf,
+            kept: ReplicaMeasure,
+        ) -> crate::BoxFuture<Result<Option<ReplicaMeasure>, String>> {
+            let link = Link {
+                connection: "connected".into(),
+                in_step: true,
+                ..Link::default()
+            };
+            let r = self
+                .0
+                .clone()
+                .map(|b| Some(kept.at_cutover_start(&link, b)));
+            Box::pin(async move { r })
+        }
+    }
+
+    /// A plan with a replica task and a tree task, its presync measurements kept.
+    fn plan_with_presync(dir: &Path) -> (Plan, ReplicaMeasure) {
+        let text = "[[task]]\nname = \"v\"\nkind = \"replica\"\nsource = \"volume:v\"\n\
+                    destination = \"b\"\n[[task]]\nname = \"t\"\nkind = \"tree\"\n\
+                    source = \"s\"\ndestination = \"d\"\n";
+        let plan = Plan::parse(&dir.join("p.toml"), text.to_string()).unwrap();
+        let link = Link {
+            connection: "connected".into(),
+            in_step: true,
+            ..Link::default()
+        };
+        let presync = ReplicaMeasure::predict(&link, 0, "", 1 << 20, 10);
+        crate::replica::save(&plan, "v", &presync).unwrap();
+        (plan, presync)
+    }
+
+    fn collecting() -> (Logs, Arc<Mutex<Vec<String>>>) {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        let echo: Echo = Arc::new(move |s: &str| l.lock().unwrap().push(s.to_string()));
+        (Logs::console_only(echo), lines)
+    }
+
+    #[tokio::test]
+    async fn a_replica_prediction_is_made_again_at_the_cutovers_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plan, _) = plan_with_presync(dir.path());
+        let (logs, lines) = collecting();
+        refresh_replicas(&plan, &Refresher(Ok(3 << 20)), &logs).await;
+        let m = crate::replica::load(&plan, "v").unwrap();
+        assert_eq!(
+            (m.made, m.verify_bytes, m.verify_ms),
+            (Made::CutoverStart, 3 << 20, 3000)
+        );
+        assert!(lines.lock().unwrap().is_empty());
+        let store = state::SqliteStore::in_memory().unwrap();
+        let p = predict(&plan, &store).unwrap();
+        assert!(
+            p.lines()[0].starts_with("prediction for v: 3.5 s, at the cutover's start: "),
+            "{:?}",
+            p.lines()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_cannot_be_asked_leaves_the_presync_prediction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plan, presync) = plan_with_presync(dir.path());
+        let (logs, lines) = collecting();
+        refresh_replicas(
+            &plan,
+            &Refresher(Err("source: connection refused".into())),
+            &logs,
+        )
+        .await;
+        assert_eq!(crate::replica::load(&plan, "v"), Some(presync.clone()));
+        assert_eq!(
+            *lines.lock().unwrap(),
+            ["prediction for v: not made again at the cutover's start (source: connection refused); the kept one stands"]
+        );
+        // A runner that refreshes nothing (the trait's default) leaves it too, silently.
+        let (logs, lines) = collecting();
+        refresh_replicas(&plan, &crate::passes::tests::NoRunner, &logs).await;
+        assert_eq!(crate::replica::load(&plan, "v"), Some(presync));
+        assert!(lines.lock().unwrap().is_empty());
+    }
 }
