@@ -42,11 +42,13 @@ mod basis;
 mod commit;
 mod decide;
 mod frames;
+mod objects;
 
 use basis::*;
 use commit::*;
 use decide::*;
 use frames::*;
+use objects::*;
 
 /// Where the received tree goes.
 pub struct Destination {

@@ -20,6 +20,10 @@ pub struct Doubling {
     idle_rate: f64,
     base_rate: f64,
     settling: bool,
+    /// The doubling's first judged step fell short: one more decides. A single step is
+    /// one second of a link whose rate wobbles (a busy CPU, a retransmission); stopping on
+    /// it kept a capped link at 2 connections for good.
+    missed_once: bool,
 }
 
 impl Doubling {
@@ -31,6 +35,7 @@ impl Doubling {
             idle_rate,
             base_rate: 0.0,
             settling: false,
+            missed_once: false,
         }
     }
 
@@ -44,10 +49,15 @@ impl Doubling {
             return Step::Wait;
         }
         if self.base_rate > 0.0 && rate < self.base_rate * self.gain {
-            return Step::Stop;
+            if self.missed_once {
+                return Step::Stop;
+            }
+            self.missed_once = true;
+            return Step::Wait;
         }
         self.base_rate = rate;
         self.settling = true;
+        self.missed_once = false;
         Step::Grow
     }
 }
@@ -64,6 +74,22 @@ mod tests {
         assert_eq!(d.step(150.0), Step::Wait);
         assert_eq!(d.step(200.0), Step::Grow);
         assert_eq!(d.step(230.0), Step::Wait);
+        // Two judged steps short of the gain: stop.
+        assert_eq!(d.step(230.0), Step::Wait);
         assert_eq!(d.step(230.0), Step::Stop);
+    }
+
+    #[test]
+    fn one_step_short_of_the_gain_is_judged_again() {
+        let mut d = Doubling::new(1.2, 10.0);
+        assert_eq!(d.step(100.0), Step::Grow);
+        assert_eq!(d.step(110.0), Step::Wait);
+        // A wobble: 110 is short of 120, but the next step says the doubling paid.
+        assert_eq!(d.step(110.0), Step::Wait);
+        assert_eq!(d.step(190.0), Step::Grow);
+        // And the chance is per doubling: a short step after growing again waits once more.
+        assert_eq!(d.step(200.0), Step::Wait);
+        assert_eq!(d.step(200.0), Step::Wait);
+        assert_eq!(d.step(200.0), Step::Stop);
     }
 }
