@@ -19,6 +19,14 @@ fn failure(what: &str, e: &io::Error) -> (Errno, String) {
     (Errno::from_io(e), format!("{what}: {e}"))
 }
 
+/// The reply to a request that returns no data: done, or the error and its message.
+fn answer(cookie: u64, structured: bool, r: Result<(), (Errno, String)>) -> Reply {
+    match r {
+        Ok(()) => reply::simple(cookie, None),
+        Err((errno, msg)) => reply::error(cookie, structured, errno, &msg),
+    }
+}
+
 /// Serve one checked request (on the blocking pool): its reply, or None when `early`
 /// was given it before the write was made (a write done behind its reply, `ticket.own`).
 pub(crate) fn serve(
@@ -71,13 +79,8 @@ pub(crate) fn serve(
     });
     finished.failure = None;
     if !answered.get() {
-        return Some(match r {
-            Ok(()) => reply::simple(req.cookie, None),
-            Err(e) => {
-                let (errno, msg) = failure("write", &e);
-                reply::error(req.cookie, conn.structured, errno, &msg)
-            }
-        });
+        let r = r.map_err(|e| failure("write", &e));
+        return Some(answer(req.cookie, conn.structured, r));
     }
     if let Err(e) = r {
         finished.failure = Some(format!(
@@ -106,10 +109,7 @@ fn handle(conn: &Conn, req: &Request, payload: Option<Payload>, before: u64) -> 
     let (c, s) = (req.cookie, conn.structured);
     let backend = &*conn.export.backend;
     let (offset, length) = (req.offset, u64::from(req.length));
-    let done = |r: Result<(), (Errno, String)>| match r {
-        Ok(()) => reply::simple(c, None),
-        Err((errno, msg)) => reply::error(c, s, errno, &msg),
-    };
+    let done = |r| answer(c, s, r);
     let event = |kind, data, fua| WriteEvent {
         offset,
         length,

@@ -148,6 +148,18 @@ pub(crate) struct State {
     pub sb: Superblock,
 }
 
+impl State {
+    /// The peer in `slot`.
+    pub(crate) fn peer(&self, slot: u32) -> Option<&PeerTrack> {
+        self.peers.iter().find(|p| p.slot == slot)
+    }
+
+    /// The peer in `slot`, to change.
+    pub(crate) fn peer_mut(&mut self, slot: u32) -> Option<&mut PeerTrack> {
+        self.peers.iter_mut().find(|p| p.slot == slot)
+    }
+}
+
 pub(crate) struct Inner {
     pub path: PathBuf,
     pub geo: Geometry,
@@ -398,10 +410,7 @@ fn with_slot<T>(st: &mut State, slot: u32, f: impl FnOnce(&mut Bitmap) -> T) -> 
     if slot == 0 {
         return Some(f(&mut st.bits));
     }
-    st.peers
-        .iter_mut()
-        .find(|p| p.slot == slot)
-        .map(|p| f(&mut p.bits))
+    st.peer_mut(slot).map(|p| f(&mut p.bits))
 }
 
 /// An open volume metadata file. Made by [`Meta::open`]; the writes it tracks come through

@@ -379,11 +379,7 @@ impl Replication {
     ) -> Result<u64> {
         let mut st = self.inner.state();
         self.inner.usable(&st)?;
-        let p = st
-            .peers
-            .iter_mut()
-            .find(|p| p.slot == slot)
-            .ok_or_else(|| self.no_slot(slot))?;
+        let p = st.peer_mut(slot).ok_or_else(|| self.no_slot(slot))?;
         if let Some(old) = p.stream.take() {
             end_stream(p, old);
         }
@@ -407,7 +403,7 @@ impl Replication {
     /// The link ended: everything numbered and not durable is out of sync again.
     pub fn stop_stream(&self, slot: u32, epoch: u64) {
         let mut st = self.inner.state();
-        if let Some(p) = st.peers.iter_mut().find(|p| p.slot == slot) {
+        if let Some(p) = st.peer_mut(slot) {
             if p.stream.as_ref().is_some_and(|s| s.epoch == epoch) {
                 if let Some(s) = p.stream.take() {
                     end_stream(p, s);
@@ -473,7 +469,7 @@ impl Replication {
         let bs = u64::from(geo.block_size);
         let mut st = self.inner.state();
         let st = &mut *st;
-        let p = st.peers.iter_mut().find(|p| p.slot == slot)?;
+        let p = st.peer_mut(slot)?;
         let s = p.stream.as_ref().filter(|s| s.epoch == epoch)?;
         if s.lag_bytes >= s.opts.max_lag || p.oos.count() == 0 {
             return None;
@@ -572,11 +568,7 @@ impl Replication {
     /// it lacks, or differences an online verify found).
     pub fn mark(&self, slot: u32, first: u64, last: u64) -> Result<()> {
         let mut st = self.inner.state();
-        let p = st
-            .peers
-            .iter_mut()
-            .find(|p| p.slot == slot)
-            .ok_or_else(|| self.no_slot(slot))?;
+        let p = st.peer_mut(slot).ok_or_else(|| self.no_slot(slot))?;
         if first < self.inner.geo.blocks {
             p.mark(first, last);
         }
@@ -586,7 +578,7 @@ impl Replication {
     /// The peer in `slot`'s state.
     pub fn status(&self, slot: u32) -> Option<PeerStatus> {
         let st = self.inner.state();
-        let p = st.peers.iter().find(|p| p.slot == slot)?;
+        let p = st.peer(slot)?;
         Some(peer_status(&self.inner, p))
     }
 
@@ -630,9 +622,7 @@ pub(crate) fn peer_status(inner: &Inner, p: &PeerTrack) -> PeerStatus {
 }
 
 fn stream_mut(st: &mut State, slot: u32, epoch: u64) -> Option<&mut Stream> {
-    st.peers
-        .iter_mut()
-        .find(|p| p.slot == slot)?
+    st.peer_mut(slot)?
         .stream
         .as_mut()
         .filter(|s| s.epoch == epoch)
@@ -686,9 +676,7 @@ impl Inner {
         let mut st = self.state();
         loop {
             let Some(s) = st
-                .peers
-                .iter()
-                .find(|p| p.slot == slot)
+                .peer(slot)
                 .and_then(|p| p.stream.as_ref())
                 .filter(|s| s.epoch == epoch)
             else {

@@ -85,7 +85,7 @@ impl Replication {
     pub fn runs(&self, slot: u32, from: u64, max: usize) -> Vec<(u64, u64)> {
         let blocks = self.inner.geo.blocks;
         let st = self.inner.state();
-        let Some(p) = st.peers.iter().find(|p| p.slot == slot) else {
+        let Some(p) = st.peer(slot) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -108,11 +108,7 @@ impl Replication {
         let blocks = self.inner.geo.blocks;
         {
             let mut st = self.inner.state();
-            let p = st
-                .peers
-                .iter_mut()
-                .find(|p| p.slot == slot)
-                .ok_or_else(|| self.no_slot(slot))?;
+            let p = st.peer_mut(slot).ok_or_else(|| self.no_slot(slot))?;
             if p.stream.is_some() {
                 return Err(Error::invalid(
                     &self.inner.path,

@@ -27,7 +27,7 @@ impl Replication {
         }
         let per_op = ((1 << 20) / u64::from(geo.block_size)).max(1);
         let mut st = self.inner.state();
-        let Some(p) = st.peers.iter_mut().find(|p| p.slot == slot) else {
+        let Some(p) = st.peer_mut(slot) else {
             return Err(self.no_slot(slot));
         };
         if p.stream.as_ref().is_none_or(|s| s.epoch != epoch) {
@@ -55,7 +55,7 @@ impl Replication {
     /// be streaming from this node); one already under way starts over.
     pub fn start_verify(&self, slot: u32) -> Result<()> {
         let mut st = self.inner.state();
-        let Some(p) = st.peers.iter_mut().find(|p| p.slot == slot) else {
+        let Some(p) = st.peer_mut(slot) else {
             return Err(self.no_slot(slot));
         };
         let Some(s) = p.stream.as_ref() else {
@@ -76,7 +76,7 @@ impl Replication {
         let geo = self.geometry();
         let bs = u64::from(geo.block_size);
         let mut st = self.inner.state();
-        let p = st.peers.iter_mut().find(|p| p.slot == slot)?;
+        let p = st.peer_mut(slot)?;
         let first = p.verify?;
         let s = p.stream.as_mut().filter(|s| s.epoch == epoch)?;
         if s.lag_bytes >= s.opts.max_lag {
